@@ -11,7 +11,15 @@ from pathlib import Path
 
 import webdataset as wds
 
-from data_shards.format import Sample, ShardInfo, index_name, parse_shard_name, sample_members, sha256_file, write_dali_index
+from data_shards.format import (
+    Sample,
+    ShardInfo,
+    index_name,
+    parse_shard_name,
+    sample_members,
+    sha256_file,
+    write_dali_index,
+)
 
 
 def write_shard(tar_path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo:
