@@ -126,7 +126,7 @@ def _check_complete(info: dict[str, Any], frames: int, last_time: float) -> None
 
 
 def _even(x: float) -> int:
-    return max(2, int(round(x / 2)) * 2)
+    return max(2, round(x / 2) * 2)
 
 
 def probe_video(path: str | os.PathLike, options: TranscodeOptions, workdir: str | os.PathLike | None = None) -> ProbedVideo:
