@@ -19,7 +19,13 @@ def make_sample(index: int, spec: SynthSpec, tmp: Path, frames: int | None = Non
     path = tmp / f"clip{index}.{ext}"
     encode_clip(clip_THWC, path, spec.codec, spec.fps)
     video_id = f"{spec.codec}/{index:06d}_{motion}"
-    meta = {"id": video_id, "codec": spec.codec, "frames": spec.frames, "height": spec.size, "width": spec.size}
+    meta = {
+        "id": video_id,
+        "codec": spec.codec,
+        "frames": spec.frames,
+        "height": spec.size,
+        "width": spec.size,
+    }
     data = path.read_bytes()
     path.unlink()
     return fmt.Sample(fmt.sample_key(video_id), data, ext, MOTIONS.index(motion), meta)

@@ -64,7 +64,9 @@ def _parse_index(tar_path: Path, lines: list[str], first: int) -> list[SampleRef
         ignored |= set(members) - set(fmt.MEMBER_EXTS)
         v_off, v_size = members[videos[0]]
         refs.append(
-            SampleRef(first + len(refs), str(tar_path), key, videos[0], v_off, v_size, members[fmt.LABEL_EXT][0])
+            SampleRef(
+                first + len(refs), str(tar_path), key, videos[0], v_off, v_size, members[fmt.LABEL_EXT][0]
+            )
         )
     if ignored:
         log.warning("%s: ignoring unknown members %s (never decoded)", tar_path, sorted(ignored))

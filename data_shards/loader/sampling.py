@@ -55,7 +55,9 @@ class SamplingSpec:
         if self.eval_crops not in (1, 3):
             raise ValueError(f"SamplingSpec.eval_crops must be 1 or 3, got {self.eval_crops}")
         if self.short_video not in SHORT_VIDEO_POLICIES:
-            raise ValueError(f"SamplingSpec.short_video must be one of {SHORT_VIDEO_POLICIES}, got {self.short_video!r}")
+            raise ValueError(
+                f"SamplingSpec.short_video must be one of {SHORT_VIDEO_POLICIES}, got {self.short_video!r}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("SamplingSpec.mean and .std need 3 values (RGB)")
 
@@ -166,7 +168,9 @@ def apply_short_policy(idx: np.ndarray, n: int, policy: str) -> np.ndarray:
     raise ValueError(f"short_video must be one of {SHORT_VIDEO_POLICIES}, got {policy!r}")
 
 
-def temporal_starts(n: int, frames: int, stride: int, clips: int, rng: np.random.Generator | None) -> list[int]:
+def temporal_starts(
+    n: int, frames: int, stride: int, clips: int, rng: np.random.Generator | None
+) -> list[int]:
     """Train (rng given): one uniform random start. Eval: `clips` starts spaced uniformly over the video."""
     span = (frames - 1) * stride + 1
     room = max(n - span, 0)
@@ -180,7 +184,9 @@ def temporal_starts(n: int, frames: int, stride: int, clips: int, rng: np.random
 # ------------------------------------------------------------------------------------------- spatial
 
 
-def multiscale_box(h: int, w: int, size: int, scales: tuple[float, ...], rng: np.random.Generator) -> tuple[int, int, int, int]:
+def multiscale_box(
+    h: int, w: int, size: int, scales: tuple[float, ...], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     """VideoMAE-style multi-scale crop: side lengths from `scales` x short side (aspect distortion of at
     most one scale step), placed on a fixed 13-point grid. Returns (y0, x0, bh, bw)."""
     base = min(h, w)
@@ -191,7 +197,21 @@ def multiscale_box(h: int, w: int, size: int, scales: tuple[float, ...], rng: np
     bh, bw = pairs[int(rng.integers(len(pairs)))]
     bh, bw = min(bh, h), min(bw, w)
     sy, sx = (h - bh) / 4, (w - bw) / 4
-    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3), (3, 1), (3, 3)]
+    grid = [
+        (0, 0),
+        (0, 4),
+        (4, 0),
+        (4, 4),
+        (2, 2),
+        (2, 0),
+        (2, 4),
+        (4, 2),
+        (0, 2),
+        (1, 1),
+        (1, 3),
+        (3, 1),
+        (3, 3),
+    ]
     gy, gx = grid[int(rng.integers(len(grid)))]
     return int(gy * sy), int(gx * sx), bh, bw
 
@@ -247,7 +267,9 @@ def probe_video(data: bytes) -> tuple[int, int, int]:
     return n, h, w
 
 
-def views_from_frames(frames_FHWC: np.ndarray | torch.Tensor, plan: VideoPlan, spec: SamplingSpec) -> torch.Tensor:
+def views_from_frames(
+    frames_FHWC: np.ndarray | torch.Tensor, plan: VideoPlan, spec: SamplingSpec
+) -> torch.Tensor:
     """The torch twin of the DALI graph: uint8 decoded frames [C*T, H, W, 3] -> float [V, 3, T, S, S]."""
     x = torch.as_tensor(frames_FHWC)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1, 1) * 255.0
@@ -258,7 +280,9 @@ def views_from_frames(frames_FHWC: np.ndarray | torch.Tensor, plan: VideoPlan, s
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
         clip_TCHW = clip_THWC.permute(0, 3, 1, 2).float()
         if (v.h, v.w) != (spec.size, spec.size):
-            clip_TCHW = F.interpolate(clip_TCHW, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
+            clip_TCHW = F.interpolate(
+                clip_TCHW, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True
+            )
         if v.flip:
             clip_TCHW = clip_TCHW.flip(-1)
         out.append(((clip_TCHW.permute(1, 0, 2, 3) - mean) / std).contiguous())

@@ -1,0 +1,167 @@
+"""Video batches from shards: one contract, three backends (DALI, PyAV, synthetic), resumable, rank-aware.
+
+    loader = build_loader("shards/", "train", batch_size=8, spec=SamplingSpec(frames=16, stride=4))
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:            # {"video": float32 [B, 3, T, S, S], "label": int64 [B], "key": [str]}
+            ...
+        ckpt["loader"] = loader.state_dict()   # load_state_dict(...) on resume continues mid-epoch
+
+Batches: B counts *clips*. A decoded video yields V clips, consecutive in the batch: K =
+`clips_per_video` independently augmented views of one temporal window in train (VideoMAE V2 repeated
+augmentation), N x M (`eval_clips` x `eval_crops`) views in eval, with "view" (int64 [B], index
+clip * M + crop) so evaluation can average per video. A batch holds batch_size // V whole videos.
+
+Order: a permutation of the whole split per (seed, epoch) (train; eval keeps shard order), identical on
+every rank, then rank r takes every world_size-th sample. Remainder: `drop_last` (default: True for
+train) gives each rank floor(N / world) samples and only full batches -- the dropped tail changes with
+the shuffle every epoch; drop_last=False pads the order with its first samples so all ranks get
+ceil(N / world), marked in "pad" (bool [B]) for evaluation to ignore, and keeps a partial last batch.
+
+Resume: `state_dict()` = {version, backend, epoch, batches_done, samples_done, seed, rank, world_size,
+num_samples, videos_per_batch, drop_last, shuffle, skipped}. Everything random is a pure function of
+(seed, epoch, sample index), so the next iteration after `load_state_dict` yields exactly the batches
+(keys, frames, crops) the interrupted run had not consumed yet.
+
+Failures: an undecodable video is left out of its batch (the batch is smaller, never refilled with
+another sample), logged with its shard and key, counted in `stats["skipped"]`; a LoaderError is raised
+once skipped > max_skip_fraction x max(samples seen, samples per epoch). DALI graph failures are fatal
+and name the shard and key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_shards import format as fmt
+from data_shards.loader.base import LoaderError, VideoLoader
+from data_shards.loader.index import SampleRef, list_samples
+from data_shards.loader.sampling import SamplingSpec
+
+__all__ = ["BACKENDS", "LoaderError", "SamplingSpec", "VideoLoader", "build_loader", "choose_backend"]
+
+log = logging.getLogger("data_shards.loader")
+
+BACKENDS = ("auto", "dali", "pyav", "synthetic")
+SYNTHETIC_DEFAULT_SAMPLES = 1024
+
+
+def _cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def choose_backend(codecs: set[str], device: str | torch.device = "cpu") -> tuple[str, str, str]:
+    """(backend, dali_device, why) for `auto`: DALI-mixed on a GPU, DALI-CPU when every codec is one
+    DALI decodes on CPU, else PyAV."""
+    from data_shards.loader.dali import dali_available
+
+    device = torch.device(device)
+    if not dali_available():
+        return "pyav", "", "nvidia-dali is not importable"
+    if _cuda(device):
+        unsupported = codecs - fmt.DALI_GPU_CODECS
+        if not unsupported:
+            return "dali", "mixed", f"CUDA device {device} and codecs {sorted(codecs)} are NVDEC-decodable"
+        return "pyav", "", f"codecs {sorted(unsupported)} are not NVDEC-decodable"
+    if codecs and codecs <= fmt.DALI_CPU_CODECS:
+        return "dali", "cpu", f"no GPU; codecs {sorted(codecs)} are all DALI-CPU decodable"
+    other = sorted(codecs - fmt.DALI_CPU_CODECS) or ["unknown"]
+    return (
+        "pyav",
+        "",
+        f"no GPU and codecs {other} need NVDEC: DALI-CPU decodes only {sorted(fmt.DALI_CPU_CODECS)}",
+    )
+
+
+def build_loader(
+    shards: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    spec: SamplingSpec,
+    backend: str = "auto",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    num_workers: int = 2,
+    drop_last: bool | None = None,
+    max_skip_fraction: float = 0.01,
+    epoch: int = 0,
+    **backend_options: Any,
+) -> VideoLoader:
+    """A loader over `split` of the shard folder `shards` (see the module docstring for the contract).
+
+    backend_options: `dali_device` ("cpu"/"mixed", forces it), `num_threads` (DALI), `num_classes` and
+    `num_samples` (synthetic, when there is no manifest).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    common: dict[str, Any] = dict(
+        split=split,
+        batch_size=batch_size,
+        spec=spec,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        drop_last=drop_last,
+        max_skip_fraction=max_skip_fraction,
+        epoch=epoch,
+    )
+    if backend == "synthetic":
+        from data_shards.loader.synthetic import SyntheticLoader, synthetic_refs
+
+        n = backend_options.get("num_samples")
+        classes = backend_options.get("num_classes")
+        if (Path(shards) / fmt.MANIFEST_NAME).is_file():
+            manifest = fmt.load_manifest(shards)
+            n = n or (manifest.splits[split].samples if split in manifest.splits else None)
+            classes = classes or manifest.num_classes
+        refs: list[SampleRef] = synthetic_refs(int(n or SYNTHETIC_DEFAULT_SAMPLES))
+        return SyntheticLoader(refs, num_classes=int(classes or 10), reason="requested", **common)
+
+    refs, manifest = list_samples(shards, split)
+    codecs = manifest.codecs_for(split)
+    dali_device = backend_options.pop("dali_device", None)
+    if backend == "auto":
+        backend, auto_device, why = choose_backend(codecs, device)
+        dali_device = dali_device or auto_device
+        log.info(
+            "data_shards.loader: auto chose %s%s for %s/%s: %s",
+            backend,
+            f"-{dali_device}" if backend == "dali" else "",
+            os.fspath(shards),
+            split,
+            why,
+        )
+    else:
+        why = "requested"
+    if backend == "dali":
+        from data_shards.loader.dali import DaliLoader
+
+        dali_device = dali_device or ("mixed" if _cuda(device) else "cpu")
+        if dali_device == "cpu" and not codecs <= fmt.DALI_CPU_CODECS:
+            log.warning(
+                "DALI-CPU decodes only %s; %s/%s has %s (decoding will fail)",
+                sorted(fmt.DALI_CPU_CODECS),
+                shards,
+                split,
+                sorted(codecs),
+            )
+        return DaliLoader(
+            refs,
+            dali_device=dali_device,
+            num_threads=int(backend_options.get("num_threads", 2)),
+            reason=why,
+            **common,
+        )
+    from data_shards.loader.pyav import PyAVLoader
+
+    return PyAVLoader(refs, num_workers=num_workers, reason=why, **common)

@@ -1,0 +1,246 @@
+"""`VideoLoader`: the part every backend shares (epoch plan, position, resume, stats, skip budget).
+
+A backend implements `_batches(plan, start)`, yielding `(batch_index, batch | None, skipped)` for batch
+indices start, start+1, ... in order; `batch` holds CPU or device tensors, `skipped` lists
+(shard, key, reason) of samples that failed. Position is counted in *plan batches* handed to the caller,
+so `state_dict()` taken after a training step names exactly the next batch, whatever the backend
+prefetched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from data_shards.loader.index import SampleRef
+from data_shards.loader.sampling import EpochPlan, SamplingSpec, epoch_plan
+
+log = logging.getLogger("data_shards.loader")
+
+STATE_VERSION = 1
+# Fields that fix the sample sequence: a resume with other values would not continue the same epoch.
+_SEQUENCE_FIELDS = ("seed", "rank", "world_size", "num_samples", "videos_per_batch", "drop_last", "shuffle")
+
+
+class LoaderError(RuntimeError):
+    """The input pipeline cannot go on (too many undecodable samples, DALI decode failure, bad state)."""
+
+
+Batch = dict[str, Any]
+
+
+class VideoLoader:
+    """One epoch of batches per iteration: {"video": float32 [B, C, T, H, W], "label": int64 [B],
+    "key": list[str]}, plus "view" (int64 [B]) in eval and "pad" (bool [B], padding duplicates) when
+    drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
+    consecutive, so a batch holds batch_size // V whole videos."""
+
+    backend: str = "base"
+
+    def __init__(
+        self,
+        refs: list[SampleRef],
+        *,
+        split: str,
+        batch_size: int,
+        spec: SamplingSpec,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        drop_last: bool | None = None,
+        max_skip_fraction: float = 0.01,
+        epoch: int = 0,
+        reason: str = "",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.refs = refs
+        self.split = split
+        self.spec = spec
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = torch.device(device)
+        self.drop_last = spec.train if drop_last is None else bool(drop_last)
+        self.max_skip_fraction = max_skip_fraction
+        self.reason = reason
+        v = spec.views_per_video
+        self.videos_per_batch = max(1, batch_size // v)
+        if batch_size % v:
+            log.warning(
+                "batch_size %d is not a multiple of %d clips per video: batches hold %d clips (%d videos)",
+                batch_size,
+                v,
+                self.videos_per_batch * v,
+                self.videos_per_batch,
+            )
+        self._epoch = epoch
+        self._plan: EpochPlan | None = None
+        self._batches_done = 0
+        self._samples_done = 0
+        self._start = 0
+        self.stats: dict[str, Any] = {
+            "batches": 0,
+            "clips": 0,
+            "videos": 0,
+            "skipped": 0,
+            "skipped_keys": [],
+            "decode_wait_s": 0.0,
+            "iter_s": 0.0,
+        }
+
+    # ---------------------------------------------------------------------------------------- contract
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (all ranks)."""
+        return len(self.refs)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Videos this rank reads per epoch (padding included)."""
+        return len(self.plan().indices)
+
+    def plan(self) -> EpochPlan:
+        if self._plan is None:
+            self._plan = epoch_plan(
+                len(self.refs),
+                seed=self.seed,
+                epoch=self._epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                shuffle=self.spec.train,
+                drop_last=self.drop_last,
+                videos_per_batch=self.videos_per_batch,
+            )
+        return self._plan
+
+    def __len__(self) -> int:
+        return self.plan().num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration reads; a pending resume position survives only for the
+        epoch it was saved in."""
+        if epoch != self._epoch:
+            self._epoch, self._plan = int(epoch), None
+            self._start = self._batches_done = self._samples_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "backend": self.backend,
+            "epoch": self._epoch,
+            "batches_done": self._batches_done,
+            "samples_done": self._samples_done,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+            "videos_per_batch": self.videos_per_batch,
+            "drop_last": self.drop_last,
+            "shuffle": self.spec.train,
+            "skipped": self.stats["skipped"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` was taken: the next iteration yields the rest of that epoch."""
+        if state.get("version") != STATE_VERSION:
+            raise LoaderError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for f in _SEQUENCE_FIELDS:
+            if state.get(f) != mine[f]:
+                raise LoaderError(
+                    f"loader state field {f}={state.get(f)!r} differs from this loader's {mine[f]!r}: "
+                    "resuming would not continue the same sample sequence (use the same seed, ranks, "
+                    "batch size, split and shards)"
+                )
+        self._epoch, self._plan = int(state["epoch"]), None
+        self._batches_done = self._start = int(state["batches_done"])
+        self._samples_done = int(state["samples_done"])
+        self.stats["skipped"] = int(state.get("skipped", 0))
+
+    # ---------------------------------------------------------------------------------------- iterate
+    def __iter__(self) -> Iterator[Batch]:
+        plan = self.plan()
+        start, self._start = self._start, 0
+        self._batches_done = start
+        self._samples_done = min(start * plan.videos_per_batch, len(plan.indices))
+        if start >= plan.num_batches:
+            return
+        t_begin, iter_base = time.perf_counter(), self.stats["iter_s"]
+        gen = self._batches(plan, start)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    b, batch, skipped = next(gen)
+                except StopIteration:
+                    break
+                self.stats["decode_wait_s"] += time.perf_counter() - t0
+                idx, _ = plan.batch(b)
+                self._samples_done += len(idx)
+                self._batches_done = b + 1
+                self._account_skips(skipped)
+                if batch is None:
+                    continue
+                batch = self._to_device(batch)
+                n = int(batch["label"].shape[0])
+                self.stats["batches"] += 1
+                self.stats["clips"] += n
+                self.stats["videos"] += n // self.spec.views_per_video
+                self.stats["iter_s"] = iter_base + (time.perf_counter() - t_begin)
+                yield batch
+        finally:
+            self.stats["iter_s"] = iter_base + (time.perf_counter() - t_begin)
+            gen.close()
+
+    def _account_skips(self, skipped: list[tuple[str, str, str]]) -> None:
+        if not skipped:
+            return
+        for shard, key, why in skipped:
+            log.warning("skipped undecodable sample %s in %s: %s", key, shard, why)
+            if len(self.stats["skipped_keys"]) < 100:
+                self.stats["skipped_keys"].append(f"{shard}:{key}")
+        self.stats["skipped"] += len(skipped)
+        seen = self.stats["videos"] + self.stats["skipped"]
+        budget = self.max_skip_fraction * max(seen, self.samples_per_epoch)
+        if self.stats["skipped"] > budget:
+            last = ", ".join(f"{s}:{k} ({w})" for s, k, w in skipped[:3])
+            raise LoaderError(
+                f"{self.stats['skipped']} undecodable samples out of {seen} seen exceed max_skip_fraction="
+                f"{self.max_skip_fraction} (latest: {last}); run `python -m data_shards verify` on the shards"
+            )
+
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        nb = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _batches(
+        self, plan: EpochPlan, start: int
+    ) -> Iterator[tuple[int, Batch | None, list[tuple[str, str, str]]]]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
+        """label/key/view/pad for videos `idx` (V consecutive clips each)."""
+        v = self.spec.views_per_video
+        out: Batch = {
+            "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(v),
+            "key": [self.refs[i].key for i in idx for _ in range(v)],
+        }
+        if not self.spec.train:
+            out["view"] = torch.arange(v, dtype=torch.int64).repeat(len(idx))
+        if not self.drop_last:
+            out["pad"] = torch.tensor(pad, dtype=torch.bool).repeat_interleave(v)
+        return out

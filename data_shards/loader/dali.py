@@ -1,0 +1,240 @@
+"""DALI backend: `fn.decoders.video` (NVDEC with device="mixed", libavcodec VP9/MJPEG with "cpu") fed
+by `fn.external_source`, then crop + resize + flip + normalize in the DALI graph.
+
+Why external_source and not `fn.readers.webdataset`: the reader owns the order (its shuffle buffer,
+contiguous `shard_id/num_shards` ranges) and `decoders.video` has no checkpointing, so neither an exact
+mid-epoch resume nor the global per-(seed, epoch) shuffle shared with the PyAV backend is possible
+through it. Feeding the encoded bytes ourselves (read via the `.idx` offsets from an mmap of the tar,
+the same index the reader would use) makes order, rank split, resume, keys and augmentation parameters
+identical across backends: `sampling.py` decides, DALI executes. Keys never travel through the graph:
+the global sample index does, and maps back to the key, label and shard on the Python side.
+
+Graph per video: decode the C*T planned frames once (`frames=`, a per-sample argument) -> for each of
+the V views: slice its temporal clip, `resize` with a per-sample ROI (an ROI with x0 > x1 mirrors, so
+crop + flip + resize is one op, bilinear, antialiased) -> `crop_mirror_normalize` to float CFHW.
+
+Failures: a video the Python-side probe cannot open is skipped and counted (like PyAV); a failure inside
+the DALI graph breaks the pipeline, so it is fatal and the error names the shard(s) and key(s) of the
+batch, with the ones PyAV cannot decode either.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_shards.loader.base import Batch, LoaderError, VideoLoader
+from data_shards.loader.index import SampleRef, ShardReader
+from data_shards.loader.sampling import EpochPlan, plan_video, probe_video, sample_rng
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class _Fed:
+    """One plan batch as handed to DALI (or skipped entirely when `fed` is False)."""
+
+    b: int
+    idx: list[int] = field(default_factory=list)
+    pad: list[bool] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    fed: bool = True
+
+
+class _Source:
+    """external_source callback: plan batch -> (encoded, frames, roi_start/end per view, index)."""
+
+    def __init__(self, loader: DaliLoader, plan: EpochPlan, start: int, fifo: collections.deque) -> None:
+        self.loader, self.plan, self.next_b, self.fifo = loader, plan, start, fifo
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        ld, spec = self.loader, self.loader.spec
+        while self.next_b < self.plan.num_batches:
+            b = self.next_b
+            self.next_b += 1
+            idx, pad = self.plan.batch(b)
+            entry = _Fed(b)
+            enc, frames, index = [], [], []
+            rs: list[list[np.ndarray]] = [[] for _ in range(spec.views_per_video)]
+            re: list[list[np.ndarray]] = [[] for _ in range(spec.views_per_video)]
+            for i, p in zip(idx.tolist(), pad.tolist()):
+                ref = ld.refs[i]
+                try:
+                    data = ld.reader.video_bytes(ref)
+                    n, h, w = ld.probe(i, data)
+                    label = ld.reader.label(ref)
+                except Exception as e:
+                    entry.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
+                    continue
+                vplan = plan_video(n, h, w, spec, sample_rng(ld.seed, ld.epoch, i) if spec.train else None)
+                enc.append(np.frombuffer(data, np.uint8))
+                frames.append(vplan.frames.astype(np.int32))
+                index.append(np.array([i], np.int64))
+                for k, v in enumerate(vplan.views):
+                    x0, x1 = (v.x0 + v.w, v.x0) if v.flip else (v.x0, v.x0 + v.w)
+                    rs[k].append(np.array([v.y0, x0], np.float32))
+                    re[k].append(np.array([v.y0 + v.h, x1], np.float32))
+                entry.idx.append(i)
+                entry.pad.append(p)
+                entry.labels.append(label)
+            if not enc:
+                entry.fed = False
+                self.fifo.append(entry)
+                continue
+            self.fifo.append(entry)
+            return (enc, frames, index, *rs, *re)
+        raise StopIteration
+
+
+class DaliLoader(VideoLoader):
+    backend = "dali"
+
+    def __init__(
+        self,
+        refs: list[SampleRef],
+        *,
+        dali_device: str = "cpu",
+        num_threads: int = 2,
+        prefetch: int = 2,
+        **kw: Any,
+    ) -> None:
+        super().__init__(refs, **kw)
+        if dali_device not in ("cpu", "mixed"):
+            raise ValueError(f"dali_device must be 'cpu' or 'mixed', got {dali_device!r}")
+        self.dali_device = dali_device
+        self.backend = f"dali-{dali_device}"
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.reader = ShardReader()
+        self._probes: dict[int, tuple[int, int, int]] = {}
+
+    def probe(self, i: int, data: bytes) -> tuple[int, int, int]:
+        """(frames, h, w) of sample i, cached for the loader's lifetime (shards are immutable)."""
+        got = self._probes.get(i)
+        if got is None:
+            got = self._probes[i] = probe_video(data)
+        return got
+
+    def _pipeline(self, source: _Source) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        spec = self.spec
+        v_n, t = spec.views_per_video, spec.frames
+        device_id = None
+        if self.dali_device == "mixed":
+            device_id = (
+                self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
+            )
+        mean = [m * 255.0 for m in spec.mean]
+        std = [s * 255.0 for s in spec.std]
+
+        @pipeline_def(
+            batch_size=self.videos_per_batch,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+        )
+        def graph() -> tuple[Any, ...]:
+            dtypes = [types.UINT8, types.INT32, types.INT64] + [types.FLOAT] * (2 * v_n)
+            enc, frames, index, *rois = fn.external_source(
+                source=source, num_outputs=3 + 2 * v_n, batch=True, dtype=dtypes, ndim=[1] * (3 + 2 * v_n)
+            )
+            video = fn.decoders.video(enc, device=self.dali_device, frames=frames)  # FHWC uint8
+            views = []
+            for k in range(v_n):
+                j = 0 if spec.train else k // spec.eval_crops
+                clip = video if spec.temporal_clips == 1 else video[j * t : (j + 1) * t]
+                clip = fn.resize(
+                    clip,
+                    roi_start=rois[k],
+                    roi_end=rois[v_n + k],
+                    size=[spec.size, spec.size],
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=True,
+                    dtype=types.FLOAT,
+                )
+                views.append(
+                    fn.crop_mirror_normalize(
+                        clip, mean=mean, std=std, output_layout="CFHW", dtype=types.FLOAT
+                    )
+                )
+            return (index, *views)
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def _batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[int, Batch | None, list]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        fifo: collections.deque[_Fed] = collections.deque()
+        v_n = self.spec.views_per_video
+        names = ["index", *(f"view{k}" for k in range(v_n))]
+        pipe = self._pipeline(_Source(self, plan, start, fifo))
+        it = DALIGenericIterator(
+            [pipe],
+            names,
+            size=-1,
+            auto_reset=False,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            prepare_first_batch=False,
+        )
+        try:
+            while True:
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    break
+                except Exception as e:
+                    raise self._decode_error(fifo, e) from e
+                while fifo and not fifo[0].fed:
+                    e = fifo.popleft()
+                    yield e.b, None, e.skipped
+                entry = fifo.popleft()
+                got = out["index"].view(-1).tolist()
+                if got != entry.idx:
+                    raise LoaderError(f"DALI output order {got} does not match the fed batch {entry.idx}")
+                video = torch.stack([out[f"view{k}"] for k in range(v_n)], 1).flatten(0, 1)
+                batch = {"video": video, **self._batch_meta(entry.idx, entry.pad, entry.labels)}
+                yield entry.b, batch, entry.skipped
+            while fifo:
+                e = fifo.popleft()
+                yield e.b, None, e.skipped
+        finally:
+            del it, pipe
+
+    def _decode_error(self, fifo: collections.deque, e: Exception) -> LoaderError:
+        from data_shards.loader.pyav import decode_frames
+
+        entries = [x for x in fifo if x.fed]
+        if not entries:
+            return LoaderError(f"DALI pipeline failed before any batch was fed: {e}")
+        entry = entries[0]
+        named, bad = [], []
+        for i in entry.idx:
+            ref = self.refs[i]
+            named.append(f"{ref.shard}:{ref.key}")
+            try:
+                decode_frames(
+                    self.reader.video_bytes(ref), np.arange(self.probe(i, self.reader.video_bytes(ref))[0])
+                )
+            except Exception:
+                bad.append(f"{ref.shard}:{ref.key}")
+        first = str(e).strip().splitlines()
+        detail = first[0] if first else type(e).__name__
+        return LoaderError(
+            f"DALI ({self.backend}) failed to decode a batch of {len(named)} samples: {named}; "
+            f"undecodable by PyAV too: {bad or 'none'}; DALI said: {detail}"
+        )
