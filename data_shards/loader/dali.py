@@ -232,8 +232,9 @@ class DaliLoader(VideoLoader):
                 )
             except Exception:
                 bad.append(f"{ref.shard}:{ref.key}")
-        first = str(e).strip().splitlines()
-        detail = first[0] if first else type(e).__name__
+        noise = ("Critical error", "no longer valid", "traceback", "File ", "encountered:", "C++ context")
+        lines = [x.strip() for x in str(e).splitlines() if x.strip() and not any(n in x for n in noise)]
+        detail = " | ".join(lines[:3])[:500] or type(e).__name__
         return LoaderError(
             f"DALI ({self.backend}) failed to decode a batch of {len(named)} samples: {named}; "
             f"undecodable by PyAV too: {bad or 'none'}; DALI said: {detail}"

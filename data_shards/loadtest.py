@@ -1,0 +1,141 @@
+"""`python -m data_shards loadtest SHARDS ...`: drive the loader like training would, print one JSON line.
+
+Check an input pipeline before spending GPU hours: which backend `auto` picks and why, clips/s, the
+fraction of time spent waiting for decode, coverage (every key once per epoch across the simulated
+ranks), and undecodable samples. Ranks are simulated in this process one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from data_shards.format import FormatError
+from data_shards.loader import BACKENDS, LoaderError, SamplingSpec, build_loader
+
+log = logging.getLogger("data_shards.loader")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("shards", help="shard folder (with manifest.json)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
+    parser.add_argument("--stride", type=int, default=4, help="temporal stride between sampled frames")
+    parser.add_argument("--size", type=int, default=224, help="output height = width")
+    parser.add_argument("--batch", type=int, default=8, help="clips per batch")
+    parser.add_argument("--ranks", type=int, default=1, help="simulated data-parallel ranks")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--clips-per-video", type=int, default=1, help="K augmented clips per decode")
+    parser.add_argument("--workers", type=int, default=2, help="PyAV decode worker processes")
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="stop each rank-epoch after N batches (0: all)"
+    )
+    parser.add_argument("--eval", action="store_true", help="eval sampling (multi-view, no shuffle)")
+    parser.add_argument("--eval-clips", type=int, default=1)
+    parser.add_argument("--eval-crops", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01)
+    return parser
+
+
+add_loadtest_args = add_arguments
+
+
+def run_loadtest(args: argparse.Namespace | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run the load test; returns the summary dict (raises LoaderError / FormatError on loader errors)."""
+    ns = vars(add_arguments(argparse.ArgumentParser()).parse_args([kwargs.get("shards", "_")]))
+    ns.update(vars(args) if args is not None else {})
+    ns.update(kwargs)
+    a = argparse.Namespace(**ns)
+    spec = SamplingSpec(
+        frames=a.frames,
+        stride=a.stride,
+        size=a.size,
+        clips_per_video=a.clips_per_video,
+        train=not a.eval,
+        eval_clips=a.eval_clips,
+        eval_crops=a.eval_crops,
+    )
+    clips = videos = skipped = batches = 0
+    wait = busy = 0.0
+    backend, why, num_samples = "", "", 0
+    duplicates = 0
+    all_keys: set[str] = set()
+    t0 = time.perf_counter()
+    for epoch in range(a.epochs):
+        epoch_keys: list[str] = []
+        for rank in range(a.ranks):
+            loader = build_loader(
+                a.shards,
+                a.split,
+                batch_size=a.batch,
+                spec=spec,
+                backend=a.backend,
+                rank=rank,
+                world_size=a.ranks,
+                seed=a.seed,
+                device=a.device,
+                num_workers=a.workers,
+                max_skip_fraction=a.max_skip_fraction,
+                epoch=epoch,
+            )
+            backend, why, num_samples = loader.backend, loader.reason, loader.num_samples
+            for i, batch in enumerate(loader):
+                pad = batch.get("pad")
+                keys = batch["key"][:: spec.views_per_video]
+                if pad is not None:
+                    keep = pad[:: spec.views_per_video].tolist()
+                    keys = [k for k, p in zip(keys, keep) if not p]
+                epoch_keys.extend(keys)
+                if a.max_batches and i + 1 >= a.max_batches:
+                    break
+            s = loader.stats
+            clips, videos, skipped, batches = (
+                clips + s["clips"],
+                videos + s["videos"],
+                skipped + s["skipped"],
+                batches + s["batches"],
+            )
+            wait, busy = wait + s["decode_wait_s"], busy + s["iter_s"]
+        duplicates += len(epoch_keys) - len(set(epoch_keys))
+        all_keys |= set(epoch_keys)
+    wall = time.perf_counter() - t0
+    return {
+        "backend": backend,
+        "why": why,
+        "split": a.split,
+        "ranks": a.ranks,
+        "epochs": a.epochs,
+        "samples_in_split": num_samples,
+        "batches": batches,
+        "clips": clips,
+        "videos": videos,
+        "unique_keys": len(all_keys),
+        "duplicate_keys_within_epoch": duplicates,
+        "skipped": skipped,
+        "clips_per_s": round(clips / busy, 2) if busy else 0.0,
+        "decode_wait_fraction": round(wait / busy, 4) if busy else 0.0,
+        "wall_s": round(wall, 3),
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print one JSON summary line; exit status 1 on loader errors."""
+    try:
+        summary = {"ok": True, **run_loadtest(args)}
+        code = 0
+    except (LoaderError, FormatError, OSError, ValueError) as e:
+        summary, code = {"ok": False, "error": f"{type(e).__name__}: {e}"}, 1
+    print(json.dumps(summary), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="python -m data_shards.loadtest")).parse_args()))
