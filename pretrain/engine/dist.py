@@ -1,0 +1,105 @@
+"""Process environment: launcher variables, the CPU DeepSpeed knobs, process-group start, collectives.
+
+Works under `deepspeed` (one or many nodes), `torchrun`, and a bare `python -m pretrain` (single process:
+we fill RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT ourselves).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_world_size() -> int:
+    """World size the launcher announced (1 without a launcher); known before any process group starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_env(device: str = "auto") -> torch.device:
+    """Set launcher defaults and, on CPU, the DeepSpeed knobs — BEFORE deepspeed is imported.
+
+    CPU: `DS_ACCELERATOR=cpu` and no shm-comm op (its JIT build takes 30–90 s and is inference-only).
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def import_deepspeed() -> Any:
+    """Import deepspeed with the CPU op knobs applied (call after `prepare_env`)."""
+    import deepspeed
+    import deepspeed.ops
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def init_distributed(device: torch.device, backend: str = "auto") -> DistInfo:
+    deepspeed = import_deepspeed()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (preemption, non-finite loss)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t)
+        t /= td.get_world_size()
+    return t.tolist()
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.barrier()
