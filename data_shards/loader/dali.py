@@ -163,7 +163,6 @@ class DaliLoader(VideoLoader):
                     size=[spec.size, spec.size],
                     interp_type=types.INTERP_LINEAR,
                     antialias=True,
-                    dtype=types.FLOAT,
                 )
                 views.append(
                     fn.crop_mirror_normalize(

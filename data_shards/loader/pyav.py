@@ -36,12 +36,17 @@ from data_shards.loader.sampling import (
 
 def yuv420p_to_rgb(y_FHW: torch.Tensor, u_Fhw: torch.Tensor, v_Fhw: torch.Tensor) -> torch.Tensor:
     """uint8 planes -> uint8 [F, H, W, 3]: bilinear chroma upsampling, BT.601 limited range."""
-    h, w = y_FHW.shape[-2:]
-    uv = torch.stack([u_Fhw, v_Fhw], 1).float()
-    uv = F.interpolate(uv, size=(h, w), mode="bilinear", align_corners=False) - 128.0
-    y = (y_FHW.float() - 16.0) * (255.0 / 219.0)
-    u, v = uv[:, 0] * (255.0 / 224.0), uv[:, 1] * (255.0 / 224.0)
-    rgb = torch.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+    f, h, w = y_FHW.shape
+    uv = F.interpolate(
+        torch.stack([u_Fhw, v_Fhw], 1).float(), size=(h, w), mode="bilinear", align_corners=False
+    )
+    uv.sub_(128.0).mul_(255.0 / 224.0)
+    u, v = uv[:, 0], uv[:, 1]
+    y = y_FHW.float().sub_(16.0).mul_(255.0 / 219.0)
+    rgb = torch.empty((f, h, w, 3), dtype=torch.float32)
+    torch.add(y, v, alpha=1.402, out=rgb[..., 0])
+    torch.add(y, u, alpha=-0.344136, out=rgb[..., 1]).add_(v, alpha=-0.714136)
+    torch.add(y, u, alpha=1.772, out=rgb[..., 2])
     return rgb.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -272,18 +272,20 @@ def views_from_frames(
 ) -> torch.Tensor:
     """The torch twin of the DALI graph: uint8 decoded frames [C*T, H, W, 3] -> float [V, 3, T, S, S]."""
     x = torch.as_tensor(frames_FHWC)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1, 1) * 255.0
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1, 1) * 255.0
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
     out = []
     t = spec.frames
     for v in plan.views:
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
-        clip_TCHW = clip_THWC.permute(0, 3, 1, 2).float()
+        clip_TCHW = clip_THWC.permute(0, 3, 1, 2)  # channels-last view: torch's fast uint8 resize path
         if (v.h, v.w) != (spec.size, spec.size):
+            # uint8 in, uint8 out (rounded), like DALI's resize of the decoder's uint8 frames
             clip_TCHW = F.interpolate(
                 clip_TCHW, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True
             )
         if v.flip:
             clip_TCHW = clip_TCHW.flip(-1)
-        out.append(((clip_TCHW.permute(1, 0, 2, 3) - mean) / std).contiguous())
+        clip_TCHW = (clip_TCHW.float() - mean) * inv_std
+        out.append(clip_TCHW.permute(1, 0, 2, 3))
     return torch.stack(out)
