@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50 data.shards=shards/")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from pretrain.task import MaskedVideoTask, PretrainConfig
 
