@@ -45,7 +45,7 @@ def _build(args: argparse.Namespace) -> int:
     try:
         result = build(args.source, args.out, opts, ray_address=args.ray_address, workers=args.workers,
                        keep_work=args.keep_work, quiet=args.quiet)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(result))

@@ -343,9 +343,19 @@ def _init_ray(address: str | None, workers: int | None) -> None:
         return
     if address:
         # A remote cluster needs our code: ship the package; it needs PyAV/webdataset/numpy installed.
-        ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]}, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]},
+                     log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            raise ConnectionError(
+                f"cannot join the Ray cluster at {address}: {e}\n"
+                "A cluster started with `ray start --head` uses token auth: run this command with "
+                "RAY_AUTH_MODE=token and the head's token (~/.ray/auth_token on the head, copied here, "
+                "or RAY_AUTH_TOKEN=...)."
+            ) from None
     else:
-        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
 
 
 def _run_tasks(fn: Callable[..., Any], calls: list[tuple], desc: str, unit_counts: list[int], quiet: bool) -> list[Any]:

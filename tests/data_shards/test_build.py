@@ -1,0 +1,243 @@
+"""The sharding job end to end: real Ray (local, and a `ray start --head` cluster), real PyAV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import socket
+import tarfile
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data_shards import format as fmt
+from data_shards.__main__ import main as cli
+from data_shards.build import BuildOptions, build, hash_split
+from data_shards.probe import TranscodeOptions
+from data_shards.verify import verify
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(csv_path, encoding="utf-8")))
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 8000, 0, Fraction(1, 8000)
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: fmt.sha256_file(p) for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx")}
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_the_rest_sharded(synth_copy: Path, tmp_path: Path) -> None:
+    rows = _rows(synth_copy / "labels.csv")
+    good = rows[:8]
+    vids = synth_copy / "videos"
+    (vids / "empty.webm").write_bytes(b"")
+    (vids / "text.webm").write_text("not a video at all")
+    data = (synth_copy / rows[8]["path"]).read_bytes()
+    (vids / "trunc.webm").write_bytes(data[: len(data) * 6 // 10])
+    _audio_only(vids / "audio.mp4")
+    # spaces and non-ASCII in the path: accepted, and never in member names
+    odd = vids / "my vidéo ünïcode.webm"
+    shutil.copy(synth_copy / rows[9]["path"], odd)
+    bad = [
+        {"path": "videos/missing.webm", "label": "move_up"},
+        {"path": "videos/empty.webm", "label": "move_up"},
+        {"path": "videos/text.webm", "label": "move_up"},
+        {"path": "videos/trunc.webm", "label": "move_up"},
+        {"path": "videos/audio.mp4", "label": "move_up"},
+        {"path": rows[10]["path"], "label": ""},
+        {"path": rows[11]["path"], "label": "jump"},
+        {"path": good[0]["path"], "label": good[0]["label"]},  # duplicate id
+        {"path": "videos/my vidéo ünïcode.webm", "label": "move_left"},
+    ]
+    manifest = _write_csv(synth_copy / "mixed.csv", good + bad, ["path", "label"])
+    out = tmp_path / "shards"
+    classes = "move_right,move_left,move_down,move_up"
+    assert cli(["build", str(manifest), "--out", str(out), "--classes", classes, "--shard-samples", "4", "--quiet"]) == 0
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    reasons = {Path(r["path"]).name if r["path"] else r["where"]: r["reason"] for r in rejects}
+    assert reasons["missing.webm"] == "missing file"
+    assert reasons["empty.webm"].startswith("empty file")
+    assert reasons["text.webm"].startswith("not a video")
+    assert reasons["trunc.webm"].startswith("truncated")
+    assert reasons["audio.mp4"] == "no video stream"
+    assert any(r["reason"] == "missing label" for r in rejects)
+    assert any(r["reason"].startswith("unknown label 'jump'") for r in rejects)
+    assert any(r["reason"].startswith("duplicate id") for r in rejects)
+    assert len(rejects) == 8
+
+    m = fmt.load_manifest(out)
+    assert m.classes == classes.split(",")
+    assert m.splits["train"].samples == 9 and m.rejects == 8
+    for shard in m.shards:
+        with tarfile.open(out / shard.path) as tf:
+            names = tf.getnames()
+        assert all(n.count("/") == 0 and "vid" not in n and " " not in n for n in names)
+    metas = {s.meta["id"]: s for shard in m.shards for s in fmt.iter_tar_samples(out / shard.path)}
+    odd_sample = metas["videos/my vidéo ünïcode.webm"]
+    assert odd_sample.label == 1 and odd_sample.meta["label_name"] == "move_left"
+    assert odd_sample.video == odd.read_bytes()  # copy mode stores the source bytes untouched
+    for key in ("source", "duration", "fps", "frames", "width", "height", "codec"):
+        assert key in odd_sample.meta
+    assert odd_sample.meta["frames"] == 16 and odd_sample.meta["codec"] == "vp9"
+    assert verify(out, decode=True) == ([], {"train": 9})
+
+
+def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    opts = BuildOptions(shard_samples=3, val_fraction=0.25)
+    first = build(synth_copy / "labels.csv", out, opts, quiet=True)
+    assert first.written_shards == len(first.manifest.shards) and first.kept_shards == 0
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    before = _shard_hashes(out)
+
+    again = build(synth_copy / "labels.csv", out, opts, quiet=True)
+    assert again.written_shards == 0 and again.kept_shards == len(first.manifest.shards)
+
+    victim = out / first.manifest.shards[0].path
+    victim.write_bytes(victim.read_bytes()[:-700])  # truncated, as if the machine died mid-copy
+    (out / first.manifest.shards[1].index).unlink()
+    (out / ".train-000009.tar.partial").write_bytes(b"junk")
+    third = build(synth_copy / "labels.csv", out, opts, quiet=True)
+    assert third.written_shards == 2
+    assert _shard_hashes(out) == before
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    assert not (out / ".train-000009.tar.partial").exists()
+
+
+def test_output_is_the_same_whatever_the_worker_count(synth_vp9: Path, tmp_path: Path) -> None:
+    args = ["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--test-fraction", "0.3", "--quiet"]
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 0  # in-process Ray, 2 CPUs
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "data_shards", *args, "--out", str(tmp_path / "b"), "--workers", "1"],
+                   check=True, env=env, capture_output=True)
+    assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_splits_from_manifest_column_jsonl_and_hash(synth_vp9: Path, tmp_path: Path) -> None:
+    rows = _rows(synth_vp9 / "labels.csv")
+    jsonl = tmp_path / "set.jsonl"
+    with open(jsonl, "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"path": str(synth_vp9 / r["path"]), "label": r["label"], "split": ["train", "val", "test"][i % 3]}) + "\n")
+        f.write("{not json\n")
+    result = build(jsonl, tmp_path / "out", BuildOptions(shard_samples=100), quiet=True)
+    assert {k: v.samples for k, v in result.manifest.splits.items()} == {"test": 4, "train": 4, "val": 4}
+    assert result.rejected == 1
+    # hash splits are a function of the id alone
+    assert hash_split("videos/a.mp4", 0.2, 0.1) == hash_split("videos/a.mp4", 0.2, 0.1)
+    picks = [hash_split(f"v{i}", 0.2, 0.1) for i in range(2000)]
+    assert 0.07 < picks.count("test") / 2000 < 0.13 and 0.16 < picks.count("val") / 2000 < 0.24
+
+
+def test_class_folders_flat_folders_and_transcode(synth_vp9: Path, tmp_path: Path) -> None:
+    rows = _rows(synth_vp9 / "labels.csv")
+    tree = tmp_path / "tree"
+    for r in rows:
+        (tree / r["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth_vp9 / r["path"], tree / r["label"] / Path(r["path"]).name)
+    opts = BuildOptions(transcode=TranscodeOptions(codec="h264", short_side=24, fps=8, max_frames=6, gop=4))
+    result = build(tree, tmp_path / "out", opts, quiet=True)
+    m = result.manifest
+    assert m.classes == sorted({r["label"] for r in rows})
+    samples = [s for sh in m.shards for s in fmt.iter_tar_samples(tmp_path / "out" / sh.path)]
+    assert len(samples) == 12 and all(s.video_ext == "mp4" for s in samples)
+    s = samples[0]
+    assert (s.meta["codec"], s.meta["frames"], s.meta["width"], s.meta["fps"], s.meta["source_codec"]) == ("h264", 6, 24, 8.0, "vp9")
+    with av.open(__import__("io").BytesIO(s.video)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
+    assert m.shards[0].codecs == ["h264"]
+    assert not any(p.suffix == ".mp4" for p in (tmp_path / "out" / ".work").iterdir())  # staging cleaned
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for r in rows[:3]:
+        shutil.copy(synth_vp9 / r["path"], flat)
+    unl = build(flat, tmp_path / "out_flat", BuildOptions(), quiet=True)
+    assert unl.manifest.classes is None
+    assert {s.label for sh in unl.manifest.shards for s in fmt.iter_tar_samples(tmp_path / "out_flat" / sh.path)} == {-1}
+
+
+def test_shard_size_by_bytes_and_nothing_accepted(synth_vp9: Path, tmp_path: Path) -> None:
+    one = (synth_vp9 / _rows(synth_vp9 / "labels.csv")[0]["path"]).stat().st_size
+    r = build(synth_vp9 / "labels.csv", tmp_path / "out", BuildOptions(shard_bytes=int(one * 2.5)), quiet=True)
+    assert len(r.manifest.shards) >= 4 and all(s.samples <= 4 for s in r.manifest.shards)
+    bad = _write_csv(tmp_path / "bad.csv", [{"path": "nope.mp4"}], ["path"])
+    assert cli(["build", str(bad), "--out", str(tmp_path / "none"), "--quiet"]) == 1
+    assert json.loads((tmp_path / "none" / "rejects.jsonl").read_text())["reason"] == "missing file"
+    assert cli(["build", str(bad), "--out", str(tmp_path / "x"), "--codec", "copy", "--fps", "5"]) == 2
+
+
+def test_verify_names_shard_and_problem(synth_vp9: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build(synth_vp9 / "labels.csv", out, BuildOptions(shard_samples=6), quiet=True)
+    assert verify(out)[0] == []
+    (out / "train-000001.idx").write_text("v1.2 0\n")
+    shutil.copy(out / "train-000000.tar", out / "train-000007.tar")
+    problems, _ = verify(out)
+    assert any("train-000001.idx: does not match" in p for p in problems)
+    assert any("train-000007.tar: not listed" in p for p in problems)
+    with open(out / "train-000000.tar", "r+b") as f:
+        f.seek(3000)
+        f.write(b"\0" * 64)
+    problems, _ = verify(out)
+    assert any(p.startswith("train-000000.tar: sha256") for p in problems)
+
+
+def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path: Path) -> None:
+    """`--ray-address` joins an existing cluster (token auth: the client needs RAY_AUTH_MODE=token)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    port = str(_free_port())
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--num-cpus", "1",
+                    "--include-dashboard", "false", "--temp-dir", ray_tmp], check=True, env=env, capture_output=True)
+    try:
+        args = [sys.executable, "-m", "data_shards", "build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5",
+                "--ray-address", f"127.0.0.1:{port}", "--quiet"]
+        ok = subprocess.run([*args, "--out", str(tmp_path / "c")], env={**env, "RAY_AUTH_MODE": "token"},
+                            capture_output=True, text=True, timeout=180)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        no_token = subprocess.run([*args, "--out", str(tmp_path / "d")], env={**env, "RAY_AUTH_MODE": "disabled"},
+                                  capture_output=True, text=True, timeout=180)
+        assert no_token.returncode == 1 and "RAY_AUTH_MODE=token" in no_token.stderr
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert cli(["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--quiet", "--out", str(tmp_path / "l")]) == 0
+    assert _shard_hashes(tmp_path / "c") == _shard_hashes(tmp_path / "l")

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data_shards import format as fmt
+from data_shards.shardio import write_shard
+from data_shards.synth import MOTIONS, SynthSpec, render_clip, write_synthetic_set
+
+
+def _digest(folder: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "videos").iterdir())]
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_synth_is_deterministic_for_a_seed(tmp_path: Path, codec: str) -> None:
+    spec = SynthSpec(videos=4, frames=12, size=32, codec=codec, seed=3)
+    write_synthetic_set(tmp_path / "a", spec)
+    write_synthetic_set(tmp_path / "b", spec)
+    write_synthetic_set(tmp_path / "c", SynthSpec(videos=4, frames=12, size=32, codec=codec, seed=4))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert (tmp_path / "a" / "labels.csv").read_bytes() == (tmp_path / "b" / "labels.csv").read_bytes()
+
+
+def test_synth_clips_decode_with_declared_shape_and_labels(synth_vp9: Path) -> None:
+    rows = list(csv.DictReader(open(synth_vp9 / "labels.csv")))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= set(MOTIONS[:4])
+    with av.open(str(synth_vp9 / rows[0]["path"])) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 16 and frames[0].shape == (32, 32, 3)
+
+
+def _horizontal_shift(a: np.ndarray, b: np.ndarray) -> int:
+    """Circular shift (pixels) that best maps frame a onto frame b along x."""
+    ga, gb = a.mean(-1) - a.mean(), b.mean(-1) - b.mean()
+    scores = [float((np.roll(ga, s, axis=1) * gb).sum()) for s in range(-6, 7)]
+    return int(np.argmax(scores)) - 6
+
+
+def test_class_is_the_direction_of_motion_not_the_frame_content() -> None:
+    spec = SynthSpec(videos=40, classes=2, frames=16, size=64, seed=0)
+    shifts: dict[str, list[int]] = {"move_right": [], "move_left": []}
+    first_frames: dict[str, list[float]] = {"move_right": [], "move_left": []}
+    for i in range(40):
+        frames, motion = render_clip(i, spec)
+        shifts[motion].append(_horizontal_shift(frames[0], frames[4]))
+        first_frames[motion].append(float(frames[0].mean()))
+    assert all(s > 0 for s in shifts["move_right"]) and all(s < 0 for s in shifts["move_left"])
+    # a single frame carries no class signal: mean brightness distributions overlap
+    r, left = np.array(first_frames["move_right"]), np.array(first_frames["move_left"])
+    assert abs(r.mean() - left.mean()) < r.std() + left.std()
+
+
+def test_synth_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="--classes"):
+        SynthSpec(classes=99)
+    with pytest.raises(ValueError, match="--size"):
+        SynthSpec(size=33)
+
+
+def test_label_and_meta_members_round_trip() -> None:
+    for label in (-1, 0, 7, 2**40):
+        assert fmt.decode_label(fmt.encode_label(label)) == label
+    assert len(fmt.encode_label(3)) == 8
+    with pytest.raises(fmt.FormatError, match="8 bytes"):
+        fmt.decode_label(b"12")
+    meta = {"id": "a/vidéo 1.mp4", "frames": 3}
+    assert fmt.decode_meta(fmt.encode_meta(meta)) == meta
+    key = fmt.sample_key("some dir/with.dots/file.mp4")
+    assert "." not in key and "/" not in key and key == fmt.sample_key("some dir/with.dots/file.mp4")
+
+
+def test_index_matches_dalis_wds2idx(tmp_path: Path, synth_vp9: Path) -> None:
+    videos = sorted((synth_vp9 / "videos").iterdir())[:4]
+    samples = [
+        fmt.Sample(key=fmt.sample_key(v.name), video=v.read_bytes(), video_ext="webm", label=i, meta={"codec": "vp9"})
+        for i, v in enumerate(videos)
+    ]
+    info = write_shard(tmp_path / "train-000000.tar", samples)
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    subprocess.run([str(wds2idx), str(tmp_path / info.path), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert (tmp_path / "ref.idx").read_text() == (tmp_path / info.index).read_text()
+    assert [s.key for s in fmt.iter_tar_samples(tmp_path / info.path)] == [s.key for s in samples]
+    # reproducible bytes
+    again = write_shard(tmp_path / "val-000000.tar", samples)
+    assert again.sha256 == info.sha256
+
+
+def test_manifest_errors_name_the_field(tmp_path: Path) -> None:
+    m = fmt.Manifest(classes=["a"], shards=[], splits={})
+    m.save(tmp_path)
+    assert fmt.load_manifest(tmp_path).classes == ["a"]
+    data = m.to_json()
+    data["shards"] = [{"path": "train-000000.tar", "index": "x.idx", "split": "train", "samples": "3", "bytes": 1, "sha256": ""}]
+    with pytest.raises(fmt.FormatError, match=r"shards\[0\]\.samples"):
+        fmt.Manifest.from_json(data)
+    with pytest.raises(fmt.FormatError, match="no manifest"):
+        fmt.load_manifest(tmp_path / "nowhere")
+
+
+def test_reading_a_tar_with_pickle_payloads_executes_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import pickle
+
+    payload = pickle.dumps(Evil())
+    tar_path = tmp_path / "train-000000.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for name, data in [("k.lbl.i64", fmt.encode_label(0)), ("k.json", b"{}"), ("k.pyd", payload), ("k.pth", payload)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            import io
+
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(fmt.FormatError, match="unknown members|exactly one video"):
+        list(fmt.iter_tar_samples(tar_path))
+    assert not marker.exists()
