@@ -12,11 +12,20 @@ from pathlib import Path
 def _synth(args: argparse.Namespace) -> int:
     from data_shards.synth import SynthSpec, write_synthetic_set
 
-    spec = SynthSpec(videos=args.videos, classes=args.classes, frames=args.frames, size=args.size,
-                     fps=args.fps, codec=args.codec, seed=args.seed)
+    spec = SynthSpec(
+        videos=args.videos,
+        classes=args.classes,
+        frames=args.frames,
+        size=args.size,
+        fps=args.fps,
+        codec=args.codec,
+        seed=args.seed,
+    )
     csv_path = write_synthetic_set(args.out, spec)
-    print(f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}) "
-          f"and {csv_path}")
+    print(
+        f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}) "
+        f"and {csv_path}"
+    )
     return 0
 
 
@@ -27,7 +36,9 @@ def _build(args: argparse.Namespace) -> int:
     classes = None
     if args.classes:
         p = Path(args.classes)
-        classes = [c.strip() for c in (p.read_text().splitlines() if p.is_file() else args.classes.split(","))]
+        classes = [
+            c.strip() for c in (p.read_text().splitlines() if p.is_file() else args.classes.split(","))
+        ]
         classes = [c for c in classes if c]
     try:
         opts = BuildOptions(
@@ -36,15 +47,28 @@ def _build(args: argparse.Namespace) -> int:
             shard_samples=args.shard_samples,
             shard_bytes=args.shard_bytes,
             classes=classes,
-            transcode=TranscodeOptions(codec=args.codec, short_side=args.short_side, fps=args.fps,
-                                       max_frames=args.max_frames, max_duration=args.max_duration, gop=args.gop),
+            transcode=TranscodeOptions(
+                codec=args.codec,
+                short_side=args.short_side,
+                fps=args.fps,
+                max_frames=args.max_frames,
+                max_duration=args.max_duration,
+                gop=args.gop,
+            ),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = build(args.source, args.out, opts, ray_address=args.ray_address, workers=args.workers,
-                       keep_work=args.keep_work, quiet=args.quiet)
+        result = build(
+            args.source,
+            args.out,
+            opts,
+            ray_address=args.ray_address,
+            workers=args.workers,
+            keep_work=args.keep_work,
+            quiet=args.quiet,
+        )
     except (RuntimeError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -59,7 +83,9 @@ def _verify(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"FAIL {p}")
     status = "ok" if not problems else f"{len(problems)} problem(s)"
-    print(json.dumps({"shards": str(args.shards), "status": status, "samples": counts, "decoded": args.decode}))
+    print(
+        json.dumps({"shards": str(args.shards), "status": status, "samples": counts, "decoded": args.decode})
+    )
     return 0 if not problems else 1
 
 
@@ -79,27 +105,43 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)")
-    p.add_argument("source", help="CSV/JSONL manifest (path,label[,split]) or a folder (class sub-folders or flat)")
+    p.add_argument(
+        "source", help="CSV/JSONL manifest (path,label[,split]) or a folder (class sub-folders or flat)"
+    )
     p.add_argument("--out", required=True, help="shard folder (re-running the same command resumes)")
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--shard-samples", type=int, default=256, help="max samples per shard")
-    p.add_argument("--shard-bytes", type=int, default=None, help="max bytes per shard (also bounded by --shard-samples)")
-    p.add_argument("--classes", default=None, help="class list: a file (one per line) or a,b,c; fixes label order")
-    p.add_argument("--codec", choices=["copy", "h264", "vp9"], default="copy",
-                   help="copy keeps source bytes; vp9 makes shards DALI can decode on CPU too")
+    p.add_argument(
+        "--shard-bytes", type=int, default=None, help="max bytes per shard (also bounded by --shard-samples)"
+    )
+    p.add_argument(
+        "--classes", default=None, help="class list: a file (one per line) or a,b,c; fixes label order"
+    )
+    p.add_argument(
+        "--codec",
+        choices=["copy", "h264", "vp9"],
+        default="copy",
+        help="copy keeps source bytes; vp9 makes shards DALI can decode on CPU too",
+    )
     p.add_argument("--short-side", type=int, default=None)
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--max-duration", type=float, default=None, help="seconds")
     p.add_argument("--gop", type=int, default=None, help="keyframe interval of the re-encode")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: local embedded one)")
+    p.add_argument(
+        "--ray-address", default=None, help="join an existing Ray cluster (default: local embedded one)"
+    )
     p.add_argument("--workers", type=int, default=None, help="local Ray CPUs (default: all cores)")
-    p.add_argument("--keep-work", action="store_true", help="keep re-encoded bytes in OUT/.work after success")
+    p.add_argument(
+        "--keep-work", action="store_true", help="keep re-encoded bytes in OUT/.work after success"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_build)
 
-    p = sub.add_parser("verify", help="check shards against their manifest (checksums, index, members, labels)")
+    p = sub.add_parser(
+        "verify", help="check shards against their manifest (checksums, index, members, labels)"
+    )
     p.add_argument("shards")
     p.add_argument("--decode", action="store_true", help="also fully decode every video")
     p.set_defaults(func=_verify)

@@ -46,7 +46,9 @@ from data_shards.shardio import write_shard
 
 log = logging.getLogger("data_shards.build")
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"})
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"}
+)
 WORK_DIR = ".work"
 
 
@@ -71,7 +73,11 @@ class BuildOptions:
     transcode: TranscodeOptions = field(default_factory=TranscodeOptions)
 
     def __post_init__(self) -> None:
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 <= self.val_fraction < 1
+            and 0 <= self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1
+        ):
             raise ValueError("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
         if self.shard_samples < 1:
             raise ValueError(f"--shard-samples must be >= 1, got {self.shard_samples}")
@@ -121,7 +127,9 @@ def read_inputs(source: str | os.PathLike) -> tuple[list[InputItem], list[dict[s
                 raise FormatError(f"{source}: the CSV header must have a 'path' column (got {columns})")
             labelled = "label" in columns
             for n, row in enumerate(reader, start=2):
-                rows.append((f"{source.name}:{n}", {k.strip(): (v or "").strip() for k, v in row.items() if k}))
+                rows.append(
+                    (f"{source.name}:{n}", {k.strip(): (v or "").strip() for k, v in row.items() if k})
+                )
         early: list[dict[str, Any]] = []
     elif suffix in (".jsonl", ".ndjson"):
         early = []
@@ -152,12 +160,24 @@ def read_inputs(source: str | os.PathLike) -> tuple[list[InputItem], list[dict[s
         p = Path(rel)
         path = p if p.is_absolute() else source.parent / p
         label = row.get("label") or None
-        items.append(InputItem(id=Path(rel).as_posix(), path=str(path), label=label, split=row.get("split") or None, where=where))
+        items.append(
+            InputItem(
+                id=Path(rel).as_posix(),
+                path=str(path),
+                label=label,
+                split=row.get("split") or None,
+                where=where,
+            )
+        )
     return items, early, labelled
 
 
 def _read_folder(root: Path) -> tuple[list[InputItem], list[dict[str, Any]], bool]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and WORK_DIR not in p.parts)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and WORK_DIR not in p.parts
+    )
     class_layout = any(p.relative_to(root).parts[:-1] for p in files)
     items, early = [], []
     for p in files:
@@ -166,7 +186,9 @@ def _read_folder(root: Path) -> tuple[list[InputItem], list[dict[str, Any]], boo
         if class_layout and len(parts) == 1:
             early.append(_reject(rel, str(p), "missing label: file is not inside a class folder", rel))
             continue
-        items.append(InputItem(id=rel, path=str(p), label=parts[0] if class_layout else None, split=None, where=rel))
+        items.append(
+            InputItem(id=rel, path=str(p), label=parts[0] if class_layout else None, split=None, where=rel)
+        )
     return items, early, class_layout
 
 
@@ -195,10 +217,16 @@ class Planned:
     split: str
 
 
-def plan_inputs(items: list[InputItem], labelled: bool, opts: BuildOptions) -> tuple[list[Planned], list[dict[str, Any]], list[str] | None]:
+def plan_inputs(
+    items: list[InputItem], labelled: bool, opts: BuildOptions
+) -> tuple[list[Planned], list[dict[str, Any]], list[str] | None]:
     """Labels, splits, keys and duplicate checks: everything decidable without decoding."""
     rejects: list[dict[str, Any]] = []
-    classes = list(opts.classes) if opts.classes else (_class_order(i.label for i in items if i.label) if labelled else None)
+    classes = (
+        list(opts.classes)
+        if opts.classes
+        else (_class_order(i.label for i in items if i.label) if labelled else None)
+    )
     index = {c: i for i, c in enumerate(classes or [])}
     seen: dict[str, str] = {}
     planned = []
@@ -211,10 +239,16 @@ def plan_inputs(items: list[InputItem], labelled: bool, opts: BuildOptions) -> t
             rejects.append(_reject(it.where, it.path, "missing label", it.id))
             continue
         if labelled and it.label not in index:
-            rejects.append(_reject(it.where, it.path, f"unknown label {it.label!r} (not in --classes)", it.id))
+            rejects.append(
+                _reject(it.where, it.path, f"unknown label {it.label!r} (not in --classes)", it.id)
+            )
             continue
         try:
-            split = check_split(it.split) if it.split else hash_split(it.id, opts.val_fraction, opts.test_fraction)
+            split = (
+                check_split(it.split)
+                if it.split
+                else hash_split(it.id, opts.val_fraction, opts.test_fraction)
+            )
         except FormatError as e:
             rejects.append(_reject(it.where, it.path, str(e), it.id))
             continue
@@ -239,7 +273,9 @@ def _fingerprint(path: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def validate_items(batch: list[dict[str, Any]], transcode: dict[str, Any], work: str, digest: str) -> list[dict[str, Any]]:
+def validate_items(
+    batch: list[dict[str, Any]], transcode: dict[str, Any], work: str, digest: str
+) -> list[dict[str, Any]]:
     """Ray task body: probe (and re-encode) each input; cache result + bytes under `work`."""
     opts = TranscodeOptions(**transcode)
     out = []
@@ -280,10 +316,18 @@ def _video_bytes(entry: dict[str, Any], work: str, copy: bool) -> bytes:
     return data
 
 
-def write_shard_task(out: str, name: str, entries: list[dict[str, Any]], work: str, copy: bool, plan: str) -> dict[str, Any]:
+def write_shard_task(
+    out: str, name: str, entries: list[dict[str, Any]], work: str, copy: bool, plan: str
+) -> dict[str, Any]:
     """Ray task body: write one shard and record its plan digest for resume."""
     samples = (
-        Sample(key=e["key"], video=_video_bytes(e, work, copy), video_ext=e["ext"], label=e["label"], meta=e["meta"])
+        Sample(
+            key=e["key"],
+            video=_video_bytes(e, work, copy),
+            video_ext=e["ext"],
+            label=e["label"],
+            meta=e["meta"],
+        )
         for e in entries
     )
     info = write_shard(Path(out) / name, samples)
@@ -303,7 +347,9 @@ def assign_shards(accepted: list[dict[str, Any]], opts: BuildOptions) -> dict[st
         number, current, size = 0, [], 0
         for e in entries:
             nbytes = e["meta"]["bytes"]
-            full = len(current) >= opts.shard_samples or (opts.shard_bytes and current and size + nbytes > opts.shard_bytes)
+            full = len(current) >= opts.shard_samples or (
+                opts.shard_bytes and current and size + nbytes > opts.shard_bytes
+            )
             if full:
                 plan[shard_name(split, number)] = current
                 number, current, size = number + 1, [], 0
@@ -344,8 +390,12 @@ def _init_ray(address: str | None, workers: int | None) -> None:
     if address:
         # A remote cluster needs our code: ship the package; it needs PyAV/webdataset/numpy installed.
         try:
-            ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]},
-                     log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(
+                address=address,
+                runtime_env={"py_modules": [str(Path(__file__).parent)]},
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
         except (ConnectionError, ray.exceptions.AuthenticationError) as e:
             raise ConnectionError(
                 f"cannot join the Ray cluster at {address}: {e}\n"
@@ -354,11 +404,17 @@ def _init_ray(address: str | None, workers: int | None) -> None:
                 "or RAY_AUTH_TOKEN=...)."
             ) from None
     else:
-        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=workers or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
 
 
-def _run_tasks(fn: Callable[..., Any], calls: list[tuple], desc: str, unit_counts: list[int], quiet: bool) -> list[Any]:
+def _run_tasks(
+    fn: Callable[..., Any], calls: list[tuple], desc: str, unit_counts: list[int], quiet: bool
+) -> list[Any]:
     """Submit `fn(*args)` as Ray tasks (retried if a worker dies); ordered results; tqdm with units/s."""
     import ray
     from tqdm import tqdm
@@ -368,7 +424,9 @@ def _run_tasks(fn: Callable[..., Any], calls: list[tuple], desc: str, unit_count
     pos = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=sum(unit_counts), desc=desc, unit="clip", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(unit_counts), desc=desc, unit="clip", disable=quiet, file=sys.stderr, dynamic_ncols=True
+    ) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
@@ -423,7 +481,16 @@ def build(
             meta = {"id": p.item.id, "source": p.item.id, "label": p.label, "split": p.split, **r["meta"]}
             if classes and p.label >= 0:
                 meta["label_name"] = classes[p.label]
-            accepted.append({"key": p.key, "path": p.item.path, "ext": r["ext"], "label": p.label, "split": p.split, "meta": meta})
+            accepted.append(
+                {
+                    "key": p.key,
+                    "path": p.item.path,
+                    "ext": r["ext"],
+                    "label": p.label,
+                    "split": p.split,
+                    "meta": meta,
+                }
+            )
         else:
             rejects.append(_reject(p.item.where, p.item.path, r["reason"], p.item.id))
 
@@ -466,15 +533,21 @@ def build(
         rejects=len(rejects),
     )
     rejects.sort(key=lambda r: (r["where"], r["reason"]))
-    atomic_write_bytes(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+    atomic_write_bytes(
+        out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()
+    )
     if not accepted:
         raise RuntimeError(f"no input was accepted ({len(rejects)} rejected; see {out / REJECTS_NAME})")
     manifest.save(out)
     if not keep_work:
         for f in work.iterdir():
-            if f.is_file() and f.suffix != ".json":  # re-encoded bytes; the small .json results stay for resume
+            if (
+                f.is_file() and f.suffix != ".json"
+            ):  # re-encoded bytes; the small .json results stay for resume
                 f.unlink()
-    return BuildResult(out, manifest, len(accepted), len(rejects), len(kept), len(todo), time.perf_counter() - t0)
+    return BuildResult(
+        out, manifest, len(accepted), len(rejects), len(kept), len(todo), time.perf_counter() - t0
+    )
 
 
 def _remove_stale(out: Path, planned: set[str]) -> None:
@@ -496,12 +569,16 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
 
 def summary(result: BuildResult) -> str:
     m = result.manifest
-    lines = [f"shards in {result.out}: {result.accepted} accepted, {result.rejected} rejected, "
-             f"{result.written_shards} shards written, {result.kept_shards} kept, {result.seconds:.1f}s"]
+    lines = [
+        f"shards in {result.out}: {result.accepted} accepted, {result.rejected} rejected, "
+        f"{result.written_shards} shards written, {result.kept_shards} kept, {result.seconds:.1f}s"
+    ]
     for name, sp in m.splits.items():
         lines.append(f"  {name:<6} {sp.samples:>7} samples {sp.shards:>4} shards {sp.bytes / 1e6:>9.1f} MB")
     if m.classes:
-        lines.append(f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{' ...' if len(m.classes) > 12 else ''}")
+        lines.append(
+            f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{' ...' if len(m.classes) > 12 else ''}"
+        )
     if result.rejected:
         lines.append(f"  rejects: {result.out / REJECTS_NAME}")
     return "\n".join(lines)
@@ -511,4 +588,13 @@ def clean_work(out: str | os.PathLike) -> None:
     shutil.rmtree(Path(out) / WORK_DIR, ignore_errors=True)
 
 
-__all__ = ["MANIFEST_NAME", "BuildOptions", "BuildResult", "InputItem", "build", "hash_split", "read_inputs", "summary"]
+__all__ = [
+    "MANIFEST_NAME",
+    "BuildOptions",
+    "BuildResult",
+    "InputItem",
+    "build",
+    "hash_split",
+    "read_inputs",
+    "summary",
+]

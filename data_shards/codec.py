@@ -17,7 +17,11 @@ import numpy as np
 # codec name -> (FFmpeg encoder, container extension, encoder options)
 ENCODERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "h264": ("libx264", "mp4", {"crf": "20", "preset": "veryfast", "x264-params": "mbtree=0"}),
-    "vp9": ("libvpx-vp9", "webm", {"crf": "30", "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "0"}),
+    "vp9": (
+        "libvpx-vp9",
+        "webm",
+        {"crf": "30", "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "0"},
+    ),
 }
 
 
@@ -51,8 +55,15 @@ def yuv_frame(yuv: np.ndarray) -> av.VideoFrame:
 class VideoWriter:
     """`with VideoWriter(path, "h264", fps, width, height) as w: w.write_rgb(frame_HWC)`."""
 
-    def __init__(self, path: str | Path, codec: str, fps: float | Fraction, width: int, height: int,
-                 gop: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        codec: str,
+        fps: float | Fraction,
+        width: int,
+        height: int,
+        gop: int | None = None,
+    ) -> None:
         if codec not in ENCODERS:
             raise ValueError(f"codec must be one of {sorted(ENCODERS)}, got {codec!r}")
         if width % 2 or height % 2:
@@ -86,8 +97,9 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -145,7 +145,9 @@ def sample_from_members(key: str, members: dict[str, bytes], where: str = "") ->
     prefix = f"{where}: {key}" if where else key
     exts = [e for e in VIDEO_EXTS if e in members]
     if len(exts) != 1:
-        raise FormatError(f"{prefix}: expected exactly one video member ({'/'.join(VIDEO_EXTS)}), got {sorted(members)}")
+        raise FormatError(
+            f"{prefix}: expected exactly one video member ({'/'.join(VIDEO_EXTS)}), got {sorted(members)}"
+        )
     for needed in (LABEL_EXT, META_EXT):
         if needed not in members:
             raise FormatError(f"{prefix}: missing member .{needed}")
@@ -289,9 +291,13 @@ class Manifest:
         if data.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: field format must be {FORMAT_NAME!r}, got {data.get('format')!r}")
         if data.get("version") != FORMAT_VERSION:
-            raise FormatError(f"{where}: field version {data.get('version')!r} is not supported ({FORMAT_VERSION})")
+            raise FormatError(
+                f"{where}: field version {data.get('version')!r} is not supported ({FORMAT_VERSION})"
+            )
         classes = data.get("classes")
-        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        if classes is not None and not (
+            isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+        ):
             raise FormatError(f"{where}: field classes must be a list of strings or null")
         shards = []
         for i, s in enumerate(need(data, "shards", list, "")):
@@ -329,7 +335,9 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read and validate `folder/manifest.json`; errors name the file and the field."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise FormatError(f"{path}: no manifest (is {folder} a shard folder made by `python -m data_shards build`?)")
+        raise FormatError(
+            f"{path}: no manifest (is {folder} a shard folder made by `python -m data_shards build`?)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -39,9 +39,13 @@ class TranscodeOptions:
     def __post_init__(self) -> None:
         if self.codec != "copy" and self.codec not in ENCODERS:
             raise ValueError(f"--codec must be copy or one of {sorted(ENCODERS)}, got {self.codec!r}")
-        reshaping = [k for k in ("short_side", "fps", "max_frames", "max_duration", "gop") if getattr(self, k)]
+        reshaping = [
+            k for k in ("short_side", "fps", "max_frames", "max_duration", "gop") if getattr(self, k)
+        ]
         if self.codec == "copy" and reshaping:
-            raise ValueError(f"--codec copy keeps the source bytes; {', '.join(reshaping)} need --codec h264 or vp9")
+            raise ValueError(
+                f"--codec copy keeps the source bytes; {', '.join(reshaping)} need --codec h264 or vp9"
+            )
         if self.short_side is not None and (self.short_side < 16 or self.short_side % 2):
             raise ValueError(f"--short-side must be an even number >= 16, got {self.short_side}")
         for name in ("fps", "max_frames", "max_duration", "gop"):
@@ -129,7 +133,9 @@ def _even(x: float) -> int:
     return max(2, round(x / 2) * 2)
 
 
-def probe_video(path: str | os.PathLike, options: TranscodeOptions, workdir: str | os.PathLike | None = None) -> ProbedVideo:
+def probe_video(
+    path: str | os.PathLike, options: TranscodeOptions, workdir: str | os.PathLike | None = None
+) -> ProbedVideo:
     """Decode `path` fully; return the bytes to store (source or re-encode) and their metadata.
 
     Raises `RejectError` with a one-line reason for anything a shard must not contain.
@@ -150,7 +156,13 @@ def probe_video(path: str | os.PathLike, options: TranscodeOptions, workdir: str
             except FormatError as e:
                 raise RejectError(str(e)) from None
             data = path.read_bytes()
-            out = {"codec": info["codec"], "frames": frames, "fps": info["fps"], "width": info["width"], "height": info["height"]}
+            out = {
+                "codec": info["codec"],
+                "frames": frames,
+                "fps": info["fps"],
+                "width": info["width"],
+                "height": info["height"],
+            }
         else:
             data, ext, out = _transcode(container, info, options, path, workdir)
     finally:
@@ -164,8 +176,13 @@ def probe_video(path: str | os.PathLike, options: TranscodeOptions, workdir: str
     return ProbedVideo(data=data, ext=ext, meta=out)
 
 
-def _transcode(container: av.container.InputContainer, info: dict[str, Any], options: TranscodeOptions,
-               path: Path, workdir: str | os.PathLike | None) -> tuple[bytes, str, dict[str, Any]]:
+def _transcode(
+    container: av.container.InputContainer,
+    info: dict[str, Any],
+    options: TranscodeOptions,
+    path: Path,
+    workdir: str | os.PathLike | None,
+) -> tuple[bytes, str, dict[str, Any]]:
     src_fps = info["fps"] if info["fps"] and math.isfinite(info["fps"]) else 25.0
     out_fps = float(options.fps or src_fps)
     w, h = info["width"], info["height"]
@@ -182,7 +199,9 @@ def _transcode(container: av.container.InputContainer, info: dict[str, Any], opt
     tmp = tmp_dir / f".transcode-{os.getpid()}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}.{ext}"
     written, src_frames, last_time = 0, 0, 0.0
     try:
-        with VideoWriter(tmp, options.codec, Fraction(out_fps).limit_denominator(1001), w, h, gop=options.gop) as writer:
+        with VideoWriter(
+            tmp, options.codec, Fraction(out_fps).limit_denominator(1001), w, h, gop=options.gop
+        ) as writer:
             for frame in _iter_frames(container, ""):
                 t = frame.time if frame.time is not None else src_frames / src_fps
                 src_frames += 1

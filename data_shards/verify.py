@@ -60,12 +60,16 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
                     problems.append(f"{where}: duplicate key (also in {seen_keys[sample.key]})")
                 seen_keys[sample.key] = shard.path
                 if not (sample.label == UNLABELED or 0 <= sample.label < n_classes):
-                    problems.append(f"{where}: label {sample.label} outside [0, {n_classes}) and not {UNLABELED}")
+                    problems.append(
+                        f"{where}: label {sample.label} outside [0, {n_classes}) and not {UNLABELED}"
+                    )
                 missing = [k for k in REQUIRED_META if k not in sample.meta]
                 if missing:
                     problems.append(f"{where}: metadata lacks {missing}")
                 if sample.meta.get("codec") not in shard.codecs:
-                    problems.append(f"{where}: codec {sample.meta.get('codec')!r} not in the shard's {shard.codecs}")
+                    problems.append(
+                        f"{where}: codec {sample.meta.get('codec')!r} not in the shard's {shard.codecs}"
+                    )
                 if decode:
                     try:
                         decode_check_bytes(sample.video)
@@ -78,7 +82,9 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
             problems.append(f"{shard.path}: unreadable ({e})")
     for split, info in manifest.splits.items():
         if counts.get(split, 0) != info.samples:
-            problems.append(f"split {split}: {counts.get(split, 0)} samples in shards, manifest says {info.samples}")
+            problems.append(
+                f"split {split}: {counts.get(split, 0)} samples in shards, manifest says {info.samples}"
+            )
     for f in sorted(folder.iterdir()):
         name = f.name[: -len(".idx")] + ".tar" if f.name.endswith(".idx") else f.name
         try:

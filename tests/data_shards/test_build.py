@@ -6,9 +6,9 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import socket
 import tarfile
 import tempfile
 from fractions import Fraction
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from data_shards import format as fmt
 from data_shards.__main__ import main as cli
@@ -86,7 +85,22 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_sharded(synth_copy: P
     manifest = _write_csv(synth_copy / "mixed.csv", good + bad, ["path", "label"])
     out = tmp_path / "shards"
     classes = "move_right,move_left,move_down,move_up"
-    assert cli(["build", str(manifest), "--out", str(out), "--classes", classes, "--shard-samples", "4", "--quiet"]) == 0
+    assert (
+        cli(
+            [
+                "build",
+                str(manifest),
+                "--out",
+                str(out),
+                "--classes",
+                classes,
+                "--shard-samples",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     reasons = {Path(r["path"]).name if r["path"] else r["where"]: r["reason"] for r in rejects}
@@ -140,11 +154,23 @@ def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path
 
 
 def test_output_is_the_same_whatever_the_worker_count(synth_vp9: Path, tmp_path: Path) -> None:
-    args = ["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--test-fraction", "0.3", "--quiet"]
+    args = [
+        "build",
+        str(synth_vp9 / "labels.csv"),
+        "--shard-samples",
+        "5",
+        "--test-fraction",
+        "0.3",
+        "--quiet",
+    ]
     assert cli([*args, "--out", str(tmp_path / "a")]) == 0  # in-process Ray, 2 CPUs
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "data_shards", *args, "--out", str(tmp_path / "b"), "--workers", "1"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "data_shards", *args, "--out", str(tmp_path / "b"), "--workers", "1"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
 
@@ -154,7 +180,16 @@ def test_splits_from_manifest_column_jsonl_and_hash(synth_vp9: Path, tmp_path: P
     jsonl = tmp_path / "set.jsonl"
     with open(jsonl, "w") as f:
         for i, r in enumerate(rows):
-            f.write(json.dumps({"path": str(synth_vp9 / r["path"]), "label": r["label"], "split": ["train", "val", "test"][i % 3]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "path": str(synth_vp9 / r["path"]),
+                        "label": r["label"],
+                        "split": ["train", "val", "test"][i % 3],
+                    }
+                )
+                + "\n"
+            )
         f.write("{not json\n")
     result = build(jsonl, tmp_path / "out", BuildOptions(shard_samples=100), quiet=True)
     assert {k: v.samples for k, v in result.manifest.splits.items()} == {"test": 4, "train": 4, "val": 4}
@@ -178,7 +213,13 @@ def test_class_folders_flat_folders_and_transcode(synth_vp9: Path, tmp_path: Pat
     samples = [s for sh in m.shards for s in fmt.iter_tar_samples(tmp_path / "out" / sh.path)]
     assert len(samples) == 12 and all(s.video_ext == "mp4" for s in samples)
     s = samples[0]
-    assert (s.meta["codec"], s.meta["frames"], s.meta["width"], s.meta["fps"], s.meta["source_codec"]) == ("h264", 6, 24, 8.0, "vp9")
+    assert (s.meta["codec"], s.meta["frames"], s.meta["width"], s.meta["fps"], s.meta["source_codec"]) == (
+        "h264",
+        6,
+        24,
+        8.0,
+        "vp9",
+    )
     with av.open(__import__("io").BytesIO(s.video)) as c:
         assert sum(1 for _ in c.decode(video=0)) == 6
     assert m.shards[0].codecs == ["h264"]
@@ -190,12 +231,16 @@ def test_class_folders_flat_folders_and_transcode(synth_vp9: Path, tmp_path: Pat
         shutil.copy(synth_vp9 / r["path"], flat)
     unl = build(flat, tmp_path / "out_flat", BuildOptions(), quiet=True)
     assert unl.manifest.classes is None
-    assert {s.label for sh in unl.manifest.shards for s in fmt.iter_tar_samples(tmp_path / "out_flat" / sh.path)} == {-1}
+    assert {
+        s.label for sh in unl.manifest.shards for s in fmt.iter_tar_samples(tmp_path / "out_flat" / sh.path)
+    } == {-1}
 
 
 def test_shard_size_by_bytes_and_nothing_accepted(synth_vp9: Path, tmp_path: Path) -> None:
     one = (synth_vp9 / _rows(synth_vp9 / "labels.csv")[0]["path"]).stat().st_size
-    r = build(synth_vp9 / "labels.csv", tmp_path / "out", BuildOptions(shard_bytes=int(one * 2.5)), quiet=True)
+    r = build(
+        synth_vp9 / "labels.csv", tmp_path / "out", BuildOptions(shard_bytes=int(one * 2.5)), quiet=True
+    )
     assert len(r.manifest.shards) >= 4 and all(s.samples <= 4 for s in r.manifest.shards)
     bad = _write_csv(tmp_path / "bad.csv", [{"path": "nope.mp4"}], ["path"])
     assert cli(["build", str(bad), "--out", str(tmp_path / "none"), "--quiet"]) == 1
@@ -225,19 +270,70 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     port = str(_free_port())
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--num-cpus", "1",
-                    "--include-dashboard", "false", "--temp-dir", ray_tmp], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--num-cpus",
+            "1",
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            ray_tmp,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
-        args = [sys.executable, "-m", "data_shards", "build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5",
-                "--ray-address", f"127.0.0.1:{port}", "--quiet"]
-        ok = subprocess.run([*args, "--out", str(tmp_path / "c")], env={**env, "RAY_AUTH_MODE": "token"},
-                            capture_output=True, text=True, timeout=180)
+        args = [
+            sys.executable,
+            "-m",
+            "data_shards",
+            "build",
+            str(synth_vp9 / "labels.csv"),
+            "--shard-samples",
+            "5",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--quiet",
+        ]
+        ok = subprocess.run(
+            [*args, "--out", str(tmp_path / "c")],
+            env={**env, "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert ok.returncode == 0, ok.stderr[-2000:]
-        no_token = subprocess.run([*args, "--out", str(tmp_path / "d")], env={**env, "RAY_AUTH_MODE": "disabled"},
-                                  capture_output=True, text=True, timeout=180)
+        no_token = subprocess.run(
+            [*args, "--out", str(tmp_path / "d")],
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert no_token.returncode == 1 and "RAY_AUTH_MODE=token" in no_token.stderr
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert cli(["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--quiet", "--out", str(tmp_path / "l")]) == 0
+    assert (
+        cli(
+            [
+                "build",
+                str(synth_vp9 / "labels.csv"),
+                "--shard-samples",
+                "5",
+                "--quiet",
+                "--out",
+                str(tmp_path / "l"),
+            ]
+        )
+        == 0
+    )
     assert _shard_hashes(tmp_path / "c") == _shard_hashes(tmp_path / "l")

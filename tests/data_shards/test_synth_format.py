@@ -32,7 +32,8 @@ def test_synth_is_deterministic_for_a_seed(tmp_path: Path, codec: str) -> None:
 
 
 def test_synth_clips_decode_with_declared_shape_and_labels(synth_vp9: Path) -> None:
-    rows = list(csv.DictReader(open(synth_vp9 / "labels.csv")))
+    with open(synth_vp9 / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["label"] for r in rows} <= set(MOTIONS[:4])
     with av.open(str(synth_vp9 / rows[0]["path"])) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -82,12 +83,16 @@ def test_label_and_meta_members_round_trip() -> None:
 def test_index_matches_dalis_wds2idx(tmp_path: Path, synth_vp9: Path) -> None:
     videos = sorted((synth_vp9 / "videos").iterdir())[:4]
     samples = [
-        fmt.Sample(key=fmt.sample_key(v.name), video=v.read_bytes(), video_ext="webm", label=i, meta={"codec": "vp9"})
+        fmt.Sample(
+            key=fmt.sample_key(v.name), video=v.read_bytes(), video_ext="webm", label=i, meta={"codec": "vp9"}
+        )
         for i, v in enumerate(videos)
     ]
     info = write_shard(tmp_path / "train-000000.tar", samples)
     wds2idx = Path(sys.executable).parent / "wds2idx"
-    subprocess.run([str(wds2idx), str(tmp_path / info.path), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    subprocess.run(
+        [str(wds2idx), str(tmp_path / info.path), str(tmp_path / "ref.idx")], check=True, capture_output=True
+    )
     assert (tmp_path / "ref.idx").read_text() == (tmp_path / info.index).read_text()
     assert [s.key for s in fmt.iter_tar_samples(tmp_path / info.path)] == [s.key for s in samples]
     # reproducible bytes
@@ -100,7 +105,16 @@ def test_manifest_errors_name_the_field(tmp_path: Path) -> None:
     m.save(tmp_path)
     assert fmt.load_manifest(tmp_path).classes == ["a"]
     data = m.to_json()
-    data["shards"] = [{"path": "train-000000.tar", "index": "x.idx", "split": "train", "samples": "3", "bytes": 1, "sha256": ""}]
+    data["shards"] = [
+        {
+            "path": "train-000000.tar",
+            "index": "x.idx",
+            "split": "train",
+            "samples": "3",
+            "bytes": 1,
+            "sha256": "",
+        }
+    ]
     with pytest.raises(fmt.FormatError, match=r"shards\[0\]\.samples"):
         fmt.Manifest.from_json(data)
     with pytest.raises(fmt.FormatError, match="no manifest"):
@@ -119,12 +133,17 @@ def test_reading_a_tar_with_pickle_payloads_executes_nothing(tmp_path: Path) -> 
     payload = pickle.dumps(Evil())
     tar_path = tmp_path / "train-000000.tar"
     with tarfile.open(tar_path, "w") as tf:
-        for name, data in [("k.lbl.i64", fmt.encode_label(0)), ("k.json", b"{}"), ("k.pyd", payload), ("k.pth", payload)]:
+        for name, data in [
+            ("k.lbl.i64", fmt.encode_label(0)),
+            ("k.json", b"{}"),
+            ("k.pyd", payload),
+            ("k.pth", payload),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             import io
 
             tf.addfile(info, io.BytesIO(data))
-    with pytest.raises(fmt.FormatError, match="unknown members|exactly one video"):
+    with pytest.raises(fmt.FormatError, match=r"unknown members|exactly one video"):
         list(fmt.iter_tar_samples(tar_path))
     assert not marker.exists()
