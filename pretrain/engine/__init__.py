@@ -5,12 +5,13 @@ A stage defines a config dataclass that extends `EngineConfig` with its own sect
 """
 
 from .config import ConfigError, EngineConfig, load_config, resume_key, resume_section
-from .task import StepOutput, Task, TaskContext
+from .task import EvalOutcome, StepOutput, Task, TaskContext
 from .trainer import RunResult, TrainingStopped, export, run
 
 __all__ = [
     "ConfigError",
     "EngineConfig",
+    "EvalOutcome",
     "RunResult",
     "StepOutput",
     "Task",

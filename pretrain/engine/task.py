@@ -24,6 +24,20 @@ class StepOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class EvalOutcome:
+    """What the optional `Task.after_evaluate(model, metrics, step)` hook returns to the engine.
+
+    `stop`: end training now (early stopping); the run finishes normally (final checkpoint, export).
+    `metrics`: extra values to log at this step (e.g. the best val score so far).
+    `artifacts`: files or directories rank 0 logs to the tracker (e.g. the best model directory).
+    """
+
+    stop: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class TaskContext:
     """Handed to `Task.setup` once the process group exists."""
@@ -70,3 +84,9 @@ class Task(Protocol):
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         """Write the deployable model directory from a module holding consolidated fp32 weights."""
+
+    # Optional hooks (looked up with getattr, so existing tasks need not define them):
+    #   after_evaluate(model, metrics, step) -> EvalOutcome   collective, after every evaluation; metrics
+    #       are the rank-averaged ones just logged. Keeps a best model, decides early stopping.
+    #   tracking_params() -> dict[str, Any]                    extra run parameters to log at the start
+    #       (e.g. trainable parameter counts of a PEFT method).

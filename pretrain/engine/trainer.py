@@ -222,7 +222,8 @@ def run(task: Task, cfg: EngineConfig, resume: str | None = None) -> RunResult:
     if dist.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=2) + "\n")
-        tracker.log_params({**flatten(to_dict(cfg)), **resolved})
+        task_params = getattr(task, "tracking_params", None)  # optional hook: e.g. trainable parameter counts
+        tracker.log_params({**flatten(to_dict(cfg)), **resolved, **(task_params() if task_params else {})})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "deepspeed.json")
 
@@ -258,6 +259,20 @@ def run(task: Task, cfg: EngineConfig, resume: str | None = None) -> RunResult:
         return ckpt_io.save(engine, run_dir, step, dist.rank, rank_state, marker, cfg.checkpoint.keep_last)
 
     val_split = cfg.data.val_split if has_split(cfg, cfg.data.val_split) else None
+    early_stopped = False
+
+    def after_evaluate(metrics: dict[str, float]) -> bool:
+        """Log val metrics; the optional `task.after_evaluate` hook may keep a best model / stop early."""
+        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        hook = getattr(task, "after_evaluate", None)
+        if hook is None:
+            return False
+        outcome = hook(engine, metrics, step)  # collective: every rank calls it with the same metrics
+        if outcome.metrics:
+            tracker.log_metrics(outcome.metrics, step)
+        for path in outcome.artifacts:
+            tracker.log_artifact(path, path.name)
+        return bool(outcome.stop)
 
     def evaluate() -> dict[str, float]:
         val = build_loader(task, cfg, val_split, False, dist)
@@ -363,15 +378,19 @@ def run(task: Task, cfg: EngineConfig, resume: str | None = None) -> RunResult:
                 last_ckpt = save()
             if preempted:
                 break
-            if val_split and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                tracker.log_metrics({f"val/{k}": v for k, v in evaluate().items()}, step)
+            due = val_split and cfg.train.eval_every and step % cfg.train.eval_every == 0
+            if due and step < total_steps and after_evaluate(evaluate()):
+                early_stopped = True
+                if dist.is_main:
+                    tqdm.write(f"[tubelet] early stopping at step {step} (the task's after_evaluate hook)")
+                break
 
-        preempted = step < total_steps
+        preempted = step < total_steps and not early_stopped
         if not preempted:
             if cfg.checkpoint.save_final and (last_ckpt is None or last_ckpt.name != ckpt_io.tag_for(step)):
                 last_ckpt = save()
-            if val_split:
-                tracker.log_metrics({f"val/{k}": v for k, v in evaluate().items()}, step)
+            if val_split and not early_stopped:
+                after_evaluate(evaluate())
         model_dir = None
         if not preempted and cfg.tracking.log_model and last_ckpt is not None:
             barrier()
