@@ -142,6 +142,11 @@ class MaskedVideoTask:
     def build_model(self) -> nn.Module:
         model = MaskedVideoAutoencoder(self.mae_cfg)
         apply_activation_checkpointing(model, self.cfg.model.activation_checkpointing)
+        # ZeRO-3 re-gathers a module's own parameters (here `mask_token`) for backward through hooks on
+        # the module's output tensors, and it finds tensors only in tuples/lists/dicts — not in the
+        # MAEOutput dataclass. Hand it a dict that still reads like the dataclass (registered before
+        # DeepSpeed's own hooks, so they see the dict).
+        model.register_forward_hook(_output_as_fields)
         return model
 
     def sampling_spec(self, split: str, train: bool) -> SamplingSpec:
@@ -225,6 +230,22 @@ class MaskedVideoTask:
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         return save_model(model, out_dir, extra)
+
+
+class OutputFields(dict):
+    """A dict with attribute access: `out.loss` and `out["loss"]` both work."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+def _output_as_fields(module: nn.Module, args: Any, output: Any) -> Any:
+    if dataclasses.is_dataclass(output):
+        return OutputFields({f.name: getattr(output, f.name) for f in dataclasses.fields(output)})
+    return output
 
 
 def _mix(*values: int) -> int:

@@ -259,7 +259,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=50)")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _fix_yaml_numbers(yaml.safe_load(raw)) if raw.strip() else ""
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -302,7 +302,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = _fix_yaml_numbers(loaded)
-    data = deep_merge(data, _fix_yaml_numbers(parse_overrides(overrides or [])))
+    data = deep_merge(data, parse_overrides(overrides or []))
     return build_dataclass(cls, data)
 
 

@@ -1,0 +1,185 @@
+"""Config loading, validation and DeepSpeed JSON generation: no process group is ever started here."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+
+import pytest
+import torch.distributed as td
+from conftest import PY, REPO, TINY, base_env
+
+from pretrain.engine.config import (
+    ConfigError,
+    EngineConfig,
+    deepspeed_config,
+    load_config,
+    parse_overrides,
+    peak_lr,
+    resume_key,
+    resume_signature,
+    signature_diff,
+)
+from pretrain.task import PretrainConfig
+
+
+@dataclass
+class PeftSection:
+    method: str = resume_key("lora")
+    rank: int = resume_key(8)
+    targets: list[str] = field(default_factory=lambda: ["qkv"])
+
+
+@dataclass
+class FinetuneConfig(EngineConfig):
+    peft: PeftSection = field(default_factory=PeftSection)
+
+
+CONFIGS = sorted((REPO / "pretrain" / "configs").glob("*.yaml"))
+
+
+def load(*overrides: str, world: int = 1) -> PretrainConfig:
+    cfg = load_config(PretrainConfig, TINY, ["data.backend=synthetic", *overrides])
+    cfg.validate(world)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_load_and_validate(path) -> None:
+    cfg = load_config(PretrainConfig, path, ["data.shards=/data/shards"])
+    cfg.validate(1 if path.stem == "tiny_cpu" else 8)
+
+
+def test_overrides_parse_like_yaml() -> None:
+    assert parse_overrides(["optim.lr=1e-3", "a.b=true", "c=[1,2]", "d=null", "e=abc"]) == {
+        "optim": {"lr": 1e-3},
+        "a": {"b": True},
+        "c": [1, 2],
+        "d": None,
+        "e": "abc",
+    }
+    cfg = load("optim.lr=1e-3", "optim.betas=[0.8,0.9]", "deepspeed.bf16=true", "train.steps=70")
+    assert (
+        cfg.optim.lr == 1e-3
+        and cfg.optim.betas == (0.8, 0.9)
+        and cfg.deepspeed.bf16
+        and cfg.train.steps == 70
+    )
+
+
+def test_unknown_key_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key train\.stepz \(did you mean train\.steps\?\)"):
+        load("train.stepz=3")
+    with pytest.raises(ConfigError, match=r"unknown key optimm \(did you mean optim\?\)"):
+        load("optimm.lr=1")
+    with pytest.raises(ConfigError, match=r"unknown key model\.encoder\.depht"):
+        load("model.encoder.depht=3")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.steps=abc", r"train\.steps: 'abc' is not int or None"),
+        ("deepspeed.zero_stage=two", r"deepspeed\.zero_stage: expected an integer"),
+        ("deepspeed.bf16=3", r"deepspeed\.bf16: expected true or false"),
+        ("optim.betas=[0.9]", r"optim\.betas: expected 2 values"),
+        ("data.backend=pyv", r"data\.backend: 'pyv' is not one of .* \(did you mean 'pyav'\?\)"),
+        ("train=3", r"train: expected a section"),
+    ],
+)
+def test_wrong_types_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(override)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["deepspeed.bf16=true", "deepspeed.fp16=true"], 1, r"bf16 and deepspeed\.fp16 are both true"),
+        (
+            ["deepspeed.zero_stage=3", "deepspeed.pipeline_stages=2"],
+            1,
+            r"zero_stage=3 with deepspeed\.pipeline_stages=2",
+        ),
+        (["train.global_batch_size=12", "train.micro_batch_size=4"], 2, r"not divisible .* multiple of 8"),
+        (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),
+        (["optim.warmup_steps=500"], 1, r"optim\.warmup_steps=500 >= train\.steps=200"),
+        (["deepspeed.zero_stage=5"], 1, r"zero_stage must be 0, 1, 2 or 3"),
+        (["data.backend=auto"], 1, r"data\.shards is not set"),
+        (["model.preset=vit-z"], 1, r"model\.preset: unknown preset 'vit-z'"),
+        (["model.img_size=30"], 1, r"model: img_size=30 must be a multiple of patch_size=8"),
+        (
+            ["train.micro_batch_size=3", "train.global_batch_size=6", "clip.clips_per_video=2"],
+            1,
+            r"multiple of clip\.clips_per_video",
+        ),
+    ],
+)
+def test_impossible_combinations(overrides: list[str], world: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(*overrides, world=world)
+    assert not td.is_initialized()
+
+
+def test_cli_config_error_exits_before_any_process_group(tmp_path) -> None:
+    r = subprocess.run(
+        [PY, "-m", "pretrain", "--config", str(TINY), f"train.run_dir={tmp_path}/r", "train.stepz=3"],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert r.returncode == 2
+    assert "unknown key train.stepz (did you mean train.steps?)" in r.stderr
+    assert not (tmp_path / "r").exists()  # nothing built, nothing written
+
+
+def test_loader_works_on_any_dataclass_tree() -> None:
+    """A later stage adds its own sections to the engine's (what finetune does)."""
+
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        ["peft.rank=4", "peft.targets=[qkv,proj]", "train.steps=3", "data.backend=synthetic"],
+    )
+    cfg.validate(1)
+    assert cfg.peft.rank == 4 and cfg.peft.targets == ["qkv", "proj"]
+    with pytest.raises(ConfigError, match=r"unknown key peft\.rnak \(did you mean peft\.rank\?\)"):
+        load_config(FinetuneConfig, None, ["peft.rnak=4"])
+    sig = resume_signature(cfg)
+    assert sig["peft.rank"] == 4 and "peft.targets" not in sig
+
+
+def test_resume_signature_covers_shape_keys_only() -> None:
+    a, b = load(), load("train.steps=500", "train.log_every=7", "optim.lr=5e-3", "checkpoint.every=3")
+    assert signature_diff(resume_signature(a), resume_signature(b)) == []
+    c = load("model.decoder_depth=2", "deepspeed.zero_stage=3")
+    diff = signature_diff(resume_signature(a), resume_signature(c))
+    assert any(d.startswith("model.decoder_depth") for d in diff)
+    assert any(d.startswith("deepspeed.zero_stage") for d in diff)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_json_is_generated(stage: int) -> None:
+    cfg = load(
+        f"deepspeed.zero_stage={stage}",
+        "deepspeed.bf16=true",
+        "optim.grad_clip=0.5",
+        "train.global_batch_size=16",
+    )
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 16
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds  # built by the engine, passed in
+    assert ("stage3_prefetch_bucket_size" in ds["zero_optimization"]) == (stage == 3)
+
+
+def test_linear_lr_scaling_rule() -> None:
+    cfg = load_config(PretrainConfig, REPO / "pretrain/configs/vitb_videomae.yaml", ["data.shards=/x"])
+    assert peak_lr(cfg) == pytest.approx(1.5e-4 * 1024 / 256)
+    assert peak_lr(load("optim.lr=0.01")) == 0.01
