@@ -1,0 +1,310 @@
+"""Multi-view evaluation: clip softmax → per-video average (by key, padding ignored) → gathered over ranks.
+
+`python -m finetune evaluate --model DIR [--model DIR2 ...] --shards S --split test` works on any model
+directory (fine-tuned, merged or with a sidecar; an exported HF classifier after conversion) and writes
+top-1 / top-5, a per-class classification report, a confusion-matrix PNG and a JSON summary, logs them to
+MLflow, and with several `--model`s prints a comparison table (e.g. linear probe vs fine-tuned).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def collect_scores(
+    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, dtype: torch.dtype
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, clip softmax [n, K] float32 CPU, labels [n]) over this rank's batches, padding dropped."""
+    keys: list[str] = []
+    probs, labels = [], []
+    for batch in batches:
+        logits = model(batch["video"].to(device, dtype)).float()
+        p = logits.softmax(-1).cpu()
+        keep = ~batch["pad"].cpu() if "pad" in batch else torch.ones(len(p), dtype=torch.bool)
+        keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
+        probs.append(p[keep])
+        labels.append(batch["label"].cpu()[keep])
+    if not probs:
+        return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+    return keys, torch.cat(probs), torch.cat(labels)
+
+
+def gather_scores(
+    keys: list[str], probs: torch.Tensor, labels: torch.Tensor
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """All ranks' clip scores on every rank (all_gather_object: gloo and nccl alike); no-op on one rank."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return keys, probs, labels
+    parts: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(parts, (keys, probs.numpy(), labels.numpy()))
+    all_keys = [k for ks, _, _ in parts for k in ks]
+    mats = [torch.from_numpy(p) for _, p, _ in parts if len(p)]
+    labs = [torch.from_numpy(lb) for _, _, lb in parts if len(lb)]
+    if not mats:
+        return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+    return all_keys, torch.cat(mats), torch.cat(labs)
+
+
+def average_per_video(
+    keys: list[str], probs: torch.Tensor, labels: torch.Tensor
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Mean clip softmax per video key (order: sorted keys), with the video's label."""
+    order = sorted(set(keys))
+    index = {k: i for i, k in enumerate(order)}
+    ids = torch.tensor([index[k] for k in keys], dtype=torch.int64)
+    k = probs.shape[1] if probs.ndim == 2 else 0
+    sums = torch.zeros(len(order), k, dtype=torch.float64).index_add_(0, ids, probs.double())
+    counts = torch.zeros(len(order), dtype=torch.float64).index_add_(
+        0, ids, torch.ones(len(keys), dtype=torch.float64)
+    )
+    video_labels = torch.zeros(len(order), dtype=torch.int64)
+    video_labels[ids] = labels
+    return order, (sums / counts.clamp_min(1).unsqueeze(1)).float(), video_labels
+
+
+def summarize(keys: list[str], probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """top-1 / top-5 / NLL of the per-video averaged scores."""
+    vkeys, vprobs, vlabels = average_per_video(keys, probs, labels)
+    n = len(vkeys)
+    if n == 0:
+        return {"top1": math.nan, "top5": math.nan, "loss": math.nan, "n": 0}
+    k = min(5, vprobs.shape[1])
+    topk = vprobs.topk(k, dim=1).indices
+    top1 = float((topk[:, 0] == vlabels).float().mean())
+    top5 = float((topk == vlabels.unsqueeze(1)).any(1).float().mean())
+    loss = float(F.nll_loss(vprobs.clamp_min(1e-12).log(), vlabels))
+    return {
+        "top1": top1,
+        "top5": top5,
+        "loss": loss,
+        "n": n,
+        "keys": vkeys,
+        "probs": vprobs,
+        "labels": vlabels,
+    }
+
+
+def classification_report(
+    labels: torch.Tensor, preds: torch.Tensor, class_names: list[str]
+) -> tuple[list[dict[str, Any]], np.ndarray, str]:
+    """Per-class precision / recall / F1 / support, the confusion matrix [true, pred], and a text table."""
+    k = len(class_names)
+    cm = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(labels.tolist(), preds.tolist()):
+        cm[t, p] += 1
+    rows = []
+    for i, name in enumerate(class_names):
+        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / support if support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        rows.append(
+            {
+                "class": name,
+                "precision": float(prec),
+                "recall": float(rec),
+                "f1": float(f1),
+                "support": int(support),
+            }
+        )
+    width = max(12, *(len(n) for n in class_names))
+    lines = [f"{'class':<{width}} precision  recall      f1  support"]
+    for r in rows:
+        lines.append(
+            f"{r['class']:<{width}} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:7.3f} {r['support']:8d}"
+        )
+    sup = cm.sum()
+    macro = {m: float(np.mean([r[m] for r in rows])) for m in ("precision", "recall", "f1")}
+    lines.append(
+        f"{'macro avg':<{width}} {macro['precision']:9.3f} {macro['recall']:7.3f} {macro['f1']:7.3f} {sup:8d}"
+    )
+    return rows, cm, "\n".join(lines)
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="black")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- model dirs
+
+
+def sampling_for(
+    model: nn.Module, extra: dict[str, Any], clips: int | None, crops: int | None, stride: int | None
+) -> Any:
+    """The eval SamplingSpec of a model directory: its frames/size, training stride and normalisation."""
+    from data_shards.loader import SamplingSpec
+
+    s = extra.get("sampling", {})
+    enc = model.cfg.encoder
+    return SamplingSpec(
+        frames=enc.num_frames,
+        stride=stride or int(s.get("stride", 4)),
+        size=enc.img_size,
+        train=False,
+        eval_clips=clips or int(s.get("test_clips", 1)),
+        eval_crops=crops or int(s.get("test_crops", 1)),
+        mean=tuple(s.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(s.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world) — starts a gloo/nccl group when a launcher set WORLD_SIZE > 1."""
+    import torch.distributed as td
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not td.is_initialized():
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (td.get_rank(), td.get_world_size()) if td.is_initialized() else (0, 1)
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    shards: str | Path,
+    split: str = "test",
+    *,
+    clips: int | None = None,
+    crops: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    backend: str = "auto",
+    num_workers: int = 1,
+    out_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate one model directory on a shard split (collective when several ranks run it)."""
+    from data_shards.format import load_manifest
+    from data_shards.loader import build_loader
+    from finetune.export import load_finetuned, model_extra
+
+    rank, world = _dist()
+    dev = torch.device(device)
+    model = load_finetuned(model_dir).to(dev)
+    extra = model_extra(model_dir)
+    spec = sampling_for(model, extra, clips, crops, stride)
+    manifest = load_manifest(shards)
+    names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
+    if manifest.classes and model.cfg.class_names and list(manifest.classes) != list(model.cfg.class_names):
+        raise ValueError(
+            f"{model_dir} was trained on classes {model.cfg.class_names}, the shards have {manifest.classes}"
+        )
+    views = spec.views_per_video
+    loader = build_loader(
+        shards,
+        split,
+        batch_size=max(views, batch_size // views * views),
+        spec=spec,
+        backend=backend,
+        rank=rank,
+        world_size=world,
+        device=dev,
+        num_workers=num_workers,
+        drop_last=False,
+    )
+    with torch.no_grad():
+        keys, probs, labels = gather_scores(*collect_scores(model, loader, dev, torch.float32))
+    m = summarize(keys, probs, labels)
+    result: dict[str, Any] = {
+        "model": str(model_dir),
+        "split": split,
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "n": m["n"],
+        "views": f"{spec.eval_clips}x{spec.eval_crops}",
+        "method": extra.get("finetune", {}).get("method"),
+        "skipped": loader.stats["skipped"],
+    }
+    if m["n"] and rank == 0:
+        preds = m["probs"].argmax(1)
+        rows, cm, text = classification_report(m["labels"], preds, list(names))
+        result["per_class"] = rows
+        result["report"] = text
+        result["confusion"] = cm.tolist()
+        out = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
+        out.mkdir(parents=True, exist_ok=True)
+        plot_confusion(
+            cm, list(names), out / "confusion.png", f"{Path(model_dir).name} {split} top-1 {m['top1']:.3f}"
+        )
+        (out / "report.txt").write_text(text + "\n")
+        (out / "metrics.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1) + "\n"
+        )
+        result["out_dir"] = str(out)
+    return result
+
+
+def log_to_mlflow(result: dict[str, Any], experiment: str, uri: str | None) -> str:
+    """One MLflow run per evaluated model: top-1/5, per-class P/R/F1, confusion PNG and report."""
+    from pretrain.engine.config import TrackingConfig
+    from pretrain.engine.tracking import Tracker
+
+    out = Path(result["out_dir"])
+    cfg = TrackingConfig(
+        experiment=experiment, uri=uri, run_name=f"eval {Path(result['model']).name} {result['split']}"
+    )
+    tracker = Tracker(cfg, out, True)
+    tracker.log_params(
+        {
+            "model": result["model"],
+            "split": result["split"],
+            "views": result["views"],
+            "method": result["method"],
+        }
+    )
+    metrics = {
+        f"{result['split']}/top1": result["top1"],
+        f"{result['split']}/top5": result["top5"],
+        f"{result['split']}/n": float(result["n"]),
+    }
+    for r in result.get("per_class", []):
+        for m in ("precision", "recall", "f1"):
+            metrics[f"{result['split']}/{m}/{r['class']}"] = r[m]
+    tracker.log_metrics(metrics, 0)
+    for name in ("confusion.png", "report.txt", "metrics.json"):
+        tracker.log_artifact(out / name, "eval")
+    tracker.close()
+    return tracker.describe()
+
+
+def comparison_table(results: list[dict[str, Any]]) -> str:
+    lines = [f"{'model':<40} {'method':<8} {'views':<6} {'videos':>6} {'top-1':>7} {'top-5':>7}"]
+    for r in results:
+        name = str(r["model"])[-40:]
+        lines.append(
+            f"{name:<40} {r.get('method') or '-':<8} {r['views']:<6} {r['n']:>6d} {100 * r['top1']:6.1f}% {100 * r['top5']:6.1f}%"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""Parameter-efficient fine-tuning methods, applied to a plain `VideoClassifier` from OUTSIDE it.
+
+The model code stays architecture-only (DESIGN principle 3). Every method here
+(1) freezes / unfreezes parameters, (2) optionally adds modules and hooks, (3) knows how to undo itself
+for export. Methods:
+
+    full      every parameter trains
+    linear    linear probe: only `head` trains; `fc_norm` stays frozen. Starting from a pretraining (MAE)
+              model `fc_norm` is new and sits at weight 1 / bias 0, so the probe is a *non-affine*
+              LayerNorm of the mean-pooled tokens followed by a linear layer: BatchNorm-free (no running
+              statistics to sync across ranks or to fold at export), the MAE/VideoMAE probe without the BN.
+    partial   the last `partial_blocks` encoder blocks + fc_norm + head
+    bitfit    every bias (q/v biases, Linear and LayerNorm biases) + head
+    lora      peft LoRA on any of qkv / proj / fc1 / fc2 (+ fc_norm + head); merged into plain weights on export
+    peft      any other peft tuner that handles nn.Linear (IA3, LoHa, LoKr, ...) by `peft_type`; merged on export
+    adapter   AdaptFormer: a parallel bottleneck (down → ReLU → up, up zero-initialised) beside each block's
+              MLP, scaled by `adapter_scale`; cannot be merged (non-linear), exported as a sidecar
+    prompt    visual prompt tuning: `prompt_tokens` learnable tokens prepended after the position embedding
+              (shallow), or fresh tokens at the input of every block (deep); stripped before pooling;
+              exported as a sidecar (prompts change the sequence, no weight can absorb them)
+
+`ADDED_PREFIXES` name the keys only a method adds; `split_state_dict` separates them for the sidecar.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft", "adapter", "prompt")
+MERGEABLE = ("full", "linear", "partial", "bitfit", "lora", "peft")  # export = a plain model directory
+LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+SIDECAR_NAME = "peft_sidecar.safetensors"
+SIDECAR_CONFIG = "peft.json"
+
+
+@dataclass
+class MethodSpec:
+    """What to apply; the `finetune` config section maps onto it one to one."""
+
+    method: str = "full"
+    partial_blocks: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    peft_type: str = "IA3"
+    peft_options: dict[str, Any] = field(default_factory=dict)
+    adapter_width: int = 64
+    adapter_scale: float = 0.1
+    prompt_tokens: int = 8
+    prompt_deep: bool = False
+    train_fc_norm: bool = (
+        True  # for partial / lora / peft / adapter / prompt / bitfit (fc_norm is new after MAE)
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def trainable_summary(model: nn.Module) -> dict[str, Any]:
+    """Trainable / total parameter counts (and %), and the trainable names: what every method reports."""
+    total = sum(p.numel() for p in model.parameters())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "trainable": trainable,
+        "total": total,
+        "percent": 100.0 * trainable / max(total, 1),
+        "names": names,
+    }
+
+
+def _set_trainable(model: nn.Module, keep: Any) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(keep(name)))
+
+
+def _head(name: str, train_fc_norm: bool) -> bool:
+    return name.startswith("head.") or (train_fc_norm and name.startswith("fc_norm."))
+
+
+def _lora_aware_qkv(attn: nn.Module) -> None:
+    """Make `Attention` call its `qkv` module, so a peft-wrapped qkv takes effect.
+
+    Our Attention computes `F.linear(x, self.qkv.weight, [q_bias, 0, v_bias])` (VideoMAE's layout), which
+    would silently bypass any wrapper around `qkv`. This per-instance forward is the same maths with the
+    module called: `qkv(x) + bias`. Applied only when a peft method targets qkv; the class is untouched.
+    """
+    from pretrain.models.attention import attend
+
+    def forward(self: nn.Module, x_BND: torch.Tensor) -> torch.Tensor:
+        qkv_BN3D = self.qkv(x_BND)
+        if self.q_bias is not None:
+            qkv_BN3D = qkv_BN3D + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = rearrange(qkv_BN3D, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return self.proj(rearrange(attend(q, k, v, self.attn_impl), "b h n d -> b n (h d)"))
+
+    attn.forward = types.MethodType(forward, attn)
+
+
+def _target_regex(targets: list[str]) -> str:
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise ValueError(f"finetune.lora_targets {targets}: choose among {sorted(LORA_TARGETS)}")
+    alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets)
+    return rf"encoder\.blocks\.\d+\.({alts})"  # never patch_embed.proj (a Conv3d) or the head
+
+
+# ------------------------------------------------------------------------------------------- adapter
+
+
+class Adapter(nn.Module):
+    """AdaptFormer bottleneck: `scale · up(ReLU(down(x)))`; `up` starts at zero so step 0 = base model."""
+
+    def __init__(self, dim: int, width: int, scale: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, width)
+        self.act = nn.ReLU()
+        self.up = nn.Linear(width, dim)
+        self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x_BND))) * self.scale
+
+
+def _adapter_hook(block: nn.Module) -> Any:
+    def hook(mlp: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + block.adapter(args[0])  # parallel to the MLP, on the same (norm2) input
+
+    return hook
+
+
+def apply_adapters(model: nn.Module, width: int, scale: float) -> None:
+    """`block.adapter` beside every `block.mlp` (a forward hook adds it to the MLP output)."""
+    dim = model.cfg.encoder.embed_dim
+    for block in model.encoder.blocks:
+        block.adapter = Adapter(dim, width, scale)
+        block.mlp.register_forward_hook(_adapter_hook(block))
+
+
+# -------------------------------------------------------------------------------------------- prompts
+
+
+class VisualPrompts(nn.Module):
+    """`tokens` [L, P, D]: L = 1 (shallow) or depth (deep) sets of P learnable tokens (VPT init: uniform)."""
+
+    def __init__(self, layers: int, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.empty(layers, tokens, dim))
+        bound = (6.0 / (tokens + dim)) ** 0.5  # VPT's xavier-uniform bound
+        nn.init.uniform_(self.tokens, -bound, bound)
+
+
+def apply_prompts(model: nn.Module, tokens: int, deep: bool) -> None:
+    """Prepend prompts at block 0 (and replace them at every block when deep); strip after the last block."""
+    dim, depth = model.cfg.encoder.embed_dim, model.cfg.encoder.depth
+    model.prompt = VisualPrompts(depth if deep else 1, tokens, dim)
+    prompts = model.prompt
+    blocks = model.encoder.blocks
+
+    def make_pre(i: int) -> Any:
+        def pre(block: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x_BND = args[0]
+            p_PD = prompts.tokens[i if deep else 0].to(x_BND.dtype)
+            p_BPD = p_PD.unsqueeze(0).expand(x_BND.shape[0], -1, -1)
+            if i == 0:
+                return (torch.cat([p_BPD, x_BND], dim=1), *args[1:])
+            return (torch.cat([p_BPD, x_BND[:, tokens:]], dim=1), *args[1:])
+
+        return pre
+
+    blocks[0].register_forward_pre_hook(make_pre(0))
+    if deep:
+        for i in range(1, depth):
+            blocks[i].register_forward_pre_hook(make_pre(i))
+
+    def strip(block: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        return out[:, tokens:]
+
+    blocks[depth - 1].register_forward_hook(strip)
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+
+def apply_method(model: nn.Module, spec: MethodSpec) -> dict[str, Any]:
+    """Apply `spec.method` to a `VideoClassifier` in place; returns `trainable_summary(model)`."""
+    m = spec.method
+    depth = model.cfg.encoder.depth
+    head = lambda n: _head(n, spec.train_fc_norm)  # noqa: E731
+    if m not in METHODS:
+        raise ValueError(f"finetune.method={m!r}: choose one of {list(METHODS)}")
+    if m == "full":
+        _set_trainable(model, lambda n: True)
+    elif m == "linear":
+        _set_trainable(model, lambda n: n.startswith("head."))
+    elif m == "partial":
+        if not 1 <= spec.partial_blocks <= depth:
+            raise ValueError(f"finetune.partial_blocks={spec.partial_blocks} must be in [1, {depth}]")
+        first = depth - spec.partial_blocks
+        pat = re.compile(r"^encoder\.blocks\.(\d+)\.")
+
+        def keep(n: str) -> bool:
+            mt = pat.match(n)
+            return head(n) or bool(mt and int(mt.group(1)) >= first) or n.startswith("encoder.norm.")
+
+        _set_trainable(model, keep)
+    elif m == "bitfit":
+        _set_trainable(model, lambda n: head(n) or n.endswith(("bias", ".q_bias", ".v_bias")))
+    elif m in ("lora", "peft"):
+        _apply_peft(model, spec)
+        _set_trainable(model, lambda n: head(n) or _is_peft_param(n))
+    elif m == "adapter":
+        apply_adapters(model, spec.adapter_width, spec.adapter_scale)
+        _set_trainable(model, lambda n: head(n) or ".adapter." in n)
+    elif m == "prompt":
+        apply_prompts(model, spec.prompt_tokens, spec.prompt_deep)
+        _set_trainable(model, lambda n: head(n) or n.startswith("prompt."))
+    return trainable_summary(model)
+
+
+_PEFT_PARAM = re.compile(r"\.(lora_|ia3_|hada_|lokr_|oft_|boft_|vera_)")
+
+
+def _is_peft_param(name: str) -> bool:
+    return bool(_PEFT_PARAM.search(name))
+
+
+def _peft_config(spec: MethodSpec) -> Any:
+    import peft
+
+    regex = _target_regex(list(spec.lora_targets))
+    if spec.method == "lora":
+        return peft.LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=regex,
+            bias="none",
+        )
+    name = spec.peft_type
+    configs = {
+        "IA3": "IA3Config",
+        "LOHA": "LoHaConfig",
+        "LOKR": "LoKrConfig",
+        "LORA": "LoraConfig",
+        "VERA": "VeraConfig",
+    }
+    cls_name = configs.get(name.upper().replace("-", ""))
+    if cls_name is None:
+        raise ValueError(f"finetune.peft_type={name!r}: supported here: {sorted(configs)}")
+    kw: dict[str, Any] = {"target_modules": regex, **spec.peft_options}
+    if cls_name == "IA3Config" and "feedforward_modules" not in kw:
+        # IA3 scales the *input* of feed-forward layers and the output of the others (peft's convention)
+        kw["feedforward_modules"] = r"encoder\.blocks\.\d+\.mlp\.fc2"
+        if "fc2" not in spec.lora_targets:
+            kw["feedforward_modules"] = []
+    if cls_name in ("LoHaConfig", "LoKrConfig", "VeraConfig"):
+        kw.setdefault("r", spec.lora_rank)
+    return getattr(peft, cls_name)(**kw)
+
+
+def _apply_peft(model: nn.Module, spec: MethodSpec) -> None:
+    from peft import inject_adapter_in_model
+
+    if "qkv" in spec.lora_targets:
+        for block in model.encoder.blocks:
+            _lora_aware_qkv(block.attn)
+    # inject (not get_peft_model): the model stays our VideoClassifier, its engine hooks and names intact
+    inject_adapter_in_model(_peft_config(spec), model)
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Fold every peft layer into its base layer and put the plain layer back (peft's merge + unload)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def split_state_dict(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(plain VideoClassifier keys, keys a method added: adapters, prompts)."""
+    extra = {k: v for k, v in state.items() if ".adapter." in k or k.startswith("prompt.")}
+    return {k: v for k, v in state.items() if k not in extra}, extra
+
+
+def plain_state_dict(model: nn.Module, spec: MethodSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights for a plain `VideoClassifier` (peft merged) and the sidecar tensors of unmergeable methods."""
+    if spec.method in ("lora", "peft"):
+        model = merge_peft(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    plain, extra = split_state_dict(state)
+    return plain, extra
