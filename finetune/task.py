@@ -27,6 +27,7 @@ from data_shards.loader import SamplingSpec
 from finetune.peft_methods import METHODS, MethodSpec, apply_method
 from pretrain.engine import ConfigError, EngineConfig, EvalOutcome, StepOutput, TaskContext, resume_key
 from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig
+from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSIFIER_JSON = "classifier.json"  # the resolved architecture, written into the run dir (export needs it)
@@ -206,7 +207,7 @@ def source_encoder_config(path: str | Path | None) -> tuple[str, VideoViTConfig 
 def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None) -> VideoClassifierConfig:
     """The classifier this config describes: the init's encoder (or the preset) + head for the classes."""
     m = cfg.model
-    kind, enc, _ = source_encoder_config(cfg.finetune.init)
+    kind, enc, src = source_encoder_config(cfg.finetune.init)
     try:
         if enc is None:
             fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
@@ -239,11 +240,14 @@ def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None)
             raise ConfigError("no classes: set model.num_classes or build the shards with labels")
         if class_names is not None and len(class_names) != n:
             class_names = None
+        # A new fc_norm uses HF's fixed eps (1e-5) so HF exports are exact; a classifier init keeps its own.
+        fc_eps = src.fc_norm_eps if isinstance(src, VideoClassifierConfig) else HF_FIXED_NORM_EPS
         return VideoClassifierConfig(
             encoder=enc,
             num_classes=n,
             use_mean_pooling=m.use_mean_pooling,
             head_dropout=m.head_dropout,
+            fc_norm_eps=fc_eps,
             class_names=class_names,
         )
     except KeyError as e:
