@@ -47,7 +47,7 @@ def tiny_args(run_dir: Path, shards: Path | None, *extra: str) -> list[str]:
         str(TINY),
         f"train.run_dir={run_dir}",
         *data,
-        "data.num_workers=1",
+        "data.num_workers=0",  # decode in the training process: no worker start-up per run
         "data.val_split=null",
         "train.log_every=1",
         "train.eval_every=0",
