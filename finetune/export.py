@@ -53,9 +53,20 @@ def export_model_dir(
 
 
 def load_finetuned(path: str | Path, map_location: str = "cpu") -> nn.Module:
-    """`load_model(path)`, plus the adapters / prompts of an unmerged method when the dir has a sidecar."""
-    model = load_model(path)
+    """A classifier from a model directory: tubelet format (`load_model`, plus the adapters / prompts of an
+    unmerged method when there is a sidecar) or an HF `VideoMAEForVideoClassification` directory."""
     p = Path(path)
+    meta = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    if meta and "architecture" not in meta:  # HF save_pretrained layout
+        from pretrain.models.hf import from_hf
+
+        model = from_hf(p)
+    else:
+        model = load_model(p)
+    if not isinstance(model, VideoClassifier):
+        raise ValueError(
+            f"{p} holds a {type(model).__name__}, not a classifier: fine-tune it first (python -m finetune)"
+        )
     if (p / SIDECAR_CONFIG).is_file():
         spec = MethodSpec(**json.loads((p / SIDECAR_CONFIG).read_text()))
         apply_method(model, spec)

@@ -11,7 +11,7 @@ for export. Methods:
               statistics to sync across ranks or to fold at export), the MAE/VideoMAE probe without the BN.
     partial   the last `partial_blocks` encoder blocks + fc_norm + head
     bitfit    every bias (q/v biases, Linear and LayerNorm biases) + head
-    lora      peft LoRA on any of qkv / proj / fc1 / fc2 (+ fc_norm + head); merged into plain weights on export
+    lora      peft LoRA on any of qkv / proj / fc1 / fc2 / patch_embed (+ fc_norm + head); merged on export
     peft      any other peft tuner that handles nn.Linear (IA3, LoHa, LoKr, ...) by `peft_type`; merged on export
     adapter   AdaptFormer: a parallel bottleneck (down → ReLU → up, up zero-initialised) beside each block's
               MLP, scaled by `adapter_scale`; cannot be merged (non-linear), exported as a sidecar
@@ -109,11 +109,16 @@ def _lora_aware_qkv(attn: nn.Module) -> None:
 
 
 def _target_regex(targets: list[str]) -> str:
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    """A full-match regex over module names: block layers by short name; `patch_embed` = the tubelet Conv3d."""
+    known = [*LORA_TARGETS, "patch_embed"]
+    unknown = sorted(set(targets) - set(known))
     if unknown or not targets:
-        raise ValueError(f"finetune.lora_targets {targets}: choose among {sorted(LORA_TARGETS)}")
-    alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets)
-    return rf"encoder\.blocks\.\d+\.({alts})"  # never patch_embed.proj (a Conv3d) or the head
+        raise ValueError(f"finetune.lora_targets {targets}: choose among {known}")
+    alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets if t in LORA_TARGETS)
+    pats = [rf"encoder\.blocks\.\d+\.({alts})"] if alts else []  # never the head
+    if "patch_embed" in targets:
+        pats.append(r"encoder\.patch_embed\.proj")
+    return "|".join(f"(?:{p})" for p in pats)
 
 
 # ------------------------------------------------------------------------------------------- adapter

@@ -64,6 +64,7 @@ class FinetuneSection:
     lora_rank: int = resume_key(8)
     lora_alpha: float = resume_key(16.0)
     lora_dropout: float = resume_key(0.0)
+    # among qkv, proj, fc1, fc2 (every block) and patch_embed (the tubelet Conv3d)
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"], metadata={"resume": True})
     peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
     peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})

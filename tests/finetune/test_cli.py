@@ -35,6 +35,7 @@ def test_lora_from_mae_dir_then_export_evaluate_predict(
     ok(run_cli(["export", str(run), str(out), "--hf", str(hf)]))
     from transformers import VideoMAEForVideoClassification
 
+    from finetune.export import load_finetuned
     from pretrain.models import load_model
 
     ours = load_model(out).eval()
@@ -47,6 +48,8 @@ def test_lora_from_mae_dir_then_export_evaluate_predict(
         torch.testing.assert_close(
             load_model(run / "model").eval()(x), ours(x)
         )  # export == the run's own export
+        # evaluate / predict read HF directories too
+        torch.testing.assert_close(load_finetuned(hf)(x), ours(x), atol=1e-5, rtol=1e-4)
 
     r = run_cli(
         [

@@ -142,6 +142,7 @@ def _perturb(m: torch.nn.Module, pattern: str) -> None:
     ("method", "kw", "pattern"),
     [
         ("lora", {"lora_targets": ["qkv", "proj", "fc1", "fc2"]}, "lora_B"),
+        ("lora", {"lora_targets": ["qkv", "patch_embed"]}, "lora_B"),  # the tubelet Conv3d too
         ("peft", {"peft_type": "IA3", "lora_targets": ["qkv", "fc2"]}, "ia3_l"),
     ],
 )
