@@ -21,6 +21,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+quiet_pip() { "${pip[@]}" "$@" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" >&2); }
 
 stamp=.venv/.tubelet-setup
 want="$(cat pyproject.toml launch/setup.sh | sha256sum | cut -c1-16) $torch_spec $cuda $extras"
@@ -30,12 +31,12 @@ fi
 
 echo "[setup] installing into .venv ($torch_spec, DALI cuda$cuda, extras: $extras)" >&2
 if [ "$torch_spec" != system ]; then
-  "${pip[@]}" install "$torch_spec"
+  quiet_pip install "$torch_spec"
 fi
-"${pip[@]}" install -e ".[$extras]"
+quiet_pip install -e ".[$extras]"
 if [ "$cuda" = 12 ]; then
   "${pip[@]}" uninstall -y nvidia-dali-cuda130 >/dev/null 2>&1 || true
-  "${pip[@]}" install -e ".[$extras,cuda12]"
+  quiet_pip install -e ".[$extras,cuda12]"
 fi
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
