@@ -5,15 +5,23 @@ composition and order depend only on (seed, epoch, rank), never on the worker co
 sampler that starts at batch k. A video that fails to decode is left out of its batch and reported
 (shard, key, reason) to the main process, which counts it against `max_skip_fraction`.
 
-Colour conversion is done here, not by swscale: yuv420p with bilinear (centre-sited) chroma
-upsampling and BT.601 limited-range coefficients, rounded to uint8 -- the same as DALI's decoder, so
-both backends agree to a fraction of a grey level.
+Colour path (yuv420p, i.e. nearly every H.264 / VP9 video), in DALI's order of operations but only where
+it is needed: the decoder's planes are copied once into uint8 [F, H, W] tensors; only the union of the
+views' crop boxes is converted (bilinear centre-sited chroma upsampling of that box plus a one-sample
+margin, float, which equals upsampling the whole plane; BT.601 limited range; rounded to uint8, written
+channels-last), and then `views_from_frames` resizes each view (uint8, antialiased, torch's vectorized
+3-channel path) and normalizes straight into the planar output. The result is bit-identical to
+converting whole frames first, so DALI parity is unchanged (a fraction of a grey level).
+Tried and dropped: resizing Y and U/V straight to the output size and converting colour last (2x less
+work, but uint8 rounding of the resized chroma and the moved clamp cost ~0.4-1.8 grey levels of parity).
+Other pixel formats (yuv444p, rgb, 10-bit, ...) are converted to rgb24 by swscale.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import av
@@ -27,15 +35,26 @@ from data_shards.loader.index import SampleRef, ShardReader
 from data_shards.loader.sampling import (
     EpochPlan,
     SamplingSpec,
+    VideoPlan,
     plan_video,
     probe_video,
     sample_rng,
     views_from_frames,
 )
 
+# BT.601 limited range: rgb = YUV_TO_RGB @ ([y, u, v] - YUV_OFFSET), on the 0..255 scale
+YUV_OFFSET = (16.0, 128.0, 128.0)
+YUV_TO_RGB = (
+    (255.0 / 219.0, 0.0, 1.402 * 255.0 / 224.0),
+    (255.0 / 219.0, -0.344136 * 255.0 / 224.0, -0.714136 * 255.0 / 224.0),
+    (255.0 / 219.0, 1.772 * 255.0 / 224.0, 0.0),
+)
+
 
 def yuv420p_to_rgb(y_FHW: torch.Tensor, u_Fhw: torch.Tensor, v_Fhw: torch.Tensor) -> torch.Tensor:
-    """uint8 planes -> uint8 [F, H, W, 3]: bilinear chroma upsampling, BT.601 limited range."""
+    """uint8 planes -> uint8 [F, H, W, 3] at full size: bilinear chroma upsampling, BT.601 limited range.
+
+    The reference (DALI's order of operations); `decode_frames` uses it, the training path does not."""
     f, h, w = y_FHW.shape
     uv = F.interpolate(
         torch.stack([u_Fhw, v_Fhw], 1).float(), size=(h, w), mode="bilinear", align_corners=False
@@ -50,12 +69,26 @@ def yuv420p_to_rgb(y_FHW: torch.Tensor, u_Fhw: torch.Tensor, v_Fhw: torch.Tensor
     return rgb.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
-    """Decode frames `indices` (any order, repeats allowed) -> uint8 [len(indices), H, W, 3].
+@dataclass
+class Yuv420Frames:
+    """Decoded yuv420p frames as uint8 planes (chroma planes are ceil(H/2) x ceil(W/2))."""
 
-    Decodes sequentially up to the largest index (one thread: workers parallelize) and converts only
-    the frames it keeps.
-    """
+    y_FHW: torch.Tensor
+    u_Fhw: torch.Tensor
+    v_Fhw: torch.Tensor
+
+
+def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
+    """Zero-copy uint8 [h, w] view of plane i (rows may be padded to `line_size`)."""
+    p = frame.planes[i]
+    flat = np.frombuffer(p, np.uint8, count=p.height * p.line_size)
+    return flat.reshape(p.height, p.line_size)[:, : p.width]
+
+
+def _decode_kept(data: bytes, indices: np.ndarray) -> tuple[list[int], Yuv420Frames | np.ndarray]:
+    """Decode the distinct frames of `indices` (ascending) -> (their indices, yuv420p planes or uint8
+    rgb24 [F, H, W, 3] for any other pixel format). Decodes sequentially up to the largest index, one
+    thread (workers parallelize); planes are copied once, straight out of the decoder's buffers."""
     wanted = set(int(i) for i in indices)
     last = max(wanted)
     kept: dict[int, Any] = {}
@@ -73,24 +106,84 @@ def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
                 f"video ends before frame {min(missing)} (decoded {len(kept)} of {len(wanted)} wanted)"
             )
         order = sorted(kept)
-        if all(kept[i].format.name == "yuv420p" for i in order):
-            h, w = kept[order[0]].height, kept[order[0]].width
-            planes = np.stack([kept[i].to_ndarray() for i in order])  # [F, H*3/2, W]
-            y = torch.from_numpy(planes[:, :h])
-            u = torch.from_numpy(planes[:, h : h + h // 4].reshape(-1, h // 2, w // 2))
-            v = torch.from_numpy(planes[:, h + h // 4 :].reshape(-1, h // 2, w // 2))
-            rgb = yuv420p_to_rgb(y, u, v).numpy()
-        else:
-            rgb = np.stack([kept[i].to_ndarray(format="rgb24") for i in order])
+        frames = [kept[i] for i in order]
+        if all(f.format.name == "yuv420p" for f in frames):
+            shapes = [(p.height, p.width) for p in frames[0].planes]
+            if all([(p.height, p.width) for p in f.planes] == shapes for f in frames):
+                planes = [np.empty((len(frames), *hw), np.uint8) for hw in shapes]
+                for k, f in enumerate(frames):
+                    for c in range(3):
+                        planes[c][k] = _plane(f, c)
+                return order, Yuv420Frames(*(torch.from_numpy(p) for p in planes))
+        return order, np.stack([f.to_ndarray(format="rgb24") for f in frames])
+
+
+def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
+    """Decode frames `indices` (any order, repeats allowed) -> uint8 RGB [len(indices), H, W, 3].
+
+    Full-size conversion in DALI's order (`yuv420p_to_rgb`): for checks and tools, not the train path."""
+    order, got = _decode_kept(data, indices)
+    if isinstance(got, Yuv420Frames):
+        got = yuv420p_to_rgb(got.y_FHW, got.u_Fhw, got.v_Fhw).numpy()
     pos = {i: p for p, i in enumerate(order)}
-    return rgb[[pos[int(i)] for i in indices]]
+    return got[[pos[int(i)] for i in indices]]
+
+
+def _rgb_of_box(yuv: Yuv420Frames, rows: torch.Tensor, y0: int, x0: int, bh: int, bw: int) -> torch.Tensor:
+    """RGB of the luma box (y0, x0, bh, bw) of frames `rows`: uint8 [len(rows), bh, bw, 3].
+
+    DALI's conversion (bilinear centre-sited chroma upsampling, BT.601 limited range, rounded), but only
+    over the box: the chroma is upsampled from a one-sample-margin region around it, which gives the
+    same values as upsampling the whole plane and cropping."""
+    t, ch, cw = len(rows), yuv.u_Fhw.shape[1], yuv.u_Fhw.shape[2]
+    cy0, cx0 = max(y0 // 2 - 1, 0), max(x0 // 2 - 1, 0)
+    cy1, cx1 = min((y0 + bh + 1) // 2 + 1, ch), min((x0 + bw + 1) // 2 + 1, cw)
+    up = (2 * (cy1 - cy0), 2 * (cx1 - cx0))
+    oy, ox = y0 - 2 * cy0, x0 - 2 * cx0
+    uv_NHW = torch.stack([yuv.u_Fhw[rows, cy0:cy1, cx0:cx1], yuv.v_Fhw[rows, cy0:cy1, cx0:cx1]], 1)
+    uv_NHW = F.interpolate(uv_NHW.float(), size=up, mode="bilinear", align_corners=False)
+    uv_NHW = uv_NHW[:, :, oy : oy + bh, ox : ox + bw]
+    uf, vf = uv_NHW[:, 0], uv_NHW[:, 1]
+    yf = yuv.y_FHW[rows, y0 : y0 + bh, x0 : x0 + bw].float()
+    rgb_CTHW = torch.empty((3, t, bh, bw), dtype=torch.float32)
+    for c, (ky, ku, kv) in enumerate(YUV_TO_RGB):
+        o = torch.mul(yf, ky, out=rgb_CTHW[c])
+        if ku:
+            o.add_(uf, alpha=ku)
+        if kv:
+            o.add_(vf, alpha=kv)
+        # +0.5 then truncation in the uint8 cast = rounding (half up), one pass fewer than round_()
+        o.add_(0.5 - (ky * YUV_OFFSET[0] + ku * YUV_OFFSET[1] + kv * YUV_OFFSET[2]))
+    rgb_THWC = torch.empty((t, bh, bw, 3), dtype=torch.uint8)
+    rgb_THWC.permute(3, 0, 1, 2).copy_(rgb_CTHW.clamp_(0, 255))
+    return rgb_THWC
+
+
+def views_from_yuv420p(
+    yuv: Yuv420Frames, pos: np.ndarray, plan: VideoPlan, spec: SamplingSpec
+) -> torch.Tensor:
+    """yuv420p planes (frame k of the plan is plane row pos[k]) -> float [V, 3, T, S, S], normalized.
+
+    Colour-converts only the union of the views' boxes, then crops/resizes like every backend."""
+    y0 = min(v.y0 for v in plan.views)
+    x0 = min(v.x0 for v in plan.views)
+    y1 = max(v.y0 + v.h for v in plan.views)
+    x1 = max(v.x0 + v.w for v in plan.views)
+    rgb = _rgb_of_box(yuv, torch.from_numpy(pos), y0, x0, y1 - y0, x1 - x0)
+    shifted = VideoPlan(plan.frames, tuple(replace(v, y0=v.y0 - y0, x0=v.x0 - x0) for v in plan.views))
+    return views_from_frames(rgb, shifted, spec)
 
 
 def decode_views(data: bytes, spec: SamplingSpec, rng: np.random.Generator | None) -> torch.Tensor:
     """One video's bytes -> float [V, 3, T, S, S] (probe, plan, decode once, cut V views)."""
     n, h, w = probe_video(data)
     vplan = plan_video(n, h, w, spec, rng)
-    return views_from_frames(decode_frames(data, vplan.frames), vplan, spec)
+    order, got = _decode_kept(data, vplan.frames)
+    row = {i: p for p, i in enumerate(order)}
+    pos = np.array([row[int(i)] for i in vplan.frames], dtype=np.int64)
+    if isinstance(got, Yuv420Frames):
+        return views_from_yuv420p(got, pos, vplan, spec)
+    return views_from_frames(got[pos], vplan, spec)
 
 
 class _PlanBatches(Dataset):

@@ -272,20 +272,21 @@ def views_from_frames(
 ) -> torch.Tensor:
     """The torch twin of the DALI graph: uint8 decoded frames [C*T, H, W, 3] -> float [V, 3, T, S, S]."""
     x = torch.as_tensor(frames_FHWC)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    out = []
-    t = spec.frames
-    for v in plan.views:
+    scale = [1.0 / (s * 255.0) for s in spec.std]
+    shift = [-m * 255.0 * k for m, k in zip(spec.mean, scale)]
+    t, size = spec.frames, spec.size
+    out_VCTHW = torch.empty((len(plan.views), 3, t, size, size), dtype=torch.float32)
+    for k, v in enumerate(plan.views):
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
         clip_TCHW = clip_THWC.permute(0, 3, 1, 2)  # channels-last view: torch's fast uint8 resize path
-        if (v.h, v.w) != (spec.size, spec.size):
+        if (v.h, v.w) != (size, size):
             # uint8 in, uint8 out (rounded), like DALI's resize of the decoder's uint8 frames
             clip_TCHW = F.interpolate(
-                clip_TCHW, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True
+                clip_TCHW, size=(size, size), mode="bilinear", align_corners=False, antialias=True
             )
         if v.flip:
             clip_TCHW = clip_TCHW.flip(-1)
-        clip_TCHW = (clip_TCHW.float() - mean) * inv_std
-        out.append(clip_TCHW.permute(1, 0, 2, 3))
-    return torch.stack(out)
+        # normalize straight into the planar CTHW output: one pass per channel, no float temporaries
+        for c in range(3):
+            torch.mul(clip_TCHW[:, c], scale[c], out=out_VCTHW[k, c]).add_(shift[c])
+    return out_VCTHW

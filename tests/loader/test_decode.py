@@ -1,15 +1,20 @@
-"""Real decoding: DALI CPU pipeline on VP9, PyAV on H.264 and VP9; parity, coverage, resume, failures."""
+"""Real decoding: DALI CPU pipeline on VP9, PyAV on H.264 and VP9; parity, coverage, resume, failures,
+pixel-format fallback and the crop-box colour conversion."""
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 
 from data_shards import format as fmt
 from data_shards.loader import LoaderError, SamplingSpec, build_loader
+from data_shards.loader.pyav import Yuv420Frames, _decode_kept, _rgb_of_box, decode_views, yuv420p_to_rgb
 
 SHORT_FRAMES = 10  # conftest: clip 5 of each set
 SPEC = SamplingSpec(frames=8, stride=2, size=32)
@@ -230,3 +235,51 @@ def test_pickle_payloads_never_execute(pickle_sets: tuple[Path, Path, Path], bac
     with pytest.raises(fmt.FormatError, match="vdeadbeef"):
         build_loader(only, "train", batch_size=1, spec=spec, backend=backend)
     assert not canary.exists()
+
+
+def _encode(pix_fmt: str, codec: str, rgb_THWC: np.ndarray) -> bytes:
+    """In-memory encode of uint8 RGB frames with `codec` in `pix_fmt` (NUT: takes any codec)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="nut") as c:
+        s = c.add_stream(codec, rate=8)
+        s.width, s.height, s.pix_fmt = rgb_THWC.shape[2], rgb_THWC.shape[1], pix_fmt
+        for f in rgb_THWC:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("codec", "pix_fmt"), [("libx264", "yuv444p"), ("png", "rgb24"), ("ffv1", "yuv420p")]
+)
+def test_pixel_formats_agree(codec: str, pix_fmt: str) -> None:
+    """Non-yuv420p sources take the rgb24 fallback; every format lands on the same colours."""
+    rgb = np.zeros((12, 48, 64, 3), np.uint8)
+    rgb[:, :, :32] = (200, 40, 90)  # two flat colour halves: no chroma-subsampling ambiguity inside
+    rgb[:, :, 32:] = (30, 160, 220)
+    data = _encode(pix_fmt, codec, rgb)
+    spec = SamplingSpec(frames=4, stride=2, size=32, train=False)
+    out = to_uint8_space(decode_views(data, spec, None)[0], spec)  # [3, T, 32, 32], center 48 px box
+    assert out.shape == (3, 4, 32, 32)
+    left, right = out[:, :, :, :8].mean((1, 2, 3)), out[:, :, :, -8:].mean((1, 2, 3))
+    assert torch.allclose(left, torch.tensor([200.0, 40, 90]), atol=4), left
+    assert torch.allclose(right, torch.tensor([30.0, 160, 220]), atol=4), right
+
+
+@pytest.mark.parametrize(
+    "box", [(0, 0, 64, 64), (8, 10, 40, 36), (3, 5, 41, 33), (1, 0, 63, 7), (23, 41, 41, 23)]
+)
+def test_box_conversion_equals_full_frame(h264_set: Path, box: tuple[int, int, int, int]) -> None:
+    """Converting only a crop box (even or odd) gives the full-frame conversion's pixels, cropped."""
+    tar = sorted(h264_set.glob("*.tar"))[0]
+    data = next(fmt.iter_tar_samples(tar)).video
+    order, yuv = _decode_kept(data, np.array([0, 3, 7, 3]))
+    assert isinstance(yuv, Yuv420Frames) and order == [0, 3, 7]
+    rows = torch.tensor([2, 0, 1, 1])
+    full = yuv420p_to_rgb(yuv.y_FHW, yuv.u_Fhw, yuv.v_Fhw)[rows]
+    y0, x0, bh, bw = box
+    got = _rgb_of_box(yuv, rows, y0, x0, bh, bw)
+    want = full[:, y0 : y0 + bh, x0 : x0 + bw]
+    assert got.shape == want.shape
+    assert (got.int() - want.int()).abs().max() <= 1  # round-half-up vs half-even only
+    assert (got != want).float().mean() < 1e-3
