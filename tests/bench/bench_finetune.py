@@ -37,15 +37,15 @@ RUNS: list[tuple[str, bool, str, list[str]]] = [
         "pretrained/lora",
         True,
         "lora",
-        ["optim.lr=1e-2", "optim.layer_decay=1.0", "finetune.lora_targets=[qkv,proj,fc1,fc2]"],
+        ["optim.lr=2e-3", "optim.layer_decay=1.0", "finetune.lora_targets=[qkv,proj,fc1,fc2,patch_embed]"],
     ),
     (
         "pretrained/adapter",
         True,
         "adapter",
-        ["optim.lr=1e-2", "optim.layer_decay=1.0", "finetune.adapter_width=16"],
+        ["optim.lr=2e-3", "optim.layer_decay=1.0", "finetune.adapter_width=16"],
     ),
-    ("pretrained/bitfit", True, "bitfit", ["optim.lr=1e-2", "optim.layer_decay=1.0"]),
+    ("pretrained/bitfit", True, "bitfit", ["optim.lr=2e-3", "optim.layer_decay=1.0"]),
 ]
 
 
