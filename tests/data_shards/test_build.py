@@ -6,11 +6,13 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +32,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def _rows(csv_path: Path) -> list[dict[str, str]]:
@@ -270,11 +282,14 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     port = str(_free_port())
-    subprocess.run(
+    # --block keeps the head in the foreground of its own process group, so stopping it touches nothing
+    # else (`ray stop` kills every Ray process on the machine, this test process's own Ray included).
+    head = subprocess.Popen(
         [
             ray_bin,
             "start",
             "--head",
+            "--block",
             "--node-ip-address",
             "127.0.0.1",
             "--port",
@@ -286,10 +301,12 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
             "--temp-dir",
             ray_tmp,
         ],
-        check=True,
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    _wait_for_port(int(port))
     try:
         args = [
             sys.executable,
@@ -320,7 +337,11 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
         )
         assert no_token.returncode == 1 and "RAY_AUTH_MODE=token" in no_token.stderr
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert (
         cli(
@@ -337,3 +358,10 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
         == 0
     )
     assert _shard_hashes(tmp_path / "c") == _shard_hashes(tmp_path / "l")
+
+
+def test_zz_the_session_survives_the_cluster_test(synth_vp9: Path) -> None:
+    """Runs after the cluster test: this process and its own Ray must still be alive."""
+    import ray
+
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) >= 1
