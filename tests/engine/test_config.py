@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch.distributed as td
-from conftest import PY, REPO, TINY, base_env
+from engine_helpers import PY, REPO, TINY, base_env
 
 from pretrain.engine.config import (
     ConfigError,

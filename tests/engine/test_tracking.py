@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, base_env, free_port, losses, ok, tiny_args
+from engine_helpers import PY, REPO, base_env, free_port, losses, ok, tiny_args
 
 
 @pytest.fixture

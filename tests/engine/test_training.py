@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PY, REPO, base_env, deepspeed_launch, free_port, losses, ok, run_ranks, tiny_args
+from engine_helpers import PY, REPO, base_env, deepspeed_launch, free_port, losses, ok, run_ranks, tiny_args
 from safetensors.torch import load_file
 
 from pretrain.models import MaskedVideoAutoencoder, load_model

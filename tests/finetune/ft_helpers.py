@@ -4,31 +4,15 @@ A module of its own (not conftest) so its name cannot clash with other test fold
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/procs.py
+import procs
+from procs import PY, REPO, base_env, free_port, ok  # noqa: F401
+
 TINY = REPO / "finetune" / "configs" / "tiny_cpu.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MLFLOW_TRACKING_URI")
-    }
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), TQDM_DISABLE="1")
-    return env
 
 
 def ft_args(run_dir: Path, shards: Path, init: Path | None, *extra: str) -> list[str]:
@@ -65,41 +49,4 @@ def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 
 def run_ranks(args: list[str], world: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """One `python -m finetune` per rank with RANK/WORLD_SIZE/MASTER_* set (what torchrun does)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = base_env()
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        procs.append(
-            subprocess.Popen(
-                [PY, "-m", "finetune", *args],
-                env=env,
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    out = []
-    for p in procs:
-        try:
-            stdout, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
-    return out
-
-
-def ok(result: subprocess.CompletedProcess | list[subprocess.CompletedProcess]) -> None:
-    for r in result if isinstance(result, list) else [result]:
-        assert r.returncode == 0, (
-            f"exit {r.returncode}\n{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
-        )
+    return procs.run_ranks(["-m", "finetune", *args], world, timeout=timeout)
