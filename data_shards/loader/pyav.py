@@ -5,12 +5,16 @@ composition and order depend only on (seed, epoch, rank), never on the worker co
 sampler that starts at batch k. A video that fails to decode is left out of its batch and reported
 (shard, key, reason) to the main process, which counts it against `max_skip_fraction`.
 
+Decoding: each video is opened and demuxed once (that gives the frame count for the sampling plan);
+only the packets from the last keyframe at or before the first sampled frame are fed, the decoder drops
+the non-reference frames nobody sampled (`skip_frame`), and it stops at the last sampled frame.
+
 Colour path (yuv420p, i.e. nearly every H.264 / VP9 video), in DALI's order of operations but only where
 it is needed: the decoder's planes are copied once into uint8 [F, H, W] tensors; only the union of the
 views' crop boxes is converted (bilinear centre-sited chroma upsampling of that box plus a one-sample
 margin, float, which equals upsampling the whole plane; BT.601 limited range; rounded to uint8, written
 channels-last), and then `views_from_frames` resizes each view (uint8, antialiased, torch's vectorized
-3-channel path) and normalizes straight into the planar output. The result is bit-identical to
+3-channel path) into this video's rows of the batch (no collation copy) and normalizes them in place. The result is bit-identical to
 converting whole frames first, so DALI parity is unchanged (a fraction of a grey level).
 Tried and dropped: resizing Y and U/V straight to the output size and converting colour last (2x less
 work, but uint8 rounding of the resized chroma and the moved clamp cost ~0.4-1.8 grey levels of parity).
@@ -37,7 +41,6 @@ from data_shards.loader.sampling import (
     SamplingSpec,
     VideoPlan,
     plan_video,
-    probe_video,
     sample_rng,
     views_from_frames,
 )
@@ -85,37 +88,113 @@ def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
     return flat.reshape(p.height, p.line_size)[:, : p.width]
 
 
-def _decode_kept(data: bytes, indices: np.ndarray) -> tuple[list[int], Yuv420Frames | np.ndarray]:
-    """Decode the distinct frames of `indices` (ascending) -> (their indices, yuv420p planes or uint8
-    rgb24 [F, H, W, 3] for any other pixel format). Decodes sequentially up to the largest index, one
-    thread (workers parallelize); planes are copied once, straight out of the decoder's buffers."""
+class _Packets:
+    """A video demuxed once, in memory: frame count and size for planning, packets for decoding.
+
+    Replaces a separate probe: the container is opened once per video. Packets carry their
+    presentation index (rank of their pts), which lets `decode` start at the last keyframe before the
+    first wanted frame and tell the decoder to drop non-reference frames nobody asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        self.container = av.open(io.BytesIO(data))
+        try:
+            self.stream = self.container.streams.video[0]
+        except IndexError:
+            self.container.close()
+            raise ValueError("no video stream") from None
+        ctx = self.stream.codec_context
+        self.height, self.width = ctx.height, ctx.width
+        self.packets = [p for p in self.container.demux(self.stream) if p.size]
+        pts = [p.pts for p in self.packets]
+        self.frames = len(self.packets)
+        if self.frames <= 0 or self.height <= 0 or self.width <= 0:
+            self.close()
+            raise ValueError(f"no decodable video stream (frames={self.frames}, {self.width}x{self.height})")
+        # presentation index per packet; None when timestamps cannot give one (decode everything, count)
+        self.index_of_pts: dict[int, int] | None = None
+        if None not in pts and len(set(pts)) == len(pts):
+            self.index_of_pts = {t: i for i, t in enumerate(sorted(pts))}
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> _Packets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, first: int) -> int:
+        """Decode-order position of the last keyframe shown at or before frame `first` (0 if unknown)."""
+        if self.index_of_pts is None:
+            return 0
+        start = 0
+        for k, p in enumerate(self.packets):
+            if p.is_keyframe and self.index_of_pts[p.pts] <= first:
+                start = k
+        return start
+
+    def decode(self, wanted: set[int]) -> dict[int, av.VideoFrame]:
+        """Frames `wanted` (presentation indices) -> {index: frame}; one thread (workers parallelize).
+
+        Only the packets from the right keyframe on are fed, non-reference frames that are not wanted
+        are dropped by the decoder (`skip_frame`), and decoding stops at the last wanted frame."""
+        ctx = self.stream.codec_context
+        ctx.thread_count = 1
+        kept: dict[int, av.VideoFrame] = {}
+        index_of = self.index_of_pts
+        shown = 0  # output count: the frame index when timestamps are unusable (decoding from 0)
+
+        def take(frames: list[av.VideoFrame]) -> bool:
+            nonlocal shown
+            for f in frames:
+                i = shown if index_of is None else index_of.get(f.pts, -1)
+                shown += 1
+                if i in wanted:
+                    kept[i] = f
+            return len(kept) == len(wanted)
+
+        for p in self.packets[self._start(min(wanted)) :]:
+            if index_of is not None:
+                ctx.skip_frame = "DEFAULT" if index_of[p.pts] in wanted else "NONREF"
+            if take(ctx.decode(p)):
+                return kept
+        ctx.skip_frame = "DEFAULT"
+        take(ctx.decode(None))  # drain the reorder delay
+        return kept
+
+
+def _planes(frames: list[av.VideoFrame]) -> Yuv420Frames | np.ndarray:
+    """yuv420p planes copied once, straight out of the decoder's buffers; rgb24 [F, H, W, 3] otherwise."""
+    if all(f.format.name == "yuv420p" for f in frames):
+        shapes = [(p.height, p.width) for p in frames[0].planes]
+        if all([(p.height, p.width) for p in f.planes] == shapes for f in frames):
+            planes = [np.empty((len(frames), *hw), np.uint8) for hw in shapes]
+            for k, f in enumerate(frames):
+                for c in range(3):
+                    planes[c][k] = _plane(f, c)
+            return Yuv420Frames(*(torch.from_numpy(p) for p in planes))
+    return np.stack([f.to_ndarray(format="rgb24") for f in frames])
+
+
+def _decode_from(video: _Packets, indices: np.ndarray) -> tuple[list[int], Yuv420Frames | np.ndarray]:
+    """The distinct frames of `indices` -> (their indices ascending, yuv420p planes or rgb24 frames)."""
     wanted = set(int(i) for i in indices)
-    last = max(wanted)
-    kept: dict[int, Any] = {}
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                kept[i] = frame
-            if i >= last:
-                break
-        missing = wanted - set(kept)
-        if missing:
-            raise ValueError(
-                f"video ends before frame {min(missing)} (decoded {len(kept)} of {len(wanted)} wanted)"
-            )
-        order = sorted(kept)
-        frames = [kept[i] for i in order]
-        if all(f.format.name == "yuv420p" for f in frames):
-            shapes = [(p.height, p.width) for p in frames[0].planes]
-            if all([(p.height, p.width) for p in f.planes] == shapes for f in frames):
-                planes = [np.empty((len(frames), *hw), np.uint8) for hw in shapes]
-                for k, f in enumerate(frames):
-                    for c in range(3):
-                        planes[c][k] = _plane(f, c)
-                return order, Yuv420Frames(*(torch.from_numpy(p) for p in planes))
-        return order, np.stack([f.to_ndarray(format="rgb24") for f in frames])
+    kept = video.decode(wanted)
+    missing = wanted - set(kept)
+    if missing:
+        raise ValueError(
+            f"video ends before frame {min(missing)} (decoded {len(kept)} of {len(wanted)} wanted)"
+        )
+    order = sorted(kept)
+    return order, _planes([kept[i] for i in order])
+
+
+def _decode_kept(data: bytes, indices: np.ndarray) -> tuple[list[int], Yuv420Frames | np.ndarray]:
+    """Decode the distinct frames of `indices` -> (their indices ascending, yuv420p planes or uint8
+    rgb24 [F, H, W, 3] for any other pixel format)."""
+    with _Packets(data) as video:
+        return _decode_from(video, indices)
 
 
 def decode_frames(data: bytes, indices: np.ndarray) -> np.ndarray:
@@ -141,26 +220,31 @@ def _rgb_of_box(yuv: Yuv420Frames, rows: torch.Tensor, y0: int, x0: int, bh: int
     up = (2 * (cy1 - cy0), 2 * (cx1 - cx0))
     oy, ox = y0 - 2 * cy0, x0 - 2 * cx0
     uv_NHW = torch.stack([yuv.u_Fhw[rows, cy0:cy1, cx0:cx1], yuv.v_Fhw[rows, cy0:cy1, cx0:cx1]], 1)
-    uv_NHW = F.interpolate(uv_NHW.float(), size=up, mode="bilinear", align_corners=False)
+    # the chroma offset goes before upsampling (linear, so the same values) on the quarter-size planes
+    uv_NHW = uv_NHW.float().sub_(YUV_OFFSET[1])
+    uv_NHW = F.interpolate(uv_NHW, size=up, mode="bilinear", align_corners=False)
     uv_NHW = uv_NHW[:, :, oy : oy + bh, ox : ox + bw]
     uf, vf = uv_NHW[:, 0], uv_NHW[:, 1]
-    yf = yuv.y_FHW[rows, y0 : y0 + bh, x0 : x0 + bw].float()
+    # scaled luma shared by the three channels, with the luma offset and +0.5 (rounding by truncation)
+    ky = YUV_TO_RGB[0][0]
+    ys = torch.add(
+        torch.tensor(0.5 - ky * YUV_OFFSET[0]), yuv.y_FHW[rows, y0 : y0 + bh, x0 : x0 + bw], alpha=ky
+    )
     rgb_CTHW = torch.empty((3, t, bh, bw), dtype=torch.float32)
-    for c, (ky, ku, kv) in enumerate(YUV_TO_RGB):
-        o = torch.mul(yf, ky, out=rgb_CTHW[c])
-        if ku:
-            o.add_(uf, alpha=ku)
-        if kv:
+    for c, (_, ku, kv) in enumerate(YUV_TO_RGB):
+        o = torch.add(ys, uf if ku else vf, alpha=ku or kv, out=rgb_CTHW[c])
+        if ku and kv:
             o.add_(vf, alpha=kv)
-        # +0.5 then truncation in the uint8 cast = rounding (half up), one pass fewer than round_()
-        o.add_(0.5 - (ky * YUV_OFFSET[0] + ku * YUV_OFFSET[1] + kv * YUV_OFFSET[2]))
-    rgb_THWC = torch.empty((t, bh, bw, 3), dtype=torch.uint8)
-    rgb_THWC.permute(3, 0, 1, 2).copy_(rgb_CTHW.clamp_(0, 255))
-    return rgb_THWC
+    # uint8 planes first, then interleave: a quarter of the bytes through the strided copy
+    return rgb_CTHW.clamp_(0, 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
 def views_from_yuv420p(
-    yuv: Yuv420Frames, pos: np.ndarray, plan: VideoPlan, spec: SamplingSpec
+    yuv: Yuv420Frames,
+    pos: np.ndarray,
+    plan: VideoPlan,
+    spec: SamplingSpec,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """yuv420p planes (frame k of the plan is plane row pos[k]) -> float [V, 3, T, S, S], normalized.
 
@@ -171,19 +255,22 @@ def views_from_yuv420p(
     x1 = max(v.x0 + v.w for v in plan.views)
     rgb = _rgb_of_box(yuv, torch.from_numpy(pos), y0, x0, y1 - y0, x1 - x0)
     shifted = VideoPlan(plan.frames, tuple(replace(v, y0=v.y0 - y0, x0=v.x0 - x0) for v in plan.views))
-    return views_from_frames(rgb, shifted, spec)
+    return views_from_frames(rgb, shifted, spec, out)
 
 
-def decode_views(data: bytes, spec: SamplingSpec, rng: np.random.Generator | None) -> torch.Tensor:
-    """One video's bytes -> float [V, 3, T, S, S] (probe, plan, decode once, cut V views)."""
-    n, h, w = probe_video(data)
-    vplan = plan_video(n, h, w, spec, rng)
-    order, got = _decode_kept(data, vplan.frames)
+def decode_views(
+    data: bytes, spec: SamplingSpec, rng: np.random.Generator | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One video's bytes -> float [V, 3, T, S, S] (demux, plan, decode once, cut V views), into `out`
+    if given (the batch rows of this video: no collation copy)."""
+    with _Packets(data) as video:
+        vplan = plan_video(video.frames, video.height, video.width, spec, rng)
+        order, got = _decode_from(video, vplan.frames)
     row = {i: p for p, i in enumerate(order)}
     pos = np.array([row[int(i)] for i in vplan.frames], dtype=np.int64)
     if isinstance(got, Yuv420Frames):
-        return views_from_yuv420p(got, pos, vplan, spec)
-    return views_from_frames(got[pos], vplan, spec)
+        return views_from_yuv420p(got, pos, vplan, spec, out)
+    return views_from_frames(got[pos], vplan, spec, out)
 
 
 class _PlanBatches(Dataset):
@@ -200,22 +287,26 @@ class _PlanBatches(Dataset):
 
     def __getitem__(self, b: int) -> tuple[int, Batch | None, list[tuple[str, str, str]]]:
         idx, pad = self.plan.batch(b)
-        clips, ok_idx, ok_pad, labels, skipped = [], [], [], [], []
+        spec, v = self.spec, self.spec.views_per_video
+        # each video decodes straight into its rows of the batch; a failed one leaves its rows to the next
+        video = torch.empty((len(idx) * v, 3, spec.frames, spec.size, spec.size), dtype=torch.float32)
+        ok_idx, ok_pad, labels, skipped = [], [], [], []
         for i, p in zip(idx.tolist(), pad.tolist()):
             ref = self.refs[i]
+            rows = video[len(ok_idx) * v : (len(ok_idx) + 1) * v]
             try:
                 label = self.reader.label(ref)
-                rng = sample_rng(self.seed, self.epoch, i) if self.spec.train else None
-                clips.append(decode_views(self.reader.video_bytes(ref), self.spec, rng))
+                rng = sample_rng(self.seed, self.epoch, i) if spec.train else None
+                decode_views(self.reader.video_bytes(ref), spec, rng, out=rows)
             except Exception as e:  # any decoder/container failure: counted, never replaced
                 skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
                 continue
             ok_idx.append(i)
             ok_pad.append(p)
             labels.append(label)
-        if not clips:
+        if not ok_idx:
             return b, None, skipped
-        batch = {"video": torch.cat(clips), **self.meta(ok_idx, ok_pad, labels)}
+        batch = {"video": video[: len(ok_idx) * v], **self.meta(ok_idx, ok_pad, labels)}
         return b, batch, skipped
 
 

@@ -268,14 +268,24 @@ def probe_video(data: bytes) -> tuple[int, int, int]:
 
 
 def views_from_frames(
-    frames_FHWC: np.ndarray | torch.Tensor, plan: VideoPlan, spec: SamplingSpec
+    frames_FHWC: np.ndarray | torch.Tensor,
+    plan: VideoPlan,
+    spec: SamplingSpec,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The torch twin of the DALI graph: uint8 decoded frames [C*T, H, W, 3] -> float [V, 3, T, S, S]."""
+    """The torch twin of the DALI graph: uint8 decoded frames [C*T, H, W, 3] -> float [V, 3, T, S, S].
+
+    `out` (float [V, 3, T, S, S], e.g. this video's rows of the batch) is written in place if given."""
     x = torch.as_tensor(frames_FHWC)
-    scale = [1.0 / (s * 255.0) for s in spec.std]
-    shift = [-m * 255.0 * k for m, k in zip(spec.mean, scale)]
+    scale = torch.tensor([1.0 / (s * 255.0) for s in spec.std]).view(1, 3, 1, 1, 1)
+    shift = -torch.tensor(spec.mean).view(1, 3, 1, 1, 1) * 255.0 * scale
     t, size = spec.frames, spec.size
-    out_VCTHW = torch.empty((len(plan.views), 3, t, size, size), dtype=torch.float32)
+    shape = (len(plan.views), 3, t, size, size)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
+    out_VCTHW = out
     for k, v in enumerate(plan.views):
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
         clip_TCHW = clip_THWC.permute(0, 3, 1, 2)  # channels-last view: torch's fast uint8 resize path
@@ -286,7 +296,7 @@ def views_from_frames(
             )
         if v.flip:
             clip_TCHW = clip_TCHW.flip(-1)
-        # normalize straight into the planar CTHW output: one pass per channel, no float temporaries
-        for c in range(3):
-            torch.mul(clip_TCHW[:, c], scale[c], out=out_VCTHW[k, c]).add_(shift[c])
+        out_VCTHW[k].copy_(clip_TCHW.permute(1, 0, 2, 3))  # uint8 -> float, planar CTHW, one pass
+    # normalize in place over all views: two contiguous vectorized passes (per-channel strided ops cost 2x)
+    out_VCTHW.mul_(scale).add_(shift)
     return out_VCTHW
