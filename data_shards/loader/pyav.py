@@ -24,6 +24,7 @@ Other pixel formats (yuv444p, rgb, 10-bit, ...) are converted to rgb24 by swscal
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,7 +33,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_shards.loader.base import Batch, VideoLoader
 from data_shards.loader.index import SampleRef, ShardReader
@@ -273,6 +274,15 @@ def decode_views(
     return views_from_frames(got[pos], vplan, spec, out)
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """Uninitialised float32 batch; in a DataLoader worker it lives in shared memory from the start (as
+    torch's default_collate does), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+
+
 class _PlanBatches(Dataset):
     """Item b = plan batch b, decoded and collated (corrupt videos left out and reported)."""
 
@@ -289,7 +299,7 @@ class _PlanBatches(Dataset):
         idx, pad = self.plan.batch(b)
         spec, v = self.spec, self.spec.views_per_video
         # each video decodes straight into its rows of the batch; a failed one leaves its rows to the next
-        video = torch.empty((len(idx) * v, 3, spec.frames, spec.size, spec.size), dtype=torch.float32)
+        video = _batch_tensor((len(idx) * v, 3, spec.frames, spec.size, spec.size))
         ok_idx, ok_pad, labels, skipped = [], [], [], []
         for i, p in zip(idx.tolist(), pad.tolist()):
             ref = self.refs[i]
