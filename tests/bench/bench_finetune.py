@@ -2,12 +2,16 @@
 from-scratch vs masked-pretrained starts, and per PEFT method (full, linear, LoRA, adapter, BitFit).
 
 Everything runs through the real CLIs (`data_shards synth/build`, `pretrain`, `finetune`, `finetune
-evaluate --json`), one after the other. Not part of the default test run; several minutes on 2 cores:
+evaluate --json`), one after the other, on the demo's data (32 px, 24 frames, 4 classes) and the demo's
+pretraining config (tiny MAE, 1500 steps × 32 clips on the train split, no labels). Scratch and
+pretrained full fine-tuning run with `--seeds` fine-tune seeds each (small-budget training from scratch
+varies a lot between seeds); the PEFT methods with the first. Not in the default test run; about
+15 minutes on 2 cores:
 
-    .venv/bin/python tests/bench/bench_finetune.py [--work /tmp/ftbench] [--steps 300] [--videos 200]
+    .venv/bin/python tests/bench/bench_finetune.py [--work /tmp/ftbench] [--steps 300] [--videos 400]
     .venv/bin/python tests/bench/bench_finetune.py --shards S --pretrain RUN_DIR   # reuse existing ones
 
-Target: the pretrained full fine-tune beats the scratch one at the same budget.
+Target: the pretrained full fine-tune beats the scratch one at the same budget (mean over the seeds).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,9 +49,9 @@ RUNS: list[tuple[str, bool, str, list[str]]] = [
         "pretrained/adapter",
         True,
         "adapter",
-        ["optim.lr=2e-3", "optim.layer_decay=1.0", "finetune.adapter_width=16"],
+        ["optim.lr=1e-2", "optim.layer_decay=1.0", "finetune.adapter_width=16"],
     ),
-    ("pretrained/bitfit", True, "bitfit", ["optim.lr=2e-3", "optim.layer_decay=1.0"]),
+    ("pretrained/bitfit", True, "bitfit", ["optim.lr=1e-2", "optim.layer_decay=1.0"]),
 ]
 
 
@@ -59,13 +65,26 @@ def sh(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def evaluate(model: Path, shards: Path) -> dict:
+    """`finetune evaluate --json` on the test split -> its JSON line."""
+    out = subprocess.run(
+        [PY, "-m", "finetune", "evaluate", "--model", str(model), "--shards", str(shards), "--split", "test",
+         "--json", "--no-mlflow"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+    )  # fmt: skip
+    line = next((x for x in out.stdout.splitlines()[::-1] if x.startswith("{")), None)
+    if line is None:
+        raise SystemExit(f"evaluate failed for {model}:\n{out.stderr[-2000:]}")
+    return json.loads(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/tubelet_ftbench"))
-    p.add_argument("--videos", type=int, default=200)
+    p.add_argument("--videos", type=int, default=400)
     p.add_argument("--shards", type=Path, default=None, help="existing shard folder (train/val/test)")
     p.add_argument("--pretrain", type=Path, default=None, help="existing pretraining run dir")
-    p.add_argument("--pretrain-steps", type=int, default=200)
+    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tune seeds for scratch and pretrained full")
     p.add_argument("--steps", type=int, default=300, help="fine-tune budget (optimizer steps) of every run")
     p.add_argument("--only", default=None, help="comma-separated run names")
     a = p.parse_args(argv)
@@ -76,57 +95,53 @@ def main(argv: list[str] | None = None) -> int:
     if not (shards / "manifest.json").is_file():
         raw = a.work / "raw"
         sh([PY, "-m", "data_shards", "synth", "--out", str(raw), "--videos", str(a.videos), "--classes", "4",
-            "--frames", "32", "--size", "64", "--codec", "vp9"], a.work / "synth.log")  # fmt: skip
+            "--frames", "24", "--size", "32", "--codec", "vp9"], a.work / "synth.log")  # fmt: skip
         sh([PY, "-m", "data_shards", "build", str(raw / "labels.csv"), "--out", str(shards),
             "--val-fraction", "0.15", "--test-fraction", "0.15", "--quiet"], a.work / "build.log")  # fmt: skip
     pre = a.pretrain or a.work / "pretrain"
     if not (pre / "checkpoints").is_dir():
+        steps = [f"train.steps={a.pretrain_steps}"] if a.pretrain_steps else []
         t = sh([PY, "-m", "pretrain", "--config", str(REPO / "pretrain/configs/tiny_cpu.yaml"), f"data.shards={shards}",
-                f"train.run_dir={pre}", f"train.steps={a.pretrain_steps}", "train.visualize_every=0",
-                "tracking.enabled=false"], a.work / "pretrain.log")  # fmt: skip
-        print(f"pretraining: {a.pretrain_steps} steps in {t:.0f} s", flush=True)
+                f"train.run_dir={pre}", "train.visualize_every=0", "tracking.enabled=false", *steps],
+               a.work / "pretrain.log")  # fmt: skip
+        print(f"pretraining: {t:.0f} s", flush=True)
 
-    rows = []
+    rows = []  # (name, seed, trainable %, top-1, top-5, videos, wall s)
     only = set(a.only.split(",")) if a.only else None
     for name, pretrained, method, extra in RUNS:
         if only and name not in only:
             continue
-        run = a.work / "runs" / name.replace("/", "_")
-        if run.exists():
-            import shutil
-
-            shutil.rmtree(run)
-        t = sh([PY, "-m", "finetune", "--config", str(cfg), f"data.shards={shards}", f"train.run_dir={run}",
-                f"finetune.init={pre if pretrained else 'null'}", f"finetune.method={method}", f"train.steps={a.steps}",
-                "tracking.enabled=false", *extra], a.work / f"{run.name}.log")  # fmt: skip
-        out = subprocess.run(
-            [PY, "-m", "finetune", "evaluate", "--model", str(run / "model"), "--shards", str(shards), "--split", "test",
-             "--json", "--no-mlflow"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        )  # fmt: skip
-        line = next((x for x in out.stdout.splitlines()[::-1] if x.startswith("{")), None)
-        if line is None:
-            raise SystemExit(f"evaluate failed for {run}:\n{out.stderr[-2000:]}")
-        res = json.loads(line)
-        info = json.loads((run / "model" / "config.json").read_text())["extra"]["finetune"]
-        rows.append((name, info["trainable_pct"], res["top1"], res["top5"], res["n"], t))
-        print(
-            f"{name:<20} trainable {info['trainable_pct']:7.3f}%  test top-1 {100 * res['top1']:5.1f}%  ({t:.0f} s)",
-            flush=True,
-        )
+        for seed in range(a.seeds if method == "full" else 1):
+            run = a.work / "runs" / f"{name.replace('/', '_')}_s{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            t = sh([PY, "-m", "finetune", "--config", str(cfg), f"data.shards={shards}", f"train.run_dir={run}",
+                    f"finetune.init={pre if pretrained else 'null'}", f"finetune.method={method}",
+                    f"train.steps={a.steps}", f"train.seed={seed}", "tracking.enabled=false", *extra],
+                   a.work / f"{run.name}.log")  # fmt: skip
+            res = evaluate(run / "model", shards)
+            info = json.loads((run / "model" / "config.json").read_text())["extra"]["finetune"]
+            rows.append((name, seed, info["trainable_pct"], res["top1"], res["top5"], res["n"], t))
+            print(f"{name:<20} seed {seed}  trainable {info['trainable_pct']:7.3f}%  "
+                  f"test top-1 {100 * res['top1']:5.1f}%  ({t:.0f} s)", flush=True)  # fmt: skip
 
     print(
         f"\nfine-tune budget: {a.steps} steps × batch 8 (tiny ViT, 32 px, 8 frames); test split, 2 clips × 1 crop"
     )
-    print(f"{'run':<20} {'trainable':>10} {'top-1':>7} {'top-5':>7} {'videos':>6} {'wall':>6}")
-    for name, pct, top1, top5, n, t in rows:
-        print(f"{name:<20} {pct:9.3f}% {100 * top1:6.1f}% {100 * top5:6.1f}% {n:>6d} {t:5.0f}s")
-    by = {r[0]: r[2] for r in rows}
-    if "scratch/full" in by and "pretrained/full" in by:
-        gain = 100 * (by["pretrained/full"] - by["scratch/full"])
+    print(f"{'run':<20} {'seeds':>5} {'trainable':>10} {'top-1 mean':>11} {'per seed':>20} {'videos':>6}")
+    mean: dict[str, float] = {}
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name]
+        mean[name] = statistics.mean(r[3] for r in mine)
+        per_seed = " ".join(f"{100 * r[3]:.1f}" for r in mine)
+        print(
+            f"{name:<20} {len(mine):>5} {mine[0][2]:9.3f}% {100 * mean[name]:10.1f}% {per_seed:>20} {mine[0][5]:>6d}"
+        )
+    if "scratch/full" in mean and "pretrained/full" in mean:
+        gain = 100 * (mean["pretrained/full"] - mean["scratch/full"])
         verdict = "PASS" if gain > 0 else "FAIL"
         print(
-            f"bench_finetune: {verdict} pretrained full {100 * by['pretrained/full']:.1f}% vs scratch "
-            f"{100 * by['scratch/full']:.1f}% test top-1 ({gain:+.1f} pts) at {a.steps} steps"
+            f"bench_finetune: {verdict} pretrained full {100 * mean['pretrained/full']:.1f}% vs scratch "
+            f"{100 * mean['scratch/full']:.1f}% test top-1 ({gain:+.1f} pts, mean of {a.seeds} seeds) at {a.steps} steps"
         )
     return 0
 
