@@ -19,7 +19,7 @@ S="$demo/shards"
 R="$demo/runs"
 
 step "1/7 synthetic motion videos: 4 classes, the direction of motion (visible only over time)"
-$py -m data_shards synth --out "$demo/videos" --videos 240 --classes 4 --frames 24 --size 32 --codec vp9 --seed 0
+$py -m data_shards synth --out "$demo/videos" --videos 400 --classes 4 --frames 24 --size 32 --codec vp9 --seed 0
 
 step "2/7 shards: validate + write (Ray, local cluster), then verify"
 $py -m data_shards build "$demo/videos/labels.csv" --out "$S" --val-fraction 0.15 --test-fraction 0.15 \

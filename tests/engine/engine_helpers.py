@@ -26,6 +26,8 @@ def tiny_args(run_dir: Path, shards: Path | None, *extra: str) -> list[str]:
         *data,
         "data.num_workers=0",  # decode in the training process: no worker start-up per run
         "data.val_split=null",
+        "train.global_batch_size=8",  # the tests' own batch geometry, not the demo's
+        "train.micro_batch_size=4",
         "train.log_every=1",
         "train.eval_every=0",
         "train.visualize_every=0",
