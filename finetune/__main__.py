@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from pretrain.engine import ConfigError, TrainingStopped, export, load_config, run
-from pretrain.engine.dist import env_world_size
+from pretrain.engine import RunResult, export, load_config
+from pretrain.engine.cli import is_main_rank, train_command, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,42 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = {"evaluate": _evaluate, "predict": _predict, "export": _export}
     if argv[:1] and argv[0] in sub:
         return sub[argv[0]](argv[1:])
-    p = argparse.ArgumentParser(
-        prog="python -m finetune", description="Video classification fine-tuning (full / PEFT)"
+    p = training_parser(
+        "python -m finetune",
+        "Video classification fine-tuning (full / PEFT)",
+        "finetune/configs/tiny_cpu.yaml",
+        "finetune.method=lora data.shards=S",
     )
-    p.add_argument("--config", required=True, help="YAML file, e.g. finetune/configs/tiny_cpu.yaml")
-    p.add_argument(
-        "--resume", default=None, help="auto (newest complete checkpoint, else fresh) or a checkpoint dir"
-    )
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. finetune.method=lora data.shards=S")
     args = p.parse_intermixed_args(argv)
 
     from finetune.task import BEST_DIR, ClassificationTask, FinetuneConfig
 
-    try:
-        cfg = load_config(FinetuneConfig, args.config, args.overrides)
-        cfg.validate(env_world_size())
-        task = ClassificationTask(cfg)
-        result = run(task, cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 3
-    if os.environ.get("RANK", "0") == "0":
-        state = "stopped early (preemption or train.stop_at)" if result.preempted else "finished"
-        print(f"\n[finetune] {state} at step {result.step}; run dir: {result.run_dir.resolve()}")
-        if result.model_dir:
-            print(f"[finetune] final model: {result.model_dir.resolve()}")
-        if task.best_step >= 0 and (result.run_dir / BEST_DIR).is_dir():
+    def report_best(task: ClassificationTask, result: RunResult) -> None:
+        best = result.run_dir / BEST_DIR
+        if task.best_step >= 0 and best.is_dir():
             print(
-                f"[finetune] best model (val top-1 {task.best_top1:.4f} at step {task.best_step}): "
-                f"{(result.run_dir / BEST_DIR).resolve()}"
+                f"[finetune] best model (val top-1 {task.best_top1:.4f} at step {task.best_step}): {best.resolve()}"
             )
-        print(f"[finetune] {result.tracking}")
-    return 0
+
+    return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best)
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -104,7 +86,7 @@ def _evaluate(argv: list[str]) -> int:
             out_dir=a.out if len(a.model) == 1 else None,
         )
         results.append(r)
-        if os.environ.get("RANK", "0") != "0":
+        if not is_main_rank():
             continue
         if a.json:
             keep = ("model", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
@@ -126,7 +108,7 @@ def _evaluate(argv: list[str]) -> int:
             where = log_to_mlflow(r, a.experiment, uri)
             if not a.json:
                 print(f"[finetune] {where}")
-    if len(results) > 1 and not a.json and os.environ.get("RANK", "0") == "0":
+    if len(results) > 1 and not a.json and is_main_rank():
         print("\n" + comparison_table(results))
     return 0
 

@@ -9,50 +9,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.engine import ConfigError, TrainingStopped, export, load_config, run
-from pretrain.engine.dist import env_world_size
+from pretrain.engine import export, load_config
+from pretrain.engine.cli import train_command, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return _export(argv[1:])
-    p = argparse.ArgumentParser(
-        prog="python -m pretrain", description="Masked-video pretraining (VideoMAE) on DeepSpeed"
+    p = training_parser(
+        "python -m pretrain",
+        "Masked-video pretraining (VideoMAE) on DeepSpeed",
+        "pretrain/configs/tiny_cpu.yaml",
+        "train.steps=50 data.shards=shards/",
     )
-    p.add_argument("--config", required=True, help="YAML file, e.g. pretrain/configs/tiny_cpu.yaml")
-    p.add_argument(
-        "--resume", default=None, help="auto (newest complete checkpoint, else fresh) or a checkpoint dir"
-    )
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50 data.shards=shards/")
     args = p.parse_intermixed_args(argv)
 
     from pretrain.task import MaskedVideoTask, PretrainConfig
 
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        cfg.validate(env_world_size())
-        result = run(MaskedVideoTask(cfg), cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 3
-    if result.run_dir and _is_main():
-        state = "stopped early (preemption or train.stop_at)" if result.preempted else "finished"
-        print(f"\n[tubelet] {state} at step {result.step}; run dir: {result.run_dir.resolve()}")
-        if result.preempted:
-            print("[tubelet] continue with the same command plus --resume auto")
-        if result.last_checkpoint:
-            print(f"[tubelet] checkpoint: {result.last_checkpoint.resolve()}")
-        if result.model_dir:
-            print(f"[tubelet] model: {result.model_dir.resolve()}")
-        print(f"[tubelet] {result.tracking}")
-    return 0
+    return train_command(args, PretrainConfig, MaskedVideoTask, "tubelet")
 
 
 def _export(argv: list[str]) -> int:
@@ -68,12 +43,6 @@ def _export(argv: list[str]) -> int:
     out = export(args.run_dir, args.out_dir, MaskedVideoTask(cfg))
     print(f"[tubelet] model directory: {out.resolve()} (load with pretrain.models.load_model)")
     return 0
-
-
-def _is_main() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

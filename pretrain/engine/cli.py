@@ -1,0 +1,84 @@
+"""The training command both stages share: argument parsing, config → task → `run`, exit codes, report.
+
+`python -m pretrain` and `python -m finetune` differ only in their config class, task and the lines
+they add to the report; everything else is here so the two commands behave the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from .config import ConfigError, EngineConfig, load_config
+from .dist import env_world_size
+from .task import Task
+from .trainer import RunResult, TrainingStopped, run
+
+C = TypeVar("C", bound=EngineConfig)
+T = TypeVar("T", bound=Task)
+
+EXIT_CONFIG_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
+
+
+def training_parser(
+    prog: str, description: str, config_example: str, overrides_example: str
+) -> argparse.ArgumentParser:
+    """`--config FILE [--resume auto|DIR] [key.sub=value ...]` (+ the deepspeed launcher's --local_rank)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help=f"YAML file, e.g. {config_example}")
+    p.add_argument(
+        "--resume", default=None, help="auto (newest complete checkpoint, else fresh) or a checkpoint dir"
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=f"key.sub=value, e.g. {overrides_example}")
+    return p
+
+
+def train_command(
+    args: argparse.Namespace,
+    config_cls: type[C],
+    make_task: Callable[[C], T],
+    tag: str,
+    report: Callable[[T, RunResult], None] | None = None,
+) -> int:
+    """Load + validate the config, build the task, `run` it; print the outcome on rank 0; exit code."""
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        cfg.validate(env_world_size())
+        task = make_task(cfg)
+        result = run(task, cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED
+    if result.run_dir and is_main_rank():
+        _print_result(result, tag)
+        if report is not None:
+            report(task, result)
+        print(f"[{tag}] {result.tracking}")
+    return 0
+
+
+def is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_result(result: RunResult, tag: str) -> None:
+    def show(p: Path) -> str:
+        return str(p.resolve())
+
+    state = "stopped early (preemption or train.stop_at)" if result.preempted else "finished"
+    print(f"\n[{tag}] {state} at step {result.step}; run dir: {show(result.run_dir)}")
+    if result.preempted:
+        print(f"[{tag}] continue with the same command plus --resume auto")
+    if result.last_checkpoint:
+        print(f"[{tag}] checkpoint: {show(result.last_checkpoint)}")
+    if result.model_dir:
+        print(f"[{tag}] final model: {show(result.model_dir)}")
