@@ -29,6 +29,7 @@ from pretrain.engine import ConfigError, EngineConfig, EvalOutcome, StepOutput, 
 from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig
 from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.task import encoder_overrides
 
 CLASSIFIER_JSON = "classifier.json"  # the resolved architecture, written into the run dir (export needs it)
 INIT_REPORT = "init_report.json"
@@ -211,15 +212,7 @@ def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None)
     kind, enc, src = source_encoder_config(cfg.finetune.init)
     try:
         if enc is None:
-            fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
-            unknown = sorted(set(m.encoder) - fields)
-            if unknown:
-                raise ConfigError(f"unknown key model.encoder.{unknown[0]}; valid keys: {sorted(fields)}")
-            over = dict(m.encoder)
-            for name in ("img_size", "num_frames", "patch_size", "tubelet_size"):
-                if getattr(m, name) is not None:
-                    over[name] = getattr(m, name)
-            enc = VideoViTConfig.from_preset(m.preset, **over)
+            enc = VideoViTConfig.from_preset(m.preset, **encoder_overrides(m))
         else:
             over = {}
             for name in ("img_size", "num_frames"):

@@ -97,17 +97,25 @@ class PretrainConfig(EngineConfig):
             )
 
 
-def mae_config(cfg: PretrainConfig) -> MAEConfig:
-    """The MAEConfig the `model` section describes (preset + overrides), with config errors named."""
-    m = cfg.model
-    enc_fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
-    unknown = sorted(set(m.encoder) - enc_fields)
+def encoder_overrides(model_section: Any) -> dict[str, Any]:
+    """A `model` section's encoder overrides: `model.encoder` (keys checked against VideoViTConfig, a
+    wrong one named) plus the geometry keys set directly on the section. Both stages' sections use it."""
+    m = model_section
+    fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
+    unknown = sorted(set(m.encoder) - fields)
     if unknown:
-        raise ConfigError(f"unknown key model.encoder.{unknown[0]}; valid keys: {sorted(enc_fields)}")
+        raise ConfigError(f"unknown key model.encoder.{unknown[0]}; valid keys: {sorted(fields)}")
     overrides = dict(m.encoder)
     for name in ("img_size", "num_frames", "patch_size", "tubelet_size"):
         if getattr(m, name) is not None:
             overrides[name] = getattr(m, name)
+    return overrides
+
+
+def mae_config(cfg: PretrainConfig) -> MAEConfig:
+    """The MAEConfig the `model` section describes (preset + overrides), with config errors named."""
+    m = cfg.model
+    overrides = encoder_overrides(m)
     overrides.update(drop_path_rate=m.drop_path_rate, attn_impl=m.attn_impl)
     try:
         mae = MAEConfig.from_preset(m.preset, **overrides)
