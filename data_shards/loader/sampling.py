@@ -281,11 +281,9 @@ def views_from_frames(
     shift = -torch.tensor(spec.mean).view(1, 3, 1, 1, 1) * 255.0 * scale
     t, size = spec.frames, spec.size
     shape = (len(plan.views), 3, t, size, size)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
-    elif tuple(out.shape) != shape or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
-    out_VCTHW = out
+    out_VCTHW = torch.empty(shape, dtype=torch.float32) if out is None else out
+    if tuple(out_VCTHW.shape) != shape or out_VCTHW.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out_VCTHW.dtype} {tuple(out_VCTHW.shape)}")
     for k, v in enumerate(plan.views):
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
         clip_TCHW = clip_THWC.permute(0, 3, 1, 2)  # channels-last view: torch's fast uint8 resize path
