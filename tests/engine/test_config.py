@@ -40,7 +40,12 @@ CONFIGS = sorted((REPO / "pretrain" / "configs").glob("*.yaml"))
 
 def load(*overrides: str, world: int = 1) -> PretrainConfig:
     # the tests' own geometry (the demo config's batch and length may change)
-    pinned = ["train.steps=200", "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=20"]
+    pinned = [
+        "train.steps=200",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "optim.warmup_steps=20",
+    ]
     cfg = load_config(PretrainConfig, TINY, ["data.backend=synthetic", *pinned, *overrides])
     cfg.validate(world)
     return cfg
