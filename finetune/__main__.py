@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_intermixed_args(argv)
 
-    from finetune.task import BEST_DIR, ClassificationTask, FinetuneConfig
+    from finetune.config import FinetuneConfig
+    from finetune.task import BEST_DIR, ClassificationTask
 
     def report_best(task: ClassificationTask, result: RunResult) -> None:
         best = result.run_dir / BEST_DIR
@@ -139,13 +140,18 @@ def _export(argv: list[str]) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--hf", type=Path, default=None, help="also write HF VideoMAEForVideoClassification here")
     a = p.parse_args(argv)
+    from finetune.config import FinetuneConfig
     from finetune.export import export_hf
-    from finetune.task import ClassificationTask, FinetuneConfig
+    from finetune.task import ClassificationTask
     from pretrain.engine.dist import prepare_env
+    from pretrain.models.io import RUN_MODEL_NAME, read_model_config
 
     prepare_env("cpu")
     cfg = load_config(FinetuneConfig, a.run_dir / "config.yaml")
-    out = export(a.run_dir, a.out_dir, ClassificationTask(cfg, arch_dir=a.run_dir))
+    _, clf_cfg, _ = read_model_config(
+        a.run_dir / RUN_MODEL_NAME
+    )  # the run's architecture: the init is not read
+    out = export(a.run_dir, a.out_dir, ClassificationTask(cfg, clf_cfg))
     print(f"[finetune] model directory: {out.resolve()}")
     if a.hf is not None:
         try:

@@ -16,20 +16,18 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from finetune.peft_methods import (
-    MERGEABLE,
-    SIDECAR_CONFIG,
-    SIDECAR_NAME,
-    MethodSpec,
-    apply_method,
-    plain_state_dict,
-)
+from finetune.config import FinetuneSection
+from finetune.peft_methods import MERGEABLE, SIDECAR_CONFIG, SIDECAR_NAME, apply_method, plain_state_dict
 from pretrain.models import VideoClassifier, VideoClassifierConfig, load_model, save_model
 from pretrain.models.io import load_state_dict_strict
 
 
 def export_model_dir(
-    model: nn.Module, clf_cfg: VideoClassifierConfig, spec: MethodSpec, out_dir: Path, extra: dict[str, Any]
+    model: nn.Module,
+    clf_cfg: VideoClassifierConfig,
+    spec: FinetuneSection,
+    out_dir: Path,
+    extra: dict[str, Any],
 ) -> Path:
     """`model` (the training architecture, method applied; merged in place for peft) → model directory."""
     plain, sidecar = plain_state_dict(model, spec)
@@ -68,7 +66,7 @@ def load_finetuned(path: str | Path, map_location: str = "cpu") -> nn.Module:
             f"{p} holds a {type(model).__name__}, not a classifier: fine-tune it first (python -m finetune)"
         )
     if (p / SIDECAR_CONFIG).is_file():
-        spec = MethodSpec(**json.loads((p / SIDECAR_CONFIG).read_text()))
+        spec = FinetuneSection(**json.loads((p / SIDECAR_CONFIG).read_text()))
         apply_method(model, spec)
         extra = load_file(str(p / SIDECAR_NAME))
         _, unexpected = model.load_state_dict(extra, strict=False)

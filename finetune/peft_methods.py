@@ -2,7 +2,8 @@
 
 The model code stays architecture-only (DESIGN principle 3). Every method here
 (1) freezes / unfreezes parameters, (2) optionally adds modules and hooks, (3) knows how to undo itself
-for export. Methods:
+for export. What to apply is the config's `finetune` section (`finetune.config.FinetuneSection`); the
+method list is `METHODS` below. Methods:
 
     full      every parameter trains
     linear    linear probe: only `head` trains; `fc_norm` stays frozen. Starting from a pretraining (MAE)
@@ -19,49 +20,39 @@ for export. Methods:
               (shallow), or fresh tokens at the input of every block (deep); stripped before pooling;
               exported as a sidecar (prompts change the sequence, no weight can absorb them)
 
-`ADDED_PREFIXES` name the keys only a method adds; `split_state_dict` separates them for the sidecar.
+`split_state_dict` separates the keys only a method adds (adapters, prompts) for the sidecar.
 """
 
 from __future__ import annotations
 
 import re
 import types
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft", "adapter", "prompt")
-MERGEABLE = ("full", "linear", "partial", "bitfit", "lora", "peft")  # export = a plain model directory
+if TYPE_CHECKING:
+    from finetune.config import FinetuneSection
+
+# The one list of methods: name → (mergeable into plain weights on export, what it trains).
+METHODS: dict[str, tuple[bool, str]] = {
+    "full": (True, "every parameter"),
+    "linear": (True, "the head on a frozen encoder (linear probe)"),
+    "partial": (True, "the last `partial_blocks` blocks + fc_norm + head"),
+    "bitfit": (True, "every bias + head"),
+    "lora": (True, "peft LoRA on the chosen layers + head"),
+    "peft": (True, "another peft tuner (`peft_type`) + head"),
+    "adapter": (False, "AdaptFormer bottlenecks beside each MLP + head"),
+    "prompt": (False, "visual prompt tokens + head"),
+}
+METHOD_NAMES = tuple(METHODS)
+MERGEABLE = tuple(name for name, (mergeable, _) in METHODS.items() if mergeable)
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")
 SIDECAR_NAME = "peft_sidecar.safetensors"
 SIDECAR_CONFIG = "peft.json"
-
-
-@dataclass
-class MethodSpec:
-    """What to apply; the `finetune` config section maps onto it one to one."""
-
-    method: str = "full"
-    partial_blocks: int = 1
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
-    peft_type: str = "IA3"
-    peft_options: dict[str, Any] = field(default_factory=dict)
-    adapter_width: int = 64
-    adapter_scale: float = 0.1
-    prompt_tokens: int = 8
-    prompt_deep: bool = False
-    train_fc_norm: bool = (
-        True  # for partial / lora / peft / adapter / prompt / bitfit (fc_norm is new after MAE)
-    )
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -110,10 +101,9 @@ def _lora_aware_qkv(attn: nn.Module) -> None:
 
 def _target_regex(targets: list[str]) -> str:
     """A full-match regex over module names: block layers by short name; `patch_embed` = the tubelet Conv3d."""
-    known = [*LORA_TARGETS, "patch_embed"]
-    unknown = sorted(set(targets) - set(known))
+    unknown = sorted(set(targets) - set(LORA_TARGET_NAMES))
     if unknown or not targets:
-        raise ValueError(f"finetune.lora_targets {targets}: choose among {known}")
+        raise ValueError(f"finetune.lora_targets {targets}: choose among {list(LORA_TARGET_NAMES)}")
     alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets if t in LORA_TARGETS)
     pats = [rf"encoder\.blocks\.\d+\.({alts})"] if alts else []  # never the head
     if "patch_embed" in targets:
@@ -202,13 +192,13 @@ def apply_prompts(model: nn.Module, tokens: int, deep: bool) -> None:
 # ------------------------------------------------------------------------------------------- dispatch
 
 
-def apply_method(model: nn.Module, spec: MethodSpec) -> dict[str, Any]:
+def apply_method(model: nn.Module, spec: FinetuneSection) -> dict[str, Any]:
     """Apply `spec.method` to a `VideoClassifier` in place; returns `trainable_summary(model)`."""
     m = spec.method
     depth = model.cfg.encoder.depth
     head = lambda n: _head(n, spec.train_fc_norm)  # noqa: E731
     if m not in METHODS:
-        raise ValueError(f"finetune.method={m!r}: choose one of {list(METHODS)}")
+        raise ValueError(f"finetune.method={m!r}: choose one of {list(METHOD_NAMES)}")
     if m == "full":
         _set_trainable(model, lambda n: True)
     elif m == "linear":
@@ -245,7 +235,12 @@ def _is_peft_param(name: str) -> bool:
     return bool(_PEFT_PARAM.search(name))
 
 
-def _peft_config(spec: MethodSpec) -> Any:
+def is_method_param(name: str) -> bool:
+    """Whether a state-dict key belongs to what a method added (peft layers, adapters, prompts)."""
+    return _is_peft_param(name) or ".adapter." in name or name.startswith("prompt.")
+
+
+def _peft_config(spec: FinetuneSection) -> Any:
     import peft
 
     regex = _target_regex(list(spec.lora_targets))
@@ -279,7 +274,7 @@ def _peft_config(spec: MethodSpec) -> Any:
     return getattr(peft, cls_name)(**kw)
 
 
-def _apply_peft(model: nn.Module, spec: MethodSpec) -> None:
+def _apply_peft(model: nn.Module, spec: FinetuneSection) -> None:
     from peft import inject_adapter_in_model
 
     if "qkv" in spec.lora_targets:
@@ -309,11 +304,13 @@ def split_state_dict(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(plain VideoClassifier keys, keys a method added: adapters, prompts)."""
-    extra = {k: v for k, v in state.items() if ".adapter." in k or k.startswith("prompt.")}
+    extra = {k: v for k, v in state.items() if ".adapter." in k or k.startswith("prompt.")}  # not peft's
     return {k: v for k, v in state.items() if k not in extra}, extra
 
 
-def plain_state_dict(model: nn.Module, spec: MethodSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def plain_state_dict(
+    model: nn.Module, spec: FinetuneSection
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights for a plain `VideoClassifier` (peft merged) and the sidecar tensors of unmergeable methods."""
     if spec.method in ("lora", "peft"):
         model = merge_peft(model)

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_intermixed_args(argv)
 
-    from pretrain.task import MaskedVideoTask, PretrainConfig
+    from pretrain.config import PretrainConfig
+    from pretrain.task import MaskedVideoTask
 
     return train_command(args, PretrainConfig, MaskedVideoTask, "tubelet")
 
@@ -35,8 +36,9 @@ def _export(argv: list[str]) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("out_dir", type=Path)
     args = p.parse_args(argv)
+    from pretrain.config import PretrainConfig
     from pretrain.engine.dist import prepare_env
-    from pretrain.task import MaskedVideoTask, PretrainConfig
+    from pretrain.task import MaskedVideoTask
 
     prepare_env("cpu")  # consolidation runs on CPU; DS_ACCELERATOR before deepspeed is imported
     cfg = load_config(PretrainConfig, args.run_dir / "config.yaml")

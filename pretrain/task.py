@@ -1,151 +1,55 @@
-"""Masked-video pretraining as an engine task: the MAE, its masks, its loss, its evaluation and pictures.
+"""Masked-video pretraining as an engine task: the MAE, its data, masks, loss, evaluation and pictures.
 
-`PretrainConfig` = the engine's sections + `model` (architecture), `mask` (masking) and `clip` (how clips
-are cut from videos). The engine never sees any of them; it only calls the `Task` methods below.
+The config (`pretrain/config.py`: `PretrainConfig`) adds `data`, `model`, `mask` and `clip` to the engine's
+sections; the engine never sees them, it only calls the `Task` hooks below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from data_shards.loader import SamplingSpec
-from pretrain.engine import ConfigError, EngineConfig, StepOutput, TaskContext, resume_key
+from data_shards.loader import SamplingSpec, VideoLoader
+from pretrain.config import PretrainConfig
+from pretrain.data import make_loader, val_loader
+from pretrain.engine import StepOutput, Task, TaskContext
 from pretrain.models import (
-    MAEConfig,
     MaskedVideoAutoencoder,
-    VideoViTConfig,
     apply_activation_checkpointing,
     make_mask,
     reconstruct_video,
     save_model,
     training_flops_per_clip,
 )
+from pretrain.models.io import write_run_model
 
 
-@dataclass
-class ModelSection:
-    """Encoder preset + overrides and the MAE decoder. `encoder` takes any other VideoViTConfig field."""
-
-    preset: str = resume_key("vit-b")
-    img_size: int | None = resume_key(None)
-    num_frames: int | None = resume_key(None)
-    patch_size: int | None = resume_key(None)
-    tubelet_size: int | None = resume_key(None)
-    drop_path_rate: float = resume_key(0.0)
-    encoder: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
-    decoder_embed_dim: int | None = resume_key(None)
-    decoder_depth: int | None = resume_key(None)
-    decoder_num_heads: int | None = resume_key(None)
-    norm_pix_loss: bool = resume_key(True)
-    attn_impl: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"  # numerics only: may change on resume
-    activation_checkpointing: str | int = "none"  # "none" | "all" | N first encoder blocks
-
-
-@dataclass
-class MaskSection:
-    """Encoder mask (VideoMAE tube / MAE-ST random) and optional VideoMAE V2 decoder mask."""
-
-    kind: Literal["tube", "random"] = resume_key("tube")
-    ratio: float = resume_key(0.9)
-    decoder_kind: Literal["none", "running_cell"] = resume_key("none")
-    decoder_ratio: float = resume_key(0.5)  # fraction of tokens the decoder drops (V2: 0.5)
-
-
-@dataclass
-class ClipSection:
-    """Temporal sampling and augmentation (the loader's SamplingSpec; frames and size come from the model)."""
-
-    stride: int = resume_key(4)
-    clips_per_video: int = resume_key(1)  # VideoMAE V2 repeated augmentation
-    flip: bool = resume_key(True)
-    scales: tuple[float, ...] = resume_key((1.0, 0.875, 0.75, 0.66))
-
-
-@dataclass
-class PretrainConfig(EngineConfig):
-    model: ModelSection = field(default_factory=ModelSection)
-    mask: MaskSection = field(default_factory=MaskSection)
-    clip: ClipSection = field(default_factory=ClipSection)
-
-    def validate(self, world_size: int = 1) -> None:
-        super().validate(world_size)
-        mae = mae_config(self)  # raises ConfigError naming model.* keys
-        if not 0 < self.mask.ratio < 1:
-            raise ConfigError(f"mask.ratio must be in (0, 1), got {self.mask.ratio}")
-        if self.mask.decoder_kind == "running_cell":
-            _, h, w = mae.encoder.grid_size
-            if h % 2 or w % 2:
-                raise ConfigError(f"mask.decoder_kind=running_cell needs an even token grid, got {h}x{w}")
-            if self.mask.decoder_ratio not in (0.25, 0.5, 0.75):
-                raise ConfigError("mask.decoder_ratio must be 0.25, 0.5 or 0.75 for running_cell")
-        if self.train.micro_batch_size % self.clip.clips_per_video:
-            raise ConfigError(
-                f"train.micro_batch_size={self.train.micro_batch_size} must be a multiple of "
-                f"clip.clips_per_video={self.clip.clips_per_video} (each video yields that many clips)"
-            )
-        ac = self.model.activation_checkpointing
-        if not (ac in ("none", "all") or (isinstance(ac, int) and ac >= 0)):
-            raise ConfigError(
-                f"model.activation_checkpointing must be 'none', 'all' or an int >= 0, got {ac!r}"
-            )
-
-
-def encoder_overrides(model_section: Any) -> dict[str, Any]:
-    """A `model` section's encoder overrides: `model.encoder` (keys checked against VideoViTConfig, a
-    wrong one named) plus the geometry keys set directly on the section. Both stages' sections use it."""
-    m = model_section
-    fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
-    unknown = sorted(set(m.encoder) - fields)
-    if unknown:
-        raise ConfigError(f"unknown key model.encoder.{unknown[0]}; valid keys: {sorted(fields)}")
-    overrides = dict(m.encoder)
-    for name in ("img_size", "num_frames", "patch_size", "tubelet_size"):
-        if getattr(m, name) is not None:
-            overrides[name] = getattr(m, name)
-    return overrides
-
-
-def mae_config(cfg: PretrainConfig) -> MAEConfig:
-    """The MAEConfig the `model` section describes (preset + overrides), with config errors named."""
-    m = cfg.model
-    overrides = encoder_overrides(m)
-    overrides.update(drop_path_rate=m.drop_path_rate, attn_impl=m.attn_impl)
-    try:
-        mae = MAEConfig.from_preset(m.preset, **overrides)
-        dec = {k: getattr(m, f"decoder_{k}") for k in ("embed_dim", "depth", "num_heads")}
-        dec = {f"decoder_{k}": v for k, v in dec.items() if v is not None}
-        return dataclasses.replace(mae, norm_pix_loss=m.norm_pix_loss, **dec)
-    except KeyError as e:
-        raise ConfigError(f"model.preset: {e.args[0]}") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model: {e}") from e
-
-
-class MaskedVideoTask:
+class MaskedVideoTask(Task):
     """VideoMAE pretraining: masks from an explicit per-rank generator (checkpointed), norm-pix MSE."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
-        self.mae_cfg = mae_config(cfg)
+        self.mae_cfg = cfg.model.mae_config()
         self.grid = self.mae_cfg.encoder.grid_size
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.seed, self.rank = cfg.train.seed, 0
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
 
-    # -- engine protocol ---------------------------------------------------------------------------
+    # -- engine hooks ------------------------------------------------------------------------------
     def setup(self, ctx: TaskContext) -> None:
+        super().setup(ctx)
         self.device, self.seed, self.rank = ctx.device, ctx.seed, ctx.rank
         ds = self.cfg.deepspeed
         self.dtype = torch.bfloat16 if ds.bf16 else torch.float16 if ds.fp16 else torch.float32
         self.generator = torch.Generator().manual_seed(_mix(ctx.seed, ctx.rank))
+        if ctx.is_main:  # what `load_source(run_dir)` reads: a fine-tune can start from this run
+            write_run_model(self.mae_cfg, ctx.run_dir)
 
     def build_model(self) -> nn.Module:
         model = MaskedVideoAutoencoder(self.mae_cfg)
@@ -157,7 +61,16 @@ class MaskedVideoTask:
         model.register_forward_hook(_output_as_fields)
         return model
 
-    def sampling_spec(self, split: str, train: bool) -> SamplingSpec:
+    def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
+        d = self.cfg.data
+        return make_loader(
+            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
+        )
+
+    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
+        return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
+
+    def sampling_spec(self, train: bool) -> SamplingSpec:
         enc, c = self.mae_cfg.encoder, self.cfg.clip
         mean = self.mae_cfg.pixel_mean or (0.0, 0.0, 0.0)
         std = self.mae_cfg.pixel_std or (1.0, 1.0, 1.0)
@@ -227,8 +140,8 @@ class MaskedVideoTask:
         keep = 1.0 - m.decoder_ratio if m.decoder_kind != "none" else None
         return float(training_flops_per_clip(self.mae_cfg, m.ratio, keep))
 
-    def tokens_per_sample(self) -> int:
-        return self.mae_cfg.encoder.num_patches
+    def tokens_per_sample(self) -> float:
+        return float(self.mae_cfg.encoder.num_patches)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mask_generator": self.generator.get_state()}

@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`::
 
     step_00000050/                  DeepSpeed's files (model, ZeRO partitions, optimizer, scheduler)
-        rank_00000.pt               per-rank: loader position, RNG states, task state (weights_only-safe)
+        rank_00000.pt               per-rank: TrainState, loader position, RNG states, task state
+                                    (weights_only-safe)
         complete                    JSON, written by rank 0 after every rank finished: step, signature
     latest                          tag of the newest complete checkpoint (DeepSpeed's convention)
 
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, signature_diff, signature_hash
+from .config import ConfigError, signature_diff
 from .dist import barrier
 
 CKPT_DIR = "checkpoints"
@@ -141,15 +142,36 @@ def check_compatible(ckpt: Path, signature: dict[str, Any], world_size: int) -> 
     return marker
 
 
-def load(engine: Any, ckpt: Path, rank: int) -> dict[str, Any]:
-    """Collective: restore DeepSpeed state; returns this rank's resume state."""
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """`auto`: newest complete checkpoint (or a fresh start); a path: that checkpoint; None: fresh, and a
+    run directory that already has checkpoints is refused (so a typo cannot overwrite a run)."""
+    if resume in (None, "", "none", "never"):
+        if latest_complete(run_dir) is not None:
+            raise ConfigError(
+                f"{run_dir} already has checkpoints: pass --resume auto to continue that run, or set "
+                "train.run_dir to a new directory"
+            )
+        return None
+    if resume == "auto":
+        return latest_complete(run_dir)
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no '{COMPLETE}' marker)")
+    return path
+
+
+def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
+    """This rank's resume state (TrainState, RNG, task, loader): plain tensors and containers only."""
+    return torch.load(ckpt / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
+
+
+def load_engine(engine: Any, ckpt: Path) -> None:
+    """Collective: restore DeepSpeed's state (weights, ZeRO partitions, optimizer) from `ckpt`."""
     path, _ = engine.load_checkpoint(
-        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
-    rank_file = ckpt / f"rank_{rank:05d}.pt"
-    return torch.load(rank_file, map_location="cpu", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -185,14 +207,31 @@ def find_export_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
+def export(run_dir: Path, out_dir: Path, task: Any) -> Path:
+    """Consolidate the newest complete checkpoint of `run_dir` into fp32 weights, load them into the task's
+    architecture (`build_model`: no starting weights are read) and let the task write its model directory."""
+    ckpt = find_export_checkpoint(Path(run_dir))
+    state = consolidated_state_dict(ckpt)
+    model = task.build_model()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+        raise RuntimeError(
+            f"{ckpt}: weights do not match the task's model: missing {missing}, unexpected {unexpected}"
+        )
+    marker = read_marker(ckpt)
+    extra = {"step": marker["step"], "samples": marker.get("samples"), "checkpoint": str(ckpt)}
+    return task.export(model, Path(out_dir), extra)
+
+
 __all__ = [
     "check_compatible",
     "complete_checkpoints",
     "consolidated_state_dict",
+    "export",
     "latest_complete",
-    "load",
+    "load_engine",
+    "read_rank_state",
     "rng_state",
     "save",
     "set_rng_state",
-    "signature_hash",
 ]

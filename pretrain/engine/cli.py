@@ -16,7 +16,7 @@ from typing import TypeVar
 from .config import ConfigError, EngineConfig, load_config
 from .dist import env_world_size
 from .task import Task
-from .trainer import RunResult, TrainingStopped, run
+from .trainer import Outcome, RunResult, TrainingStopped, run
 
 C = TypeVar("C", bound=EngineConfig)
 T = TypeVar("T", bound=Task)
@@ -74,9 +74,14 @@ def _print_result(result: RunResult, tag: str) -> None:
     def show(p: Path) -> str:
         return str(p.resolve())
 
-    state = "stopped early (preemption or train.stop_at)" if result.preempted else "finished"
+    state = {
+        Outcome.FINISHED: "finished",
+        Outcome.EARLY_STOPPED: "stopped early (the task's early stopping)",
+        Outcome.PREEMPTED: "preempted (SIGTERM/SIGINT)",
+        Outcome.PAUSED: "paused at train.stop_at",
+    }[result.outcome]
     print(f"\n[{tag}] {state} at step {result.step}; run dir: {show(result.run_dir)}")
-    if result.preempted:
+    if not result.outcome.completed:
         print(f"[{tag}] continue with the same command plus --resume auto")
     if result.last_checkpoint:
         print(f"[{tag}] checkpoint: {show(result.last_checkpoint)}")

@@ -77,29 +77,45 @@ def init_distributed(device: torch.device, backend: str = "auto") -> DistInfo:
     return DistInfo(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (preemption, non-finite loss)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op on one rank); the trainer's one collective per step."""
     if td.is_initialized() and td.get_world_size() > 1:
-        td.all_reduce(t, op=td.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        td.all_reduce(t)
+    return t
+
+
+def min_over_ranks(n: int, device: torch.device) -> int:
+    """The smallest `n` of any rank (e.g. how many val batches every rank can run: ZeRO-3 forwards are
+    collective, so all ranks must run the same number)."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+    return int(t.item())
 
 
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if td.is_initialized() and td.get_world_size() > 1:
-        td.all_reduce(t)
-        t /= td.get_world_size()
-    return t.tolist()
-
-
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if td.is_initialized() and td.get_world_size() > 1:
-        td.all_reduce(t)
-    return t.tolist()
+    t = reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
+    return (t / (td.get_world_size() if td.is_initialized() else 1)).tolist()
 
 
 def barrier() -> None:
     if td.is_initialized() and td.get_world_size() > 1:
         td.barrier()
+
+
+class DeepSpeedRuntime:
+    """What the trainer needs from the outside world: a process group and an engine around the model.
+
+    The real one (this) starts torch.distributed through DeepSpeed and wraps the model with
+    `deepspeed.initialize`; tests hand the trainer an in-process stand-in with the same two methods.
+    """
+
+    def start(self, device: str, backend: str) -> DistInfo:
+        return init_distributed(prepare_env(device), backend)
+
+    def initialize(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]
+    ) -> Any:
+        deepspeed = import_deepspeed()
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine

@@ -1,4 +1,5 @@
-"""AdamW parameter groups (no weight decay, layer-wise LR decay) and the per-step warmup + cosine schedule.
+"""AdamW parameter groups (no weight decay, layer-wise LR decay), a step the trainer can veto, and the
+per-step warmup + cosine learning rate (a pure function of the step: nothing to checkpoint).
 
 The model tells us what it knows through three optional hooks, none of them about pixels:
 `no_weight_decay() -> set[str]`, `layer_index(name) -> int`, `num_layers_for_lr_decay: int`.
@@ -7,11 +8,12 @@ The model tells us what it knows through three optional hooks, none of them abou
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
 from .config import EngineConfig, peak_lr
 
@@ -53,14 +55,42 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, cfg: EngineConfig, device: torch.device) -> torch.optim.Optimizer:
+class VetoableAdamW(torch.optim.AdamW):
+    """AdamW whose update the trainer can veto for one optimizer step (some rank saw a non-finite loss).
+
+    DeepSpeed's ZeRO optimizers call this `step` on their fp32 partitions (per sub-group under ZeRO-3), then
+    copy the partitions back to the model: a vetoed step leaves weights and Adam moments exactly as they
+    were, at every ZeRO stage, and DeepSpeed still clears the gradients.
+    """
+
+    vetoed = False
+
+    def step(self, closure: Any = None) -> Any:
+        return None if self.vetoed else super().step(closure)
+
+    @contextmanager
+    def veto(self, skip: bool) -> Iterator[None]:
+        self.vetoed = skip
+        try:
+            yield
+        finally:
+            self.vetoed = False
+
+
+def build_optimizer(model: nn.Module, cfg: EngineConfig, device: torch.device) -> VetoableAdamW:
     """torch AdamW (fused on CUDA): passed to DeepSpeed as a client optimizer, so nothing gets compiled."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.layer_decay)
     for g in groups:
         g.pop("names")
     fused = (device.type == "cuda") if o.fused is None else o.fused
-    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    return VetoableAdamW(groups, lr=peak_lr(cfg), betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """`lr` times each group's `lr_scale` (layer-wise decay) into every parameter group."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -69,28 +99,3 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) 
         return peak * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-class WarmupCosine(LRScheduler):
-    """`lr_at` per optimizer step, times each group's `lr_scale`; state is just the step count."""
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, peak: float, warmup: int, total: int, min_lr: float
-    ) -> None:
-        self.peak, self.warmup, self.total, self.min_lr = peak, warmup, total, min_lr
-        super().__init__(optimizer)
-
-    def get_lr(self) -> list[float]:
-        value = lr_at(self.last_epoch, self.peak, self.warmup, self.total, self.min_lr)
-        return [value * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        # Only the position: the shape (peak, warmup, total) comes from the *current* config, so a resume
-        # may lengthen the run (train.steps) and the cosine stretches accordingly.
-        return {"last_epoch": self.last_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_epoch = int(state["last_epoch"])
-        for g, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            g["lr"] = lr
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]

@@ -1,32 +1,37 @@
-"""What a task supplies to the engine. The engine never looks inside a batch or a model output.
+"""The seam between the engine and a stage: `Task`. The engine never looks inside a batch or a model output.
 
-A task owns the model architecture, the loss, evaluation, and anything task-random (e.g. the mask
-generator, whose state it checkpoints through `state_dict`). Pretraining: `pretrain.task.MaskedVideoTask`;
-fine-tuning: `finetune.task.ClassificationTask` on the same `engine.run`.
+A task owns the model architecture, its initial weights, its data (the loaders), the loss, evaluation, and
+anything task-random (e.g. the mask generator, checkpointed through `state_dict`). Pretraining:
+`pretrain.task.MaskedVideoTask`; fine-tuning: `finetune.task.ClassificationTask`. Every hook below has a
+default, so the engine calls them unconditionally; a task overrides what it needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+Batch = dict[str, Any]
+
 
 @dataclass
 class StepOutput:
-    """`loss` is what gets back-propagated; `metrics` (floats) are averaged over ranks and logged."""
+    """`loss` is back-propagated. `metrics` are scalar tensors (or floats) averaged over micro-batches and
+    ranks and logged as `train/<name>`; return the same keys on every call (NaN = not measured this time)."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass
 class EvalOutcome:
-    """What the optional `Task.after_evaluate(model, metrics, step)` hook returns to the engine.
+    """What `Task.after_evaluate` returns to the engine.
 
     `stop`: end training now (early stopping); the run finishes normally (final checkpoint, export).
     `metrics`: extra values to log at this step (e.g. the best val score so far).
@@ -40,7 +45,7 @@ class EvalOutcome:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """Handed to `Task.setup` once the process group exists."""
+    """Handed to `Task.setup` once the process group exists (and to the loader hooks)."""
 
     rank: int
     world_size: int
@@ -48,45 +53,87 @@ class TaskContext:
     seed: int
     run_dir: Path
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-@runtime_checkable
-class Task(Protocol):
+
+class Loader(Protocol):
+    """What the engine needs of a loader: each iteration yields one whole epoch of micro-batches, except the
+    first iteration after `load_state_dict`, which yields the rest of the saved epoch."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __len__(self) -> int: ...  # micro-batches per epoch on this rank
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task:
+    """Base class: override `build_model`, `train_loader`, `loss` and `export`; the rest are optional."""
+
+    ctx: TaskContext
+
     def setup(self, ctx: TaskContext) -> None:
-        """Seed task-side generators from (seed, rank); called before `build_model`."""
+        """Called once the process group exists, before `build_model`: seed task-side generators."""
+        self.ctx = ctx
 
     def build_model(self) -> nn.Module:
-        """The bare module (architecture + anything applied from outside, e.g. activation checkpointing).
+        """The bare module: architecture (+ anything applied from outside, e.g. PEFT, activation
+        checkpointing), freshly initialised. No weights are read here (see `init_weights`).
 
-        Optional hooks the engine uses for optimizer groups: `no_weight_decay()`, `layer_index(name)`,
-        `num_layers_for_lr_decay`.
-        """
+        Optional hooks on the module, used for optimizer groups: `no_weight_decay()`, `layer_index(name)`,
+        `num_layers_for_lr_decay`."""
+        raise NotImplementedError
 
-    def sampling_spec(self, split: str, train: bool) -> Any:
-        """The loader's `SamplingSpec` for a split (frames, size, augmentation): the task knows the shapes."""
+    def init_weights(self, model: nn.Module) -> None:
+        """Load starting weights (e.g. a pretrained encoder) into a fresh `build_model()`. Not called on
+        resume or export, where the checkpoint supplies every weight."""
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+    def train_loader(self, ctx: TaskContext, epoch: int) -> Loader:
+        """This rank's training loader, positioned at the start of `epoch` (the engine then only calls
+        `set_epoch`, `state_dict` and `load_state_dict` on it)."""
+        raise NotImplementedError
+
+    def val_loader(self, ctx: TaskContext) -> Loader | None:
+        """This rank's evaluation loader, or None: no evaluation."""
+        return None
+
+    def loss(self, model: nn.Module, batch: Batch) -> StepOutput:
         """Forward one micro-batch through `model` (the DeepSpeed engine) and return the loss."""
+        raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Metrics over this rank's share of the val split; returned as sums or means *per rank*
-        (the engine averages them over ranks, weighted by `count` when the task returns one)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Metrics over this rank's share of the val split (the engine averages them over ranks)."""
+        return {}
 
-    def visualize(self, model: nn.Module, batch: dict[str, Any], out_dir: Path | None) -> list[Path]:
-        """Collective (every rank runs the forward, ZeRO-3 needs it); files written only when `out_dir`."""
+    def after_evaluate(self, model: nn.Module, metrics: dict[str, float], step: int) -> EvalOutcome:
+        """Collective, after every evaluation, with the rank-averaged metrics: keep a best model, decide
+        early stopping."""
+        return EvalOutcome()
+
+    def visualize(self, model: nn.Module, batch: Batch, out_dir: Path | None) -> list[Path]:
+        """Collective (ZeRO-3 forwards); files written only where `out_dir` is given (rank 0)."""
+        return []
 
     def flops_per_sample(self) -> float:
-        """Analytic training FLOPs (forward + backward) per sample, for MFU."""
+        """Analytic training FLOPs (forward + backward) per sample, for MFU; NaN when unknown."""
+        return math.nan
+
+    def tokens_per_sample(self) -> float:
+        return math.nan
+
+    def tracking_params(self) -> dict[str, Any]:
+        """Extra run parameters logged at the start (e.g. trainable parameter counts of a PEFT method)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Per-rank task state that must survive a resume (e.g. the mask generator)."""
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         """Write the deployable model directory from a module holding consolidated fp32 weights."""
-
-    # Optional hooks (looked up with getattr, so existing tasks need not define them):
-    #   after_evaluate(model, metrics, step) -> EvalOutcome   collective, after every evaluation; metrics
-    #       are the rank-averaged ones just logged. Keeps a best model, decides early stopping.
-    #   tracking_params() -> dict[str, Any]                    extra run parameters to log at the start
-    #       (e.g. trainable parameter counts of a PEFT method).
+        raise NotImplementedError

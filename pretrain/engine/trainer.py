@@ -1,23 +1,28 @@
-"""The training loop: data → task loss → backward → step → log → checkpoint → eval. Nothing else.
+"""The training loop: `Trainer(task, cfg).train()`.
 
-`run(task, cfg)` is the whole engine for both stages. Setup (process group, DeepSpeed, loaders, resume)
-comes first; the loop is the `while step < total_steps` block below and reads top to bottom.
+Read `train()` first: step → log → pictures → evaluate → checkpoint, until the run is finished, preempted
+or stopped early; the step that ends the run evaluates and checkpoints exactly once, inside the loop.
+`train_step()` is one optimizer step: gradient accumulation and one collective. Everything resumable
+(TrainState, RNG states, the task's and the loader's state, DeepSpeed's) goes through `save()` and
+`_restore()`. `__init__` only builds.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import json
 import math
 import random
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from .config import (
@@ -33,125 +38,92 @@ from .config import (
     to_yaml,
 )
 from .dist import (
+    DeepSpeedRuntime,
     DistInfo,
-    any_true,
     barrier,
     env_world_size,
-    import_deepspeed,
-    init_distributed,
     mean_over_ranks,
-    prepare_env,
+    min_over_ranks,
+    reduce_sum,
 )
-from .optim import WarmupCosine, build_optimizer
-from .task import Task, TaskContext
+from .metrics import MetricsLogger, StepStats, peak_flops_per_device
+from .optim import VetoableAdamW, build_optimizer, lr_at, set_lr
+from .state import TrainState
+from .task import Batch, StepOutput, Task, TaskContext
 from .tracking import Tracker
-
-# Peak dense FLOP/s per device (vendor datasheets, SXM parts): bf16/fp16 tensor, tf32 tensor, plain fp32.
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-}
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (e.g. too many non-finite losses); the last good checkpoint is kept."""
+    """The run stopped on purpose (too many non-finite losses in a row); the last good checkpoint is kept."""
+
+
+class Outcome(enum.Enum):
+    """How `train()` ended. FINISHED and EARLY_STOPPED complete the run (final checkpoint, evaluation,
+    export); PREEMPTED (SIGTERM/SIGINT) and PAUSED (`train.stop_at`) checkpoint and wait for `--resume`."""
+
+    FINISHED = "finished"
+    EARLY_STOPPED = "early_stopped"
+    PREEMPTED = "preempted"
+    PAUSED = "paused"
+
+    @property
+    def completed(self) -> bool:
+        return self in (Outcome.FINISHED, Outcome.EARLY_STOPPED)
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     step: int
-    preempted: bool
+    outcome: Outcome
     last_checkpoint: Path | None
     model_dir: Path | None
     tracking: str
     nonfinite_steps: int
 
 
-def peak_flops_per_device(cfg: EngineConfig, device: torch.device) -> float:
-    """`tracking.peak_tflops` if set; else the table for the CUDA device; NaN when unknown (CPU)."""
-    if cfg.tracking.peak_tflops is not None:
-        return cfg.tracking.peak_tflops * 1e12
-    if device.type != "cuda":
-        return math.nan
-    name = torch.cuda.get_device_name(device)
-    precision = (
-        "bf16"
-        if (cfg.deepspeed.bf16 or cfg.deepspeed.fp16)
-        else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-    )
-    for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table[precision]
-    return math.nan
+@dataclass(frozen=True)
+class Schedule:
+    """Run length and learning rate, fixed once the train loader's length is known."""
 
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    peak_lr: float
+    min_lr: float
 
-def peak_memory_gib(device: torch.device) -> float:
-    """CUDA max allocated, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """`auto`: newest complete checkpoint (or a fresh start); a path: that checkpoint; None/none: fresh."""
-    if resume in (None, "", "none", "never"):
-        if ckpt_io.latest_complete(run_dir) is not None:
+    @classmethod
+    def plan(cls, cfg: EngineConfig, world_size: int, micro_batches_per_epoch: int) -> Schedule:
+        accum = grad_accum_steps(cfg, world_size)
+        per_epoch = micro_batches_per_epoch // accum
+        if per_epoch < 1:
             raise ConfigError(
-                f"{run_dir} already has checkpoints: pass --resume auto to continue that run, or set "
-                "train.run_dir to a new directory"
+                f"the train loader gives {micro_batches_per_epoch} micro-batches per rank per epoch, fewer than "
+                f"one step's {accum}: lower train.global_batch_size or add data"
             )
-        return None
-    if resume == "auto":
-        return ckpt_io.latest_complete(run_dir)
-    path = Path(resume)
-    if not (path / ckpt_io.COMPLETE).is_file():
-        raise ConfigError(
-            f"--resume {resume}: not a complete checkpoint directory (no '{ckpt_io.COMPLETE}' marker)"
-        )
-    return path
+        total = cfg.train.steps or math.ceil(cfg.train.epochs * per_epoch)
+        o = cfg.optim
+        warmup = o.warmup_steps if o.warmup_steps is not None else round((o.warmup_epochs or 0) * per_epoch)
+        if warmup >= total:
+            raise ConfigError(f"warmup ({warmup} steps) must be shorter than training ({total} steps)")
+        return cls(accum, per_epoch, total, warmup, peak_lr(cfg), o.min_lr)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.peak_lr, self.warmup, self.total_steps, self.min_lr)
 
 
-def build_loader(
-    task: Task, cfg: EngineConfig, split: str, train: bool, dist: DistInfo, epoch: int = 0
-) -> Any:
-    from data_shards.loader import build_loader as _build
+class Runtime(Protocol):
+    """The process group and the engine around the model (DeepSpeed, or an in-process stand-in in tests)."""
 
-    d = cfg.data
-    kwargs: dict[str, Any] = dict(
-        batch_size=cfg.train.micro_batch_size,
-        spec=task.sampling_spec(split, train),
-        backend=d.backend,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.train.seed,
-        device=dist.device,
-        num_workers=d.num_workers,
-        drop_last=train,
-        max_skip_fraction=d.max_skip_fraction,
-        epoch=epoch,
-    )
-    if d.backend == "synthetic" and d.shards is None:
-        kwargs["num_samples"] = d.synthetic_size
-    return _build(d.shards or "", split, **kwargs)
+    def start(self, device: str, backend: str) -> DistInfo: ...
+    def initialize(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]
+    ) -> Any: ...
 
 
-def has_split(cfg: EngineConfig, split: str | None) -> bool:
-    if not split:
-        return False
-    if cfg.data.backend == "synthetic" or cfg.data.shards is None:
-        return True
-    from data_shards.format import load_manifest
-
-    info = load_manifest(cfg.data.shards).splits.get(split)
-    return info is not None and info.samples > 0
-
-
-class _Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits cleanly."""
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -168,322 +140,347 @@ class _Preemption:
             signal.signal(s, h)
 
 
-def run(task: Task, cfg: EngineConfig, resume: str | None = None) -> RunResult:
-    """Train `task` under `cfg` (validated here again: every config error precedes the process group)."""
-    cfg.validate(env_world_size())
-    run_dir = Path(cfg.train.run_dir)
-    resume_from = resolve_resume(resume, run_dir)
-    signature = resume_signature(cfg)
-    if resume_from is not None:
-        ckpt_io.check_compatible(resume_from, signature, env_world_size())
+@dataclass
+class _Step:
+    """What `train_step` hands back to the loop for a completed step."""
 
-    # ---- build ---------------------------------------------------------------------------------
-    device = prepare_env(cfg.train.device)
-    dist = init_distributed(device, cfg.deepspeed.dist_backend)
-    deepspeed = import_deepspeed()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed = cfg.train.seed
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # same initial weights on every rank
-    task.setup(TaskContext(dist.rank, dist.world_size, device, seed, run_dir))
-    model = task.build_model().to(device)
+    stats: StepStats
+    preempt: bool  # some rank was asked to stop (SIGTERM/SIGINT)
+    batch: Batch
 
-    loader = build_loader(task, cfg, cfg.data.train_split, True, dist)
-    accum = grad_accum_steps(cfg, dist.world_size)
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"{cfg.data.train_split} split gives {len(loader)} micro-batches per rank per epoch, fewer than one "
-            f"step's {accum}: lower train.global_batch_size or add data"
+
+class Trainer:
+    """Builds the run in `__init__`; `train()` runs it; `evaluate()`, `save()` and `close()` are its parts."""
+
+    def __init__(
+        self, task: Task, cfg: EngineConfig, resume: str | None = None, runtime: Runtime | None = None
+    ) -> None:
+        cfg.validate(env_world_size())  # every config error precedes the process group
+        self.task, self.cfg = task, cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.signature = resume_signature(cfg)
+        self.resume_from = ckpt_io.resolve_resume(resume, self.run_dir)
+        if self.resume_from is not None:
+            ckpt_io.check_compatible(self.resume_from, self.signature, env_world_size())
+        runtime = runtime or DeepSpeedRuntime()
+        self.dist = runtime.start(cfg.train.device, cfg.deepspeed.dist_backend)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(cfg.train.seed)  # same initial weights on every rank
+        self.ctx = TaskContext(
+            self.dist.rank, self.dist.world_size, self.dist.device, cfg.train.seed, self.run_dir
         )
-    total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    o = cfg.optim
-    warmup = o.warmup_steps if o.warmup_steps is not None else round((o.warmup_epochs or 0) * steps_per_epoch)
-    if warmup >= total_steps:
-        raise ConfigError(f"warmup ({warmup} steps) must be shorter than training ({total_steps} steps)")
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = WarmupCosine(optimizer, peak_lr(cfg), warmup, total_steps, o.min_lr)
-    ds_json = deepspeed_config(cfg, dist.world_size)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_json
-    )
+        task.setup(self.ctx)
+        model = task.build_model().to(self.dist.device)
+        saved = ckpt_io.read_rank_state(self.resume_from, self.dist.rank) if self.resume_from else None
+        if saved is None:
+            task.init_weights(model)
+        self.state = TrainState()
+        if saved is not None:
+            self.state.load_state_dict(saved["train"])
+        self.train_loader = task.train_loader(self.ctx, self.state.epoch)
+        self.val_loader = task.val_loader(self.ctx)
+        self.schedule = Schedule.plan(cfg, self.dist.world_size, len(self.train_loader))
+        self.optimizer: VetoableAdamW = build_optimizer(model, cfg, self.dist.device)
+        self.engine = runtime.initialize(model, self.optimizer, deepspeed_config(cfg, self.dist.world_size))
+        if saved is not None:
+            self._restore(saved)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, self.dist.is_main)
+        self.metrics = self._metrics_logger()
+        self.last_checkpoint = ckpt_io.latest_complete(self.run_dir)
+        self._metric_keys: list[str] | None = None
+        self._skipped_in_a_row = 0
+        self.preemption: Preemption | None = None
+        if self.dist.is_main:
+            self._record_run()
 
-    resolved = {
-        "resolved.world_size": dist.world_size,
-        "resolved.grad_accum_steps": accum,
-        "resolved.total_steps": total_steps,
-        "resolved.steps_per_epoch": steps_per_epoch,
-        "resolved.warmup_steps": warmup,
-        "resolved.peak_lr": peak_lr(cfg),
-        "resolved.signature_hash": signature_hash(signature),
-    }
-    tracker = Tracker(cfg.tracking, run_dir, dist.is_main)
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=2) + "\n")
-        task_params = getattr(task, "tracking_params", None)  # optional hook: e.g. trainable parameter counts
-        tracker.log_params({**flatten(to_dict(cfg)), **resolved, **(task_params() if task_params else {})})
-        tracker.log_artifact(run_dir / "config.yaml")
-        tracker.log_artifact(run_dir / "deepspeed.json")
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> RunResult:
+        """Optimizer steps until the run is finished, preempted or stopped early (see `Outcome`)."""
+        self.preemption = Preemption()
+        batches = self._batches()
+        outcome: Outcome | None = None
+        try:
+            self.engine.train()
+            while outcome is None:
+                done = self.train_step(batches)
+                if done is None:  # skipped: some rank saw a non-finite loss
+                    continue
+                self._log(done.stats)
+                outcome = self._outcome(done.preempt)
+                if self._due(self.cfg.train.visualize_every):
+                    self.visualize(done.batch)
+                if self._eval_due(outcome) and self.evaluate_and_report():
+                    outcome = Outcome.EARLY_STOPPED
+                if outcome or self._due(self.cfg.checkpoint.every):
+                    self._checkpoint(outcome)
+            model_dir = self._export_final() if outcome.completed else None
+        except BaseException:
+            self.close("FAILED")
+            raise
+        finally:
+            self.preemption.restore()
+        self.close("FINISHED" if outcome.completed else "KILLED")
+        return RunResult(
+            self.run_dir,
+            self.state.step,
+            outcome,
+            self.last_checkpoint,
+            model_dir,
+            self.tracker.describe(),
+            self.state.nonfinite,
+        )
 
-    step, samples, epoch, nonfinite_total = 0, 0, 0, 0
-    if resume_from is not None:
-        state = ckpt_io.load(engine, resume_from, dist.rank)
-        step, samples, epoch = state["step"], state["samples"], state["epoch"]
-        nonfinite_total = state["nonfinite_total"]
-        ckpt_io.set_rng_state(state["rng"])
-        task.load_state_dict(state["task"])
-        loader.set_epoch(epoch)
-        loader.load_state_dict(state["loader"])
-    else:
-        loader.set_epoch(epoch)
+    def train_step(self, batches: Iterator[Batch]) -> _Step | None:
+        """One optimizer step over `schedule.accum` micro-batches, then one collective carrying the loss,
+        metrics, data wait, non-finite count and preemption flag of every rank. A non-finite loss on any
+        rank vetoes the update on every rank: the step is counted as skipped and None is returned."""
+        lr = self.schedule.lr(self.state.step)
+        set_lr(self.optimizer, lr)
+        totals: torch.Tensor | None = None
+        for i in range(self.schedule.accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - t0
+            out = self.task.loss(self.engine, batch)
+            self.engine.backward(out.loss)
+            row = self._stats_row(out, wait)
+            totals = row if totals is None else totals + row
+            if i < self.schedule.accum - 1:
+                self.engine.step()  # DeepSpeed accumulates; the update happens at the boundary below
+        preempt = float(self.preemption is not None and self.preemption.requested)
+        summed = reduce_sum(torch.cat([totals, totals.new_tensor([preempt])])).tolist()
+        skip = summed[0] > 0
+        with self.optimizer.veto(skip):
+            self.engine.step()
+        if skip:
+            self._count_skip()
+            return None
+        self._skipped_in_a_row = 0
+        self.state.step += 1
+        self.state.samples += self.cfg.train.global_batch_size
+        return _Step(self._step_stats(summed, lr), summed[-1] > 0, batch)
 
-    def save() -> Path:
+    # ------------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the val loader (at most `train.eval_batches` per rank), rank-averaged."""
+        assert self.val_loader is not None
+        n = (
+            len(self.val_loader)
+            if not self.cfg.train.eval_batches
+            else min(len(self.val_loader), self.cfg.train.eval_batches)
+        )
+        n = min_over_ranks(n, self.dist.device)  # ZeRO-3 forwards are collective: the same count everywhere
+        self.engine.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.engine, itertools.islice(self.val_loader, n))
+        self.engine.train()
+        keys = sorted(metrics)
+        return dict(zip(keys, mean_over_ranks([float(metrics[k]) for k in keys], self.dist.device)))
+
+    def evaluate_and_report(self) -> bool:
+        """Evaluate, log `val/*`, run the task's `after_evaluate` (collective); True = stop early."""
+        with self.metrics.paused():
+            metrics = self.evaluate()
+            step = self.state.step
+            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+            outcome = self.task.after_evaluate(self.engine, metrics, step)
+            if outcome.metrics:
+                self.tracker.log_metrics(outcome.metrics, step)
+            for path in outcome.artifacts:
+                self.tracker.log_artifact(path, path.name)
+        if outcome.stop:
+            self.metrics.note(f"[tubelet] early stopping at step {step} (the task's after_evaluate)")
+        return outcome.stop
+
+    def visualize(self, batch: Batch) -> None:
+        """The task's pictures of `batch` (collective forward), logged as artifacts by rank 0."""
+        tag = ckpt_io.tag_for(self.state.step)
+        with self.metrics.paused():
+            self.engine.eval()
+            with torch.no_grad():
+                files = self.task.visualize(
+                    self.engine, batch, self.run_dir / "images" / tag if self.dist.is_main else None
+                )
+            self.engine.train()
+            for f in files:
+                self.tracker.log_artifact(f, f"reconstructions/{tag}")
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def save(self) -> Path:
+        """Collective: DeepSpeed's state + this rank's resume state; complete (marker written) on return."""
         rank_state = {
-            "step": step,
-            "samples": samples,
-            "epoch": epoch,
-            "nonfinite_total": nonfinite_total,
+            "train": self.state.state_dict(),
             "rng": ckpt_io.rng_state(),
-            "task": task.state_dict(),
-            "loader": loader.state_dict(),
+            "task": self.task.state_dict(),
+            "loader": self.train_loader.state_dict(),
         }
         marker = {
-            "signature": signature,
-            "world_size": dist.world_size,
-            "zero_stage": cfg.deepspeed.zero_stage,
-            "samples": samples,
-            "epoch": epoch,
+            "signature": self.signature,
+            "world_size": self.dist.world_size,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "samples": self.state.samples,
+            "epoch": self.state.epoch,
         }
-        return ckpt_io.save(engine, run_dir, step, dist.rank, rank_state, marker, cfg.checkpoint.keep_last)
+        with self.metrics.paused():
+            self.last_checkpoint = ckpt_io.save(
+                self.engine,
+                self.run_dir,
+                self.state.step,
+                self.dist.rank,
+                rank_state,
+                marker,
+                self.cfg.checkpoint.keep_last,
+            )
+        return self.last_checkpoint
 
-    val_split = cfg.data.val_split if has_split(cfg, cfg.data.val_split) else None
-    early_stopped = False
+    def close(self, status: str) -> None:
+        """End tracking (MLflow status FINISHED / KILLED / FAILED) and the progress bar."""
+        self.metrics.close()
+        self.tracker.close(status)
 
-    def after_evaluate(metrics: dict[str, float]) -> bool:
-        """Log val metrics; the optional `task.after_evaluate` hook may keep a best model / stop early."""
-        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
-        hook = getattr(task, "after_evaluate", None)
-        if hook is None:
-            return False
-        outcome = hook(engine, metrics, step)  # collective: every rank calls it with the same metrics
-        if outcome.metrics:
-            tracker.log_metrics(outcome.metrics, step)
-        for path in outcome.artifacts:
-            tracker.log_artifact(path, path.name)
-        return bool(outcome.stop)
+    # ----------------------------------------------------------------------------------------- parts
+    def _batches(self) -> Iterator[Batch]:
+        """Micro-batches forever; an exhausted loader starts the next epoch (`state.epoch` counts them)."""
+        while True:
+            self.train_loader.set_epoch(self.state.epoch)
+            yield from self.train_loader
+            self.state.epoch += 1
 
-    def evaluate() -> dict[str, float]:
-        val = build_loader(task, cfg, val_split, False, dist)
-        n = len(val) if not cfg.train.eval_batches else min(len(val), cfg.train.eval_batches)
-        n = _min_over_ranks(n, device) if dist.world_size > 1 else n  # ZeRO-3 forwards are collective
-        engine.eval()
-        with torch.no_grad():
-            metrics = task.evaluate(engine, _take(val, n))
-        engine.train()
-        keys = sorted(metrics)
-        return dict(zip(keys, mean_over_ranks([float(metrics[k]) for k in keys], device)))
+    def _stats_row(self, out: StepOutput, wait_s: float) -> torch.Tensor:
+        """[non-finite?, loss, wait, (metric sum, metric count) per metric] on the device: no host sync."""
+        if self._metric_keys is None:
+            self._metric_keys = sorted(out.metrics)
+        if sorted(out.metrics) != self._metric_keys:
+            raise RuntimeError(
+                f"{type(self.task).__name__}.loss returned metrics {sorted(out.metrics)}, earlier {self._metric_keys}: "
+                "return the same keys every call (NaN when not measured)"
+            )
+        loss = out.loss.detach().double()
+        finite = torch.isfinite(loss)
+        parts = [(~finite).double(), torch.where(finite, loss, 0.0), loss.new_tensor(wait_s)]
+        for k in self._metric_keys:
+            v = torch.as_tensor(out.metrics[k], device=loss.device).detach().double()
+            ok = torch.isfinite(v)
+            parts += [torch.where(ok, v, 0.0), ok.double()]
+        return torch.stack(parts)
 
-    # ---- loop ----------------------------------------------------------------------------------
-    flops_per_sample = float(task.flops_per_sample())
-    tokens_per_sample = float(getattr(task, "tokens_per_sample", lambda: math.nan)())
-    peak = peak_flops_per_device(cfg, device)
-    preempt = _Preemption()
-    data_iter = iter(loader)
-    last_ckpt: Path | None = ckpt_io.latest_complete(run_dir)
-    consecutive_bad = 0
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0, "extra": {}}
-    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, desc="train")
-    stopped: str | None = None
-    engine.train()
-    try:
-        while step < total_steps:
-            good, step_loss, step_metrics, batch, lr_used = 0, 0.0, {}, None, math.nan
-            while good < accum:  # one optimizer step = `accum` micro-batches with a finite loss
-                t_wait = time.perf_counter()
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
-                    epoch += 1
-                    loader.set_epoch(epoch)
-                    data_iter = iter(loader)
-                    batch = next(data_iter)
-                window["wait"] += time.perf_counter() - t_wait
-
-                out = task.loss(engine, batch)
-                if any_true(not bool(torch.isfinite(out.loss.detach()).all()), device):
-                    nonfinite_total += 1
-                    consecutive_bad += 1
-                    if dist.is_main:
-                        tqdm.write(
-                            f"[tubelet] step {step}: non-finite loss, micro-batch skipped ({consecutive_bad} in a row)"
-                        )
-                    if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                        stopped = (
-                            f"{consecutive_bad} consecutive non-finite losses at step {step} "
-                            f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); stopping. "
-                            f"Last good checkpoint: {last_ckpt or 'none'}. Lower optim.lr / enable "
-                            "optim.grad_clip, or check the data."
-                        )
-                        raise TrainingStopped(stopped)
-                    continue
-                consecutive_bad = 0
-                lr_used = float(max(engine.get_lr()))  # the top layer's (lr_scale 1)
-                engine.backward(out.loss)
-                engine.step()
-                good += 1
-                step_loss += float(out.loss.detach()) / accum
-                for k, v in out.metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / accum
-            step += 1
-            samples += cfg.train.global_batch_size
-            window["steps"] += 1
-            window["loss"] += step_loss
-            window["lr"] = lr_used
-            for k, v in step_metrics.items():
-                window["extra"][k] = window["extra"].get(k, 0.0) + v
-
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                _log(
-                    engine,
-                    tracker,
-                    bar,
-                    window,
-                    step,
-                    epoch,
-                    samples,
-                    cfg,
-                    dist,
-                    device,
-                    flops_per_sample,
-                    tokens_per_sample,
-                    peak,
-                    nonfinite_total,
-                )
-            else:
-                bar.update(1)
-
-            if cfg.train.visualize_every and step % cfg.train.visualize_every == 0:
-                out_dir = run_dir / "images" / ckpt_io.tag_for(step) if dist.is_main else None
-                engine.eval()
-                with torch.no_grad():
-                    files = task.visualize(engine, batch, out_dir)
-                engine.train()
-                for f in files:
-                    tracker.log_artifact(f, f"reconstructions/{ckpt_io.tag_for(step)}")
-
-            preempted = any_true(preempt.requested, device) or step == cfg.train.stop_at
-            if preempted or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                last_ckpt = save()
-            if preempted:
-                break
-            due = val_split and cfg.train.eval_every and step % cfg.train.eval_every == 0
-            if due and step < total_steps and after_evaluate(evaluate()):
-                early_stopped = True
-                if dist.is_main:
-                    tqdm.write(f"[tubelet] early stopping at step {step} (the task's after_evaluate hook)")
-                break
-
-        preempted = step < total_steps and not early_stopped
-        if not preempted:
-            if cfg.checkpoint.save_final and (last_ckpt is None or last_ckpt.name != ckpt_io.tag_for(step)):
-                last_ckpt = save()
-            if val_split and not early_stopped:
-                after_evaluate(evaluate())
-        model_dir = None
-        if not preempted and cfg.tracking.log_model and last_ckpt is not None:
-            barrier()
-            if dist.is_main:
-                model_dir = export(last_ckpt.parent.parent, run_dir / "model", task)
-                tracker.log_artifact(model_dir, "model")
-            barrier()
-        bar.close()
-        tracker.close("KILLED" if preempted else "FINISHED")
-        return RunResult(run_dir, step, preempted, last_ckpt, model_dir, tracker.describe(), nonfinite_total)
-    except BaseException:
-        bar.close()
-        tracker.close("FAILED")
-        raise
-    finally:
-        preempt.restore()
-
-
-def _take(loader: Any, n: int) -> Any:
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch
-
-
-def _min_over_ranks(n: int, device: torch.device) -> int:
-    import torch.distributed as td
-
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    td.all_reduce(t, op=td.ReduceOp.MIN)
-    return int(t.item())
-
-
-def _log(
-    engine: Any,
-    tracker: Tracker,
-    bar: Any,
-    window: dict[str, Any],
-    step: int,
-    epoch: int,
-    samples: int,
-    cfg: EngineConfig,
-    dist: DistInfo,
-    device: torch.device,
-    flops_per_sample: float,
-    tokens_per_sample: float,
-    peak: float,
-    nonfinite_total: int,
-) -> None:
-    """Average the window's loss/metrics over ranks, compute throughput, write jsonl/MLflow, move the bar."""
-    n = window["steps"]
-    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    keys = sorted(window["extra"])
-    vals = mean_over_ranks(
-        [window["loss"] / n, window["wait"] / elapsed] + [window["extra"][k] / n for k in keys], device
-    )
-    clips_s = n * cfg.train.global_batch_size / elapsed
-    grad_norm = engine.get_global_grad_norm()
-    lr = window["lr"]  # the LR this step used (the scheduler has already moved on)
-    metrics = {
-        "loss": vals[0],
-        "lr": float(lr),
-        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-        "clips_per_s": clips_s,
-        "tokens_per_s": clips_s * tokens_per_sample,
-        "data_wait_frac": vals[1],
-        "mfu": flops_per_sample * clips_s / (dist.world_size * peak) if peak == peak else math.nan,
-        "peak_mem_gib": peak_memory_gib(device),
-        "epoch": float(epoch),
-        "samples": float(samples),
-        "nonfinite_total": float(nonfinite_total),
-        **{f"train/{k}": v for k, v in zip(keys, vals[2:])},
-    }
-    tracker.log_metrics(metrics, step)
-    bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{float(lr):.2e}", clips_s=f"{clips_s:.1f}", refresh=False)
-    bar.update(step - bar.n)
-    window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0, extra={})
-
-
-def export(run_dir: Path, out_dir: Path, task: Task) -> Path:
-    """Consolidate the newest complete checkpoint of `run_dir` into fp32 weights and let the task write
-    its model directory (for MAE: `save_model` → model.safetensors + config.json)."""
-    ckpt = ckpt_io.find_export_checkpoint(Path(run_dir))
-    state = ckpt_io.consolidated_state_dict(ckpt)
-    model = task.build_model()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
-        raise RuntimeError(
-            f"{ckpt}: weights do not match the task's model: missing {missing}, unexpected {unexpected}"
+    def _step_stats(self, summed: list[float], lr: float) -> StepStats:
+        world = self.dist.world_size
+        metrics = {}
+        for i, k in enumerate(self._metric_keys or []):
+            total, count = summed[3 + 2 * i], summed[4 + 2 * i]
+            metrics[k] = total / count if count else math.nan
+        return StepStats(
+            loss=summed[1] / (self.schedule.accum * world), lr=lr, wait_s=summed[2] / world, metrics=metrics
         )
-    marker = ckpt_io.read_marker(ckpt)
-    return task.export(
-        model,
-        Path(out_dir),
-        {"step": marker["step"], "samples": marker.get("samples"), "checkpoint": str(ckpt)},
-    )
+
+    def _count_skip(self) -> None:
+        self.state.nonfinite += 1
+        self._skipped_in_a_row += 1
+        limit = self.cfg.train.max_consecutive_nonfinite
+        self.metrics.note(
+            f"[tubelet] step {self.state.step}: non-finite loss, step skipped ({self._skipped_in_a_row} in a row)"
+        )
+        if self._skipped_in_a_row >= limit:
+            raise TrainingStopped(
+                f"{self._skipped_in_a_row} consecutive non-finite losses at step {self.state.step} "
+                f"(train.max_consecutive_nonfinite={limit}); stopping. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Lower optim.lr / enable optim.grad_clip, or check the data."
+            )
+
+    def _outcome(self, preempt: bool) -> Outcome | None:
+        if self.state.step >= self.schedule.total_steps:
+            return Outcome.FINISHED
+        if self.state.step == self.cfg.train.stop_at:
+            return Outcome.PAUSED
+        return Outcome.PREEMPTED if preempt else None
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and self.state.step % every == 0
+
+    def _eval_due(self, outcome: Outcome | None) -> bool:
+        """At the last step, and every `train.eval_every` steps before it (not when preempted or paused)."""
+        if self.val_loader is None:
+            return False
+        return outcome is Outcome.FINISHED or (outcome is None and self._due(self.cfg.train.eval_every))
+
+    def _log(self, stats: StepStats) -> None:
+        self.metrics.add(stats)
+        if self._due(self.cfg.train.log_every) or self.state.step == self.schedule.total_steps:
+            s = self.state
+            grad_norm = self.engine.get_global_grad_norm()
+            self.metrics.log(
+                s.step, epoch=s.epoch, samples=s.samples, nonfinite=s.nonfinite, grad_norm=grad_norm
+            )
+
+    def _checkpoint(self, outcome: Outcome | None) -> None:
+        """Save at this step unless it is already saved, or the run finished with `save_final` off."""
+        if outcome is Outcome.FINISHED and not self.cfg.checkpoint.save_final:
+            return
+        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.tag_for(self.state.step):
+            self.save()
+
+    def _export_final(self) -> Path | None:
+        """Rank 0 writes `<run_dir>/model` from the last checkpoint (tracking.log_model) and logs it."""
+        if not self.cfg.tracking.log_model or self.last_checkpoint is None:
+            return None
+        barrier()
+        model_dir = None
+        if self.dist.is_main:
+            model_dir = ckpt_io.export(self.run_dir, self.run_dir / "model", self.task)
+            self.tracker.log_artifact(model_dir, "model")
+        barrier()
+        return model_dir
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        assert self.resume_from is not None
+        ckpt_io.load_engine(self.engine, self.resume_from)
+        self.task.load_state_dict(saved["task"])
+        self.train_loader.load_state_dict(saved["loader"])
+        ckpt_io.set_rng_state(saved["rng"])  # last: everything built so far may have drawn numbers
+
+    def _metrics_logger(self) -> MetricsLogger:
+        ds = self.cfg.deepspeed
+        peak = peak_flops_per_device(self.dist.device, ds.bf16 or ds.fp16, self.cfg.tracking.peak_tflops)
+        return MetricsLogger(
+            self.tracker,
+            global_batch=self.cfg.train.global_batch_size,
+            world_size=self.dist.world_size,
+            device=self.dist.device,
+            flops_per_sample=float(self.task.flops_per_sample()),
+            tokens_per_sample=float(self.task.tokens_per_sample()),
+            peak_flops=peak,
+            total_steps=self.schedule.total_steps,
+            start_step=self.state.step,
+            show=self.dist.is_main,
+        )
+
+    def _record_run(self) -> None:
+        """Rank 0: the resolved config and DeepSpeed JSON in the run dir and the tracker, with parameters."""
+        ds_json = deepspeed_config(self.cfg, self.dist.world_size)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=2) + "\n")
+        s = self.schedule
+        resolved = {
+            "resolved.world_size": self.dist.world_size,
+            "resolved.grad_accum_steps": s.accum,
+            "resolved.total_steps": s.total_steps,
+            "resolved.steps_per_epoch": s.steps_per_epoch,
+            "resolved.warmup_steps": s.warmup,
+            "resolved.peak_lr": s.peak_lr,
+            "resolved.signature_hash": signature_hash(self.signature),
+        }
+        self.tracker.log_params({**flatten(to_dict(self.cfg)), **resolved, **self.task.tracking_params()})
+        self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.tracker.log_artifact(self.run_dir / "deepspeed.json")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(task: Task, cfg: EngineConfig, resume: str | None = None) -> RunResult:
+    """Build a `Trainer` and train: what `python -m pretrain` / `python -m finetune` do."""
+    return Trainer(task, cfg, resume).train()

@@ -340,6 +340,21 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
     return from_hf_model(hf_model)
 
 
+def config_from_hf_dir(hf_dir: str | Path) -> tuple[str, Any]:
+    """(our architecture name, our config) of an HF VideoMAE directory, without reading its weights."""
+    from transformers import VideoMAEConfig
+
+    hf_cfg = VideoMAEConfig.from_pretrained(str(hf_dir))
+    arch = (hf_cfg.architectures or ["VideoMAEModel"])[0]
+    if arch == "VideoMAEForPreTraining":
+        return "MaskedVideoAutoencoder", mae_config_from_hf(hf_cfg)
+    if arch == "VideoMAEForVideoClassification":
+        return "VideoClassifier", classifier_config_from_hf(hf_cfg)
+    if arch == "VideoMAEModel":
+        return "VideoViT", encoder_config_from_hf(hf_cfg, final_norm=not hf_cfg.use_mean_pooling)
+    raise ValueError(f"{hf_dir}: unsupported HF architecture {arch}")
+
+
 def to_hf(model: nn.Module, out_dir: str | Path) -> Path:
     """Write our model as an HF ``save_pretrained`` directory (config.json + model.safetensors)."""
     out = Path(out_dir)

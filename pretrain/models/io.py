@@ -1,14 +1,17 @@
 """The model directory: ``model.safetensors`` + ``config.json``. The one serialization path for models.
 
 ``config.json`` records the architecture, task, preset and the full dataclass config, so
-``load_model(dir)`` rebuilds the exact module without any other input.
+``load_model(dir)`` rebuilds the exact module without any other input. ``load_source(path)`` is the one
+way a later stage sees an earlier one: a training run directory (its ``model.json`` + newest complete
+checkpoint), a model directory, or a Hugging Face VideoMAE directory, each as (architecture, config, weights).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +25,7 @@ from .vit import VideoViT, VideoViTConfig
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+RUN_MODEL_NAME = "model.json"  # a training run directory's architecture: config.json's content, no weights
 
 # architecture name → (module class, config class, task)
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type, str]] = {
@@ -35,6 +39,40 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
+def architecture_of(cfg: Any) -> str:
+    """The registered architecture a config dataclass builds."""
+    for arch, (_, cfg_cls, _) in ARCHITECTURES.items():
+        if type(cfg) is cfg_cls:
+            return arch
+    raise TypeError(
+        f"no registered architecture takes a {type(cfg).__name__}; known: {sorted(ARCHITECTURES)}"
+    )
+
+
+def model_meta(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config.json``'s content for a model config (architecture, task, preset, the full config)."""
+    arch = architecture_of(cfg)
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "architecture": arch,
+        "task": ARCHITECTURES[arch][2],
+        "preset": getattr(cfg, "preset", None) or getattr(getattr(cfg, "encoder", None), "preset", None),
+        "config": config_to_dict(cfg),
+    }
+    if hasattr(cfg, "class_names"):
+        meta["class_names"] = cfg.class_names
+    if extra:
+        meta["extra"] = extra
+    return meta
+
+
+def write_run_model(cfg: Any, run_dir: str | Path) -> Path:
+    """Record a training run's architecture as ``<run_dir>/model.json`` (what ``load_source`` reads)."""
+    path = Path(run_dir) / RUN_MODEL_NAME
+    path.write_text(json.dumps(model_meta(cfg), indent=2) + "\n")
+    return path
+
+
 def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the directory.
 
@@ -44,19 +82,7 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | No
     arch = type(model).__name__
     if arch not in ARCHITECTURES:
         raise TypeError(f"save_model supports {sorted(ARCHITECTURES)}, got {arch}")
-    cfg = model.cfg
-    enc_cfg = cfg if isinstance(cfg, VideoViTConfig) else cfg.encoder
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "architecture": arch,
-        "task": ARCHITECTURES[arch][2],
-        "preset": enc_cfg.preset,
-        "config": config_to_dict(cfg),
-    }
-    if isinstance(cfg, VideoClassifierConfig):
-        meta["class_names"] = cfg.class_names
-    if extra:
-        meta["extra"] = extra
+    meta = model_meta(model.cfg, extra)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # state_dict() of a checkpoint-wrapped model already has the plain key names (torch's hooks).
@@ -67,8 +93,8 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | No
 
 
 def read_model_config(path: str | Path) -> tuple[str, Any, dict[str, Any]]:
-    """(architecture, dataclass config, raw config.json) of a model directory."""
-    cfg_path = Path(path) / CONFIG_NAME
+    """(architecture, dataclass config, raw JSON) of a model directory (or a run's ``model.json`` file)."""
+    cfg_path = Path(path) if Path(path).is_file() else Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: not a tubelet model directory (see save_model)")
     meta = json.loads(cfg_path.read_text())
@@ -111,3 +137,66 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         raise FileNotFoundError(f"{weights} not found")
     load_state_dict_strict(model, load_file(str(weights)), str(weights))
     return model.to(map_location)
+
+
+# ------------------------------------------------------------------------------------- starting points
+
+SourceKind = Literal["run", "model", "hf"]
+
+
+@dataclass
+class Source:
+    """A starting point: what kind of directory, the architecture it holds, its config, its weights
+    (`state_dict`, our parameter names; None when only the config was read)."""
+
+    path: Path
+    kind: SourceKind
+    architecture: str
+    config: Any
+    state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def encoder(self) -> VideoViTConfig:
+        return self.config if isinstance(self.config, VideoViTConfig) else self.config.encoder
+
+
+def source_kind(path: str | Path) -> SourceKind:
+    """'run' (a training run: model.json + checkpoints/), 'model' (tubelet model dir) or 'hf' (HF VideoMAE)."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return "model" if "architecture" in json.loads((p / CONFIG_NAME).read_text()) else "hf"
+    if (p / RUN_MODEL_NAME).is_file() and (p / "checkpoints").is_dir():
+        return "run"
+    raise FileNotFoundError(
+        f"{p}: not a model directory (config.json), an HF VideoMAE directory, or a training run directory "
+        f"({RUN_MODEL_NAME} + checkpoints/)"
+    )
+
+
+def read_source(path: str | Path) -> Source:
+    """The starting point's architecture and config, without reading weights."""
+    kind = source_kind(path)
+    if kind == "hf":
+        from .hf import config_from_hf_dir
+
+        arch, cfg = config_from_hf_dir(path)
+    else:
+        arch, cfg, _ = read_model_config(Path(path) / (RUN_MODEL_NAME if kind == "run" else CONFIG_NAME))
+    return Source(Path(path), kind, arch, cfg)
+
+
+def load_source(path: str | Path) -> Source:
+    """`read_source` plus the weights: a run directory's newest complete checkpoint (consolidated in fp32,
+    as `python -m pretrain export` does), a model directory's safetensors, or an HF directory converted."""
+    src = read_source(path)
+    if src.kind == "run":
+        from pretrain.engine import checkpoint as ckpt_io  # a run's weights live in its DeepSpeed checkpoints
+
+        src.state_dict = ckpt_io.consolidated_state_dict(ckpt_io.find_export_checkpoint(src.path))
+    elif src.kind == "model":
+        src.state_dict = dict(load_model(src.path).state_dict())
+    else:
+        from .hf import from_hf
+
+        src.state_dict = dict(from_hf(src.path).state_dict())
+    return src

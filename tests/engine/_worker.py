@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 
-from pretrain.engine import TrainingStopped, load_config, run
-from pretrain.engine.task import StepOutput
-from pretrain.task import MaskedVideoTask, PretrainConfig
+from pretrain.config import PretrainConfig
+from pretrain.engine import StepOutput, TrainingStopped, load_config, run
+from pretrain.task import MaskedVideoTask
 
 
 class NaNTask(MaskedVideoTask):

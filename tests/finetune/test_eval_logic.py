@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.augment import mix_batch, soft_targets
+from finetune.config import AugmentSection, FinetuneConfig
 from finetune.evaluate import average_per_video, classification_report, summarize
-from finetune.task import AugmentSection, ClassificationTask, FinetuneConfig, mix_batch, soft_targets
+from finetune.task import ClassificationTask
 from pretrain.engine import load_config
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.config import FinetuneSection
 from finetune.export import export_hf, export_model_dir, load_finetuned
-from finetune.peft_methods import SIDECAR_NAME, MethodSpec, apply_method
+from finetune.peft_methods import SIDECAR_NAME, apply_method
 from pretrain.engine.config import EngineConfig
 from pretrain.engine.optim import build_optimizer
 from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig, load_model
@@ -33,7 +34,7 @@ def video(n: int = 2, seed: int = 1) -> torch.Tensor:
 
 def applied(method: str, **kw: object) -> tuple[VideoClassifier, dict]:
     m = base_model()
-    s = apply_method(m, MethodSpec(method=method, **kw))
+    s = apply_method(m, FinetuneSection(method=method, **kw))
     return m, s
 
 
@@ -155,7 +156,7 @@ def test_merged_export_gives_the_adapted_logits_without_peft(
     with torch.no_grad():
         adapted = m.eval()(x)
     out = export_model_dir(
-        m, CFG, MethodSpec(method=method, **kw), tmp_path / "model", {"finetune": {"method": method}}
+        m, CFG, FinetuneSection(method=method, **kw), tmp_path / "model", {"finetune": {"method": method}}
     )
     assert not (out / SIDECAR_NAME).exists()
     meta = json.loads((out / "config.json").read_text())
@@ -179,7 +180,7 @@ def test_unmergeable_methods_export_a_sidecar(tmp_path: Path, method: str, kw: d
     x = video()
     with torch.no_grad():
         adapted = m.eval()(x)
-    out = export_model_dir(m, CFG, MethodSpec(method=method, **kw), tmp_path / "model", {})
+    out = export_model_dir(m, CFG, FinetuneSection(method=method, **kw), tmp_path / "model", {})
     assert (out / SIDECAR_NAME).is_file()
     assert json.loads((out / "config.json").read_text())["extra"]["finetune"]["merged"] is False
     with torch.no_grad():
@@ -202,7 +203,7 @@ def test_hf_export_of_a_merged_lora_model_matches(tmp_path: Path) -> None:
     kw = {"lora_targets": ["qkv", "fc1"]}
     m, _ = applied("lora", **kw)
     _perturb(m, "lora_B")
-    out = export_model_dir(m, CFG, MethodSpec(method="lora", **kw), tmp_path / "model", {})
+    out = export_model_dir(m, CFG, FinetuneSection(method="lora", **kw), tmp_path / "model", {})
     hf_dir = export_hf(out, tmp_path / "hf")
     hf = VideoMAEForVideoClassification.from_pretrained(str(hf_dir)).eval()
     x = video()

@@ -1,0 +1,215 @@
+"""Fine-tuning config: the engine's sections + `data` + `model` (the classifier) + `finetune` (starting point
+and PEFT method: one section, the one `apply_method` takes) + `augment` + `eval`.
+
+The starting point is read through `pretrain.models.io.read_source` (a pretraining run, a model directory or
+an HF VideoMAE directory); this stage never parses the other stage's YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune.peft_methods import LORA_TARGET_NAMES, METHOD_NAMES
+from pretrain.config import DataSection, ModelSection
+from pretrain.engine import ConfigError, EngineConfig, require, resume_key
+from pretrain.models import VideoClassifierConfig, VideoViTConfig
+from pretrain.models.hf import HF_FIXED_NORM_EPS
+from pretrain.models.io import Source, read_source
+
+
+@dataclass
+class ClassifierSection(ModelSection):
+    """The classifier. An `init` brings its encoder architecture; `preset` etc. apply to scratch runs."""
+
+    preset: str = resume_key("tiny")  # scratch only
+    drop_path_rate: float = resume_key(0.1)
+    num_classes: int | None = resume_key(None)  # None: the shard manifest's classes
+    use_mean_pooling: bool = resume_key(True)
+    head_dropout: float = resume_key(0.0)
+
+
+@dataclass
+class FinetuneSection:
+    """Where the weights come from and which parameters train (finetune/peft_methods.py applies it)."""
+
+    init: str | None = resume_key(None)  # run dir | model dir | HF dir | null (scratch)
+    method: Literal[METHOD_NAMES] = resume_key("full")  # type: ignore[valid-type]
+    partial_blocks: int = resume_key(1)
+    lora_rank: int = resume_key(8)
+    lora_alpha: float = resume_key(16.0)
+    lora_dropout: float = resume_key(0.0)
+    # among qkv, proj, fc1, fc2 (every block) and patch_embed (the tubelet Conv3d)
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"], metadata={"resume": True})
+    peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
+    peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
+    adapter_width: int = resume_key(64)
+    adapter_scale: float = resume_key(0.1)
+    prompt_tokens: int = resume_key(8)
+    prompt_deep: bool = resume_key(False)
+    train_fc_norm: bool = resume_key(True)  # not for method=linear (probe on a frozen, non-affine norm)
+
+    def check(self) -> None:
+        for name in ("partial_blocks", "lora_rank", "adapter_width", "prompt_tokens"):
+            require(getattr(self, name) >= 1, f"finetune.{name} must be >= 1")
+        require(0 <= self.lora_dropout < 1, "finetune.lora_dropout must be in [0, 1)")
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGET_NAMES))
+        require(
+            bool(self.lora_targets) and not bad,
+            f"finetune.lora_targets {self.lora_targets}: choose among {list(LORA_TARGET_NAMES)}",
+        )
+        require(
+            self.init is None or Path(self.init).exists(),
+            f"finetune.init={self.init}: no such directory (null = train from scratch)",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AugmentSection:
+    """Train-time clip sampling and label regularisation (VideoMAE fine-tuning recipe knobs)."""
+
+    stride: int = resume_key(4)
+    flip: bool = resume_key(True)  # off for direction-sensitive labels (left/right motion)
+    scales: tuple[float, ...] = resume_key((1.0, 0.875, 0.75, 0.66))
+    label_smoothing: float = resume_key(0.0)
+    mixup: float = resume_key(0.0)  # Beta(α, α); 0 = off
+    cutmix: float = resume_key(0.0)  # Beta(α, α); 0 = off
+    mix_prob: float = resume_key(1.0)  # probability a batch is mixed at all
+    switch_prob: float = resume_key(0.5)  # with both on: probability of cutmix instead of mixup
+
+    def check(self) -> None:
+        require(0 <= self.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)")
+        require(
+            self.mixup >= 0 and self.cutmix >= 0,
+            "augment.mixup and augment.cutmix are Beta α values: >= 0 (0 = off)",
+        )
+        require(
+            0 <= self.mix_prob <= 1 and 0 <= self.switch_prob <= 1,
+            "augment.mix_prob and augment.switch_prob must be in [0, 1]",
+        )
+        require(self.stride >= 1, "augment.stride must be >= 1")
+
+
+@dataclass
+class EvalSection:
+    """Val views during training; test views recorded for `finetune evaluate`; early stopping."""
+
+    val_clips: int = 1
+    val_crops: int = 1
+    test_clips: int = 5
+    test_crops: int = 3
+    patience: int = 0  # evaluations without a val top-1 improvement before stopping; 0 = off
+    min_delta: float = 0.0  # improvement needed to reset patience (top-1 in [0, 1])
+    keep_best: bool = True  # write <run_dir>/best (model dir) whenever val top-1 improves
+
+    def check(self, micro_batch_size: int) -> None:
+        for name in ("val_crops", "test_crops"):
+            require(getattr(self, name) in (1, 3), f"eval.{name} must be 1 or 3")
+        require(
+            self.val_clips >= 1 and self.test_clips >= 1 and self.patience >= 0,
+            "eval.val_clips / test_clips must be >= 1 and eval.patience >= 0",
+        )
+        views = self.val_clips * self.val_crops
+        require(
+            micro_batch_size % views == 0,
+            f"train.micro_batch_size={micro_batch_size} must be a multiple of eval.val_clips × eval.val_crops = "
+            f"{views} (whole videos per val batch)",
+        )
+
+
+@dataclass
+class FinetuneConfig(EngineConfig):
+    data: DataSection = field(default_factory=DataSection)
+    model: ClassifierSection = field(default_factory=ClassifierSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def validate(self, world_size: int = 1) -> None:
+        super().validate(world_size)
+        self.data.check()
+        self.model.check()
+        self.finetune.check()
+        self.augment.check()
+        self.eval.check(self.train.micro_batch_size)
+        require(
+            self.model.num_classes is not None or self.data.shards is not None,
+            "model.num_classes is needed when there is no shard manifest (data.shards)",
+        )
+        classifier_config(self)  # raises ConfigError naming the key
+
+
+def starting_point(init: str | None) -> Source | None:
+    """The init's architecture and config (no weights read), or None for a scratch run."""
+    if init is None:
+        return None
+    try:
+        src = read_source(init)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"finetune.init={init}: {e}") from e
+    if src.kind == "run" and src.architecture != "MaskedVideoAutoencoder":
+        raise ConfigError(
+            f"finetune.init={init} is a fine-tuning run: point at {init}/best or {init}/model "
+            f"(or export it with python -m finetune export)"
+        )
+    return src
+
+
+def _encoder(m: ClassifierSection, src: Source | None) -> VideoViTConfig:
+    """The init's encoder (only img_size / num_frames may change, and only with sin-cos positions) or the
+    preset's, with the section's drop path and attention backend."""
+    if src is None:
+        enc = VideoViTConfig.from_preset(m.preset, **m.encoder_overrides())
+    else:
+        enc, over = src.encoder, {}
+        for name in ("img_size", "num_frames"):
+            value = getattr(m, name)
+            if value is not None and value != getattr(enc, name):
+                require(
+                    enc.pos_embed == "sincos",
+                    f"model.{name}={value}: the init has learned positions for {getattr(enc, name)}",
+                )
+                over[name] = value
+        enc = dataclasses.replace(enc, **over)
+    return dataclasses.replace(enc, drop_path_rate=m.drop_path_rate, attn_impl=m.attn_impl)
+
+
+def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None) -> VideoClassifierConfig:
+    """The classifier this config describes: the init's encoder (or the preset) + a head for the classes."""
+    m = cfg.model
+    src = starting_point(cfg.finetune.init)
+    try:
+        enc = _encoder(m, src)
+        if class_names is None and cfg.data.shards and m.num_classes is None:
+            from data_shards.format import load_manifest
+
+            class_names = load_manifest(cfg.data.shards).classes
+        n = m.num_classes or (len(class_names) if class_names else 0)
+        require(n >= 1, "no classes: set model.num_classes or build the shards with labels")
+        if class_names is not None and len(class_names) != n:
+            class_names = None
+        # A new fc_norm uses HF's fixed eps (1e-5) so HF exports are exact; a classifier init keeps its own.
+        fc_eps = (
+            src.config.fc_norm_eps
+            if src and isinstance(src.config, VideoClassifierConfig)
+            else HF_FIXED_NORM_EPS
+        )
+        return VideoClassifierConfig(
+            encoder=enc,
+            num_classes=n,
+            use_mean_pooling=m.use_mean_pooling,
+            head_dropout=m.head_dropout,
+            fc_norm_eps=fc_eps,
+            class_names=class_names,
+        )
+    except KeyError as e:
+        raise ConfigError(f"model.preset: {e.args[0]}") from e
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model ({src.kind if src else 'scratch'} init): {e}") from e

@@ -1,0 +1,64 @@
+"""The data path of both stages: a `data` config section + the task's sampling spec → a shard loader.
+
+Tasks call these from their `train_loader` / `val_loader` hooks; the engine never imports `data_shards`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_shards.format import load_manifest
+from data_shards.loader import SamplingSpec, VideoLoader, build_loader
+from pretrain.config import DataSection
+from pretrain.engine import TaskContext
+
+
+def has_split(data: DataSection, split: str | None) -> bool:
+    """Whether `split` exists and has samples (always, for the synthetic backend without shards)."""
+    if not split:
+        return False
+    if data.backend == "synthetic" or data.shards is None:
+        return True
+    info = load_manifest(data.shards).splits.get(split)
+    return info is not None and info.samples > 0
+
+
+def make_loader(
+    data: DataSection,
+    split: str,
+    spec: SamplingSpec,
+    ctx: TaskContext,
+    batch_size: int,
+    *,
+    epoch: int = 0,
+    **selection: Any,
+) -> VideoLoader:
+    """This rank's loader over `split` (train: shuffled, remainder dropped; eval: every sample once,
+    padded). `selection` passes a subset through (`keys=`, `labels=`: see `build_loader`)."""
+    kwargs: dict[str, Any] = dict(
+        batch_size=batch_size,
+        spec=spec,
+        backend=data.backend,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=ctx.seed,
+        device=ctx.device,
+        num_workers=data.num_workers,
+        drop_last=spec.train,
+        max_skip_fraction=data.max_skip_fraction,
+        epoch=epoch,
+        **selection,
+    )
+    if data.backend == "synthetic" and data.shards is None:
+        kwargs["num_samples"] = data.synthetic_size
+    return build_loader(data.shards or "", split, **kwargs)
+
+
+def val_loader(
+    data: DataSection, spec: SamplingSpec, ctx: TaskContext, batch_size: int
+) -> VideoLoader | None:
+    """The val split's loader, or None when there is no val split (no evaluation during training)."""
+    if not has_split(data, data.val_split):
+        return None
+    assert data.val_split is not None
+    return make_loader(data, data.val_split, spec, ctx, batch_size)

@@ -1,0 +1,172 @@
+"""The engine's config sections (typed dataclasses) and the resume signature they carry.
+
+A stage's config is a dataclass that extends `EngineConfig` with its own sections (pretraining adds
+`data`, `model`, `mask`, `clip`; fine-tuning its own). Fields marked `resume=True` in their metadata (or
+inside a section so marked) form the *resume signature*: a checkpoint whose signature differs is refused.
+The engine's sections say nothing about videos: what to read and how is the task's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination is invalid; the message names the key and the fix."""
+
+
+def resume_key(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A field that must match between a checkpoint and the run resuming from it."""
+    return field(default=default, metadata={"resume": True}, **kw)
+
+
+def resume_section(factory: Any) -> Any:
+    """A whole section (every leaf under it) that must match on resume, e.g. the model architecture."""
+    return field(default_factory=factory, metadata={"resume": True})
+
+
+@dataclass
+class TrainConfig:
+    """Loop length and batch geometry. `global_batch_size` = micro × world size × grad accumulation."""
+
+    run_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.jsonl; the same path on every node
+    steps: int | None = None  # optimizer steps; exactly one of steps / epochs
+    epochs: float | None = None
+    stop_at: int | None = (
+        None  # end THIS job at that step with a checkpoint (job time slots); schedule unchanged
+    )
+    global_batch_size: int = resume_key(8)
+    micro_batch_size: int = resume_key(8)  # per rank per forward
+    seed: int = resume_key(0)
+    log_every: int = 1
+    eval_every: int = 0  # steps; 0 = only at the end (when the task has a val loader)
+    eval_batches: int = 0  # per rank; 0 = the whole val split
+    visualize_every: int = 0  # steps; 0 = off. The task renders, the engine logs the files.
+    max_consecutive_nonfinite: int = 5  # stop the run after this many skipped steps in a row
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine, per step. `lr` wins over `base_lr` × global batch / base_batch_size."""
+
+    lr: float | None = None
+    base_lr: float = 1.5e-4
+    base_batch_size: int = 256  # linear scaling rule reference (VideoMAE: 256)
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    layer_decay: float = resume_key(1.0)  # <1: layer-wise LR decay from the head to the embeddings
+    warmup_steps: int | None = None  # exactly one of warmup_steps / warmup_epochs (or neither: 0)
+    warmup_epochs: float | None = None
+    grad_clip: float = 0.0  # 0 = off
+    fused: bool | None = None  # torch AdamW fused kernel; None = on CUDA
+
+
+@dataclass
+class DeepSpeedSection:
+    """What goes into the generated DeepSpeed JSON (see `deepspeed_json.deepspeed_config`)."""
+
+    zero_stage: int = resume_key(2)
+    bf16: bool = resume_key(False)
+    fp16: bool = resume_key(False)
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    fp16_initial_scale_power: int = 16
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only on preemption and at the end
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # MLflow (metrics.jsonl is always written)
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/../mlflow.db
+    experiment: str = "tubelet"
+    run_name: str | None = None  # None: the run directory's name
+    peak_tflops: float | None = None  # per device; None: table lookup (H100/H200/A100), NaN on CPU
+    warn_every: int = 20  # warn once per this many failed MLflow calls
+    log_model: bool = True  # export the final model directory and log it as an artifact
+
+
+@dataclass
+class EngineConfig:
+    """The engine's sections. A stage subclasses it and adds its own (data, model, mask, finetune, ...)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Impossible combinations, section by section; a stage extends it (calling super) for its own."""
+        from .validate import validate_engine
+
+        validate_engine(self, world_size)
+
+
+def grad_accum_steps(cfg: EngineConfig, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+
+
+def peak_lr(cfg: EngineConfig) -> float:
+    """`optim.lr`, else the linear scaling rule: base_lr × global batch / base_batch_size."""
+    o = cfg.optim
+    return o.lr if o.lr is not None else o.base_lr * cfg.train.global_batch_size / o.base_batch_size
+
+
+# ------------------------------------------------------------------------------------ resume signature
+
+
+def resume_signature(cfg: Any, prefix: str = "", all_leaves: bool = False) -> dict[str, Any]:
+    """Flat `key -> value` of every field marked `resume` (recursively); what a resume must match."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        marked = all_leaves or bool(f.metadata.get("resume"))
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out.update(resume_signature(value, key + ".", marked))
+        elif marked:
+            out.update(_flat({key: list(value) if isinstance(value, tuple) else value}))
+    return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def signature_hash(signature: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def signature_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    missing = object()
+    return [
+        f"{k}: checkpoint {saved.get(k, '<absent>')!r} vs now {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]

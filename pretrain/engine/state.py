@@ -1,0 +1,25 @@
+"""`TrainState`: the loop's counters, the part of a checkpoint the engine itself owns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """Where training stands. `samples` counts clips of completed steps over all ranks (the global batch
+    times the step), `nonfinite` the optimizer steps skipped because some rank saw a non-finite loss."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    nonfinite: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))

@@ -1,0 +1,61 @@
+"""The layout rules DESIGN.md states, checked on the source: dependency direction (finetune → pretrain →
+data_shards; the engine imports no stage and no data code), and no function longer than 80 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_shards", "pretrain", "finetune")
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package names `path` imports (absolute imports; relative ones stay inside the package)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("where", "forbidden"),
+    [
+        ("data_shards", ("pretrain", "finetune")),
+        ("pretrain", ("finetune",)),
+        (
+            "pretrain/engine",
+            ("data_shards", "pretrain.models", "pretrain.task", "pretrain.config", "pretrain.data"),
+        ),
+        ("pretrain/models", ("data_shards", "mlflow", "deepspeed", "pretrain.task", "pretrain.config")),
+    ],
+)
+def test_dependency_direction(where: str, forbidden: tuple[str, ...]) -> None:
+    bad = [
+        f"{p.relative_to(REPO)} imports {m}"
+        for p in sorted((REPO / where).rglob("*.py"))
+        for m in _imports(p)
+        if any(m == f or m.startswith(f + ".") for f in forbidden)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for package in PACKAGES:
+        for path in _modules(package):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 80:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "\n".join(long)
