@@ -15,8 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._config import config_from_dict, config_to_dict
+from .backbones import BackboneClassifier, BackboneClassifierConfig
 from .classifier import VideoClassifier, VideoClassifierConfig
+from .cnn_rnn import CnnRnn, CnnRnnConfig
 from .mae import MAEConfig, MaskedVideoAutoencoder
+from .video_resnet import VideoResNet, VideoResNetConfig
 from .vit import VideoViT, VideoViTConfig
 
 FORMAT_VERSION = 1
@@ -28,6 +31,9 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type, str]] = {
     "MaskedVideoAutoencoder": (MaskedVideoAutoencoder, MAEConfig, "pretrain"),
     "VideoClassifier": (VideoClassifier, VideoClassifierConfig, "classification"),
     "VideoViT": (VideoViT, VideoViTConfig, "encoder"),
+    "BackboneClassifier": (BackboneClassifier, BackboneClassifierConfig, "classification"),
+    "VideoResNet": (VideoResNet, VideoResNetConfig, "encoder"),
+    "CnnRnn": (CnnRnn, CnnRnnConfig, "encoder"),
 }
 
 
@@ -45,7 +51,7 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | No
     if arch not in ARCHITECTURES:
         raise TypeError(f"save_model supports {sorted(ARCHITECTURES)}, got {arch}")
     cfg = model.cfg
-    enc_cfg = cfg if isinstance(cfg, VideoViTConfig) else cfg.encoder
+    enc_cfg = getattr(cfg, "encoder", cfg)  # classifiers and the MAE carry the encoder's preset
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "architecture": arch,
@@ -53,7 +59,7 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | No
         "preset": enc_cfg.preset,
         "config": config_to_dict(cfg),
     }
-    if isinstance(cfg, VideoClassifierConfig):
+    if isinstance(cfg, (VideoClassifierConfig, BackboneClassifierConfig)):
         meta["class_names"] = cfg.class_names
     if extra:
         meta["extra"] = extra
