@@ -55,6 +55,11 @@ class VideoClassifier(nn.Module):
             self.head.bias.mul_(cfg.init_scale)
 
     @property
+    def feature_dim(self) -> int:
+        """Width of ``forward_features`` (the classifier contract shared with ``BackboneClassifier``)."""
+        return self.cfg.encoder.embed_dim
+
+    @property
     def num_layers_for_lr_decay(self) -> int:
         return self.cfg.encoder.depth + 2
 

@@ -1,14 +1,27 @@
-"""Analytic FLOPs of the masked autoencoder, for throughput / MFU reporting.
+"""Analytic FLOPs of the masked autoencoder and of the classifiers, for throughput / MFU reporting.
 
 Convention (the one ``torch.utils.flop_counter`` and the MFU literature use): a matmul of [m,k]×[k,n]
 costs 2·m·k·n FLOPs (multiply + add); counted are all Linear layers, the tubelet Conv3d, and the two
 attention matmuls QKᵀ and AV. Norms, softmax, GELU, biases and the loss are ignored (<1% at ViT sizes).
-Training = 3 × forward (backward costs two matmuls per forward matmul), without activation recompute.
+A conv costs 2·C_in·C_out·prod(kernel)·prod(output size); a GRU/LSTM step costs its input and recurrent
+matmuls (3 or 4 gates). Training = 3 × forward (backward costs two matmuls per forward matmul), without
+activation recompute.
+
+``FlopCounterMode`` on CPU counts GRUs (they decompose into mm/addmm) but reports 0 for an LSTM, which
+dispatches to oneDNN's fused RNN op; with ``torch.backends.mkldnn.flags(enabled=False)`` it decomposes
+and matches ``rnn_forward_flops`` exactly (tests/models/test_video_cnn.py).
 """
 
 from __future__ import annotations
 
+import math
+
+from .backbones import BackboneClassifierConfig
+from .classifier import VideoClassifierConfig
+from .cnn_rnn import CnnRnnConfig
 from .mae import MAEConfig
+from .video_resnet import VideoResNetConfig, block_mid_channels
+from .vit import VideoViTConfig
 
 
 def _blocks_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> int:
@@ -44,3 +57,136 @@ def training_flops_per_clip(
 ) -> int:
     """3 × forward: the standard fwd+bwd estimate (activation recompute not included)."""
     return 3 * forward_flops_per_clip(cfg, mask_ratio, decoder_keep_ratio)
+
+
+# -- classifiers and CNN backbones ----------------------------------------------------------------------
+# Same convention: every conv / linear / RNN matmul at 2·MACs; norms, activations, pooling, biases ignored.
+
+
+def _out_len(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+class _ConvTally:
+    """Walks a conv net's output shapes and adds 2·MACs per conv (the shape arithmetic of nn.ConvNd)."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+
+    def conv(
+        self,
+        shape: tuple[int, ...],
+        c_in: int,
+        c_out: int,
+        k: tuple[int, ...],
+        s: tuple[int, ...],
+        p: tuple[int, ...],
+    ) -> tuple[int, ...]:
+        out = tuple(_out_len(n, kk, ss, pp) for n, kk, ss, pp in zip(shape, k, s, p))
+        self.flops += 2 * c_in * c_out * math.prod(k) * math.prod(out)
+        return out
+
+
+def _video_block(
+    tally: _ConvTally, thw: tuple[int, ...], c_in: int, planes: int, kind: str, stride: int
+) -> tuple[int, ...]:
+    mid = block_mid_channels(c_in, planes)
+    out = thw
+    for i, (a, b) in enumerate(((c_in, planes), (planes, planes))):
+        st = stride if i == 0 else 1
+        if kind == "3d":
+            out = tally.conv(out, a, b, (3, 3, 3), (st, st, st), (1, 1, 1))
+        elif kind == "2d":
+            out = tally.conv(out, a, b, (1, 3, 3), (1, st, st), (0, 1, 1))
+        else:
+            out = tally.conv(out, a, mid, (1, 3, 3), (1, st, st), (0, 1, 1))
+            out = tally.conv(out, mid, b, (3, 1, 1), (st, 1, 1), (1, 0, 0))
+    if stride != 1 or c_in != planes:
+        ds = (1, stride, stride) if kind == "2d" else (stride,) * 3
+        tally.conv(thw, c_in, planes, (1, 1, 1), ds, (0, 0, 0))
+    return out
+
+
+def video_resnet_forward_flops(cfg: VideoResNetConfig) -> int:
+    """Forward FLOPs of one clip through a video ResNet backbone (stem, stages; no head)."""
+    tally = _ConvTally()
+    thw: tuple[int, ...] = (cfg.num_frames, cfg.img_size, cfg.img_size)
+    w = cfg.widths[0]
+    if cfg.arch == "r2plus1d":
+        thw = tally.conv(thw, cfg.in_chans, cfg.stem_mid_channels, (1, 7, 7), (1, 2, 2), (0, 3, 3))
+        thw = tally.conv(thw, cfg.stem_mid_channels, w, (3, 1, 1), (1, 1, 1), (1, 0, 0))
+    else:
+        thw = tally.conv(thw, cfg.in_chans, w, (3, 7, 7), (1, 2, 2), (1, 3, 3))
+    c_in = w
+    for i, (planes, depth) in enumerate(zip(cfg.widths, cfg.depths)):
+        for j in range(depth):
+            stride = 2 if i > 0 and j == 0 else 1
+            thw = _video_block(tally, thw, c_in, planes, cfg.conv_kind(i), stride)
+            c_in = planes
+    return tally.flops
+
+
+def frame_resnet_forward_flops(cfg: CnnRnnConfig) -> int:
+    """Forward FLOPs of the per-frame 2-D ResNet for *one frame* (conv1, stages; max pool ignored)."""
+    tally = _ConvTally()
+    hw = tally.conv((cfg.img_size,) * 2, cfg.in_chans, cfg.widths[0], (7, 7), (2, 2), (3, 3))
+    hw = tuple(_out_len(n, 3, 2, 1) for n in hw)  # max pool
+    c_in = cfg.widths[0]
+    for i, (planes, depth) in enumerate(zip(cfg.widths, cfg.depths)):
+        for j in range(depth):
+            s = 2 if i > 0 and j == 0 else 1
+            out = tally.conv(hw, c_in, planes, (3, 3), (s, s), (1, 1))
+            out = tally.conv(out, planes, planes, (3, 3), (1, 1), (1, 1))
+            if s != 1 or c_in != planes:
+                tally.conv(hw, c_in, planes, (1, 1), (s, s), (0, 0))
+            hw, c_in = out, planes
+    return tally.flops
+
+
+def rnn_forward_flops(cfg: CnnRnnConfig) -> int:
+    """Input and recurrent matmuls of the GRU (3 gates) / LSTM (4 gates), every layer, direction and step.
+
+    Gate nonlinearities and elementwise updates are ignored like other activations (≈ 10·H per step).
+    """
+    gates = 3 if cfg.rnn == "gru" else 4
+    total = 0
+    for layer in range(cfg.layers):
+        n_in = cfg.proj_dim if layer == 0 else cfg.feature_dim
+        total += cfg.num_directions * 2 * cfg.num_frames * gates * cfg.hidden * (n_in + cfg.hidden)
+    return total
+
+
+def cnn_rnn_forward_flops(cfg: CnnRnnConfig) -> int:
+    """Forward FLOPs of one clip through CNN+RNN: the frame CNN × T, the projection, the RNN."""
+    proj = 2 * cfg.num_frames * cfg.cnn_dim * cfg.proj_dim
+    return cfg.num_frames * frame_resnet_forward_flops(cfg) + proj + rnn_forward_flops(cfg)
+
+
+def vit_encoder_forward_flops(enc: VideoViTConfig) -> int:
+    """Forward FLOPs of one clip through the ViT encoder on all tokens (no masking)."""
+    n = enc.num_patches
+    return 2 * n * enc.patch_dim * enc.embed_dim + _blocks_flops(
+        n, enc.embed_dim, enc.mlp_hidden_dim, enc.depth
+    )
+
+
+def backbone_forward_flops(cfg: VideoResNetConfig | CnnRnnConfig | VideoViTConfig) -> int:
+    """Forward FLOPs of one clip through any backbone, dispatched on its config type."""
+    if isinstance(cfg, VideoResNetConfig):
+        return video_resnet_forward_flops(cfg)
+    if isinstance(cfg, CnnRnnConfig):
+        return cnn_rnn_forward_flops(cfg)
+    if isinstance(cfg, VideoViTConfig):
+        return vit_encoder_forward_flops(cfg)
+    raise TypeError(f"no FLOPs formula for {type(cfg).__name__}")
+
+
+def classifier_forward_flops_per_clip(cfg: BackboneClassifierConfig | VideoClassifierConfig) -> int:
+    """Forward FLOPs of one clip through a classifier: backbone + head (ViT: mean pooling/fc_norm ignored)."""
+    dim = cfg.encoder.embed_dim if isinstance(cfg, VideoClassifierConfig) else cfg.encoder.feature_dim
+    return backbone_forward_flops(cfg.encoder) + 2 * dim * cfg.num_classes
+
+
+def classifier_training_flops_per_clip(cfg: BackboneClassifierConfig | VideoClassifierConfig) -> int:
+    """3 × forward (the first layer's input gradient, never computed, is over-counted)."""
+    return 3 * classifier_forward_flops_per_clip(cfg)

@@ -18,8 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._config import config_from_dict, config_to_dict
+from .backbones import BackboneClassifier, BackboneClassifierConfig
 from .classifier import VideoClassifier, VideoClassifierConfig
+from .cnn_rnn import CnnRnn, CnnRnnConfig
 from .mae import MAEConfig, MaskedVideoAutoencoder
+from .video_resnet import VideoResNet, VideoResNetConfig
 from .vit import VideoViT, VideoViTConfig
 
 FORMAT_VERSION = 1
@@ -32,6 +35,9 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type, str]] = {
     "MaskedVideoAutoencoder": (MaskedVideoAutoencoder, MAEConfig, "pretrain"),
     "VideoClassifier": (VideoClassifier, VideoClassifierConfig, "classification"),
     "VideoViT": (VideoViT, VideoViTConfig, "encoder"),
+    "BackboneClassifier": (BackboneClassifier, BackboneClassifierConfig, "classification"),
+    "VideoResNet": (VideoResNet, VideoResNetConfig, "encoder"),
+    "CnnRnn": (CnnRnn, CnnRnnConfig, "encoder"),
 }
 
 
@@ -56,7 +62,7 @@ def model_meta(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "architecture": arch,
         "task": ARCHITECTURES[arch][2],
-        "preset": getattr(cfg, "preset", None) or getattr(getattr(cfg, "encoder", None), "preset", None),
+        "preset": getattr(getattr(cfg, "encoder", cfg), "preset", None),  # a classifier's: its encoder's
         "config": config_to_dict(cfg),
     }
     if hasattr(cfg, "class_names"):
