@@ -29,7 +29,8 @@ def clean_param_name(name: str) -> str:
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """Groups keyed by (decay?, layer id): 1-D params, biases and `model.no_weight_decay()` get wd 0;
-    with `layer_decay < 1`, `lr_scale = layer_decay ** (num_layers - layer_id)` (VideoMAE / BEiT rule).
+    with `layer_decay < 1`, `lr_scale = layer_decay ** (num_layers - 1 - layer_id)`: the VideoMAE / BEiT rule,
+    layer ids 0 (embeddings) .. num_layers - 1 (head and final norm, at the full learning rate).
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     use_layers = layer_decay < 1.0 and hasattr(model, "layer_index")
@@ -47,7 +48,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
                 "params": [],
                 "names": [],
                 "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": layer_decay ** (num_layers - layer) if use_layers else 1.0,
+                "lr_scale": layer_decay ** (num_layers - 1 - layer) if use_layers else 1.0,
                 "layer_id": layer,
             }
         groups[key]["params"].append(p)

@@ -37,10 +37,11 @@ def test_layer_decay_scales() -> None:
     decay, layers = 0.75, model.num_layers_for_lr_decay  # depth 2 + 2 = 4
     groups = param_groups(model, 0.05, layer_decay=decay)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    assert scale["encoder.patch_embed.proj.weight"] == pytest.approx(decay**layers)  # layer 0
-    assert scale["encoder.blocks.0.attn.qkv.weight"] == pytest.approx(decay ** (layers - 1))
-    assert scale["encoder.blocks.1.mlp.fc2.weight"] == pytest.approx(decay ** (layers - 2))
-    assert scale["decoder.head.weight"] == pytest.approx(decay ** (layers - 3))  # depth + 1
+    # VideoMAE: decay ** (depth + 1 - layer_id), ids 0 (embeddings) .. depth + 1 (head): the head at 1.0
+    assert scale["encoder.patch_embed.proj.weight"] == pytest.approx(decay ** (layers - 1))  # layer 0
+    assert scale["encoder.blocks.0.attn.qkv.weight"] == pytest.approx(decay ** (layers - 2))
+    assert scale["encoder.blocks.1.mlp.fc2.weight"] == pytest.approx(decay ** (layers - 3))
+    assert scale["decoder.head.weight"] == pytest.approx(1.0)  # depth + 1
     assert all(g["lr_scale"] == 1.0 for g in param_groups(model, 0.05, layer_decay=1.0))
 
 
