@@ -5,6 +5,7 @@
     python -m finetune evaluate --model runs/ft/model --shards S --split test [--json]
     python -m finetune predict --model runs/ft/model a.mp4 b.webm [--top-k 5] [--json]
     python -m finetune export runs/ft OUT_DIR [--hf OUT_HF]
+    python -m finetune continual --config finetune/configs/tiny_cpu_continual.yaml data.shards=S [--resume auto]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pretrain.engine.cli import is_main_rank, train_command, training_parser
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sub = {"evaluate": _evaluate, "predict": _predict, "export": _export}
+    sub = {"evaluate": _evaluate, "predict": _predict, "export": _export, "continual": _continual}
     if argv[:1] and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = training_parser(
@@ -130,6 +131,12 @@ def _predict(argv: list[str]) -> int:
         predict_files(a.model, a.videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride), a.json
     )
     return 1 if failed else 0
+
+
+def _continual(argv: list[str]) -> int:
+    from finetune.continual.run import main as continual_main
+
+    return continual_main(argv)
 
 
 def _export(argv: list[str]) -> int:

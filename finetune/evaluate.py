@@ -86,7 +86,10 @@ def summarize(keys: list[str], probs: torch.Tensor, labels: torch.Tensor) -> dic
     topk = vprobs.topk(k, dim=1).indices
     top1 = float((topk[:, 0] == vlabels).float().mean())
     top5 = float((topk == vlabels.unsqueeze(1)).any(1).float().mean())
-    loss = float(F.nll_loss(vprobs.clamp_min(1e-12).log(), vlabels))
+    known = vlabels >= 0  # -1: a class the model has no output for (counted wrong, no likelihood)
+    loss = (
+        float(F.nll_loss(vprobs[known].clamp_min(1e-12).log(), vlabels[known])) if known.any() else math.nan
+    )
     return {
         "top1": top1,
         "top5": top5,
@@ -191,6 +194,26 @@ def _dist() -> tuple[int, int]:
     return (td.get_rank(), td.get_world_size()) if td.is_initialized() else (0, 1)
 
 
+def label_mapping(
+    model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any
+) -> torch.Tensor | None:
+    """Shard label → the model's head index: None when they are the same classes in the same order; a map
+    when the model knows a subset (continual learning: the classes seen so far; -1 = not in the head, always
+    counted wrong). Classes the shards do not have are an error naming both lists."""
+    if not model_names or not shard_names or list(model_names) == list(shard_names):
+        return None
+    unknown = sorted(set(model_names) - set(shard_names))
+    if unknown:
+        raise ValueError(f"{model_dir} was trained on classes {model_names}, the shards have {shard_names}")
+    index = {n: i for i, n in enumerate(model_names)}
+    return torch.tensor([index.get(n, -1) for n in shard_names], dtype=torch.int64)
+
+
+def _mapped(batches: Iterable[dict[str, Any]], mapping: torch.Tensor | None) -> Iterable[dict[str, Any]]:
+    for b in batches:
+        yield b if mapping is None else {**b, "label": mapping[b["label"].cpu()]}
+
+
 def evaluate_model_dir(
     model_dir: str | Path,
     shards: str | Path,
@@ -204,8 +227,10 @@ def evaluate_model_dir(
     num_workers: int = 1,
     out_dir: str | Path | None = None,
     device: str = "cpu",
+    labels: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one model directory on a shard split (collective when several ranks run it)."""
+    """Evaluate one model directory on a shard split (collective when several ranks run it); `labels`
+    restricts the split to those classes (shard label ids)."""
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
     from finetune.export import load_finetuned, model_extra
@@ -216,11 +241,8 @@ def evaluate_model_dir(
     extra = model_extra(model_dir)
     spec = sampling_for(model, extra, clips, crops, stride)
     manifest = load_manifest(shards)
+    mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir)
     names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
-    if manifest.classes and model.cfg.class_names and list(manifest.classes) != list(model.cfg.class_names):
-        raise ValueError(
-            f"{model_dir} was trained on classes {model.cfg.class_names}, the shards have {manifest.classes}"
-        )
     views = spec.views_per_video
     loader = build_loader(
         shards,
@@ -233,10 +255,11 @@ def evaluate_model_dir(
         device=dev,
         num_workers=num_workers,
         drop_last=False,
+        **({"labels": labels} if labels is not None else {}),
     )
     with torch.no_grad():
-        keys, probs, labels = gather_scores(*collect_scores(model, loader, dev, torch.float32))
-    m = summarize(keys, probs, labels)
+        scores = collect_scores(model, _mapped(loader, mapping), dev, torch.float32)
+    m = summarize(*gather_scores(*scores))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "split": split,
@@ -249,22 +272,24 @@ def evaluate_model_dir(
         "skipped": loader.stats["skipped"],
     }
     if m["n"] and rank == 0:
-        preds = m["probs"].argmax(1)
-        rows, cm, text = classification_report(m["labels"], preds, list(names))
-        result["per_class"] = rows
-        result["report"] = text
-        result["confusion"] = cm.tolist()
         out = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
-        out.mkdir(parents=True, exist_ok=True)
-        plot_confusion(
-            cm, list(names), out / "confusion.png", f"{Path(model_dir).name} {split} top-1 {m['top1']:.3f}"
-        )
-        (out / "report.txt").write_text(text + "\n")
-        (out / "metrics.json").write_text(
-            json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1) + "\n"
-        )
-        result["out_dir"] = str(out)
+        write_report(result, m, list(names), out, f"{Path(model_dir).name} {split}")
     return result
+
+
+def write_report(result: dict[str, Any], m: dict[str, Any], names: list[str], out: Path, title: str) -> None:
+    """Per-class report, confusion PNG and metrics.json into `out` (videos whose class the model does not
+    know are left out of the per-class table; they count as errors in top-1)."""
+    known = m["labels"] >= 0
+    preds = m["probs"].argmax(1)
+    rows, cm, text = classification_report(m["labels"][known], preds[known], names)
+    result.update(per_class=rows, report=text, confusion=cm.tolist(), out_dir=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(cm, names, out / "confusion.png", f"{title} top-1 {m['top1']:.3f}")
+    (out / "report.txt").write_text(text + "\n")
+    (out / "metrics.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1) + "\n"
+    )
 
 
 def log_to_mlflow(result: dict[str, Any], experiment: str, uri: str | None) -> str:

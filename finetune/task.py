@@ -26,7 +26,7 @@ from finetune.peft_methods import apply_method
 from pretrain.data import make_loader, val_loader
 from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext
 from pretrain.models import VideoClassifier, VideoClassifierConfig, apply_activation_checkpointing
-from pretrain.models.io import load_source, write_run_model
+from pretrain.models.io import Source, load_source, write_run_model
 from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 
 INIT_REPORT = "init_report.json"
@@ -70,10 +70,16 @@ class ClassificationTask(Task):
         """The starting point's weights (`finetune.init`); rank 0 prints and records what was loaded."""
         init = self.cfg.finetune.init
         if init is not None:
-            self.init_report = load_init_weights(model, load_source(init))
-        if not self.ctx.is_main:
-            return
-        if init is None:
+            self.init_report = self.load_init(model, load_source(init))
+        if self.ctx.is_main:
+            self._print_init()
+
+    def load_init(self, model: nn.Module, src: Source) -> dict[str, Any]:
+        """Weight surgery from a starting point into the (method-applied) classifier; returns the report."""
+        return load_init_weights(model, src)
+
+    def _print_init(self) -> None:
+        if self.cfg.finetune.init is None:
             print("[finetune] init: random initialisation (from scratch)", flush=True)
         else:
             print(format_init_report(self.init_report), flush=True)
@@ -110,13 +116,24 @@ class ClassificationTask(Task):
             flip=a.flip,
         )
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        """Soft-target cross-entropy (smoothing, Mixup/CutMix); `acc` only on unmixed batches (NaN otherwise)."""
+    def forward(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(logits, soft targets, labels, video as fed) of a micro-batch, Mixup/CutMix applied; `lam` = 1
+        unmixed. Labels are head indices (`head_labels`)."""
         video = batch["video"].to(self.device, self.dtype)
-        labels = batch["label"].to(self.device)
+        labels = self.head_labels(batch["label"].to(self.device))
         targets = soft_targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
         video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.rng)
-        logits = model(video).float()
+        return model(video).float(), targets, labels, video, lam
+
+    def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Shard labels → head indices (the identity here; continual learning's head covers fewer classes)."""
+        return labels
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        """Soft-target cross-entropy (smoothing, Mixup/CutMix); `acc` only on unmixed batches (NaN otherwise)."""
+        logits, targets, labels, _, lam = self.forward(model, batch)
         loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         acc = (logits.argmax(-1) == labels).float().mean() if lam == 1.0 else logits.new_tensor(float("nan"))
         return StepOutput(loss, {"acc": acc.detach()})
@@ -125,7 +142,8 @@ class ClassificationTask(Task):
         """Per-video averaged softmax over the val views, gathered over ranks: identical on every rank."""
         from finetune.evaluate import collect_scores, gather_scores, summarize
 
-        keys, probs, labels = gather_scores(*collect_scores(model, batches, self.device, self.dtype))
+        mapped = ({**b, "label": self.head_labels(b["label"])} for b in batches)
+        keys, probs, labels = gather_scores(*collect_scores(model, mapped, self.device, self.dtype))
         m = summarize(keys, probs, labels)
         return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "videos": float(m["n"])}
 

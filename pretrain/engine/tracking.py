@@ -24,6 +24,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
 
 RUN_ID_FILE = "mlflow_run.json"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI: "custom_model_development" = the ML runs view
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def default_uri(run_dir: Path) -> str:
@@ -63,15 +65,7 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri=self.uri)
-            exp = client.get_experiment_by_name(self.cfg.experiment)
-            if exp is None:
-                location = None
-                if not self.uri.startswith(("http://", "https://", "databricks")):
-                    # keep artifacts beside the store, not in whatever the working directory is
-                    location = (self.run_dir.resolve().parent / "mlartifacts").as_uri()
-                self.experiment_id = client.create_experiment(self.cfg.experiment, artifact_location=location)
-            else:
-                self.experiment_id = exp.experiment_id
+            self.experiment_id = self._experiment(client)
             saved = self.run_dir / RUN_ID_FILE
             run_id = None
             if saved.is_file():
@@ -81,7 +75,8 @@ class Tracker:
                     client.update_run(run_id, status="RUNNING")
             if run_id is None:
                 name = self.cfg.run_name or self.run_dir.name
-                run_id = client.create_run(self.experiment_id, run_name=name).info.run_id
+                tags = {"mlflow.parentRunId": self.cfg.parent_run_id} if self.cfg.parent_run_id else None
+                run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
                 saved.write_text(json.dumps({"uri": self.uri, "run_id": run_id}) + "\n")
             self._client, self.run_id = client, run_id
         except Exception as e:  # tracking must never stop training
@@ -89,6 +84,22 @@ class Tracker:
                 f"MLflow at {self.uri} unavailable ({e}); continuing with metrics.jsonl only", stacklevel=2
             )
             self._client = None
+
+    def _experiment(self, client: Any) -> str:
+        """The experiment's id (created if missing), tagged as model training so the MLflow UI opens its
+        runs table rather than the GenAI view."""
+        exp = client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            location = None
+            if not self.uri.startswith(("http://", "https://", "databricks")):
+                # keep artifacts beside the store, not in whatever the working directory is
+                location = (self.run_dir.resolve().parent / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(self.cfg.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        return exp_id
 
     def _call(self, fn: Callable[[], Any]) -> None:
         if self._client is None or time.monotonic() < self._retry_at:

@@ -102,6 +102,7 @@ class TrackingConfig:
     peak_tflops: float | None = None  # per device; None: table lookup (H100/H200/A100), NaN on CPU
     warn_every: int = 20  # warn once per this many failed MLflow calls
     log_model: bool = True  # export the final model directory and log it as an artifact
+    parent_run_id: str | None = None  # nest this run under another (continual learning: one per experience)
 
 
 @dataclass
