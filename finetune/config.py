@@ -12,23 +12,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.peft_methods import LORA_TARGET_NAMES, METHOD_NAMES
+from finetune.peft_methods import CNN_LORA_TARGET_NAMES, CNN_METHODS, LORA_TARGET_NAMES, METHOD_NAMES
 from pretrain.config import DataSection, ModelSection
 from pretrain.engine import ConfigError, EngineConfig, require, resume_key
-from pretrain.models import VideoClassifierConfig, VideoViTConfig
+from pretrain.models import BackboneClassifierConfig, VideoClassifierConfig, VideoViTConfig, backbone_config
 from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.models.io import Source, read_source
+
+BACKBONE_NAMES = ("vit", "r2plus1d", "r3d", "mc3", "cnn_rnn")
 
 
 @dataclass
 class ClassifierSection(ModelSection):
-    """The classifier. An `init` brings its encoder architecture; `preset` etc. apply to scratch runs."""
+    """The classifier: a backbone + a linear head. An `init` brings its architecture; `preset`, geometry and
+    `encoder` overrides apply to scratch runs. ViT-only: drop_path_rate, attn_impl, use_mean_pooling,
+    activation_checkpointing, patch/tubelet size. cnn_rnn-only: rnn, bidirectional, temporal_pool."""
 
-    preset: str = resume_key("tiny")  # scratch only
+    backbone: Literal[BACKBONE_NAMES] = resume_key("vit")  # type: ignore[valid-type]
+    preset: str = resume_key("tiny")  # scratch only; CNNs: tiny | 18 (cnn_rnn: tiny | resnet18)
     drop_path_rate: float = resume_key(0.1)
     num_classes: int | None = resume_key(None)  # None: the shard manifest's classes
     use_mean_pooling: bool = resume_key(True)
     head_dropout: float = resume_key(0.0)
+    rnn: Literal["gru", "lstm"] | None = resume_key(None)  # None: the preset's (GRU)
+    bidirectional: bool | None = resume_key(None)
+    temporal_pool: Literal["mean", "last"] | None = resume_key(None)  # over the RNN's outputs
+
+    def check(self) -> None:
+        super().check()
+        cnn = self.backbone != "vit"
+        require(
+            not cnn or self.activation_checkpointing in ("none", 0),
+            f"model.activation_checkpointing applies to the ViT's blocks, not model.backbone={self.backbone}",
+        )
+        rnn_keys = [k for k in ("rnn", "bidirectional", "temporal_pool") if getattr(self, k) is not None]
+        require(
+            self.backbone == "cnn_rnn" or not rnn_keys,
+            f"model.{rnn_keys[0] if rnn_keys else ''} applies to model.backbone=cnn_rnn only",
+        )
+
+    def cnn_overrides(self) -> dict[str, Any]:
+        """The CNN backbone's config overrides: `model.encoder`, geometry, and the RNN keys."""
+        from pretrain.models import BACKBONES
+
+        over = self.encoder_overrides(BACKBONES[self.backbone][0])
+        for key, field_name in (
+            ("rnn", "rnn"),
+            ("bidirectional", "bidirectional"),
+            ("temporal_pool", "pool"),
+        ):
+            if getattr(self, key) is not None:
+                over[field_name] = getattr(self, key)
+        return over
 
 
 @dataclass
@@ -41,8 +76,9 @@ class FinetuneSection:
     lora_rank: int = resume_key(8)
     lora_alpha: float = resume_key(16.0)
     lora_dropout: float = resume_key(0.0)
-    # among qkv, proj, fc1, fc2 (every block) and patch_embed (the tubelet Conv3d)
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"], metadata={"resume": True})
+    # ViT: among qkv, proj, fc1, fc2 (every block), patch_embed (the tubelet Conv3d); None = [qkv, proj].
+    # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN); None = [conv]
+    lora_targets: list[str] | None = field(default=None, metadata={"resume": True})
     peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
     peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
     adapter_width: int = resume_key(64)
@@ -51,14 +87,22 @@ class FinetuneSection:
     prompt_deep: bool = resume_key(False)
     train_fc_norm: bool = resume_key(True)  # not for method=linear (probe on a frozen, non-affine norm)
 
-    def check(self) -> None:
+    def check(self, backbone: str = "vit") -> None:
         for name in ("partial_blocks", "lora_rank", "adapter_width", "prompt_tokens"):
             require(getattr(self, name) >= 1, f"finetune.{name} must be >= 1")
         require(0 <= self.lora_dropout < 1, "finetune.lora_dropout must be in [0, 1)")
-        bad = sorted(set(self.lora_targets) - set(LORA_TARGET_NAMES))
+        allowed = LORA_TARGET_NAMES if backbone == "vit" else CNN_LORA_TARGET_NAMES
+        targets = self.lora_targets if self.lora_targets is not None else list(allowed[:1])
+        bad = sorted(set(targets) - set(allowed))
+        uses_targets = self.method in ("lora", "peft")
         require(
-            bool(self.lora_targets) and not bad,
-            f"finetune.lora_targets {self.lora_targets}: choose among {list(LORA_TARGET_NAMES)}",
+            not uses_targets or (bool(targets) and not bad),
+            f"finetune.lora_targets {self.lora_targets}: with model.backbone={backbone} choose among {list(allowed)}",
+        )
+        require(
+            backbone == "vit" or self.method in CNN_METHODS,
+            f"finetune.method={self.method} needs the ViT's token sequence; with model.backbone={backbone} use "
+            f"one of {list(CNN_METHODS)}",
         )
         require(
             self.init is None or Path(self.init).exists(),
@@ -134,7 +178,7 @@ class FinetuneConfig(EngineConfig):
         super().validate(world_size)
         self.data.check()
         self.model.check()
-        self.finetune.check()
+        self.finetune.check(self.model.backbone)
         self.augment.check()
         self.eval.check(self.train.micro_batch_size)
         require(
@@ -160,12 +204,16 @@ def starting_point(init: str | None) -> Source | None:
     return src
 
 
-def _encoder(m: ClassifierSection, src: Source | None) -> VideoViTConfig:
+def _vit_encoder(m: ClassifierSection, src: Source | None) -> VideoViTConfig:
     """The init's encoder (only img_size / num_frames may change, and only with sin-cos positions) or the
     preset's, with the section's drop path and attention backend."""
     if src is None:
         enc = VideoViTConfig.from_preset(m.preset, **m.encoder_overrides())
     else:
+        require(
+            isinstance(src.encoder, VideoViTConfig),
+            f"finetune.init holds a {src.architecture} CNN: set model.backbone to its backbone",
+        )
         enc, over = src.encoder, {}
         for name in ("img_size", "num_frames"):
             value = getattr(m, name)
@@ -179,20 +227,47 @@ def _encoder(m: ClassifierSection, src: Source | None) -> VideoViTConfig:
     return dataclasses.replace(enc, drop_path_rate=m.drop_path_rate, attn_impl=m.attn_impl)
 
 
-def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None) -> VideoClassifierConfig:
-    """The classifier this config describes: the init's encoder (or the preset) + a head for the classes."""
+def _cnn_classifier(
+    m: ClassifierSection, src: Source | None, n: int, names: list[str] | None
+) -> BackboneClassifierConfig:
+    """A CNN classifier: the preset (+ overrides), or the init's backbone (a CNN model directory)."""
+    if src is None:
+        enc = backbone_config(m.backbone, m.preset, **m.cnn_overrides())
+    else:
+        theirs = getattr(src.config, "backbone", None)
+        require(
+            theirs == m.backbone,
+            f"finetune.init={src.path} holds a {src.architecture}"
+            + (f" ({theirs})" if theirs else "")
+            + f", not a {m.backbone}: a CNN starts from null (scratch) or a model directory of the same backbone",
+        )
+        enc = src.encoder
+    return BackboneClassifierConfig(
+        backbone=m.backbone, encoder=enc, num_classes=n, head_dropout=m.head_dropout, class_names=names
+    )
+
+
+def _classes(cfg: FinetuneConfig, class_names: list[str] | None) -> tuple[int, list[str] | None]:
+    m = cfg.model
+    if class_names is None and cfg.data.shards and m.num_classes is None:
+        from data_shards.format import load_manifest
+
+        class_names = load_manifest(cfg.data.shards).classes
+    n = m.num_classes or (len(class_names) if class_names else 0)
+    require(n >= 1, "no classes: set model.num_classes or build the shards with labels")
+    return n, class_names if class_names is not None and len(class_names) == n else None
+
+
+def classifier_config(
+    cfg: FinetuneConfig, class_names: list[str] | None = None
+) -> VideoClassifierConfig | BackboneClassifierConfig:
+    """The classifier this config describes: the init's backbone (or the preset) + a head for the classes."""
     m = cfg.model
     src = starting_point(cfg.finetune.init)
     try:
-        enc = _encoder(m, src)
-        if class_names is None and cfg.data.shards and m.num_classes is None:
-            from data_shards.format import load_manifest
-
-            class_names = load_manifest(cfg.data.shards).classes
-        n = m.num_classes or (len(class_names) if class_names else 0)
-        require(n >= 1, "no classes: set model.num_classes or build the shards with labels")
-        if class_names is not None and len(class_names) != n:
-            class_names = None
+        n, names = _classes(cfg, class_names)
+        if m.backbone != "vit":
+            return _cnn_classifier(m, src, n, names)
         # A new fc_norm uses HF's fixed eps (1e-5) so HF exports are exact; a classifier init keeps its own.
         fc_eps = (
             src.config.fc_norm_eps
@@ -200,12 +275,12 @@ def classifier_config(cfg: FinetuneConfig, class_names: list[str] | None = None)
             else HF_FIXED_NORM_EPS
         )
         return VideoClassifierConfig(
-            encoder=enc,
+            encoder=_vit_encoder(m, src),
             num_classes=n,
             use_mean_pooling=m.use_mean_pooling,
             head_dropout=m.head_dropout,
             fc_norm_eps=fc_eps,
-            class_names=class_names,
+            class_names=names,
         )
     except KeyError as e:
         raise ConfigError(f"model.preset: {e.args[0]}") from e

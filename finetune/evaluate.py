@@ -169,13 +169,14 @@ def sampling_for(
 ) -> Any:
     """The eval SamplingSpec of a model directory: its frames/size, training stride and normalisation."""
     from data_shards.loader import SamplingSpec
+    from pretrain.models.io import input_geometry
 
     s = extra.get("sampling", {})
-    enc = model.cfg.encoder
+    frames, size = input_geometry(model.cfg)
     return SamplingSpec(
-        frames=enc.num_frames,
+        frames=frames,
         stride=stride or int(s.get("stride", 4)),
-        size=enc.img_size,
+        size=size,
         train=False,
         eval_clips=clips or int(s.get("test_clips", 1)),
         eval_crops=crops or int(s.get("test_crops", 1)),

@@ -18,20 +18,20 @@ from torch import nn
 
 from finetune.config import FinetuneSection
 from finetune.peft_methods import MERGEABLE, SIDECAR_CONFIG, SIDECAR_NAME, apply_method, plain_state_dict
-from pretrain.models import VideoClassifier, VideoClassifierConfig, load_model, save_model
-from pretrain.models.io import load_state_dict_strict
+from pretrain.models import VideoClassifier, load_model, save_model
+from pretrain.models.io import build_model, is_classifier, load_state_dict_strict
 
 
 def export_model_dir(
     model: nn.Module,
-    clf_cfg: VideoClassifierConfig,
+    clf_cfg: Any,  # VideoClassifierConfig | BackboneClassifierConfig
     spec: FinetuneSection,
     out_dir: Path,
     extra: dict[str, Any],
 ) -> Path:
     """`model` (the training architecture, method applied; merged in place for peft) → model directory."""
     plain, sidecar = plain_state_dict(model, spec)
-    base = VideoClassifier(clf_cfg)
+    base = build_model(clf_cfg)
     load_state_dict_strict(base, plain, f"fine-tuned {spec.method} model")
     merged = spec.method in MERGEABLE
     info = dict(extra.get("finetune", {}))
@@ -61,7 +61,7 @@ def load_finetuned(path: str | Path, map_location: str = "cpu") -> nn.Module:
         model = from_hf(p)
     else:
         model = load_model(p)
-    if not isinstance(model, VideoClassifier):
+    if not is_classifier(model):
         raise ValueError(
             f"{p} holds a {type(model).__name__}, not a classifier: fine-tune it first (python -m finetune)"
         )
@@ -96,4 +96,10 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"{model_dir} holds unmerged {json.loads((Path(model_dir) / SIDECAR_CONFIG).read_text())['method']} "
             "parameters (adapters / prompts): HF VideoMAE cannot express them; export the tubelet dir only"
         )
-    return to_hf(load_model(model_dir), out_dir)
+    model = load_model(model_dir)
+    if not isinstance(model, VideoClassifier):
+        raise ValueError(
+            f"{model_dir} holds a {type(model).__name__} ({getattr(model.cfg, 'backbone', '?')}): HF VideoMAE can only "
+            "express the ViT; use the tubelet model directory (evaluate, predict, serve and load_model read it)"
+        )
+    return to_hf(model, out_dir)

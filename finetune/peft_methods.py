@@ -50,7 +50,11 @@ METHODS: dict[str, tuple[bool, str]] = {
 METHOD_NAMES = tuple(METHODS)
 MERGEABLE = tuple(name for name, (mergeable, _) in METHODS.items() if mergeable)
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")
+LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")  # the first ones are the default ([qkv, proj])
+# CNN backbones (video ResNets, CNN+RNN): every method that needs no token sequence, LoRA on the convolutions
+# ("conv") and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights are not modules peft can wrap.
+CNN_METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft")
+CNN_LORA_TARGET_NAMES = ("conv", "proj")
 SIDECAR_NAME = "peft_sidecar.safetensors"
 SIDECAR_CONFIG = "peft.json"
 
@@ -99,16 +103,54 @@ def _lora_aware_qkv(attn: nn.Module) -> None:
     attn.forward = types.MethodType(forward, attn)
 
 
-def _target_regex(targets: list[str]) -> str:
-    """A full-match regex over module names: block layers by short name; `patch_embed` = the tubelet Conv3d."""
-    unknown = sorted(set(targets) - set(LORA_TARGET_NAMES))
+def is_cnn(model: nn.Module) -> bool:
+    """A CNN classifier (`BackboneClassifier`): stages instead of transformer blocks."""
+    return hasattr(model, "stage_prefixes")
+
+
+def lora_targets(spec: FinetuneSection, model: nn.Module) -> list[str]:
+    """`finetune.lora_targets`, or the backbone's default ([qkv, proj] on the ViT, [conv] on a CNN)."""
+    if spec.lora_targets is not None:
+        return list(spec.lora_targets)
+    return ["conv"] if is_cnn(model) else ["qkv", "proj"]
+
+
+def _target_regex(model: nn.Module, targets: list[str]) -> str:
+    """A full-match regex over module names. ViT: block layers by short name, `patch_embed` = the tubelet
+    Conv3d. CNN: `conv` = every Conv2d/Conv3d of the backbone, `proj` = cnn_rnn's Linear into the RNN."""
+    allowed = CNN_LORA_TARGET_NAMES if is_cnn(model) else LORA_TARGET_NAMES
+    unknown = sorted(set(targets) - set(allowed))
     if unknown or not targets:
-        raise ValueError(f"finetune.lora_targets {targets}: choose among {list(LORA_TARGET_NAMES)}")
+        raise ValueError(f"finetune.lora_targets {targets}: choose among {list(allowed)}")
+    if is_cnn(model):
+        names = [
+            n
+            for n, mod in model.named_modules()
+            if n.startswith("encoder.")
+            and (
+                ("conv" in targets and isinstance(mod, nn.Conv2d | nn.Conv3d))
+                or ("proj" in targets and n == "encoder.proj")
+            )
+        ]
+        return "|".join(re.escape(n) for n in names)
     alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets if t in LORA_TARGETS)
     pats = [rf"encoder\.blocks\.\d+\.({alts})"] if alts else []  # never the head
     if "patch_embed" in targets:
         pats.append(r"encoder\.patch_embed\.proj")
     return "|".join(f"(?:{p})" for p in pats)
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Batch norms whose parameters all stay frozen keep their running statistics too (evaluation mode in
+    training forwards), as a linear probe or LoRA on a frozen CNN expects; returns how many."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.register_forward_pre_hook(lambda m, args: m.eval() if m.training else None)
+            frozen += 1
+    return frozen
 
 
 # ------------------------------------------------------------------------------------------- adapter
@@ -192,28 +234,45 @@ def apply_prompts(model: nn.Module, tokens: int, deep: bool) -> None:
 # ------------------------------------------------------------------------------------------- dispatch
 
 
-def apply_method(model: nn.Module, spec: FinetuneSection) -> dict[str, Any]:
-    """Apply `spec.method` to a `VideoClassifier` in place; returns `trainable_summary(model)`."""
-    m = spec.method
+def _partial_keep(model: nn.Module, spec: FinetuneSection, head: Any) -> Any:
+    """The name filter of `partial`: the last `partial_blocks` blocks (ViT) or stages (CNN) + the head."""
+    if is_cnn(model):
+        stages = model.stage_prefixes()
+        if not 1 <= spec.partial_blocks <= len(stages):
+            raise ValueError(
+                f"finetune.partial_blocks={spec.partial_blocks} must be in [1, {len(stages)}] (stages)"
+            )
+        trainable = tuple(p for stage in stages[-spec.partial_blocks :] for p in stage)
+        return lambda n: head(n) or n.startswith(trainable)
     depth = model.cfg.encoder.depth
+    if not 1 <= spec.partial_blocks <= depth:
+        raise ValueError(f"finetune.partial_blocks={spec.partial_blocks} must be in [1, {depth}]")
+    first = depth - spec.partial_blocks
+    pat = re.compile(r"^encoder\.blocks\.(\d+)\.")
+
+    def keep(n: str) -> bool:
+        mt = pat.match(n)
+        return head(n) or bool(mt and int(mt.group(1)) >= first) or n.startswith("encoder.norm.")
+
+    return keep
+
+
+def apply_method(model: nn.Module, spec: FinetuneSection) -> dict[str, Any]:
+    """Apply `spec.method` to a classifier (ViT or CNN) in place; returns `trainable_summary(model)`."""
+    m = spec.method
     head = lambda n: _head(n, spec.train_fc_norm)  # noqa: E731
     if m not in METHODS:
         raise ValueError(f"finetune.method={m!r}: choose one of {list(METHOD_NAMES)}")
+    if is_cnn(model) and m not in CNN_METHODS:
+        raise ValueError(
+            f"finetune.method={m} needs the ViT's token sequence; CNN backbones take {list(CNN_METHODS)}"
+        )
     if m == "full":
         _set_trainable(model, lambda n: True)
     elif m == "linear":
         _set_trainable(model, lambda n: n.startswith("head."))
     elif m == "partial":
-        if not 1 <= spec.partial_blocks <= depth:
-            raise ValueError(f"finetune.partial_blocks={spec.partial_blocks} must be in [1, {depth}]")
-        first = depth - spec.partial_blocks
-        pat = re.compile(r"^encoder\.blocks\.(\d+)\.")
-
-        def keep(n: str) -> bool:
-            mt = pat.match(n)
-            return head(n) or bool(mt and int(mt.group(1)) >= first) or n.startswith("encoder.norm.")
-
-        _set_trainable(model, keep)
+        _set_trainable(model, _partial_keep(model, spec, head))
     elif m == "bitfit":
         _set_trainable(model, lambda n: head(n) or n.endswith(("bias", ".q_bias", ".v_bias")))
     elif m in ("lora", "peft"):
@@ -225,6 +284,7 @@ def apply_method(model: nn.Module, spec: FinetuneSection) -> dict[str, Any]:
     elif m == "prompt":
         apply_prompts(model, spec.prompt_tokens, spec.prompt_deep)
         _set_trainable(model, lambda n: head(n) or n.startswith("prompt."))
+    freeze_norm_statistics(model)
     return trainable_summary(model)
 
 
@@ -240,10 +300,11 @@ def is_method_param(name: str) -> bool:
     return _is_peft_param(name) or ".adapter." in name or name.startswith("prompt.")
 
 
-def _peft_config(spec: FinetuneSection) -> Any:
+def _peft_config(spec: FinetuneSection, model: nn.Module) -> Any:
     import peft
 
-    regex = _target_regex(list(spec.lora_targets))
+    targets = lora_targets(spec, model)
+    regex = _target_regex(model, targets)
     if spec.method == "lora":
         return peft.LoraConfig(
             r=spec.lora_rank,
@@ -266,9 +327,7 @@ def _peft_config(spec: FinetuneSection) -> Any:
     kw: dict[str, Any] = {"target_modules": regex, **spec.peft_options}
     if cls_name == "IA3Config" and "feedforward_modules" not in kw:
         # IA3 scales the *input* of feed-forward layers and the output of the others (peft's convention)
-        kw["feedforward_modules"] = r"encoder\.blocks\.\d+\.mlp\.fc2"
-        if "fc2" not in spec.lora_targets:
-            kw["feedforward_modules"] = []
+        kw["feedforward_modules"] = r"encoder\.blocks\.\d+\.mlp\.fc2" if "fc2" in targets else []
     if cls_name in ("LoHaConfig", "LoKrConfig", "VeraConfig"):
         kw.setdefault("r", spec.lora_rank)
     return getattr(peft, cls_name)(**kw)
@@ -277,11 +336,11 @@ def _peft_config(spec: FinetuneSection) -> Any:
 def _apply_peft(model: nn.Module, spec: FinetuneSection) -> None:
     from peft import inject_adapter_in_model
 
-    if "qkv" in spec.lora_targets:
+    if "qkv" in lora_targets(spec, model):
         for block in model.encoder.blocks:
             _lora_aware_qkv(block.attn)
-    # inject (not get_peft_model): the model stays our VideoClassifier, its engine hooks and names intact
-    inject_adapter_in_model(_peft_config(spec), model)
+    # inject (not get_peft_model): the model stays our classifier, its engine hooks and names intact
+    inject_adapter_in_model(_peft_config(spec, model), model)
 
 
 def merge_peft(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ best model kept and early stopping, export.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,14 @@ from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
 from pretrain.data import make_loader, val_loader
 from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext
-from pretrain.models import VideoClassifier, VideoClassifierConfig, apply_activation_checkpointing
-from pretrain.models.io import Source, load_source, write_run_model
+from pretrain.models import (
+    BackboneClassifierConfig,
+    VideoClassifierConfig,
+    VideoViTConfig,
+    apply_activation_checkpointing,
+    classifier_training_flops_per_clip,
+)
+from pretrain.models.io import Source, build_model, input_geometry, load_source, write_run_model
 from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 
 INIT_REPORT = "init_report.json"
@@ -36,7 +43,9 @@ BEST_DIR = "best"
 class ClassificationTask(Task):
     """Video classification on the engine: classifier + PEFT method, soft-target CE, best-model tracking."""
 
-    def __init__(self, cfg: FinetuneConfig, clf_cfg: VideoClassifierConfig | None = None) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, clf_cfg: VideoClassifierConfig | BackboneClassifierConfig | None = None
+    ) -> None:
         """`clf_cfg`: the architecture, when it is already known (export of a run: its `model.json`);
         otherwise it is resolved from the config (the init's encoder or the preset, the manifest's classes)."""
         self.cfg = cfg
@@ -60,10 +69,11 @@ class ClassificationTask(Task):
             write_run_model(self.clf_cfg, ctx.run_dir)
 
     def build_model(self) -> nn.Module:
-        """Classifier + the PEFT method (+ activation checkpointing); random weights."""
-        model = VideoClassifier(self.clf_cfg)
+        """Classifier (ViT or CNN backbone) + the PEFT method (+ activation checkpointing); random weights."""
+        model = build_model(self.clf_cfg)
         self.summary = apply_method(model, self.cfg.finetune)
-        apply_activation_checkpointing(model, self.cfg.model.activation_checkpointing)
+        if isinstance(self.clf_cfg, VideoClassifierConfig):
+            apply_activation_checkpointing(model, self.cfg.model.activation_checkpointing)
         return model
 
     def init_weights(self, model: nn.Module) -> None:
@@ -101,11 +111,12 @@ class ClassificationTask(Task):
         return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
 
     def sampling_spec(self, train: bool) -> SamplingSpec:
-        enc, a, e = self.clf_cfg.encoder, self.cfg.augment, self.cfg.eval
+        a, e = self.cfg.augment, self.cfg.eval
+        frames, size = input_geometry(self.clf_cfg)
         return SamplingSpec(
-            frames=enc.num_frames,
+            frames=frames,
             stride=a.stride,
-            size=enc.img_size,
+            size=size,
             clips_per_video=1,
             train=train,
             eval_clips=e.val_clips,
@@ -187,14 +198,11 @@ class ClassificationTask(Task):
         return self.export(fresh, self.run_dir / BEST_DIR, {"step": step, "val_top1": top1})
 
     def flops_per_sample(self) -> float:
-        enc = self.clf_cfg.encoder
-        n, d, h = enc.num_patches, enc.embed_dim, enc.mlp_hidden_dim
-        fwd = 2 * n * enc.patch_dim * d + enc.depth * (2 * n * d * (4 * d + 2 * h) + 4 * n * n * d)
-        fwd += 2 * d * self.clf_cfg.num_classes
-        return float(3 * fwd)
+        return float(classifier_training_flops_per_clip(self.clf_cfg))
 
     def tokens_per_sample(self) -> float:
-        return float(self.clf_cfg.encoder.num_patches)
+        enc = self.clf_cfg.encoder
+        return float(enc.num_patches) if isinstance(enc, VideoViTConfig) else math.nan
 
     def tracking_params(self) -> dict[str, Any]:
         s, r = self.summary, self.init_report

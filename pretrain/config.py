@@ -51,9 +51,10 @@ class ModelSection:
     attn_impl: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"  # numerics only: may change on resume
     activation_checkpointing: str | int = "none"  # "none" | "all" | N first encoder blocks
 
-    def encoder_overrides(self) -> dict[str, Any]:
-        """`model.encoder` (keys checked against VideoViTConfig) plus the geometry keys set on the section."""
-        fields = {f.name for f in dataclasses.fields(VideoViTConfig)}
+    def encoder_overrides(self, config_cls: type = VideoViTConfig) -> dict[str, Any]:
+        """`model.encoder` (keys checked against the encoder's config class) plus the geometry keys set on
+        the section (a CNN backbone takes only img_size / num_frames)."""
+        fields = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(self.encoder) - fields)
         require(
             not unknown,
@@ -62,6 +63,7 @@ class ModelSection:
         overrides = dict(self.encoder)
         for name in ("img_size", "num_frames", "patch_size", "tubelet_size"):
             if getattr(self, name) is not None:
+                require(name in fields, f"model.{name} does not apply to this backbone (a CNN has no {name})")
                 overrides[name] = getattr(self, name)
         return overrides
 

@@ -72,6 +72,26 @@ def model_meta(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return meta
 
 
+def build_model(cfg: Any) -> nn.Module:
+    """The registered module a config describes (fresh weights): one constructor lookup for every caller."""
+    return ARCHITECTURES[architecture_of(cfg)][0](cfg)
+
+
+CLASSIFIERS = ("VideoClassifier", "BackboneClassifier")
+
+
+def is_classifier(model_or_cfg: Any) -> bool:
+    """Whether a module (or config) is one of the classifiers fine-tuning, evaluation and serving take."""
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    return architecture_of(cfg) in CLASSIFIERS
+
+
+def input_geometry(cfg: Any) -> tuple[int, int]:
+    """(frames, square size) a model's clips must have, whichever architecture (ViT: its encoder's)."""
+    enc = getattr(cfg, "encoder", cfg)
+    return int(enc.num_frames), int(enc.img_size)
+
+
 def write_run_model(cfg: Any, run_dir: str | Path) -> Path:
     """Record a training run's architecture as ``<run_dir>/model.json`` (what ``load_source`` reads)."""
     path = Path(run_dir) / RUN_MODEL_NAME
