@@ -1,0 +1,61 @@
+"""CSV (`path,label[,split]`, header required) and JSONL (`{"path", "label", "split"}`) manifests."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from data_shards.format import FormatError
+from data_shards.inputs import InputItem, Inputs, Reject
+
+
+def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) -> InputItem | None:
+    rel = row.get("path", "")
+    if not rel:
+        rejects.append(Reject(where, "", "empty path"))
+        return None
+    p = Path(rel)
+    return InputItem(
+        id=p.as_posix(),
+        path=str(p if p.is_absolute() else source.parent / p),
+        label=row.get("label") or None,
+        split=row.get("split") or None,
+        where=where,
+    )
+
+
+def read_csv(source: Path) -> Inputs:
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns:
+            raise FormatError(f"{source}: the CSV header must have a 'path' column (got {columns})")
+        out = Inputs(items=[], labelled="label" in columns)
+        for n, row in enumerate(reader, start=2):
+            clean = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            item = _item(source, f"{source.name}:{n}", clean, out.rejects)
+            if item:
+                out.items.append(item)
+    return out
+
+
+def read_jsonl(source: Path) -> Inputs:
+    out = Inputs(items=[])
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{source.name}:{n}"
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
+                    raise ValueError("expected an object with a string 'path'")
+            except ValueError as e:
+                out.rejects.append(Reject(where, "", f"invalid JSONL line: {e}"))
+                continue
+            out.labelled |= obj.get("label") is not None
+            item = _item(source, where, {k: "" if v is None else str(v) for k, v in obj.items()}, out.rejects)
+            if item:
+                out.items.append(item)
+    return out
