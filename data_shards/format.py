@@ -36,7 +36,6 @@ META_EXT = "json"
 MEMBER_EXTS: tuple[str, ...] = (*VIDEO_EXTS, LABEL_EXT, META_EXT)
 
 UNLABELED = -1
-DEFAULT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SHARD_RE = re.compile(r"^(?P<split>[a-z][a-z0-9_]*)-(?P<num>\d{6})\.tar$")
 
