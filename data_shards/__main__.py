@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -29,33 +30,46 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(args: argparse.Namespace) -> int:
-    from data_shards.build import BuildOptions, build, summary
-    from data_shards.probe import TranscodeOptions
+def _classes(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    p = Path(value)
+    names = [c.strip() for c in (p.read_text().splitlines() if p.is_file() else value.split(","))]
+    return [c for c in names if c]
 
-    classes = None
-    if args.classes:
-        p = Path(args.classes)
-        classes = [
-            c.strip() for c in (p.read_text().splitlines() if p.is_file() else args.classes.split(","))
-        ]
-        classes = [c for c in classes if c]
+
+def _build_options(args: argparse.Namespace) -> Any:
+    """BuildOptions from the command line (ValueError names the bad option)."""
+    from data_shards.build import BuildOptions
+    from data_shards.ingest import IngestOptions
+    from data_shards.inputs import SourceOptions
+
+    return BuildOptions(
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        classes=_classes(args.classes),
+        format=args.format,
+        source=SourceOptions(videos=args.videos, split_id=args.split_id),
+        ingest=IngestOptions(
+            codec=args.codec,
+            dali_cpu=args.dali_cpu,
+            short_side=args.short_side,
+            fps=args.fps,
+            max_frames=args.max_frames,
+            max_duration=args.max_duration,
+            gop=args.gop,
+        ),
+    )
+
+
+def _build(args: argparse.Namespace) -> int:
+    from data_shards.build import build, summary
+    from data_shards.format import FormatError
+
     try:
-        opts = BuildOptions(
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            shard_samples=args.shard_samples,
-            shard_bytes=args.shard_bytes,
-            classes=classes,
-            transcode=TranscodeOptions(
-                codec=args.codec,
-                short_side=args.short_side,
-                fps=args.fps,
-                max_frames=args.max_frames,
-                max_duration=args.max_duration,
-                gop=args.gop,
-            ),
-        )
+        opts = _build_options(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,7 +83,7 @@ def _build(args: argparse.Namespace) -> int:
             keep_work=args.keep_work,
             quiet=args.quiet,
         )
-    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError) as e:
+    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError, FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(result))
@@ -90,6 +104,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_shards.ingest import CODEC_CHOICES
+    from data_shards.inputs import FORMATS
+
     parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -106,10 +123,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)")
     p.add_argument(
-        "source", help="CSV/JSONL manifest (path,label[,split]) or a folder (class sub-folders or flat)"
+        "source",
+        help="a manifest (CSV/JSONL: path,label[,split][,start,end]), a folder (class sub-folders or flat), "
+        "or a data set's annotations (Kinetics CSV, SSv2 labels.json folder, UCF101 / HMDB51 root)",
     )
     p.add_argument("--out", required=True, help="shard folder (re-running the same command resumes)")
-    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--format", choices=FORMATS, default="auto", help="source format (auto: detect)")
+    p.add_argument(
+        "--videos", default=None, help="where a data set's videos are (default: beside its annotations)"
+    )
+    p.add_argument("--split-id", type=int, default=1, help="official UCF101/HMDB51 split (1-3)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="hash val split (from train if the source has splits)"
+    )
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--shard-samples", type=int, default=256, help="max samples per shard")
     p.add_argument(
@@ -120,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--codec",
-        choices=["copy", "h264", "vp9"],
-        default="copy",
-        help="copy keeps source bytes; vp9 makes shards DALI can decode on CPU too",
+        choices=CODEC_CHOICES,
+        default="auto",
+        help="auto: keep what the loaders read, remux other containers, re-encode the rest (default); "
+        "copy: source bytes only; h264/vp9: always re-encode",
+    )
+    p.add_argument(
+        "--dali-cpu",
+        action="store_true",
+        help="with --codec auto: keep only what DALI decodes on CPU (VP9, MJPEG) and re-encode the rest to VP9",
     )
     p.add_argument("--short-side", type=int, default=None)
     p.add_argument("--fps", type=float, default=None)

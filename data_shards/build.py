@@ -1,10 +1,11 @@
 """`python -m data_shards build`: videos + labels -> validated WebDataset shards, as Ray tasks.
 
 The job, stage by stage (each its own module):
-1. `inputs`: read the source (manifest or folder) into `InputItem`s; unreadable rows are rejected.
+1. `inputs`: read the source (manifest, folder, Kinetics/SSv2/UCF101/HMDB51 annotations) into
+   `InputItem`s; unreadable rows are rejected with their file:line.
 2. `plan`: labels, splits, keys, duplicate ids -- everything decidable without decoding.
-3. `tasks.validate_batch` on Ray (`execute`): every input fully decoded (optionally re-encoded), cached in
-   `OUT/.work/` so a re-run resumes.
+3. `tasks.validate_batch` on Ray (`execute`): every input kept, remuxed, transcoded or trimmed
+   (`ingest`) and the stored bytes fully decoded, cached in `OUT/.work/` so a re-run resumes.
 4. `plan.assign_shards`, then `tasks.write_shard_task` on Ray: per split, sorted by key, cut by count/bytes;
    a shard whose recorded plan and checksum match what is on disk is kept untouched.
 5. here: manifest, rejects, summary. The output is a pure function of the inputs and options.
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,9 @@ from data_shards.format import (
     parse_shard_name,
     sha256_file,
 )
-from data_shards.inputs import WORK_DIR, InputItem, Reject, read_inputs
+from data_shards.ingest import ACTIONS, IngestOptions
+from data_shards.inputs import FORMATS, WORK_DIR, InputItem, Reject, SourceOptions, read_inputs
 from data_shards.plan import Plan, ShardEntry, assign_shards, hash_split, plan_digest, plan_inputs
-from data_shards.probe import TranscodeOptions
 from data_shards.tasks import Validated, ValidateJob, validate_batch, write_shard_task
 
 
@@ -45,9 +47,13 @@ class BuildOptions:
     shard_samples: int = 256
     shard_bytes: int | None = None
     classes: list[str] | None = None
-    transcode: TranscodeOptions = field(default_factory=TranscodeOptions)
+    format: str = "auto"  # inputs.FORMATS
+    source: SourceOptions = field(default_factory=SourceOptions)
+    ingest: IngestOptions = field(default_factory=IngestOptions)
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {FORMATS}, got {self.format!r}")
         if not (
             0 <= self.val_fraction < 1
             and 0 <= self.test_fraction < 1
@@ -72,22 +78,24 @@ class BuildResult:
     kept_shards: int
     written_shards: int
     seconds: float
+    rejects: list[Reject] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _options_digest(opts: BuildOptions) -> str:
-    return hashlib.sha256(json.dumps(opts.transcode.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(opts.ingest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _validate(
     plan: Plan, opts: BuildOptions, work: Path, batch: int, quiet: bool
 ) -> tuple[list[ShardEntry], list[Reject]]:
     """Run validation on Ray; accepted samples become shard entries (with their metadata)."""
-    jobs = [ValidateJob(p.key, p.item.path) for p in plan.samples]
+    jobs = [ValidateJob(p.key, p.item.path, p.item.start, p.item.end) for p in plan.samples]
     chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
     digest = _options_digest(opts)
     results: list[list[Validated]] = run_tasks(
         validate_batch,
-        [(c, opts.transcode, str(work), digest) for c in chunks],
+        [(c, opts.ingest, str(work), digest) for c in chunks],
         "validate",
         [len(c) for c in chunks],
         quiet,
@@ -97,7 +105,8 @@ def _validate(
     for p in plan.samples:
         r = by_key[p.key]
         if not r.ok:
-            rejects.append(Reject(p.item.where, p.item.path, r.reason or "rejected", p.item.id))
+            reason, kind = r.reason or "rejected", r.kind or "error"
+            rejects.append(Reject(p.item.where, p.item.path, reason, p.item.id, kind, p.split))
             continue
         meta = {"id": p.item.id, "source": p.item.id, "label": p.label, "split": p.split, **(r.meta or {})}
         if plan.classes and p.label >= 0:
@@ -121,7 +130,7 @@ def _shard_is_current(out: Path, work: Path, name: str, plan: str) -> ShardInfo 
 
 
 def _write(
-    shard_plan: dict[str, list[ShardEntry]], out: Path, work: Path, copy: bool, quiet: bool
+    shard_plan: dict[str, list[ShardEntry]], out: Path, work: Path, quiet: bool
 ) -> tuple[list[ShardInfo], int, int]:
     """Write the shards that are not already on disk as planned; (all infos in order, kept, written)."""
     kept: dict[str, ShardInfo] = {}
@@ -135,7 +144,7 @@ def _write(
             todo.append((name, entries, digest))
     written = run_tasks(
         write_shard_task,
-        [(str(out), name, entries, str(work), copy, d) for name, entries, d in todo],
+        [(str(out), name, entries, str(work), d) for name, entries, d in todo],
         "write",
         [len(e) for _, e, _ in todo],
         quiet,
@@ -159,9 +168,12 @@ def _manifest(
         sp.shards += 1
         sp.bytes += s.bytes
     for e in accepted:
+        sp = splits[e.split]
+        sp.ingest[e.meta["ingest"]] = sp.ingest.get(e.meta["ingest"], 0) + 1
         if classes and e.label >= 0:
-            per = splits[e.split].per_class
-            per[classes[e.label]] = per.get(classes[e.label], 0) + 1
+            sp.per_class[classes[e.label]] = sp.per_class.get(classes[e.label], 0) + 1
+    for sp in splits.values():
+        sp.ingest = {a: sp.ingest[a] for a in ACTIONS if a in sp.ingest}
     return Manifest(
         classes=classes,
         shards=shards,
@@ -188,7 +200,7 @@ def build(
     work = out / WORK_DIR
     (work / "shards").mkdir(parents=True, exist_ok=True)
 
-    inputs = read_inputs(source)
+    inputs = read_inputs(source, opts.format, opts.source)
     plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
     rejects = inputs.rejects + plan.rejects
     init_ray(ray_address, workers)
@@ -196,8 +208,7 @@ def build(
     rejects += failed
 
     shard_plan = assign_shards(accepted, opts.shard_samples, opts.shard_bytes)
-    copy = opts.transcode.codec == "copy"
-    shards, kept, written = _write(shard_plan, out, work, copy, quiet)
+    shards, kept, written = _write(shard_plan, out, work, quiet)
     _remove_stale(out, set(shard_plan))
     manifest = _manifest(shards, accepted, plan.classes, opts, len(rejects))
     rejects.sort(key=lambda r: (r.where, r.reason))
@@ -210,7 +221,9 @@ def build(
         for f in work.iterdir():
             if f.is_file() and f.suffix != ".json":
                 f.unlink()
-    return BuildResult(out, manifest, len(accepted), len(rejects), kept, written, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    notes = inputs.notes + plan.notes
+    return BuildResult(out, manifest, len(accepted), len(rejects), kept, written, seconds, rejects, notes)
 
 
 def _remove_stale(out: Path, planned: set[str]) -> None:
@@ -230,17 +243,41 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
             f.unlink()
 
 
+def _split_table(result: BuildResult) -> list[str]:
+    """Per split: samples, shards, MB, what ingest did, and the rejects by kind."""
+    m = result.manifest
+    rejected: dict[str, Counter[str]] = {}
+    for r in result.rejects:
+        rejected.setdefault(r.split or "?", Counter())[r.kind] += 1
+    head = f"  {'split':<6} {'samples':>7} {'shards':>6} {'MB':>8} " + " ".join(f"{a:>10}" for a in ACTIONS)
+    lines = [head + "   rejected"]
+    for name in sorted(set(m.splits) | set(rejected), key=lambda n: (n == "?", n)):
+        sp = m.splits.get(name)
+        bad = rejected.get(name, Counter())
+        why = ", ".join(f"{k} {c}" for k, c in sorted(bad.items(), key=lambda kc: (-kc[1], kc[0])))
+        cols = (
+            f"{sp.samples:>7} {sp.shards:>6} {sp.bytes / 1e6:>8.1f} "
+            + " ".join(f"{sp.ingest.get(a, 0):>10}" for a in ACTIONS)
+            if sp
+            else f"{0:>7} {0:>6} {0.0:>8.1f} " + " ".join(f"{0:>10}" for _ in ACTIONS)
+        )
+        lines.append(f"  {name:<6} {cols}   {sum(bad.values())}" + (f" ({why})" if why else ""))
+    return lines
+
+
 def summary(result: BuildResult) -> str:
+    """What the build did: totals, then per split how many were kept / remuxed / transcoded / trimmed and
+    rejected (by kind; "?" = rejects whose split is unknown), classes, notes, where the rejects are."""
     m = result.manifest
     lines = [
         f"shards in {result.out}: {result.accepted} accepted, {result.rejected} rejected, "
-        f"{result.written_shards} shards written, {result.kept_shards} kept, {result.seconds:.1f}s"
+        f"{result.written_shards} shards written, {result.kept_shards} already up to date, {result.seconds:.1f}s",
+        *_split_table(result),
     ]
-    for name, sp in m.splits.items():
-        lines.append(f"  {name:<6} {sp.samples:>7} samples {sp.shards:>4} shards {sp.bytes / 1e6:>9.1f} MB")
     if m.classes:
         more = " ..." if len(m.classes) > 12 else ""
         lines.append(f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{more}")
+    lines += [f"  note: {n}" for n in result.notes]
     if result.rejected:
         lines.append(f"  rejects: {result.out / REJECTS_NAME}")
     return "\n".join(lines)

@@ -31,7 +31,14 @@ def _join(address: str) -> None:
 
 
 def init_ray(address: str | None, workers: int | None) -> None:
-    """Join `address`, or start an embedded local cluster with `workers` CPUs (all cores by default)."""
+    """Join `address`, or start an embedded local cluster with `workers` CPUs (all cores by default).
+
+    The local cluster starts quietly: Ray >= 2.59 turns token auth on for a new local cluster and warns
+    about it unless RAY_AUTH_MODE is set. We set it to `token` -- the same secure default, chosen
+    explicitly -- before Ray reads its configuration (at import), unless the user set it.
+    """
+    if not address and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():

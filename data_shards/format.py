@@ -90,7 +90,7 @@ def video_ext_for(container: str) -> str:
         return "webm"
     if "matroska" in names:
         return "mkv"
-    raise FormatError(f"container {container!r} cannot be stored as-is; transcode to h264 or vp9")
+    raise FormatError(f"container {container!r} cannot be stored as-is")
 
 
 # --------------------------------------------------------------------------------------------- members
@@ -248,6 +248,7 @@ class SplitInfo:
     shards: int = 0
     bytes: int = 0
     per_class: dict[str, int] = field(default_factory=dict)
+    ingest: dict[str, int] = field(default_factory=dict)  # kept / remuxed / transcoded / trimmed counts
 
 
 @dataclass
@@ -318,6 +319,7 @@ class Manifest:
                 shards=need(v, "shards", int, f"splits.{name}."),
                 bytes=need(v, "bytes", int, f"splits.{name}."),
                 per_class=dict(v.get("per_class", {})),
+                ingest=dict(v.get("ingest", {})),
             )
             for name, v in need(data, "splits", dict, "").items()
         }

@@ -33,6 +33,7 @@ class Plan:
     samples: list[PlannedSample]
     rejects: list[Reject] = field(default_factory=list)
     classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,36 +66,85 @@ def hash_split(video_id: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def _label_and_split(
-    it: InputItem, index: dict[str, int], labelled: bool, val_fraction: float, test_fraction: float
-) -> tuple[int, str]:
-    """(label, split) of one item, or FormatError with the reason it is rejected."""
-    if labelled and not it.label:
-        raise FormatError("missing label")
-    if labelled and it.label not in index:
-        raise FormatError(f"unknown label {it.label!r} (not in --classes)")
-    split = check_split(it.split) if it.split else hash_split(it.id, val_fraction, test_fraction)
-    return (index[it.label] if labelled and it.label else UNLABELED), split
+@dataclass(frozen=True)
+class _Splitter:
+    """Splits: an item's own split, else a hash of its group. When the source names splits but has no val
+    (test) split, `--val-fraction` (`--test-fraction`) carves one out of its train items by the same hash."""
+
+    val_fraction: float
+    test_fraction: float
+    carve_val: float
+    carve_test: float
+
+    @classmethod
+    def for_items(cls, items: list[InputItem], val_fraction: float, test_fraction: float) -> _Splitter:
+        named = {it.split for it in items if it.split}
+        carve_val = val_fraction if "val" not in named else 0.0
+        carve_test = test_fraction if "test" not in named else 0.0
+        return cls(val_fraction, test_fraction, carve_val, carve_test)
+
+    def notes(self, items: list[InputItem]) -> list[str]:
+        if not any(it.split for it in items):
+            return []
+        ignored = [
+            f"--{name}-fraction {value:g} ignored: the source has its own {name} split"
+            for name, value, carved in (
+                ("val", self.val_fraction, self.carve_val),
+                ("test", self.test_fraction, self.carve_test),
+            )
+            if value and not carved
+        ]
+        return ignored
+
+    def __call__(self, it: InputItem) -> str:
+        group = it.group or it.id
+        if not it.split:
+            return hash_split(group, self.val_fraction, self.test_fraction)
+        split = check_split(it.split)
+        if split == "train" and (self.carve_val or self.carve_test):
+            return hash_split(group, self.carve_val, self.carve_test)
+        return split
+
+
+def _reject(it: InputItem, reason: str, kind: str, splitter: _Splitter) -> Reject:
+    try:
+        split: str | None = splitter(it)
+    except FormatError:
+        split = None
+    return Reject(it.where, it.path, reason, it.id, kind, split)
 
 
 def plan_inputs(inputs: Inputs, classes: list[str] | None, val_fraction: float, test_fraction: float) -> Plan:
-    """Labels, splits, keys and duplicate checks. `classes` fixes the label order (else sorted names)."""
+    """Labels, splits, keys and duplicate checks. Class order: `classes` (--classes), else the data set's
+    own (UCF101 classInd, SSv2 labels.json), else sorted names."""
     items = inputs.items
     if not classes and inputs.labelled:
-        classes = class_order(i.label for i in items if i.label)
-    plan = Plan(samples=[], classes=list(classes) if classes else None)
+        classes = inputs.classes or class_order(i.label for i in items if i.label)
+    splitter = _Splitter.for_items(items, val_fraction, test_fraction)
+    plan = Plan(samples=[], classes=list(classes) if classes else None, notes=splitter.notes(items))
     index = {c: i for i, c in enumerate(plan.classes or [])}
     seen: dict[str, str] = {}
     for it in items:
         if it.id in seen:
-            plan.rejects.append(Reject(it.where, it.path, f"duplicate id (first at {seen[it.id]})", it.id))
+            plan.rejects.append(
+                _reject(it, f"duplicate id (first at {seen[it.id]})", "duplicate-id", splitter)
+            )
             continue
         seen[it.id] = it.where
-        try:
-            label, split = _label_and_split(it, index, inputs.labelled, val_fraction, test_fraction)
-        except FormatError as e:
-            plan.rejects.append(Reject(it.where, it.path, str(e), it.id))
+        if inputs.labelled and not it.label:
+            plan.rejects.append(_reject(it, "missing label", "missing-label", splitter))
             continue
+        if inputs.labelled and it.label not in index:
+            plan.rejects.append(
+                _reject(it, f"unknown label {it.label!r} (not in --classes)", "unknown-label", splitter)
+            )
+            continue
+        try:
+            split = splitter(it)
+        except FormatError as e:
+            plan.rejects.append(Reject(it.where, it.path, str(e), it.id, "bad-split"))
+            continue
+        label = index[it.label] if inputs.labelled and it.label else UNLABELED
         plan.samples.append(PlannedSample(item=it, key=sample_key(it.id), label=label, split=split))
     keys = Counter(p.key for p in plan.samples)
     clash = [k for k, c in keys.items() if c > 1]

@@ -29,3 +29,19 @@ def read_folder(root: Path) -> Inputs:
         label = parts[0] if class_layout else None
         out.items.append(InputItem(id=rel, path=str(p), label=label, split=None, where=rel))
     return out
+
+
+def by_stem(root: Path) -> dict[str, Path]:
+    """Video files under `root` by file stem (a data set's ids), the first in sorted order winning."""
+    found: dict[str, Path] = {}
+    for p in video_files(root):
+        found.setdefault(p.stem, p)
+    return found
+
+
+def by_class_and_name(root: Path) -> dict[tuple[str, str], Path]:
+    """Video files under `root` by (their folder's name, lower-cased; file name): `Class/file.avi` lists."""
+    found: dict[tuple[str, str], Path] = {}
+    for p in video_files(root):
+        found.setdefault((p.parent.name.lower(), p.name), p)
+    return found

@@ -1,4 +1,6 @@
-"""CSV (`path,label[,split]`, header required) and JSONL (`{"path", "label", "split"}`) manifests."""
+"""CSV (`path,label[,split][,start,end]`, header required) and JSONL (`{"path", "label", "split", "start",
+"end"}`) manifests. A time range (`start`/`end` or `time_start`/`time_end`, seconds) makes the row a clip of
+its video, id `path#start-end`; several clips of one video are several samples."""
 
 from __future__ import annotations
 
@@ -7,7 +9,13 @@ import json
 from pathlib import Path
 
 from data_shards.format import FormatError
-from data_shards.inputs import InputItem, Inputs, Reject
+from data_shards.inputs import InputItem, Inputs, Reject, clip_id, parse_range
+
+
+def _range_of(row: dict[str, str]) -> tuple[float | None, float | None]:
+    if row.get("time_start") or row.get("time_end"):
+        return parse_range(row.get("time_start"), row.get("time_end"))
+    return parse_range(row.get("start"), row.get("end"))
 
 
 def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) -> InputItem | None:
@@ -16,12 +24,21 @@ def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) 
         rejects.append(Reject(where, "", "empty path"))
         return None
     p = Path(rel)
+    path = str(p if p.is_absolute() else source.parent / p)
+    try:
+        start, end = _range_of(row)
+    except ValueError as e:
+        rejects.append(Reject(where, path, str(e), p.as_posix(), "bad-time-range", row.get("split") or None))
+        return None
     return InputItem(
-        id=p.as_posix(),
-        path=str(p if p.is_absolute() else source.parent / p),
+        id=clip_id(p.as_posix(), start, end),
+        path=path,
         label=row.get("label") or None,
         split=row.get("split") or None,
         where=where,
+        start=start,
+        end=end,
+        group=p.as_posix(),
     )
 
 
@@ -55,7 +72,8 @@ def read_jsonl(source: Path) -> Inputs:
                 out.rejects.append(Reject(where, "", f"invalid JSONL line: {e}"))
                 continue
             out.labelled |= obj.get("label") is not None
-            item = _item(source, where, {k: "" if v is None else str(v) for k, v in obj.items()}, out.rejects)
+            row = {k: "" if v is None else str(v) for k, v in obj.items()}
+            item = _item(source, where, row, out.rejects)
             if item:
                 out.items.append(item)
     return out

@@ -20,7 +20,7 @@ import av
 from data_shards import format as fmt
 from data_shards.__main__ import main as cli
 from data_shards.build import BuildOptions, build, hash_split
-from data_shards.probe import TranscodeOptions
+from data_shards.ingest import IngestOptions
 from data_shards.verify import verify
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,26 +147,27 @@ def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path
     assert not (out / ".train-000009.tar.partial").exists()
 
 
-def test_output_is_the_same_whatever_the_worker_count(synth_vp9: Path, tmp_path: Path) -> None:
-    args = [
-        "build",
-        str(synth_vp9 / "labels.csv"),
-        "--shard-samples",
-        "5",
-        "--test-fraction",
-        "0.3",
-        "--quiet",
-    ]
-    assert cli([*args, "--out", str(tmp_path / "a")]) == 0  # in-process Ray, 2 CPUs
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
+def test_output_is_the_same_whatever_the_worker_count_and_local_ray_is_quiet(
+    synth_vp9: Path, tmp_path: Path
+) -> None:
+    args = ["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--test-fraction", "0.3"]
+    assert cli([*args, "--quiet", "--out", str(tmp_path / "a")]) == 0  # in-process Ray, 2 CPUs
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # as a user's shell has it
+    run = subprocess.run(
         [sys.executable, "-m", "data_shards", *args, "--out", str(tmp_path / "b"), "--workers", "1"],
         check=True,
-        env=env,
+        env={**env, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"},
         capture_output=True,
+        text=True,
     )
     assert _shard_hashes(tmp_path / "a") == _shard_hashes(tmp_path / "b")
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    assert "Token authentication" not in run.stderr and "WARNING" not in run.stderr, run.stderr
+    test = fmt.load_manifest(tmp_path / "b").splits["test"]
+    row = run.stdout.splitlines()[
+        2
+    ].split()  # split samples shards MB kept remuxed transcoded trimmed rejected
+    assert row[:3] == ["test", str(test.samples), "1"] and row[4] == str(test.samples)  # all kept
 
 
 def test_splits_from_manifest_column_jsonl_and_hash(
@@ -202,7 +203,7 @@ def test_class_folders_flat_folders_and_transcode(synth_vp9: Path, synth_rows: l
     for r in rows:
         (tree / r["label"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(synth_vp9 / r["path"], tree / r["label"] / Path(r["path"]).name)
-    opts = BuildOptions(transcode=TranscodeOptions(codec="h264", short_side=24, fps=8, max_frames=6, gop=4))
+    opts = BuildOptions(ingest=IngestOptions(codec="h264", short_side=24, fps=8, max_frames=6, gop=4))
     result = build(tree, tmp_path / "out", opts, quiet=True)
     m = result.manifest
     assert m.classes == sorted({r["label"] for r in rows})
