@@ -13,19 +13,24 @@ from typing import Any
 def _synth(args: argparse.Namespace) -> int:
     from data_shards.synth import SynthSpec, write_synthetic_set
 
-    spec = SynthSpec(
-        videos=args.videos,
-        classes=args.classes,
-        frames=args.frames,
-        size=args.size,
-        fps=args.fps,
-        codec=args.codec,
-        seed=args.seed,
-    )
+    try:
+        spec = SynthSpec(
+            videos=args.videos,
+            classes=args.classes,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            codec=args.codec,
+            seed=args.seed,
+            domain=args.domain,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     csv_path = write_synthetic_set(args.out, spec)
     print(
-        f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}) "
-        f"and {csv_path}"
+        f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
+        f"domain {spec.domain}) and {csv_path}"
     )
     return 0
 
@@ -103,25 +108,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    from data_shards.ingest import CODEC_CHOICES
-    from data_shards.inputs import FORMATS
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    from data_shards.synth import DOMAINS
 
-    parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="write a labelled synthetic motion video set + labels.csv")
     p.add_argument("--out", required=True)
     p.add_argument("--videos", type=int, default=64)
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--classes", type=int, default=4, help="2-10 motion classes")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--codec", choices=["h264", "vp9"], default="h264")
     p.add_argument("--seed", type=int, default=0)
+    looks = ", ".join(f"{i} {name}" for i, name in enumerate(DOMAINS))
+    p.add_argument("--domain", type=int, default=0, help=f"look of the clips, same classes ({looks})")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)")
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    from data_shards.ingest import CODEC_CHOICES
+    from data_shards.inputs import FORMATS
+
     p.add_argument(
         "source",
         help="a manifest (CSV/JSONL: path,label[,split][,start,end]), a folder (class sub-folders or flat), "
@@ -138,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--shard-samples", type=int, default=256, help="max samples per shard")
-    p.add_argument(
-        "--shard-bytes", type=int, default=None, help="max bytes per shard (also bounded by --shard-samples)"
-    )
+    p.add_argument("--shard-bytes", type=int, default=None, help="max bytes per shard (and --shard-samples)")
     p.add_argument(
         "--classes", default=None, help="class list: a file (one per line) or a,b,c; fixes label order"
     )
@@ -171,14 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_build)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _synth_args(sub.add_parser("synth", help="write a labelled synthetic motion video set + labels.csv"))
+    _build_args(sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)"))
     p = sub.add_parser(
         "verify", help="check shards against their manifest (checksums, index, members, labels)"
     )
     p.add_argument("shards")
     p.add_argument("--decode", action="store_true", help="also fully decode every video")
     p.set_defaults(func=_verify)
-
-    try:
+    try:  # the loader needs torch; synth/build/verify do not
         from data_shards import loadtest
     except ImportError:
         loadtest = None
@@ -186,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser("loadtest", help="drive the loader like training would; one JSON summary line")
         loadtest.add_arguments(p)
         p.set_defaults(func=loadtest.main)
-
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
