@@ -23,6 +23,7 @@ import hashlib
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -161,68 +162,68 @@ def decide(info: StreamInfo, opts: IngestOptions, clip: Clip | None) -> tuple[st
     return "kept", "readable as it is"
 
 
-def _display_order(path: str, bsf: str | None) -> list[int]:
-    """Decode-order index of each displayed frame: packet k tagged pts=k, then read the frames' tags."""
+def _bsf(codec: str) -> str | None:
+    """MPEG-4 Part 2 from DivX/Xvid AVIs may pack a B-frame into its P-frame's packet, which NVDEC and
+    a packet-counting reader get wrong: unpack it (a no-op for streams that are not packed)."""
+    return "mpeg4_unpack_bframes" if codec == "mpeg4" else None
+
+
+def _packets(container: av.container.InputContainer, codec: str) -> Iterator[av.Packet]:
+    """The first video stream's packets, unpacked (`_bsf`), empty ones left out."""
+    stream = container.streams.video[0]
+    bsf = _bsf(codec)
+    filt = av.bitstream.BitStreamFilterContext(bsf, stream) if bsf else None
+    for packet in container.demux(stream):
+        if packet.size:
+            yield from filt.filter(packet) if filt else [packet]
+    if filt:
+        yield from filt.filter(None)
+
+
+def _display_order(path: str, codec: str) -> list[int]:
+    """Decode-order index of each displayed frame: tag packet k with pts=k, decode, read the tags back."""
     with av.open(path) as c:
-        stream = c.streams.video[0]
-        filt = av.bitstream.BitStreamFilterContext(bsf, stream) if bsf else None
-        ctx = stream.codec_context
+        ctx = c.streams.video[0].codec_context
         order: list[int] = []
-        k = 0
-        for packet in c.demux(stream):
-            for p in (filt.filter(packet) if filt else [packet]) if packet.size else []:
-                p.pts = p.dts = k
-                k += 1
-                order += [f.pts for f in ctx.decode(p)]
+        for k, p in enumerate(_packets(c, codec)):
+            p.pts = p.dts = k
+            order += [f.pts for f in ctx.decode(p)]
         order += [f.pts for f in ctx.decode(None)]
     return order
 
 
 def remux(path: str, ext: str, codec: str, order: list[int] | None = None, fps: float | None = None) -> bytes:
     """Copy the video packets into an mp4/webm in memory (bit-exact muxing). `order` (from
-    `_display_order`) rebuilds presentation timestamps at `fps` for containers that have none."""
-    bsf = "mpeg4_unpack_bframes" if codec == "mpeg4" else None
-    rank = {k: j for j, k in enumerate(order)} if order else None
+    `_display_order`, one entry per packet) rebuilds presentation timestamps at `fps` for containers that
+    carry none (AVI): pts = display position, dts = decode position shifted so that dts <= pts."""
+    rank = {k: j for j, k in enumerate(order)} if order and fps else None
     delay = max(k - j for k, j in rank.items()) if rank else 0
     tb = Fraction(1) / Fraction(fps).limit_denominator(1001) if rank and fps else None
     buf = io.BytesIO()
     with av.open(path, options={"fflags": "+genpts"}) as src:
         ist = src.streams.video[0]
-        with av.open(
-            buf, "w", format="webm" if ext == "webm" else "mp4", options={"fflags": "+bitexact"}
-        ) as out:
+        muxer = "webm" if ext == "webm" else "mp4"
+        with av.open(buf, "w", format=muxer, options={"fflags": "+bitexact"}) as out:
             ost = out.add_stream_from_template(ist, opaque=True)
-            filt = av.bitstream.BitStreamFilterContext(bsf, ist) if bsf else None
-            k = 0
-            for packet in src.demux(ist):
-                if not packet.size:
-                    continue
-                for p in filt.filter(packet) if filt else [packet]:
-                    if rank is not None and tb is not None:
-                        p.time_base, p.pts, p.dts = tb, rank[k], k - delay
-                    k += 1
-                    p.stream = ost
-                    out.mux(p)
-            for p in filt.filter(None) if filt else []:
+            for k, p in enumerate(_packets(src, codec)):
+                if rank is not None:
+                    p.time_base, p.pts, p.dts = tb, rank[k], k - delay
                 p.stream = ost
                 out.mux(p)
     return buf.getvalue()
 
 
 def _remuxed(path: str, info: StreamInfo, src: Decoded) -> tuple[bytes, str] | str:
-    """(bytes, ext) of a clean lossless remux, or the reason there is none."""
+    """(bytes, ext) of a clean lossless remux, or the reason there is none (-> transcode)."""
     ext = "webm" if info.codec in WEBM_CODECS else "mp4"
     try:
         data = remux(path, ext, info.codec)
         got = inspect_stored(data)
         if got.problem and "presentation order" in got.problem and math.isfinite(info.fps):
-            data = remux(
-                path,
-                ext,
-                info.codec,
-                _display_order(path, "mpeg4_unpack_bframes" if info.codec == "mpeg4" else None),
-                info.fps,
-            )
+            order = _display_order(path, info.codec)
+            if sorted(order) != list(range(len(order))):
+                return "remux: the decoder's display order does not cover every packet"
+            data = remux(path, ext, info.codec, order, info.fps)
             got = inspect_stored(data)
     except (RejectError, av.FFmpegError, ValueError) as e:
         return f"remux failed: {e}"

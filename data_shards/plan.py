@@ -86,15 +86,12 @@ class _Splitter:
     def notes(self, items: list[InputItem]) -> list[str]:
         if not any(it.split for it in items):
             return []
-        ignored = [
+        asked = (("val", self.val_fraction, self.carve_val), ("test", self.test_fraction, self.carve_test))
+        return [
             f"--{name}-fraction {value:g} ignored: the source has its own {name} split"
-            for name, value, carved in (
-                ("val", self.val_fraction, self.carve_val),
-                ("test", self.test_fraction, self.carve_test),
-            )
+            for name, value, carved in asked
             if value and not carved
         ]
-        return ignored
 
     def __call__(self, it: InputItem) -> str:
         group = it.group or it.id

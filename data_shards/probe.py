@@ -23,7 +23,7 @@ import av
 class RejectError(Exception):
     """The input cannot go into a shard; `str(e)` is the reason and `kind` its category, both written to
     rejects.jsonl (kinds: missing-file, empty-file, not-a-video, no-video-stream, undecodable, truncated,
-    container, bad-time-range, error)."""
+    needs-reencode, bad-time-range, error)."""
 
     def __init__(self, reason: str, kind: str = "undecodable") -> None:
         super().__init__(reason)
