@@ -179,11 +179,6 @@ def inspect_stored(data: bytes, what: str = "") -> Decoded:
     return got
 
 
-def decode_check_bytes(data: bytes, what: str = "") -> int:
-    """Fully decode an in-memory video (a shard member); returns its frame count or raises RejectError."""
-    return inspect_stored(data, what).frames
-
-
 def info_json(info: StreamInfo) -> dict[str, Any]:
     """The source facts a shard's metadata keeps."""
     return {"source_container": info.container.split(",")[0], "source_codec": info.codec}

@@ -19,6 +19,7 @@ from data_shards.ingest import Clip, IngestOptions, decide, ingest_video
 from data_shards.loader import SamplingSpec, build_loader
 from data_shards.loader.pyav import decode_frames
 from data_shards.probe import RejectError, StreamInfo
+from data_shards.verify import verify
 
 FRAMES = 24
 BROKEN_KINDS = {
@@ -78,6 +79,7 @@ def test_every_decodable_clip_is_stored_with_the_right_action(zoo_build: tuple[P
     for name, kind in BROKEN_KINDS.items():
         assert rejects[name]["kind"] == kind and rejects[name]["reason"] and rejects[name]["where"] == name
     m = fmt.load_manifest(out)
+    assert verify(out, decode=True) == ([], {k: v.samples for k, v in m.splits.items()})
     ingest = {
         a: sum(sp.ingest.get(a, 0) for sp in m.splits.values()) for a in ("kept", "remuxed", "transcoded")
     }

@@ -14,6 +14,7 @@ from data_shards.loader.fixtures import make_sample, make_shard_set
 from data_shards.loader.index import list_samples
 from data_shards.shardio import write_shard
 from data_shards.synth import SynthSpec
+from data_shards.verify import verify
 
 SPEC = SamplingSpec(frames=4, stride=2, size=16)
 SMALL = dict(codec="vp9", shards=1, per_shard=6, frames=12, size=32)
@@ -133,6 +134,8 @@ def test_stream_shorter_than_stored_count_is_skipped(tmp_path: Path) -> None:
     )
     assert len(_keys(loader)) == 3 and loader.stats["skipped"] == 1
     assert loader.stats["skipped_keys"] == [f"{tmp_path / 'train-000000.tar'}:{liar.key}"]
+    problems, _ = verify(tmp_path, decode=True)  # verify --decode catches the lie before training does
+    assert f"train-000000.tar: {liar.key}: decodes to 6 frames, metadata says 12" in problems
 
 
 def test_metadata_without_frames_is_a_format_error(tmp_path: Path) -> None:
