@@ -1,15 +1,16 @@
 """One source video (or a time range of it) -> the bytes a shard stores, and what was done to it.
 
 `--codec auto` (the default) does the least that makes a video readable by every loader:
-  kept        the stream and container are ones the loaders read (mp4 / webm / mkv; a codec NVDEC and PyAV
-              decode, `format.DALI_GPU_CODECS`; with `--dali-cpu` only what DALI decodes on CPU);
+  kept        the stream and container are ones the loaders read (mp4 / webm / mkv; a codec and pixel format
+              NVDEC and PyAV decode, `format.DALI_GPU_CODECS` in 4:2:0; with `--dali-cpu` only what DALI
+              decodes on CPU);
   remuxed     only the container is the problem (AVI, MOV, FLV, TS, 3GP, ...): packets copied losslessly into
               mp4 (webm for VP8/VP9/AV1). MPEG-4 Part 2 goes through `mpeg4_unpack_bframes` (packed
               B-frames, DivX/Xvid AVI); a container without presentation timestamps (AVI) gets them
               rebuilt from the decoder's display order;
-  transcoded  the codec itself cannot be stored (wmv, flv1, msmpeg4, rawvideo, theora, mpeg2, ...), or a
-              remux could not give a clean stream, or --short-side/--fps/--max-* ask for it: re-encoded to
-              H.264 (VP9 with `--dali-cpu`);
+  transcoded  the codec itself cannot be stored (wmv, flv1, msmpeg4, rawvideo, theora, mpeg2, 4:4:4 H.264,
+              4:2:2 MJPEG, ...), or a remux could not give a clean stream, or --short-side/--fps/--max-*
+              ask for it: re-encoded to H.264 (VP9 with `--dali-cpu`), 8-bit 4:2:0;
   trimmed     a time range of the source, cut frame-exactly (frames whose time is in [start, end)) and
               re-encoded.
 `--codec copy` stores source bytes only (strict: anything else is rejected); `--codec h264|vp9` always
@@ -50,6 +51,10 @@ from data_shards.probe import (
 CODEC_CHOICES = ("auto", "copy", *ENCODERS)
 ACTIONS = ("kept", "remuxed", "transcoded", "trimmed")
 WEBM_CODECS = frozenset({"vp8", "vp9", "av1"})
+# What NVDEC decodes, by pixel format: 8-bit 4:2:0 for every codec, 10-bit 4:2:0 for HEVC/VP9/AV1
+# (4:4:4 H.264 or 4:2:2 camera MJPEG are not NVDEC streams). DALI-CPU (libavcodec) takes any.
+NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
+NVDEC_PIX_FMTS_10BIT = frozenset({"yuv420p10le", "p010le"})
 _RESHAPING = ("short_side", "fps", "max_frames", "max_duration", "gop")
 
 
@@ -129,6 +134,12 @@ def stored_ext(info: StreamInfo) -> str | None:
     return None
 
 
+def _nvdec_pixels(info: StreamInfo) -> bool:
+    if info.pix_fmt is None or info.pix_fmt in NVDEC_PIX_FMTS:
+        return True
+    return info.pix_fmt in NVDEC_PIX_FMTS_10BIT and info.codec in ("hevc", "vp9", "av1")
+
+
 def decide(info: StreamInfo, opts: IngestOptions, clip: Clip | None) -> tuple[str, str]:
     """(action, why) before anything is decoded; a remux or keep may still fall back to a transcode."""
     if opts.codec == "copy":
@@ -154,6 +165,8 @@ def decide(info: StreamInfo, opts: IngestOptions, clip: Clip | None) -> tuple[st
     if info.codec not in opts.keep_codecs:
         readers = "DALI-CPU" if opts.dali_cpu else "NVDEC"
         return "transcoded", f"codec {info.codec} is not {readers}-decodable"
+    if not opts.dali_cpu and not _nvdec_pixels(info):
+        return "transcoded", f"pixel format {info.pix_fmt} of {info.codec} is not NVDEC-decodable"
     if stored_ext(info) is None:
         return (
             "remuxed",

@@ -42,6 +42,7 @@ class StreamInfo:
     declared_duration: float
     width: int
     height: int
+    pix_fmt: str | None = None  # decoder output format, e.g. yuv420p, yuvj422p, yuv420p10le
 
 
 def open_video(path: str | os.PathLike) -> av.container.InputContainer:
@@ -88,6 +89,7 @@ def stream_info(container: av.container.InputContainer) -> StreamInfo:
         declared_duration=declared,
         width=stream.codec_context.width,
         height=stream.codec_context.height,
+        pix_fmt=stream.codec_context.pix_fmt,
     )
 
 

@@ -142,6 +142,8 @@ ZOO: dict[str, tuple[str, str, str, dict[str, str], str]] = {
     "flv1.flv": ("flv", "flv", "yuv420p", {}, "transcoded"),
     "msmpeg4.avi": ("avi", "msmpeg4", "yuv420p", {}, "transcoded"),
     "rawvideo.avi": ("avi", "rawvideo", "yuv420p", {}, "transcoded"),
+    "h264_444.mkv": ("matroska", "libx264", "yuv444p", {}, "transcoded"),  # not an NVDEC stream
+    "mjpeg422.avi": ("avi", "mjpeg", "yuvj422p", {}, "transcoded"),  # camera MJPEG
 }
 
 

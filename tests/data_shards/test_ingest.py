@@ -76,6 +76,10 @@ def test_every_decodable_clip_is_stored_with_the_right_action(zoo_build: tuple[P
     assert samples["av1.mkv"].meta["codec"] == "av1" and samples["av1.mkv"].video_ext == "webm"
     assert samples["h264.mov"].meta["ingest_reason"] == "container mov (qt)"
     assert samples["wmv2.wmv"].meta["ingest_reason"] == "codec wmv2 is not NVDEC-decodable"
+    assert (
+        samples["mjpeg422.avi"].meta["ingest_reason"]
+        == "pixel format yuvj422p of mjpeg is not NVDEC-decodable"
+    )
     for name, kind in BROKEN_KINDS.items():
         assert rejects[name]["kind"] == kind and rejects[name]["reason"] and rejects[name]["where"] == name
     m = fmt.load_manifest(out)
