@@ -98,6 +98,7 @@ class IngestOptions:
 
     @property
     def reshaping(self) -> list[str]:
+        """The re-encode shape options given (each forces a transcode)."""
         return [f"--{k.replace('_', '-')}" for k in _RESHAPING if getattr(self, k)]
 
     @property
@@ -109,6 +110,7 @@ class IngestOptions:
 
     @property
     def keep_codecs(self) -> frozenset[str]:
+        """Codecs `auto` may keep as they are: NVDEC's, or DALI-CPU's with --dali-cpu."""
         return fmt.DALI_CPU_CODECS if self.dali_cpu else fmt.DALI_GPU_CODECS
 
     def to_json(self) -> dict[str, Any]:

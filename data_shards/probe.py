@@ -71,6 +71,7 @@ def canonical_codec(stream: av.video.stream.VideoStream) -> str:
 
 
 def stream_info(container: av.container.InputContainer) -> StreamInfo:
+    """The declared facts of the first video stream (the truncation check compares a decode with them)."""
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate or Fraction(0)
     if stream.duration is not None and stream.time_base is not None:

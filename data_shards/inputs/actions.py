@@ -56,6 +56,7 @@ def _ucf_item(
 
 
 def read_ucf101(source: Path, options: SourceOptions) -> Inputs:
+    """UCF101 split `options.split_id` from its own lists; classes in classInd order."""
     lists = _root(source, "ucfTrainTestlist", "UCF101")
     root = Path(options.videos) if options.videos else lists.parent
     ind = sorted((int(n), c) for _, (n, c, *_) in _lines(lists / "classInd.txt"))
@@ -105,6 +106,7 @@ def _hmdb_file(path: Path, cls: str, videos: dict, root: Path, out: Inputs) -> i
 
 
 def read_hmdb51(source: Path, options: SourceOptions) -> Inputs:
+    """HMDB51 split `options.split_id` from the per-class split files; classes sorted."""
     lists = _root(source, "testTrainMulti_7030_splits", "HMDB51")
     root = Path(options.videos) if options.videos else lists.parent
     suffix = f"_test_split{options.split_id}.txt"

@@ -11,11 +11,13 @@ KINETICS_COLUMNS = frozenset({"youtube_id", "time_start", "time_end"})
 
 
 def csv_header(path: Path) -> list[str]:
+    """The first row of a CSV, stripped (what decides csv vs kinetics)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         return [c.strip() for c in next(csv.reader(f), [])]
 
 
 def is_kinetics_csv(path: Path) -> bool:
+    """A CSV with youtube_id, time_start and time_end columns."""
     return path.suffix.lower() == ".csv" and set(csv_header(path)) >= KINETICS_COLUMNS
 
 
@@ -32,10 +34,12 @@ def _find(root: Path, name: str, want_dir: bool, depth: int = 2) -> Path | None:
 
 
 def find_dir(root: Path, name: str) -> Path | None:
+    """The shallowest folder `name` under `root` (two levels at most)."""
     return _find(root, name, want_dir=True)
 
 
 def find_file(root: Path, name: str) -> Path | None:
+    """The shallowest file `name` under `root` (two levels at most)."""
     return _find(root, name, want_dir=False)
 
 

@@ -17,6 +17,7 @@ def video_files(root: Path) -> list[Path]:
 
 
 def read_folder(root: Path) -> Inputs:
+    """Class sub-folders when any video sits in one (then a loose video is a reject), else a flat folder."""
     files = video_files(root)
     class_layout = any(p.relative_to(root).parts[:-1] for p in files)
     out = Inputs(items=[], labelled=class_layout)

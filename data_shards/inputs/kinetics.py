@@ -56,6 +56,7 @@ def _row(
 
 
 def read_kinetics(source: Path, options: SourceOptions) -> Inputs:
+    """Every Kinetics CSV of `source` (a file or a folder), its rows matched to video files by name."""
     csvs = [source] if source.is_file() else [p for p in sorted(source.glob("*.csv")) if is_kinetics_csv(p)]
     if not csvs:
         raise FormatError(f"{source}: no Kinetics CSV (header label,youtube_id,time_start,time_end,split)")

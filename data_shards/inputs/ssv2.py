@@ -22,6 +22,7 @@ SPLIT_FILES = (("train.json", "train"), ("validation.json", "val"), ("test.json"
 
 
 def class_name(template: str) -> str:
+    """ "Putting [something] on a surface" -> "Putting something on a surface" (labels.json's key)."""
     return template.replace("[", "").replace("]", "").strip()
 
 
@@ -72,6 +73,7 @@ def _entry(
 
 
 def read_ssv2(source: Path, options: SourceOptions) -> Inputs:
+    """SSv2 from `source` (the folder with labels.json, or labels.json itself)."""
     labels_json = (
         source
         if source.name == "labels.json"

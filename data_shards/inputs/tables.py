@@ -43,6 +43,7 @@ def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) 
 
 
 def read_csv(source: Path) -> Inputs:
+    """A CSV manifest; a row without a path or with a bad time range is rejected with its line."""
     with open(source, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -58,6 +59,7 @@ def read_csv(source: Path) -> Inputs:
 
 
 def read_jsonl(source: Path) -> Inputs:
+    """A JSONL manifest; an invalid line is rejected with its number, the rest read on."""
     out = Inputs(items=[])
     with open(source, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
