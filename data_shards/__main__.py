@@ -7,55 +7,74 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _synth(args: argparse.Namespace) -> int:
     from data_shards.synth import SynthSpec, write_synthetic_set
 
-    spec = SynthSpec(
-        videos=args.videos,
-        classes=args.classes,
-        frames=args.frames,
-        size=args.size,
-        fps=args.fps,
-        codec=args.codec,
-        seed=args.seed,
-    )
+    try:
+        spec = SynthSpec(
+            videos=args.videos,
+            classes=args.classes,
+            frames=args.frames,
+            size=args.size,
+            fps=args.fps,
+            codec=args.codec,
+            seed=args.seed,
+            domain=args.domain,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     csv_path = write_synthetic_set(args.out, spec)
     print(
-        f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}) "
-        f"and {csv_path}"
+        f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
+        f"domain {spec.domain}) and {csv_path}"
     )
     return 0
 
 
-def _build(args: argparse.Namespace) -> int:
-    from data_shards.build import BuildOptions, build, summary
-    from data_shards.probe import TranscodeOptions
+def _classes(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    p = Path(value)
+    names = [c.strip() for c in (p.read_text().splitlines() if p.is_file() else value.split(","))]
+    return [c for c in names if c]
 
-    classes = None
-    if args.classes:
-        p = Path(args.classes)
-        classes = [
-            c.strip() for c in (p.read_text().splitlines() if p.is_file() else args.classes.split(","))
-        ]
-        classes = [c for c in classes if c]
+
+def _build_options(args: argparse.Namespace) -> Any:
+    """BuildOptions from the command line (ValueError names the bad option)."""
+    from data_shards.build import BuildOptions
+    from data_shards.ingest import IngestOptions
+    from data_shards.inputs import SourceOptions
+
+    return BuildOptions(
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        classes=_classes(args.classes),
+        format=args.format,
+        source=SourceOptions(videos=args.videos, split_id=args.split_id),
+        ingest=IngestOptions(
+            codec=args.codec,
+            dali_cpu=args.dali_cpu,
+            short_side=args.short_side,
+            fps=args.fps,
+            max_frames=args.max_frames,
+            max_duration=args.max_duration,
+            gop=args.gop,
+        ),
+    )
+
+
+def _build(args: argparse.Namespace) -> int:
+    from data_shards.build import build, summary
+    from data_shards.format import FormatError
+
     try:
-        opts = BuildOptions(
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            shard_samples=args.shard_samples,
-            shard_bytes=args.shard_bytes,
-            classes=classes,
-            transcode=TranscodeOptions(
-                codec=args.codec,
-                short_side=args.short_side,
-                fps=args.fps,
-                max_frames=args.max_frames,
-                max_duration=args.max_duration,
-                gop=args.gop,
-            ),
-        )
+        opts = _build_options(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,7 +88,7 @@ def _build(args: argparse.Namespace) -> int:
             keep_work=args.keep_work,
             quiet=args.quiet,
         )
-    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError) as e:
+    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError, FormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(result))
@@ -89,40 +108,57 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    from data_shards.synth import DOMAINS
 
-    p = sub.add_parser("synth", help="write a labelled synthetic motion video set + labels.csv")
     p.add_argument("--out", required=True)
     p.add_argument("--videos", type=int, default=64)
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--classes", type=int, default=4, help="2-10 motion classes")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--codec", choices=["h264", "vp9"], default="h264")
     p.add_argument("--seed", type=int, default=0)
+    looks = ", ".join(f"{i} {name}" for i, name in enumerate(DOMAINS))
+    p.add_argument("--domain", type=int, default=0, help=f"look of the clips, same classes ({looks})")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)")
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    from data_shards.ingest import CODEC_CHOICES
+    from data_shards.inputs import FORMATS
+
     p.add_argument(
-        "source", help="CSV/JSONL manifest (path,label[,split]) or a folder (class sub-folders or flat)"
+        "source",
+        help="a manifest (CSV/JSONL: path,label[,split][,start,end]), a folder (class sub-folders or flat), "
+        "or a data set's annotations (Kinetics CSV, SSv2 labels.json folder, UCF101 / HMDB51 root)",
     )
     p.add_argument("--out", required=True, help="shard folder (re-running the same command resumes)")
-    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--format", choices=FORMATS, default="auto", help="source format (auto: detect)")
+    p.add_argument(
+        "--videos", default=None, help="where a data set's videos are (default: beside its annotations)"
+    )
+    p.add_argument("--split-id", type=int, default=1, help="official UCF101/HMDB51 split (1-3)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="hash val split (from train if the source has splits)"
+    )
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--shard-samples", type=int, default=256, help="max samples per shard")
-    p.add_argument(
-        "--shard-bytes", type=int, default=None, help="max bytes per shard (also bounded by --shard-samples)"
-    )
+    p.add_argument("--shard-bytes", type=int, default=None, help="max bytes per shard (and --shard-samples)")
     p.add_argument(
         "--classes", default=None, help="class list: a file (one per line) or a,b,c; fixes label order"
     )
     p.add_argument(
         "--codec",
-        choices=["copy", "h264", "vp9"],
-        default="copy",
-        help="copy keeps source bytes; vp9 makes shards DALI can decode on CPU too",
+        choices=CODEC_CHOICES,
+        default="auto",
+        help="auto: keep what the loaders read, remux other containers, re-encode the rest (default); "
+        "copy: source bytes only; h264/vp9: always re-encode",
+    )
+    p.add_argument(
+        "--dali-cpu",
+        action="store_true",
+        help="with --codec auto: keep only what DALI decodes on CPU (VP9, MJPEG) and re-encode the rest to VP9",
     )
     p.add_argument("--short-side", type=int, default=None)
     p.add_argument("--fps", type=float, default=None)
@@ -139,14 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_build)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _synth_args(sub.add_parser("synth", help="write a labelled synthetic motion video set + labels.csv"))
+    _build_args(sub.add_parser("build", help="videos + labels -> validated WebDataset shards (Ray job)"))
     p = sub.add_parser(
         "verify", help="check shards against their manifest (checksums, index, members, labels)"
     )
     p.add_argument("shards")
     p.add_argument("--decode", action="store_true", help="also fully decode every video")
     p.set_defaults(func=_verify)
-
-    try:
+    try:  # the loader needs torch; synth/build/verify do not
         from data_shards import loadtest
     except ImportError:
         loadtest = None
@@ -154,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser("loadtest", help="drive the loader like training would; one JSON summary line")
         loadtest.add_arguments(p)
         p.set_defaults(func=loadtest.main)
-
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)

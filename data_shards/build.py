@@ -1,66 +1,43 @@
 """`python -m data_shards build`: videos + labels -> validated WebDataset shards, as Ray tasks.
 
-Two phases, both Ray tasks, both cached so a re-run resumes:
-1. validate: every input is opened and fully decoded (optionally re-encoded) by `probe.probe_video`;
-   results (and re-encoded bytes) land in `OUT/.work/` keyed by (input, options).
-2. write: accepted samples are assigned to shards deterministically (per split, sorted by key) and each
-   shard is written to a temporary name, renamed, indexed. A shard whose recorded plan and checksum
-   match what is on disk is kept untouched.
-The output is a pure function of the inputs and options: worker count and scheduling do not matter.
+The job, stage by stage (each its own module):
+1. `inputs`: read the source (manifest, folder, Kinetics/SSv2/UCF101/HMDB51 annotations) into
+   `InputItem`s; unreadable rows are rejected with their file:line.
+2. `plan`: labels, splits, keys, duplicate ids -- everything decidable without decoding.
+3. `tasks.validate_batch` on Ray (`execute`): every input kept, remuxed, transcoded or trimmed
+   (`ingest`) and the stored bytes fully decoded, cached in `OUT/.work/` so a re-run resumes.
+4. `plan.assign_shards`, then `tasks.write_shard_task` on Ray: per split, sorted by key, cut by count/bytes;
+   a shard whose recorded plan and checksum match what is on disk is kept untouched.
+5. here: manifest, rejects, summary. The output is a pure function of the inputs and options.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import logging
 import os
-import shutil
-import sys
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_shards.execute import init_ray, run_tasks
 from data_shards.format import (
     MANIFEST_NAME,
     REJECTS_NAME,
-    UNLABELED,
     FormatError,
     Manifest,
-    Sample,
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
-    check_split,
     parse_shard_name,
-    sample_key,
     sha256_file,
-    shard_name,
 )
-from data_shards.probe import RejectError, TranscodeOptions, probe_video
-from data_shards.shardio import write_shard
-
-log = logging.getLogger("data_shards.build")
-
-VIDEO_SUFFIXES = frozenset(
-    {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"}
-)
-WORK_DIR = ".work"
-
-
-@dataclass
-class InputItem:
-    """One row of the input: `where` says where it came from (file:line) for rejects."""
-
-    id: str
-    path: str
-    label: str | None
-    split: str | None
-    where: str
+from data_shards.ingest import ACTIONS, IngestOptions
+from data_shards.inputs import FORMATS, WORK_DIR, InputItem, Reject, SourceOptions, read_inputs
+from data_shards.plan import Plan, ShardEntry, assign_shards, hash_split, plan_digest, plan_inputs
+from data_shards.tasks import Validated, ValidateJob, validate_batch, write_shard_task
 
 
 @dataclass
@@ -70,9 +47,13 @@ class BuildOptions:
     shard_samples: int = 256
     shard_bytes: int | None = None
     classes: list[str] | None = None
-    transcode: TranscodeOptions = field(default_factory=TranscodeOptions)
+    format: str = "auto"  # inputs.FORMATS
+    source: SourceOptions = field(default_factory=SourceOptions)
+    ingest: IngestOptions = field(default_factory=IngestOptions)
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {FORMATS}, got {self.format!r}")
         if not (
             0 <= self.val_fraction < 1
             and 0 <= self.test_fraction < 1
@@ -97,346 +78,109 @@ class BuildResult:
     kept_shards: int
     written_shards: int
     seconds: float
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-def _reject(item_where: str, path: str, reason: str, id_: str | None = None) -> dict[str, Any]:
-    return {"path": path, "id": id_, "where": item_where, "reason": reason}
-
-
-def read_inputs(source: str | os.PathLike) -> tuple[list[InputItem], list[dict[str, Any]], bool]:
-    """Parse a CSV/JSONL manifest or a (class-)folder; returns (items, early rejects, labelled?).
-
-    Relative paths resolve against the manifest's folder. Ids are those relative paths (posix),
-    so they are stable when the data set is moved.
-    """
-    source = Path(source)
-    if source.is_dir():
-        return _read_folder(source)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such manifest or folder")
-    rows: list[tuple[str, dict[str, Any]]] = []
-    suffix = source.suffix.lower()
-    if suffix == ".csv":
-        with open(source, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            if "path" not in columns:
-                raise FormatError(f"{source}: the CSV header must have a 'path' column (got {columns})")
-            labelled = "label" in columns
-            for n, row in enumerate(reader, start=2):
-                rows.append(
-                    (f"{source.name}:{n}", {k.strip(): (v or "").strip() for k, v in row.items() if k})
-                )
-        early: list[dict[str, Any]] = []
-    elif suffix in (".jsonl", ".ndjson"):
-        early = []
-        labelled = False
-        with open(source, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{source.name}:{n}"
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict) or not isinstance(obj.get("path"), str):
-                        raise ValueError("expected an object with a string 'path'")
-                except ValueError as e:
-                    early.append(_reject(where, "", f"invalid JSONL line: {e}"))
-                    continue
-                labelled |= obj.get("label") is not None
-                rows.append((where, {k: "" if v is None else str(v) for k, v in obj.items()}))
-    else:
-        raise FormatError(f"{source}: manifest must be .csv or .jsonl (or pass a folder)")
-
-    items = []
-    for where, row in rows:
-        rel = row["path"]
-        if not rel:
-            early.append(_reject(where, "", "empty path"))
-            continue
-        p = Path(rel)
-        path = p if p.is_absolute() else source.parent / p
-        label = row.get("label") or None
-        items.append(
-            InputItem(
-                id=Path(rel).as_posix(),
-                path=str(path),
-                label=label,
-                split=row.get("split") or None,
-                where=where,
-            )
-        )
-    return items, early, labelled
-
-
-def _read_folder(root: Path) -> tuple[list[InputItem], list[dict[str, Any]], bool]:
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and WORK_DIR not in p.parts
-    )
-    class_layout = any(p.relative_to(root).parts[:-1] for p in files)
-    items, early = [], []
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        parts = p.relative_to(root).parts
-        if class_layout and len(parts) == 1:
-            early.append(_reject(rel, str(p), "missing label: file is not inside a class folder", rel))
-            continue
-        items.append(
-            InputItem(id=rel, path=str(p), label=parts[0] if class_layout else None, split=None, where=rel)
-        )
-    return items, early, class_layout
-
-
-def _class_order(labels: Iterable[str]) -> list[str]:
-    names = set(labels)
-    if names and all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def hash_split(video_id: str, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split from the id alone, so adding videos never moves existing ones."""
-    u = int(hashlib.sha256(video_id.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-@dataclass
-class Planned:
-    item: InputItem
-    key: str
-    label: int
-    split: str
-
-
-def plan_inputs(
-    items: list[InputItem], labelled: bool, opts: BuildOptions
-) -> tuple[list[Planned], list[dict[str, Any]], list[str] | None]:
-    """Labels, splits, keys and duplicate checks: everything decidable without decoding."""
-    rejects: list[dict[str, Any]] = []
-    classes = (
-        list(opts.classes)
-        if opts.classes
-        else (_class_order(i.label for i in items if i.label) if labelled else None)
-    )
-    index = {c: i for i, c in enumerate(classes or [])}
-    seen: dict[str, str] = {}
-    planned = []
-    for it in items:
-        if it.id in seen:
-            rejects.append(_reject(it.where, it.path, f"duplicate id (first at {seen[it.id]})", it.id))
-            continue
-        seen[it.id] = it.where
-        if labelled and not it.label:
-            rejects.append(_reject(it.where, it.path, "missing label", it.id))
-            continue
-        if labelled and it.label not in index:
-            rejects.append(
-                _reject(it.where, it.path, f"unknown label {it.label!r} (not in --classes)", it.id)
-            )
-            continue
-        try:
-            split = (
-                check_split(it.split)
-                if it.split
-                else hash_split(it.id, opts.val_fraction, opts.test_fraction)
-            )
-        except FormatError as e:
-            rejects.append(_reject(it.where, it.path, str(e), it.id))
-            continue
-        label = index[it.label] if labelled and it.label else UNLABELED
-        planned.append(Planned(item=it, key=sample_key(it.id), label=label, split=split))
-    keys = Counter(p.key for p in planned)
-    if any(c > 1 for c in keys.values()):  # 96-bit hash collision: astronomically unlikely, but never silent
-        clash = [k for k, c in keys.items() if c > 1]
-        raise RuntimeError(f"sample key collision for {clash}; rename one of the inputs")
-    return planned, rejects, classes
-
-
-# ------------------------------------------------------------------------------------------ phase 1
+    rejects: list[Reject] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _options_digest(opts: BuildOptions) -> str:
-    return hashlib.sha256(json.dumps(opts.transcode.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(opts.ingest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fingerprint(path: str) -> list[int]:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
-
-def validate_items(
-    batch: list[dict[str, Any]], transcode: dict[str, Any], work: str, digest: str
-) -> list[dict[str, Any]]:
-    """Ray task body: probe (and re-encode) each input; cache result + bytes under `work`."""
-    opts = TranscodeOptions(**transcode)
-    out = []
-    for job in batch:
-        cache = Path(work) / f"{job['key']}.json"
-        try:
-            fp = _fingerprint(job["path"])
-        except OSError:
-            fp = None
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("digest") == digest and cached.get("fingerprint") == fp:
-                out.append(cached)
-                continue
-        result: dict[str, Any] = {"key": job["key"], "digest": digest, "fingerprint": fp}
-        try:
-            probed = probe_video(job["path"], opts, workdir=work)
-            result |= {"ok": True, "ext": probed.ext, "meta": probed.meta}
-            if opts.codec != "copy":
-                atomic_write_bytes(Path(work) / f"{job['key']}.{probed.ext}", probed.data)
-        except RejectError as e:
-            result |= {"ok": False, "reason": str(e)}
-        except Exception as e:  # a bug or an FFmpeg crash path we did not foresee: reject, name it, go on
-            result |= {"ok": False, "reason": f"error: {type(e).__name__}: {e}"}
-        atomic_write_bytes(cache, json.dumps(result).encode())
-        out.append(result)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ phase 2
-
-
-def _video_bytes(entry: dict[str, Any], work: str, copy: bool) -> bytes:
-    src = entry["path"] if copy else str(Path(work) / f"{entry['key']}.{entry['ext']}")
-    data = Path(src).read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["meta"]["sha256"]:
-        raise RuntimeError(f"{entry['path']}: changed since it was validated; re-run the build")
-    return data
-
-
-def write_shard_task(
-    out: str, name: str, entries: list[dict[str, Any]], work: str, copy: bool, plan: str
-) -> dict[str, Any]:
-    """Ray task body: write one shard and record its plan digest for resume."""
-    samples = (
-        Sample(
-            key=e["key"],
-            video=_video_bytes(e, work, copy),
-            video_ext=e["ext"],
-            label=e["label"],
-            meta=e["meta"],
-        )
-        for e in entries
+def _validate(
+    plan: Plan, opts: BuildOptions, work: Path, batch: int, quiet: bool
+) -> tuple[list[ShardEntry], list[Reject]]:
+    """Run validation on Ray; accepted samples become shard entries (with their metadata)."""
+    jobs = [ValidateJob(p.key, p.item.path, p.item.start, p.item.end) for p in plan.samples]
+    chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
+    digest = _options_digest(opts)
+    results: list[list[Validated]] = run_tasks(
+        validate_batch,
+        [(c, opts.ingest, str(work), digest) for c in chunks],
+        "validate",
+        [len(c) for c in chunks],
+        quiet,
     )
-    info = write_shard(Path(out) / name, samples)
-    record = {"plan": plan, "info": asdict(info)}
-    atomic_write_bytes(Path(work) / "shards" / f"{name}.json", json.dumps(record).encode())
-    return record["info"]
+    by_key = {r.key: r for chunk in results for r in chunk}
+    accepted, rejects = [], []
+    for p in plan.samples:
+        r = by_key[p.key]
+        if not r.ok:
+            reason, kind = r.reason or "rejected", r.kind or "error"
+            rejects.append(Reject(p.item.where, p.item.path, reason, p.item.id, kind, p.split))
+            continue
+        meta = {"id": p.item.id, "source": p.item.id, "label": p.label, "split": p.split, **(r.meta or {})}
+        if plan.classes and p.label >= 0:
+            meta["label_name"] = plan.classes[p.label]
+        accepted.append(ShardEntry(p.key, p.item.path, r.ext or "", p.label, p.split, meta))
+    return accepted, rejects
 
 
-def assign_shards(accepted: list[dict[str, Any]], opts: BuildOptions) -> dict[str, list[dict[str, Any]]]:
-    """Deterministic shard plan: per split, samples sorted by key, cut by count and/or bytes."""
-    by_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in accepted:
-        by_split[e["split"]].append(e)
-    plan: dict[str, list[dict[str, Any]]] = {}
-    for split in sorted(by_split):
-        entries = sorted(by_split[split], key=lambda e: e["key"])
-        number, current, size = 0, [], 0
-        for e in entries:
-            nbytes = e["meta"]["bytes"]
-            full = len(current) >= opts.shard_samples or (
-                opts.shard_bytes and current and size + nbytes > opts.shard_bytes
-            )
-            if full:
-                plan[shard_name(split, number)] = current
-                number, current, size = number + 1, [], 0
-            current.append(e)
-            size += nbytes
-        if current:
-            plan[shard_name(split, number)] = current
-    return plan
-
-
-def _plan_digest(entries: list[dict[str, Any]]) -> str:
-    sig = [(e["key"], e["ext"], e["label"], e["meta"]) for e in entries]
-    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()
-
-
-def _shard_is_current(out: Path, work: Path, name: str, plan: str) -> dict[str, Any] | None:
+def _shard_is_current(out: Path, work: Path, name: str, plan: str) -> ShardInfo | None:
     record_path = work / "shards" / f"{name}.json"
     tar = out / name
     if not (record_path.is_file() and tar.is_file()):
         return None
     record = json.loads(record_path.read_text())
-    info = record["info"]
-    if record.get("plan") != plan or not (out / info["index"]).is_file():
+    info = ShardInfo(**record["info"])
+    if record.get("plan") != plan or not (out / info.index).is_file():
         return None
-    if tar.stat().st_size != info["bytes"] or sha256_file(tar) != info["sha256"]:
+    if tar.stat().st_size != info.bytes or sha256_file(tar) != info.sha256:
         return None
     return info
 
 
-# ---------------------------------------------------------------------------------------------- ray
+def _write(
+    shard_plan: dict[str, list[ShardEntry]], out: Path, work: Path, quiet: bool
+) -> tuple[list[ShardInfo], int, int]:
+    """Write the shards that are not already on disk as planned; (all infos in order, kept, written)."""
+    kept: dict[str, ShardInfo] = {}
+    todo = []
+    for name, entries in shard_plan.items():
+        digest = plan_digest(entries)
+        current = _shard_is_current(out, work, name, digest)
+        if current:
+            kept[name] = current
+        else:
+            todo.append((name, entries, digest))
+    written = run_tasks(
+        write_shard_task,
+        [(str(out), name, entries, str(work), d) for name, entries, d in todo],
+        "write",
+        [len(e) for _, e, _ in todo],
+        quiet,
+    )
+    infos = {**kept, **{name: info for (name, _, _), info in zip(todo, written)}}
+    ordered = [infos[name] for name in sorted(shard_plan, key=parse_shard_name)]
+    return ordered, len(kept), len(todo)
 
 
-def _init_ray(address: str | None, workers: int | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        # A remote cluster needs our code: ship the package; it needs PyAV/webdataset/numpy installed.
-        try:
-            ray.init(
-                address=address,
-                runtime_env={"py_modules": [str(Path(__file__).parent)]},
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-            raise ConnectionError(
-                f"cannot join the Ray cluster at {address}: {e}\n"
-                "A cluster started with `ray start --head` uses token auth: run this command with "
-                "RAY_AUTH_MODE=token and the head's token (~/.ray/auth_token on the head, copied here, "
-                "or RAY_AUTH_TOKEN=...)."
-            ) from None
-    else:
-        ray.init(
-            num_cpus=workers or os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-
-
-def _run_tasks(
-    fn: Callable[..., Any], calls: list[tuple], desc: str, unit_counts: list[int], quiet: bool
-) -> list[Any]:
-    """Submit `fn(*args)` as Ray tasks (retried if a worker dies); ordered results; tqdm with units/s."""
-    import ray
-    from tqdm import tqdm
-
-    remote = ray.remote(max_retries=3, num_cpus=1)(fn)
-    refs = [remote.remote(*args) for args in calls]
-    pos = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    with tqdm(
-        total=sum(unit_counts), desc=desc, unit="clip", disable=quiet, file=sys.stderr, dynamic_ncols=True
-    ) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                i = pos[ref]
-                results[i] = ray.get(ref)
-                bar.update(unit_counts[i])
-    return results
-
-
-# -------------------------------------------------------------------------------------------- build
+def _manifest(
+    shards: list[ShardInfo],
+    accepted: list[ShardEntry],
+    classes: list[str] | None,
+    opts: BuildOptions,
+    rejects: int,
+) -> Manifest:
+    splits: dict[str, SplitInfo] = {}
+    for s in shards:
+        sp = splits.setdefault(s.split, SplitInfo())
+        sp.samples += s.samples
+        sp.shards += 1
+        sp.bytes += s.bytes
+    for e in accepted:
+        sp = splits[e.split]
+        sp.ingest[e.meta["ingest"]] = sp.ingest.get(e.meta["ingest"], 0) + 1
+        if classes and e.label >= 0:
+            sp.per_class[classes[e.label]] = sp.per_class.get(classes[e.label], 0) + 1
+    for sp in splits.values():
+        sp.ingest = {a: sp.ingest[a] for a in ACTIONS if a in sp.ingest}
+    return Manifest(
+        classes=classes,
+        shards=shards,
+        splits=dict(sorted(splits.items())),
+        options=opts.to_json(),
+        rejects=rejects,
+    )
 
 
 def build(
@@ -453,101 +197,33 @@ def build(
     """Run the whole job; returns what it did. Raises only for bad options or when nothing is accepted."""
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     work = out / WORK_DIR
     (work / "shards").mkdir(parents=True, exist_ok=True)
 
-    items, rejects, labelled = read_inputs(source)
-    planned, plan_rejects, classes = plan_inputs(items, labelled, opts)
-    rejects += plan_rejects
-    copy = opts.transcode.codec == "copy"
-    digest = _options_digest(opts)
+    inputs = read_inputs(source, opts.format, opts.source)
+    plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
+    rejects = inputs.rejects + plan.rejects
+    init_ray(ray_address, workers)
+    accepted, failed = _validate(plan, opts, work, batch, quiet)
+    rejects += failed
 
-    _init_ray(ray_address, workers)
-    jobs = [{"key": p.key, "path": p.item.path} for p in planned]
-    chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
-    validated = _run_tasks(
-        validate_items,
-        [(c, opts.transcode.to_json(), str(work), digest) for c in chunks],
-        "validate",
-        [len(c) for c in chunks],
-        quiet,
-    )
-    by_key = {r["key"]: r for chunk in validated for r in chunk}
-    accepted = []
-    for p in planned:
-        r = by_key[p.key]
-        if r["ok"]:
-            meta = {"id": p.item.id, "source": p.item.id, "label": p.label, "split": p.split, **r["meta"]}
-            if classes and p.label >= 0:
-                meta["label_name"] = classes[p.label]
-            accepted.append(
-                {
-                    "key": p.key,
-                    "path": p.item.path,
-                    "ext": r["ext"],
-                    "label": p.label,
-                    "split": p.split,
-                    "meta": meta,
-                }
-            )
-        else:
-            rejects.append(_reject(p.item.where, p.item.path, r["reason"], p.item.id))
-
-    plan = assign_shards(accepted, opts)
-    kept: dict[str, dict[str, Any]] = {}
-    todo = []
-    for name, entries in plan.items():
-        digest_ = _plan_digest(entries)
-        current = _shard_is_current(out, work, name, digest_)
-        if current:
-            kept[name] = current
-        else:
-            todo.append((name, entries, digest_))
-    written = _run_tasks(
-        write_shard_task,
-        [(str(out), name, entries, str(work), copy, d) for name, entries, d in todo],
-        "write",
-        [len(e) for _, e, _ in todo],
-        quiet,
-    )
-    infos = {**kept, **{name: info for (name, _, _), info in zip(todo, written)}}
-    _remove_stale(out, set(plan))
-
-    shards = [ShardInfo(**infos[name]) for name in sorted(plan, key=lambda n: parse_shard_name(n))]
-    splits: dict[str, SplitInfo] = {}
-    for s in shards:
-        sp = splits.setdefault(s.split, SplitInfo())
-        sp.samples += s.samples
-        sp.shards += 1
-        sp.bytes += s.bytes
-    for e in accepted:
-        if classes and e["label"] >= 0:
-            per = splits[e["split"]].per_class
-            per[classes[e["label"]]] = per.get(classes[e["label"]], 0) + 1
-    manifest = Manifest(
-        classes=classes,
-        shards=shards,
-        splits=dict(sorted(splits.items())),
-        options={k: v for k, v in opts.to_json().items()},
-        rejects=len(rejects),
-    )
-    rejects.sort(key=lambda r: (r["where"], r["reason"]))
-    atomic_write_bytes(
-        out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()
-    )
+    shard_plan = assign_shards(accepted, opts.shard_samples, opts.shard_bytes)
+    shards, kept, written = _write(shard_plan, out, work, quiet)
+    _remove_stale(out, set(shard_plan))
+    manifest = _manifest(shards, accepted, plan.classes, opts, len(rejects))
+    rejects.sort(key=lambda r: (r.where, r.reason))
+    lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects)
+    atomic_write_bytes(out / REJECTS_NAME, lines.encode())
     if not accepted:
         raise RuntimeError(f"no input was accepted ({len(rejects)} rejected; see {out / REJECTS_NAME})")
     manifest.save(out)
-    if not keep_work:
+    if not keep_work:  # re-encoded bytes go; the small .json results stay for resume
         for f in work.iterdir():
-            if (
-                f.is_file() and f.suffix != ".json"
-            ):  # re-encoded bytes; the small .json results stay for resume
+            if f.is_file() and f.suffix != ".json":
                 f.unlink()
-    return BuildResult(
-        out, manifest, len(accepted), len(rejects), len(kept), len(todo), time.perf_counter() - t0
-    )
+    seconds = time.perf_counter() - t0
+    notes = inputs.notes + plan.notes
+    return BuildResult(out, manifest, len(accepted), len(rejects), kept, written, seconds, rejects, notes)
 
 
 def _remove_stale(out: Path, planned: set[str]) -> None:
@@ -567,25 +243,44 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
             f.unlink()
 
 
+def _split_table(result: BuildResult) -> list[str]:
+    """Per split: samples, shards, MB, what ingest did, and the rejects by kind."""
+    m = result.manifest
+    rejected: dict[str, Counter[str]] = {}
+    for r in result.rejects:
+        rejected.setdefault(r.split or "?", Counter())[r.kind] += 1
+    head = f"  {'split':<6} {'samples':>7} {'shards':>6} {'MB':>8} " + " ".join(f"{a:>10}" for a in ACTIONS)
+    lines = [head + "   rejected"]
+    for name in sorted(set(m.splits) | set(rejected), key=lambda n: (n == "?", n)):
+        sp = m.splits.get(name)
+        bad = rejected.get(name, Counter())
+        why = ", ".join(f"{k} {c}" for k, c in sorted(bad.items(), key=lambda kc: (-kc[1], kc[0])))
+        cols = (
+            f"{sp.samples:>7} {sp.shards:>6} {sp.bytes / 1e6:>8.1f} "
+            + " ".join(f"{sp.ingest.get(a, 0):>10}" for a in ACTIONS)
+            if sp
+            else f"{0:>7} {0:>6} {0.0:>8.1f} " + " ".join(f"{0:>10}" for _ in ACTIONS)
+        )
+        lines.append(f"  {name:<6} {cols}   {sum(bad.values())}" + (f" ({why})" if why else ""))
+    return lines
+
+
 def summary(result: BuildResult) -> str:
+    """What the build did: totals, then per split how many were kept / remuxed / transcoded / trimmed and
+    rejected (by kind; "?" = rejects whose split is unknown), classes, notes, where the rejects are."""
     m = result.manifest
     lines = [
         f"shards in {result.out}: {result.accepted} accepted, {result.rejected} rejected, "
-        f"{result.written_shards} shards written, {result.kept_shards} kept, {result.seconds:.1f}s"
+        f"{result.written_shards} shards written, {result.kept_shards} already up to date, {result.seconds:.1f}s",
+        *_split_table(result),
     ]
-    for name, sp in m.splits.items():
-        lines.append(f"  {name:<6} {sp.samples:>7} samples {sp.shards:>4} shards {sp.bytes / 1e6:>9.1f} MB")
     if m.classes:
-        lines.append(
-            f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{' ...' if len(m.classes) > 12 else ''}"
-        )
+        more = " ..." if len(m.classes) > 12 else ""
+        lines.append(f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{more}")
+    lines += [f"  note: {n}" for n in result.notes]
     if result.rejected:
         lines.append(f"  rejects: {result.out / REJECTS_NAME}")
     return "\n".join(lines)
-
-
-def clean_work(out: str | os.PathLike) -> None:
-    shutil.rmtree(Path(out) / WORK_DIR, ignore_errors=True)
 
 
 __all__ = [

@@ -36,7 +36,6 @@ META_EXT = "json"
 MEMBER_EXTS: tuple[str, ...] = (*VIDEO_EXTS, LABEL_EXT, META_EXT)
 
 UNLABELED = -1
-DEFAULT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SHARD_RE = re.compile(r"^(?P<split>[a-z][a-z0-9_]*)-(?P<num>\d{6})\.tar$")
 
@@ -91,7 +90,7 @@ def video_ext_for(container: str) -> str:
         return "webm"
     if "matroska" in names:
         return "mkv"
-    raise FormatError(f"container {container!r} cannot be stored as-is; transcode to h264 or vp9")
+    raise FormatError(f"container {container!r} cannot be stored as-is")
 
 
 # --------------------------------------------------------------------------------------------- members
@@ -249,6 +248,7 @@ class SplitInfo:
     shards: int = 0
     bytes: int = 0
     per_class: dict[str, int] = field(default_factory=dict)
+    ingest: dict[str, int] = field(default_factory=dict)  # kept / remuxed / transcoded / trimmed counts
 
 
 @dataclass
@@ -319,6 +319,7 @@ class Manifest:
                 shards=need(v, "shards", int, f"splits.{name}."),
                 bytes=need(v, "bytes", int, f"splits.{name}."),
                 per_class=dict(v.get("per_class", {})),
+                ingest=dict(v.get("ingest", {})),
             )
             for name, v in need(data, "splits", dict, "").items()
         }

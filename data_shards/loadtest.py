@@ -44,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-add_loadtest_args = add_arguments
-
-
 def run_loadtest(args: argparse.Namespace | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run the load test; returns the summary dict (raises LoaderError / FormatError on loader errors)."""
     ns = vars(add_arguments(argparse.ArgumentParser()).parse_args([kwargs.get("shards", "_")]))

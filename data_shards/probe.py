@@ -1,89 +1,77 @@
-"""Open, fully decode and optionally transcode one source video.
+"""Open, inspect and fully decode videos: the checks behind the shard format's validation gate.
 
-This is the validation gate of the shard format: a DALI pipeline crashes on a clip it cannot
-decode, so every video is decoded to the last frame here before it may enter a shard.
+A DALI pipeline crashes on a clip it cannot decode, and the PyAV loader maps frames by presentation
+timestamp, so the bytes that go into a shard (after any remux, trim or re-encode) are decoded to the last
+frame here (`inspect_stored`) before they may enter a shard: every packet must give exactly one frame, in
+timestamp order, and the count is the one the shard's metadata records.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import math
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
-
-from data_shards.codec import ENCODERS, VideoWriter
-from data_shards.format import FormatError, video_ext_for
 
 
 class RejectError(Exception):
-    """The input cannot go into a shard; the message is the reason written to rejects.jsonl."""
+    """The input cannot go into a shard; `str(e)` is the reason and `kind` its category, both written to
+    rejects.jsonl (kinds: missing-file, empty-file, not-a-video, no-video-stream, undecodable, truncated,
+    needs-reencode, bad-time-range, error)."""
+
+    def __init__(self, reason: str, kind: str = "undecodable") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
-class TranscodeOptions:
-    """How accepted videos are stored. `codec="copy"` keeps the source bytes untouched."""
+class StreamInfo:
+    """What the container says about its first video stream (declared, not yet decoded)."""
 
-    codec: str = "copy"  # copy | h264 | vp9
-    short_side: int | None = None  # resize so the shorter side is this (even) size
-    fps: float | None = None  # resample the frame rate (drop/repeat frames by timestamp)
-    max_frames: int | None = None
-    max_duration: float | None = None  # seconds
-    gop: int | None = None  # keyframe interval of the re-encode
-
-    def __post_init__(self) -> None:
-        if self.codec != "copy" and self.codec not in ENCODERS:
-            raise ValueError(f"--codec must be copy or one of {sorted(ENCODERS)}, got {self.codec!r}")
-        reshaping = [
-            k for k in ("short_side", "fps", "max_frames", "max_duration", "gop") if getattr(self, k)
-        ]
-        if self.codec == "copy" and reshaping:
-            raise ValueError(
-                f"--codec copy keeps the source bytes; {', '.join(reshaping)} need --codec h264 or vp9"
-            )
-        if self.short_side is not None and (self.short_side < 16 or self.short_side % 2):
-            raise ValueError(f"--short-side must be an even number >= 16, got {self.short_side}")
-        for name in ("fps", "max_frames", "max_duration", "gop"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    container: str  # FFmpeg demuxer name, e.g. "avi", "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
+    brand: str | None  # mp4 family: major brand ("isom", "qt  ", "3gp6", ...)
+    codec: str  # canonical FFmpeg codec name: h264, hevc, vp9, av1 (not libdav1d), mpeg4, wmv2, ...
+    fps: float
+    declared_frames: int
+    declared_duration: float
+    width: int
+    height: int
+    pix_fmt: str | None = None  # decoder output format, e.g. yuv420p, yuvj422p, yuv420p10le
 
 
-@dataclass
-class ProbedVideo:
-    """What a shard stores about one accepted video (becomes its `.json` member)."""
-
-    data: bytes
-    ext: str
-    meta: dict[str, Any]
-
-
-def _open(path: Path) -> av.container.InputContainer:
+def open_video(path: str | os.PathLike) -> av.container.InputContainer:
+    """Open a source file; RejectError (with its kind) for anything that is not a file with a video stream."""
+    path = Path(path)
     if not path.exists():
-        raise RejectError("missing file")
+        raise RejectError("missing file", "missing-file")
     if not path.is_file():
-        raise RejectError("not a regular file")
+        raise RejectError("not a regular file", "missing-file")
     if path.stat().st_size == 0:
-        raise RejectError("empty file (0 bytes)")
+        raise RejectError("empty file (0 bytes)", "empty-file")
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as e:
-        raise RejectError(f"not a video: {e}") from None
+        raise RejectError(f"not a video: {e}", "not-a-video") from None
     if not container.streams.video:
         container.close()
-        raise RejectError("no video stream")
+        raise RejectError("no video stream", "no-video-stream")
     return container
 
 
-def _stream_info(container: av.container.InputContainer) -> dict[str, Any]:
+def canonical_codec(stream: av.video.stream.VideoStream) -> str:
+    """The codec's canonical name (AV1 decoded by libdav1d is still "av1")."""
+    codec = stream.codec_context.codec
+    return str(getattr(codec, "canonical_name", None) or codec.name)
+
+
+def stream_info(container: av.container.InputContainer) -> StreamInfo:
+    """The declared facts of the first video stream (the truncation check compares a decode with them)."""
     stream = container.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate or Fraction(0)
     if stream.duration is not None and stream.time_base is not None:
@@ -92,18 +80,22 @@ def _stream_info(container: av.container.InputContainer) -> dict[str, Any]:
         declared = container.duration / 1_000_000
     else:
         declared = math.nan
-    return {
-        "codec": stream.codec_context.name,
-        "container": container.format.name,
-        "fps": float(rate) if rate else math.nan,
-        "declared_frames": int(stream.frames or 0),
-        "declared_duration": declared,
-        "width": stream.codec_context.width,
-        "height": stream.codec_context.height,
-    }
+    brand = container.metadata.get("major_brand")
+    return StreamInfo(
+        container=container.format.name,
+        brand=brand.strip() if brand else None,
+        codec=canonical_codec(stream),
+        fps=float(rate) if rate else math.nan,
+        declared_frames=int(stream.frames or 0),
+        declared_duration=declared,
+        width=stream.codec_context.width,
+        height=stream.codec_context.height,
+        pix_fmt=stream.codec_context.pix_fmt,
+    )
 
 
-def _iter_frames(container: av.container.InputContainer, what: str):
+def iter_frames(container: av.container.InputContainer, what: str = "") -> Iterator[av.VideoFrame]:
+    """Decode the first video stream; a decoder error becomes a RejectError saying how far it got."""
     stream = container.streams.video[0]
     n = 0
     try:
@@ -114,126 +106,82 @@ def _iter_frames(container: av.container.InputContainer, what: str):
         raise RejectError(f"undecodable: {e} (after {n} frames){what}") from None
 
 
-def _check_complete(info: dict[str, Any], frames: int, last_time: float) -> None:
+def check_complete(info: StreamInfo, frames: int, last_time: float) -> None:
     """FFmpeg decodes a truncated file without raising; compare what decoded with what was declared."""
     if frames == 0:
         raise RejectError("undecodable: no frame could be decoded")
-    declared_frames = info["declared_frames"]
-    if declared_frames and frames < 0.95 * declared_frames - 1:
-        raise RejectError(f"truncated: decoded {frames} of {declared_frames} declared frames")
-    declared = info["declared_duration"]
-    fps = info["fps"]
-    if not declared_frames and math.isfinite(declared) and fps and math.isfinite(fps):
+    if info.declared_frames and frames < 0.95 * info.declared_frames - 1:
+        raise RejectError(
+            f"truncated: decoded {frames} of {info.declared_frames} declared frames", "truncated"
+        )
+    declared, fps = info.declared_duration, info.fps
+    if not info.declared_frames and math.isfinite(declared) and fps and math.isfinite(fps):
         decoded = last_time + 1 / fps
         if decoded < 0.9 * declared - 2 / fps:
-            raise RejectError(f"truncated: decoded {decoded:.2f}s of {declared:.2f}s declared")
+            raise RejectError(f"truncated: decoded {decoded:.2f}s of {declared:.2f}s declared", "truncated")
 
 
-def _even(x: float) -> int:
-    return max(2, round(x / 2) * 2)
+@dataclass(frozen=True)
+class Decoded:
+    """A full decode: frame count, time of the last frame, and whether the stream keeps the loaders'
+    contract (one frame per packet, frames in timestamp order) -- `problem` says how it does not."""
+
+    frames: int
+    last_time: float
+    width: int
+    height: int
+    problem: str | None
 
 
-def probe_video(
-    path: str | os.PathLike, options: TranscodeOptions, workdir: str | os.PathLike | None = None
-) -> ProbedVideo:
-    """Decode `path` fully; return the bytes to store (source or re-encode) and their metadata.
+def _timestamp_problem(packets: list[int | None], shown: list[int | None]) -> str | None:
+    if len(packets) != len(shown):
+        return f"{len(packets)} packets decode to {len(shown)} frames"
+    if None in packets or len(set(packets)) != len(packets):
+        return None  # no usable timestamps: the loader decodes from the start and counts frames
+    if shown != sorted(packets):
+        return "frame timestamps are not in presentation order (e.g. unpacked B-frames)"
+    return None
 
-    Raises `RejectError` with a one-line reason for anything a shard must not contain.
-    """
-    path = Path(path)
-    container = _open(path)
+
+def decode_all(container: av.container.InputContainer, what: str = "") -> Decoded:
+    """Demux and decode every packet of the first video stream (one pass), checking the contract."""
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    packets: list[int | None] = []
+    shown: list[int | None] = []
+    last = 0.0
+
+    def take(frames: list[av.VideoFrame]) -> None:
+        nonlocal last
+        for f in frames:
+            shown.append(f.pts)
+            last = f.time if f.time is not None else last
+
     try:
-        info = _stream_info(container)
-        if options.codec == "copy":
-            frames, last_time = 0, 0.0
-            for frame in _iter_frames(container, ""):
-                frames += 1
-                if frame.time is not None:
-                    last_time = frame.time
-            _check_complete(info, frames, last_time)
-            try:
-                ext = video_ext_for(info["container"])
-            except FormatError as e:
-                raise RejectError(str(e)) from None
-            data = path.read_bytes()
-            out = {
-                "codec": info["codec"],
-                "frames": frames,
-                "fps": info["fps"],
-                "width": info["width"],
-                "height": info["height"],
-            }
-        else:
-            data, ext, out = _transcode(container, info, options, path, workdir)
-    finally:
-        container.close()
-    fps = out["fps"]
-    out["duration"] = round(out["frames"] / fps, 6) if fps and math.isfinite(fps) else None
-    out["fps"] = round(fps, 6) if fps and math.isfinite(fps) else None
-    out["bytes"] = len(data)
-    out["sha256"] = hashlib.sha256(data).hexdigest()
-    out["source_codec"] = info["codec"]
-    return ProbedVideo(data=data, ext=ext, meta=out)
+        for p in container.demux(stream):
+            if p.size:
+                packets.append(p.pts)
+            take(ctx.decode(p))  # the empty packet at the end flushes the decoder
+    except av.FFmpegError as e:
+        raise RejectError(f"undecodable: {e} (after {len(shown)} frames){what}") from None
+    return Decoded(len(shown), last, ctx.width, ctx.height, _timestamp_problem(packets, shown))
 
 
-def _transcode(
-    container: av.container.InputContainer,
-    info: dict[str, Any],
-    options: TranscodeOptions,
-    path: Path,
-    workdir: str | os.PathLike | None,
-) -> tuple[bytes, str, dict[str, Any]]:
-    src_fps = info["fps"] if info["fps"] and math.isfinite(info["fps"]) else 25.0
-    out_fps = float(options.fps or src_fps)
-    w, h = info["width"], info["height"]
-    if options.short_side:
-        scale = options.short_side / min(w, h)
-        w, h = _even(w * scale), _even(h * scale)
-    else:
-        w, h = _even(w), _even(h)
-    limit = options.max_frames or math.inf
-    if options.max_duration:
-        limit = min(limit, math.floor(options.max_duration * out_fps + 1e-6))
-    _, ext, _ = ENCODERS[options.codec]
-    tmp_dir = Path(workdir) if workdir else path.parent
-    tmp = tmp_dir / f".transcode-{os.getpid()}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}.{ext}"
-    written, src_frames, last_time = 0, 0, 0.0
-    try:
-        with VideoWriter(
-            tmp, options.codec, Fraction(out_fps).limit_denominator(1001), w, h, gop=options.gop
-        ) as writer:
-            for frame in _iter_frames(container, ""):
-                t = frame.time if frame.time is not None else src_frames / src_fps
-                src_frames += 1
-                last_time = t
-                # keep output frame i at time i/out_fps: emit this source frame for every slot it covers
-                while written < limit and (options.fps is None or written / out_fps <= t + 0.5 / src_fps):
-                    rgb = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BILINEAR")
-                    writer.write_rgb(np.ascontiguousarray(rgb))
-                    written += 1
-                    if options.fps is None:
-                        break
-            if written == 0 and src_frames:
-                raise RejectError("no frame within the requested --max-frames/--max-duration")
-        _check_complete(info, src_frames, last_time)
-        data = tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
-    return data, ext, {"codec": options.codec, "frames": written, "fps": out_fps, "width": w, "height": h}
-
-
-def decode_check_bytes(data: bytes, what: str = "") -> int:
-    """Fully decode an in-memory video (a shard member); returns its frame count or raises RejectError."""
-    import io
-
+def inspect_stored(data: bytes, what: str = "") -> Decoded:
+    """The gate: fully decode the exact bytes that would go into a shard."""
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except av.FFmpegError as e:
-        raise RejectError(f"not a video: {e}{what}") from None
+        raise RejectError(f"not a video: {e}{what}", "not-a-video") from None
     with container:
         if not container.streams.video:
-            raise RejectError(f"no video stream{what}")
-        frames = sum(1 for _ in _iter_frames(container, what))
-    if frames == 0:
+            raise RejectError(f"no video stream{what}", "no-video-stream")
+        got = decode_all(container, what)
+    if got.frames == 0:
         raise RejectError(f"undecodable: no frame could be decoded{what}")
-    return frames
+    return got
+
+
+def info_json(info: StreamInfo) -> dict[str, Any]:
+    """The source facts a shard's metadata keeps."""
+    return {"source_container": info.container.split(",")[0], "source_codec": info.codec}

@@ -4,13 +4,18 @@ Each clip shows striped shapes over a smooth, low-frequency background (about on
 frame, like the large-scale structure of natural images). Its class is the *kind of motion*
 (direction of travel, sense of rotation, growing or shrinking); any single frame is consistent
 with every class, so a model has to use time to classify it. Everything is a pure function of
-(seed, video index): same seed, same pixels, same bytes.
+(seed, domain, video index): same seed and domain, same pixels, same bytes.
+
+Domains (`--domain`, for domain-incremental learning) change how a clip looks, never what its class
+means: the same index has the same motion and shapes in every domain, drawn over another background
+family and palette at another speed. Domain 0 is the original look (its bytes are unchanged).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,9 @@ MOTIONS: tuple[str, ...] = (
 )
 
 CODECS = tuple(ENCODERS)
+# Looks of the same classes: 0 the original smooth pastel texture; 1 dark background, bright shapes;
+# 2 diagonal two-colour stripes, faster motion; 3 sepia tones, coarser texture, slower motion.
+DOMAINS: tuple[str, ...] = ("smooth", "night", "stripes", "sepia")
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,13 @@ class SynthSpec:
     fps: int = 16
     codec: str = "h264"
     seed: int = 0
+    domain: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.domain < len(DOMAINS):
+            raise ValueError(
+                f"--domain must be in 0..{len(DOMAINS) - 1} ({', '.join(DOMAINS)}), got {self.domain}"
+            )
         if not 2 <= self.classes <= len(MOTIONS):
             raise ValueError(f"--classes must be between 2 and {len(MOTIONS)}, got {self.classes}")
         if self.size < 16 or self.size % 2:
@@ -70,45 +83,73 @@ def _texture(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
     return out
 
 
-def render_clip(index: int, spec: SynthSpec) -> tuple[np.ndarray, str]:
-    """Frames uint8 [T, H, W, 3] and the motion name of video `index`."""
-    rng = np.random.default_rng([spec.seed, index])
-    label = int(rng.integers(spec.classes))
-    motion = MOTIONS[label]
-    s, t_n = spec.size, spec.frames
-    # smooth: masked background patches are predictable from their neighbours, so a masked autoencoder's
-    # loss is dominated by where the moving shapes are, i.e. by the motion (4.0 made it unpredictable noise)
-    background = 0.35 + 0.3 * _texture(rng, s, 1.0)
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    shapes = []
-    for _ in range(int(rng.integers(1, 3))):
-        shapes.append(
-            dict(
-                kind=int(rng.integers(3)),  # circle, square, diamond
-                cx=rng.uniform(0, s),
-                cy=rng.uniform(0, s),
-                radius=rng.uniform(0.12, 0.2) * s,
-                angle=rng.uniform(0, 2 * math.pi),
-                speed=rng.uniform(0.6, 1.2) * s / t_n,  # about one frame width per clip
-                spin=rng.uniform(1.5, 3.0) * math.pi / t_n,
-                color=rng.uniform(0.0, 1.0, 3).astype(np.float32),
-                stripes=rng.uniform(0.3, 0.6),
-            )
+@dataclass(frozen=True)
+class _Style:
+    """How a domain draws a clip: background, a map of the shapes' colours, speed, a whole-frame tint."""
+
+    background: np.ndarray  # float [S, S, 3] in [0, 1]
+    colour: Callable[[np.ndarray], np.ndarray]
+    speed: float = 1.0
+    tint: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _sepia(img: np.ndarray) -> np.ndarray:
+    grey = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    return grey[..., None] * np.array([1.0, 0.8, 0.55], np.float32)
+
+
+def _style(domain: int, background: np.ndarray, rng: np.random.Generator, s: int) -> _Style:
+    """Domain 0 keeps the original look; the others draw from their own generator (`rng`)."""
+    if domain == 0:
+        return _Style(background, lambda c: c)
+    if domain == 1:  # night: dark background, bright shapes
+        return _Style(0.03 + 0.12 * _texture(rng, s, 1.0), lambda c: 0.6 + 0.4 * c)
+    if domain == 2:  # stripes: two pastel colours on a diagonal, darker shapes, faster
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        period, phase = s / rng.uniform(3, 5), rng.uniform(0, 2 * math.pi)
+        a, b = (0.6 + 0.35 * rng.uniform(0, 1, 3).astype(np.float32) for _ in range(2))
+        on = np.sin(2 * math.pi * (xx + yy) / period + phase)[..., None] > 0
+        return _Style(np.where(on, a, b), lambda c: 0.1 + 0.45 * c, speed=1.5)
+    return _Style(0.3 + 0.5 * _texture(rng, s, 2.5), lambda c: c, speed=0.7, tint=_sepia)  # 3: sepia
+
+
+def _shapes(rng: np.random.Generator, s: int, t_n: int) -> list[dict]:
+    return [
+        dict(
+            kind=int(rng.integers(3)),  # circle, square, diamond
+            cx=rng.uniform(0, s),
+            cy=rng.uniform(0, s),
+            radius=rng.uniform(0.12, 0.2) * s,
+            angle=rng.uniform(0, 2 * math.pi),
+            speed=rng.uniform(0.6, 1.2) * s / t_n,  # about one frame width per clip
+            spin=rng.uniform(1.5, 3.0) * math.pi / t_n,
+            color=rng.uniform(0.0, 1.0, 3).astype(np.float32),
+            stripes=rng.uniform(0.3, 0.6),
         )
-    direction = {
-        "move_right": (1, 0),
-        "move_left": (-1, 0),
-        "move_down": (0, 1),
-        "move_up": (0, -1),
-        "move_down_right": (0.7071, 0.7071),
-        "move_up_left": (-0.7071, -0.7071),
-    }.get(motion, (0, 0))
+        for _ in range(int(rng.integers(1, 3)))
+    ]
+
+
+_DIRECTION = {
+    "move_right": (1, 0),
+    "move_left": (-1, 0),
+    "move_down": (0, 1),
+    "move_up": (0, -1),
+    "move_down_right": (0.7071, 0.7071),
+    "move_up_left": (-0.7071, -0.7071),
+}
+
+
+def _draw(motion: str, shapes: list[dict], style: _Style, s: int, t_n: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    direction = _DIRECTION.get(motion, (0, 0))
     frames = np.empty((t_n, s, s, 3), np.uint8)
     for t in range(t_n):
-        img = background.copy()
+        img = style.background.copy()
         for sh in shapes:
-            cx = sh["cx"] + direction[0] * sh["speed"] * t
-            cy = sh["cy"] + direction[1] * sh["speed"] * t
+            speed = sh["speed"] if style.speed == 1.0 else sh["speed"] * style.speed
+            cx = sh["cx"] + direction[0] * speed * t
+            cy = sh["cy"] + direction[1] * speed * t
             angle = sh["angle"] + {"rotate_cw": 1, "rotate_ccw": -1}.get(motion, 0) * sh["spin"] * t
             growth = {"grow": 1, "shrink": -1}.get(motion, 0)
             radius = sh["radius"] * (1 + growth * 0.6 * (t / (t_n - 1) - 0.5))
@@ -119,9 +160,29 @@ def render_clip(index: int, spec: SynthSpec) -> tuple[np.ndarray, str]:
             v = (-math.sin(angle) * dx + math.cos(angle) * dy) / radius
             inside = [u * u + v * v < 1, np.maximum(abs(u), abs(v)) < 0.85, abs(u) + abs(v) < 1.1][sh["kind"]]
             pattern = 0.55 + 0.45 * np.sign(np.sin(u * math.pi / sh["stripes"]))[..., None]
-            img = np.where(inside[..., None], sh["color"] * pattern, img)
+            img = np.where(inside[..., None], style.colour(sh["color"]) * pattern, img)
+        if style.tint is not None:
+            img = style.tint(img)
         frames[t] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return frames, motion
+    return frames
+
+
+def clip_motion(index: int, spec: SynthSpec) -> str:
+    """The class (motion name) of video `index`: the same in every domain."""
+    return MOTIONS[int(np.random.default_rng([spec.seed, index]).integers(spec.classes))]
+
+
+def render_clip(index: int, spec: SynthSpec) -> tuple[np.ndarray, str]:
+    """Frames uint8 [T, H, W, 3] and the motion name of video `index`."""
+    rng = np.random.default_rng([spec.seed, index])
+    motion = MOTIONS[int(rng.integers(spec.classes))]
+    s, t_n = spec.size, spec.frames
+    # smooth: masked background patches are predictable from their neighbours, so a masked autoencoder's
+    # loss is dominated by where the moving shapes are, i.e. by the motion (4.0 made it unpredictable noise)
+    background = 0.35 + 0.3 * _texture(rng, s, 1.0)
+    shapes = _shapes(rng, s, t_n)
+    style = _style(spec.domain, background, np.random.default_rng([spec.seed, index, 0xD0, spec.domain]), s)
+    return _draw(motion, shapes, style, s, t_n), motion
 
 
 def encode_clip(frames_THWC: np.ndarray, path: str | Path, codec: str, fps: int) -> None:
@@ -136,9 +197,10 @@ def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
     (out / "videos").mkdir(parents=True, exist_ok=True)
     ext = ENCODERS[spec.codec][1]
     rows = []
+    prefix = f"d{spec.domain}_" if spec.domain else ""  # distinct ids (and shard keys) per domain
     for i in range(spec.videos):
         frames, motion = render_clip(i, spec)
-        rel = f"videos/{i:06d}_{motion}.{ext}"
+        rel = f"videos/{prefix}{i:06d}_{motion}.{ext}"
         encode_clip(frames, out / rel, spec.codec, spec.fps)
         rows.append((rel, motion))
     csv_path = out / "labels.csv"

@@ -12,15 +12,46 @@ from pathlib import Path
 from data_shards.format import (
     UNLABELED,
     FormatError,
+    Sample,
+    ShardInfo,
     dali_index_lines,
     iter_tar_samples,
     load_manifest,
     parse_shard_name,
     sha256_file,
 )
-from data_shards.probe import RejectError, decode_check_bytes
+from data_shards.probe import RejectError, inspect_stored
 
 REQUIRED_META = ("id", "source", "codec", "frames", "fps", "width", "height", "duration")
+
+
+def _check_sample(
+    sample: Sample, shard: ShardInfo, n_classes: int, seen_keys: dict[str, str], decode: bool
+) -> list[str]:
+    """Problems of one sample: key, label, metadata, codec and (decode) the stored frame count, which is
+    what the loaders plan from."""
+    where = f"{shard.path}: {sample.key}"
+    out = []
+    if sample.key in seen_keys:
+        out.append(f"{where}: duplicate key (also in {seen_keys[sample.key]})")
+    seen_keys[sample.key] = shard.path
+    if not (sample.label == UNLABELED or 0 <= sample.label < n_classes):
+        out.append(f"{where}: label {sample.label} outside [0, {n_classes}) and not {UNLABELED}")
+    missing = [k for k in REQUIRED_META if k not in sample.meta]
+    if missing:
+        out.append(f"{where}: metadata lacks {missing} (rebuild with `python -m data_shards build`)")
+    if sample.meta.get("codec") not in shard.codecs:
+        out.append(f"{where}: codec {sample.meta.get('codec')!r} not in the shard's {shard.codecs}")
+    if decode:
+        try:
+            got = inspect_stored(sample.video)
+        except RejectError as e:
+            return [*out, f"{where}: {e}"]
+        if got.problem:
+            out.append(f"{where}: {got.problem}")
+        if got.frames != sample.meta.get("frames"):
+            out.append(f"{where}: decodes to {got.frames} frames, metadata says {sample.meta.get('frames')}")
+    return out
 
 
 def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], dict[str, int]]:
@@ -55,26 +86,7 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
             n = 0
             for sample in iter_tar_samples(tar):
                 n += 1
-                where = f"{shard.path}: {sample.key}"
-                if sample.key in seen_keys:
-                    problems.append(f"{where}: duplicate key (also in {seen_keys[sample.key]})")
-                seen_keys[sample.key] = shard.path
-                if not (sample.label == UNLABELED or 0 <= sample.label < n_classes):
-                    problems.append(
-                        f"{where}: label {sample.label} outside [0, {n_classes}) and not {UNLABELED}"
-                    )
-                missing = [k for k in REQUIRED_META if k not in sample.meta]
-                if missing:
-                    problems.append(f"{where}: metadata lacks {missing}")
-                if sample.meta.get("codec") not in shard.codecs:
-                    problems.append(
-                        f"{where}: codec {sample.meta.get('codec')!r} not in the shard's {shard.codecs}"
-                    )
-                if decode:
-                    try:
-                        decode_check_bytes(sample.video)
-                    except RejectError as e:
-                        problems.append(f"{where}: {e}")
+                problems += _check_sample(sample, shard, n_classes, seen_keys, decode)
             if n != shard.samples:
                 problems.append(f"{shard.path}: {n} samples, manifest says {shard.samples}")
             counts[shard.split] = counts.get(shard.split, 0) + n

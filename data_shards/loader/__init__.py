@@ -23,6 +23,11 @@ num_samples, videos_per_batch, drop_last, shuffle, skipped}. Everything random i
 (seed, epoch, sample index), so the next iteration after `load_state_dict` yields exactly the batches
 (keys, frames, crops) the interrupted run had not consumed yet.
 
+Several shard folders (`shards=[a, b]`, manifests agreeing on classes) read as one split, concatenated in
+the order given; `keys=` / `labels=` select a subset (in the split's stable order), so a replay memory of
+sample references or one class-incremental experience is a plain loader with the same order, rank split
+and resume. `loader.refs` lists the samples (`SampleRef`: shard, key, label, stored frames and size).
+
 Failures: an undecodable video is left out of its batch (the batch is smaller, never refilled with
 another sample), logged with its shard and key, counted in `stats["skipped"]`; a LoaderError is raised
 once skipped > max_skip_fraction x max(samples seen, samples per epoch). DALI graph failures are fatal
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +46,20 @@ import torch
 
 from data_shards import format as fmt
 from data_shards.loader.base import LoaderError, VideoLoader
-from data_shards.loader.index import SampleRef, list_samples
+from data_shards.loader.index import SampleRef, as_folders, list_split, select_samples
 from data_shards.loader.sampling import SamplingSpec
 
-__all__ = ["BACKENDS", "LoaderError", "SamplingSpec", "VideoLoader", "build_loader", "choose_backend"]
+__all__ = [
+    "BACKENDS",
+    "LoaderError",
+    "SampleRef",
+    "SamplingSpec",
+    "VideoLoader",
+    "build_loader",
+    "choose_backend",
+]
+
+Shards = str | os.PathLike | Sequence[str | os.PathLike]
 
 log = logging.getLogger("data_shards.loader")
 
@@ -78,8 +94,33 @@ def choose_backend(codecs: set[str], device: str | torch.device = "cpu") -> tupl
     )
 
 
+def _synthetic_refs(shards: Shards, split: str, options: dict[str, Any]) -> list[SampleRef]:
+    """Synthetic samples: as many as the split has when there are manifests, else `num_samples`."""
+    from data_shards.loader.synthetic import synthetic_refs
+
+    n, classes = options.get("num_samples"), options.get("num_classes")
+    manifests = [fmt.load_manifest(f) for f in as_folders(shards) if (Path(f) / fmt.MANIFEST_NAME).is_file()]
+    if manifests:
+        n = n or sum(m.splits[split].samples for m in manifests if split in m.splits) or None
+        classes = classes or manifests[0].num_classes
+    return synthetic_refs(int(n or SYNTHETIC_DEFAULT_SAMPLES), int(classes or 10))
+
+
+def _auto_backend(codecs: set[str], device: torch.device, shards: Shards, split: str) -> tuple[str, str, str]:
+    backend, dali_device, why = choose_backend(codecs, device)
+    log.info(
+        "data_shards.loader: auto chose %s%s for %s/%s: %s",
+        backend,
+        f"-{dali_device}" if backend == "dali" else "",
+        shards if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards],
+        split,
+        why,
+    )
+    return backend, dali_device, why
+
+
 def build_loader(
-    shards: str | Path,
+    shards: Shards,
     split: str,
     *,
     batch_size: int,
@@ -93,10 +134,13 @@ def build_loader(
     drop_last: bool | None = None,
     max_skip_fraction: float = 0.01,
     epoch: int = 0,
+    keys: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
     **backend_options: Any,
 ) -> VideoLoader:
-    """A loader over `split` of the shard folder `shards` (see the module docstring for the contract).
+    """A loader over `split` of one shard folder or several (see the module docstring for the contract).
 
+    keys/labels: only those samples (keys as `key`, or `shard:key` when a key is in several folders).
     backend_options: `dali_device` ("cpu"/"mixed", forces it), `num_threads` (DALI), `num_classes` and
     `num_samples` (synthetic, when there is no manifest).
     """
@@ -115,34 +159,22 @@ def build_loader(
         max_skip_fraction=max_skip_fraction,
         epoch=epoch,
     )
+    selected = keys is not None or labels is not None
     if backend == "synthetic":
-        from data_shards.loader.synthetic import SyntheticLoader, synthetic_refs
+        from data_shards.loader.synthetic import SyntheticLoader
 
-        n = backend_options.get("num_samples")
-        classes = backend_options.get("num_classes")
-        if (Path(shards) / fmt.MANIFEST_NAME).is_file():
-            manifest = fmt.load_manifest(shards)
-            n = n or (manifest.splits[split].samples if split in manifest.splits else None)
-            classes = classes or manifest.num_classes
-        refs: list[SampleRef] = synthetic_refs(int(n or SYNTHETIC_DEFAULT_SAMPLES))
-        return SyntheticLoader(refs, num_classes=int(classes or 10), reason="requested", **common)
+        refs = _synthetic_refs(shards, split, backend_options)
+        refs = select_samples(refs, keys, labels) if selected else refs
+        return SyntheticLoader(refs, reason="requested", **common)
 
-    refs, manifest = list_samples(shards, split)
-    codecs = manifest.codecs_for(split)
+    listing = list_split(shards, split)
+    refs = select_samples(listing.refs, keys, labels) if selected else listing.refs
+    codecs = listing.codecs
     dali_device = backend_options.pop("dali_device", None)
+    why = "requested"
     if backend == "auto":
-        backend, auto_device, why = choose_backend(codecs, device)
+        backend, auto_device, why = _auto_backend(codecs, device, shards, split)
         dali_device = dali_device or auto_device
-        log.info(
-            "data_shards.loader: auto chose %s%s for %s/%s: %s",
-            backend,
-            f"-{dali_device}" if backend == "dali" else "",
-            os.fspath(shards),
-            split,
-            why,
-        )
-    else:
-        why = "requested"
     if backend == "dali":
         from data_shards.loader.dali import DaliLoader
 
@@ -155,13 +187,8 @@ def build_loader(
                 split,
                 sorted(codecs),
             )
-        return DaliLoader(
-            refs,
-            dali_device=dali_device,
-            num_threads=int(backend_options.get("num_threads", 2)),
-            reason=why,
-            **common,
-        )
+        num_threads = int(backend_options.get("num_threads", 2))
+        return DaliLoader(refs, dali_device=dali_device, num_threads=num_threads, reason=why, **common)
     from data_shards.loader.pyav import PyAVLoader
 
     return PyAVLoader(refs, num_workers=num_workers, reason=why, **common)

@@ -1,23 +1,27 @@
-"""`VideoLoader`: the part every backend shares (epoch plan, position, resume, stats, skip budget).
+"""`VideoLoader`: the part every backend shares (epoch plan, the per-sample loop, position, resume,
+stats, skip budget).
 
 A backend implements `_batches(plan, start)`, yielding `(batch_index, batch | None, skipped)` for batch
 indices start, start+1, ... in order; `batch` holds CPU or device tensors, `skipped` lists
-(shard, key, reason) of samples that failed. Position is counted in *plan batches* handed to the caller,
-so `state_dict()` taken after a training step names exactly the next batch, whatever the backend
-prefetched.
+(shard, key, reason) of samples that failed. The per-sample loop is `collect`: read each sample's bytes,
+plan its frames and views from the stored frame count (`SampleRef.frames`), hand them to the backend's
+decode step, and count any failure as a skip -- backends only decode. Position is counted in *plan
+batches* handed to the caller, so `state_dict()` taken after a training step names exactly the next
+batch, whatever the backend prefetched.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from data_shards.loader.index import SampleRef
-from data_shards.loader.sampling import EpochPlan, SamplingSpec, epoch_plan
+from data_shards.loader.index import SampleRef, ShardReader, samples_digest
+from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, epoch_plan, plan_video, sample_rng
 
 log = logging.getLogger("data_shards.loader")
 
@@ -31,6 +35,20 @@ class LoaderError(RuntimeError):
 
 
 Batch = dict[str, Any]
+# A backend's decode step for one sample: (slot in the batch, ref, encoded bytes, plan); raises on failure.
+DecodeFn = Callable[[int, SampleRef, bytes, VideoPlan], None]
+
+
+@dataclass
+class Collected:
+    """One plan batch after the per-sample loop: the samples the backend took, in batch order, and the
+    ones that failed (shard, key, reason)."""
+
+    b: int
+    idx: list[int] = field(default_factory=list)
+    pad: list[bool] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class VideoLoader:
@@ -61,6 +79,8 @@ class VideoLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if any(r.index != i for i, r in enumerate(refs)):
+            raise ValueError("refs must be numbered 0..n-1 in order (SampleRef.index); see select_samples")
         self.refs = refs
         self.split = split
         self.spec = spec
@@ -70,6 +90,8 @@ class VideoLoader:
         self.drop_last = spec.train if drop_last is None else bool(drop_last)
         self.max_skip_fraction = max_skip_fraction
         self.reason = reason
+        self.reader = ShardReader()
+        self._digest: str | None = None
         v = spec.views_per_video
         self.videos_per_batch = max(1, batch_size // v)
         if batch_size % v:
@@ -149,19 +171,29 @@ class VideoLoader:
             "drop_last": self.drop_last,
             "shuffle": self.spec.train,
             "skipped": self.stats["skipped"],
+            "samples_digest": self.samples_digest,
         }
+
+    @property
+    def samples_digest(self) -> str:
+        """Fingerprint of the sample list (keys in order): resuming over other samples is refused."""
+        if self._digest is None:
+            self._digest = samples_digest(self.refs)
+        return self._digest
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was taken: the next iteration yields the rest of that epoch."""
         if state.get("version") != STATE_VERSION:
             raise LoaderError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()
-        for f in _SEQUENCE_FIELDS:
+        # samples_digest is checked when present (states saved before it existed lack it)
+        fields = (*_SEQUENCE_FIELDS, "samples_digest") if "samples_digest" in state else _SEQUENCE_FIELDS
+        for f in fields:
             if state.get(f) != mine[f]:
                 raise LoaderError(
                     f"loader state field {f}={state.get(f)!r} differs from this loader's {mine[f]!r}: "
                     "resuming would not continue the same sample sequence (use the same seed, ranks, "
-                    "batch size, split and shards)"
+                    "batch size, split, shards and selection)"
                 )
         self._epoch, self._plan = int(state["epoch"]), None
         self._batches_done = self._start = int(state["batches_done"])
@@ -232,6 +264,30 @@ class VideoLoader:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- helpers
+    def collect(self, plan: EpochPlan, b: int, decode: DecodeFn) -> Collected:
+        """The per-sample loop of plan batch `b`, shared by every backend: read the sample's bytes, plan
+        it from its stored frame count and size with its own (seed, epoch, index) generator, and hand it to
+        the backend's `decode`. Any failure leaves the sample out and is reported, never replaced."""
+        idx, pad = plan.batch(b)
+        out = Collected(b)
+        for i, p in zip(idx.tolist(), pad.tolist()):
+            ref = self.refs[i]
+            rng = sample_rng(self.seed, self._epoch, i) if self.spec.train else None
+            try:
+                vplan = plan_video(ref.frames, ref.height, ref.width, self.spec, rng)
+                decode(len(out.idx), ref, self.reader.video_bytes(ref), vplan)
+            except Exception as e:  # any read/container/decoder failure: counted, never replaced
+                out.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
+                continue
+            out.idx.append(i)
+            out.pad.append(p)
+            out.labels.append(ref.label)
+        return out
+
+    def batch_meta(self, got: Collected) -> Batch:
+        """label/key/view/pad of a collected batch."""
+        return self._batch_meta(got.idx, got.pad, got.labels)
+
     def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
         """label/key/view/pad for videos `idx` (V consecutive clips each)."""
         v = self.spec.views_per_video

@@ -13,24 +13,29 @@ Graph per video: decode the C*T planned frames once (`frames=`, a per-sample arg
 the V views: slice its temporal clip, `resize` with a per-sample ROI (an ROI with x0 > x1 mirrors, so
 crop + flip + resize is one op, bilinear, antialiased) -> `crop_mirror_normalize` to float CFHW.
 
-Failures: a video the Python-side probe cannot open is skipped and counted (like PyAV); a failure inside
-the DALI graph breaks the pipeline, so it is fatal and the error names the shard(s) and key(s) of the
-batch, with the ones PyAV cannot decode either.
+The per-sample loop is the base class's (`VideoLoader.collect`): frames are planned from the stored
+frame count (`SampleRef.frames`), the same numbers the PyAV backend plans from.
+
+Failures: a video whose container cannot even be opened on the Python side (garbage bytes) is skipped and
+counted (like PyAV) before DALI sees it; a failure inside the DALI graph breaks the pipeline, so it is
+fatal and the error names the shard(s) and key(s) of the batch, with the ones PyAV cannot decode either.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import av
 import numpy as np
 import torch
 
-from data_shards.loader.base import Batch, LoaderError, VideoLoader
-from data_shards.loader.index import SampleRef, ShardReader
-from data_shards.loader.sampling import EpochPlan, plan_video, probe_video, sample_rng
+from data_shards.loader.base import Batch, Collected, LoaderError, VideoLoader
+from data_shards.loader.index import SampleRef
+from data_shards.loader.sampling import EpochPlan, VideoPlan
 
 
 def dali_available() -> bool:
@@ -41,16 +46,44 @@ def dali_available() -> bool:
     return True
 
 
+def _check_container(data: bytes) -> None:
+    """Open the container header and find a video stream (no decoding): garbage bytes would otherwise
+    reach `decoders.video` and break the whole pipeline."""
+    with av.open(io.BytesIO(data)) as c:
+        if not c.streams.video:
+            raise ValueError("no video stream")
+
+
 @dataclass
 class _Fed:
     """One plan batch as handed to DALI (or skipped entirely when `fed` is False)."""
 
-    b: int
-    idx: list[int] = field(default_factory=list)
-    pad: list[bool] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
-    fed: bool = True
+    got: Collected
+    fed: bool
+
+
+class _Arrays:
+    """The external_source arrays of one batch; called as the base loop's decode step for each sample."""
+
+    def __init__(self, n_views: int) -> None:
+        self.enc: list[np.ndarray] = []
+        self.frames: list[np.ndarray] = []
+        self.index: list[np.ndarray] = []
+        self.rs: list[list[np.ndarray]] = [[] for _ in range(n_views)]
+        self.re: list[list[np.ndarray]] = [[] for _ in range(n_views)]
+
+    def __call__(self, slot: int, ref: SampleRef, data: bytes, vplan: VideoPlan) -> None:
+        _check_container(data)
+        self.enc.append(np.frombuffer(data, np.uint8))
+        self.frames.append(vplan.frames.astype(np.int32))
+        self.index.append(np.array([ref.index], np.int64))
+        for k, v in enumerate(vplan.views):
+            x0, x1 = (v.x0 + v.w, v.x0) if v.flip else (v.x0, v.x0 + v.w)
+            self.rs[k].append(np.array([v.y0, x0], np.float32))
+            self.re[k].append(np.array([v.y0 + v.h, x1], np.float32))
+
+    def outputs(self) -> tuple[list[np.ndarray], ...]:
+        return (self.enc, self.frames, self.index, *self.rs, *self.re)
 
 
 class _Source:
@@ -60,41 +93,14 @@ class _Source:
         self.loader, self.plan, self.next_b, self.fifo = loader, plan, start, fifo
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
-        ld, spec = self.loader, self.loader.spec
         while self.next_b < self.plan.num_batches:
             b = self.next_b
             self.next_b += 1
-            idx, pad = self.plan.batch(b)
-            entry = _Fed(b)
-            enc, frames, index = [], [], []
-            rs: list[list[np.ndarray]] = [[] for _ in range(spec.views_per_video)]
-            re: list[list[np.ndarray]] = [[] for _ in range(spec.views_per_video)]
-            for i, p in zip(idx.tolist(), pad.tolist()):
-                ref = ld.refs[i]
-                try:
-                    data = ld.reader.video_bytes(ref)
-                    n, h, w = ld.probe(i, data)
-                    label = ld.reader.label(ref)
-                except Exception as e:
-                    entry.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
-                    continue
-                vplan = plan_video(n, h, w, spec, sample_rng(ld.seed, ld.epoch, i) if spec.train else None)
-                enc.append(np.frombuffer(data, np.uint8))
-                frames.append(vplan.frames.astype(np.int32))
-                index.append(np.array([i], np.int64))
-                for k, v in enumerate(vplan.views):
-                    x0, x1 = (v.x0 + v.w, v.x0) if v.flip else (v.x0, v.x0 + v.w)
-                    rs[k].append(np.array([v.y0, x0], np.float32))
-                    re[k].append(np.array([v.y0 + v.h, x1], np.float32))
-                entry.idx.append(i)
-                entry.pad.append(p)
-                entry.labels.append(label)
-            if not enc:
-                entry.fed = False
-                self.fifo.append(entry)
-                continue
-            self.fifo.append(entry)
-            return (enc, frames, index, *rs, *re)
+            arrays = _Arrays(self.loader.spec.views_per_video)
+            got = self.loader.collect(self.plan, b, arrays)
+            self.fifo.append(_Fed(got, fed=bool(arrays.enc)))
+            if arrays.enc:
+                return arrays.outputs()
         raise StopIteration
 
 
@@ -116,15 +122,6 @@ class DaliLoader(VideoLoader):
         self.dali_device = dali_device
         self.backend = f"dali-{dali_device}"
         self.num_threads, self.prefetch = num_threads, prefetch
-        self.reader = ShardReader()
-        self._probes: dict[int, tuple[int, int, int]] = {}
-
-    def probe(self, i: int, data: bytes) -> tuple[int, int, int]:
-        """(frames, h, w) of sample i, cached for the loader's lifetime (shards are immutable)."""
-        got = self._probes.get(i)
-        if got is None:
-            got = self._probes[i] = probe_video(data)
-        return got
 
     def _pipeline(self, source: _Source) -> Any:
         from nvidia.dali import fn, pipeline_def, types
@@ -199,17 +196,16 @@ class DaliLoader(VideoLoader):
                 except Exception as e:
                     raise self._decode_error(fifo, e) from e
                 while fifo and not fifo[0].fed:
-                    e = fifo.popleft()
+                    e = fifo.popleft().got
                     yield e.b, None, e.skipped
-                entry = fifo.popleft()
-                got = out["index"].view(-1).tolist()
-                if got != entry.idx:
-                    raise LoaderError(f"DALI output order {got} does not match the fed batch {entry.idx}")
+                entry = fifo.popleft().got
+                order = out["index"].view(-1).tolist()
+                if order != entry.idx:
+                    raise LoaderError(f"DALI output order {order} does not match the fed batch {entry.idx}")
                 video = torch.stack([out[f"view{k}"] for k in range(v_n)], 1).flatten(0, 1)
-                batch = {"video": video, **self._batch_meta(entry.idx, entry.pad, entry.labels)}
-                yield entry.b, batch, entry.skipped
+                yield entry.b, {"video": video, **self.batch_meta(entry)}, entry.skipped
             while fifo:
-                e = fifo.popleft()
+                e = fifo.popleft().got
                 yield e.b, None, e.skipped
         finally:
             del it, pipe
@@ -217,20 +213,17 @@ class DaliLoader(VideoLoader):
     def _decode_error(self, fifo: collections.deque, e: Exception) -> LoaderError:
         from data_shards.loader.pyav import decode_frames
 
-        entries = [x for x in fifo if x.fed]
+        entries = [x.got for x in fifo if x.fed]
         if not entries:
             return LoaderError(f"DALI pipeline failed before any batch was fed: {e}")
-        entry = entries[0]
         named, bad = [], []
-        for i in entry.idx:
+        for i in entries[0].idx:
             ref = self.refs[i]
-            named.append(f"{ref.shard}:{ref.key}")
+            named.append(ref.ref)
             try:
-                decode_frames(
-                    self.reader.video_bytes(ref), np.arange(self.probe(i, self.reader.video_bytes(ref))[0])
-                )
+                decode_frames(self.reader.video_bytes(ref), np.arange(ref.frames))
             except Exception:
-                bad.append(f"{ref.shard}:{ref.key}")
+                bad.append(ref.ref)
         noise = ("Critical error", "no longer valid", "traceback", "File ", "encountered:", "C++ context")
         lines = [x.strip() for x in str(e).splitlines() if x.strip() and not any(n in x for n in noise)]
         detail = " | ".join(lines[:3])[:500] or type(e).__name__

@@ -10,19 +10,30 @@ from data_shards.shardio import write_shard
 from data_shards.synth import MOTIONS, SynthSpec, encode_clip, render_clip
 
 
-def make_sample(index: int, spec: SynthSpec, tmp: Path, frames: int | None = None) -> fmt.Sample:
-    """Render + encode video `index` of `spec` (optionally with another frame count) as a shard sample."""
+def make_sample(
+    index: int,
+    spec: SynthSpec,
+    tmp: Path,
+    frames: int | None = None,
+    *,
+    stored_frames: int | None = None,
+    prefix: str = "",
+) -> fmt.Sample:
+    """Render + encode video `index` of `spec` (optionally with another frame count) as a shard sample.
+
+    `stored_frames` writes another count into the metadata than the stream has (a lying shard);
+    `prefix` goes in front of the video id (so two sets made from the same spec have distinct keys)."""
     if frames is not None:
         spec = SynthSpec(**{**spec.__dict__, "frames": frames})
     clip_THWC, motion = render_clip(index, spec)
     ext = ENCODERS[spec.codec][1]
     path = tmp / f"clip{index}.{ext}"
     encode_clip(clip_THWC, path, spec.codec, spec.fps)
-    video_id = f"{spec.codec}/{index:06d}_{motion}"
+    video_id = f"{prefix}{spec.codec}/{index:06d}_{motion}"
     meta = {
         "id": video_id,
         "codec": spec.codec,
-        "frames": spec.frames,
+        "frames": stored_frames or spec.frames,
         "height": spec.size,
         "width": spec.size,
     }
@@ -42,9 +53,10 @@ def make_shard_set(
     split: str = "train",
     short: dict[int, int] | None = None,
     seed: int = 0,
-    extra: dict[str, list[fmt.Sample]] | None = None,
+    prefix: str = "",
 ) -> Path:
-    """Write `shards` x `per_shard` clips; `short` maps video index -> its (shorter) frame count."""
+    """Write `shards` x `per_shard` clips; `short` maps video index -> its (shorter) frame count;
+    `prefix` makes the video ids (and keys) distinct from another set's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec = SynthSpec(videos=shards * per_shard, classes=4, frames=frames, size=size, codec=codec, seed=seed)
@@ -52,7 +64,8 @@ def make_shard_set(
     infos = []
     for s in range(shards):
         samples = [
-            make_sample(i, spec, folder, short.get(i)) for i in range(s * per_shard, (s + 1) * per_shard)
+            make_sample(i, spec, folder, short.get(i), prefix=prefix)
+            for i in range(s * per_shard, (s + 1) * per_shard)
         ]
         infos.append(write_shard(folder / fmt.shard_name(split, s), samples))
     counts = sum(i.samples for i in infos)

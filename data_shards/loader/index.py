@@ -1,30 +1,37 @@
-"""Random access to the samples of one split, through the shards' DALI index files.
+"""Random access to the samples of a split, through the shards' DALI index files.
 
-Every backend sees the split as one flat, stable list of `SampleRef` (shards in name order, samples in
-tar order). A global shuffle per (seed, epoch) and an exact resume need random access, which the `.idx`
-files (`format.dali_index_lines`) give: byte offset and size of each member. Only the video member and
-the 8-byte label are ever read; any other member (`.pyd`, `.pth`, ...) is ignored, never decoded, so a
-hostile shard cannot execute anything.
+Every backend sees the split as one flat, stable list of `SampleRef` (folders in the order given, shards in
+name order, samples in tar order). A global shuffle per (seed, epoch) and an exact resume need random
+access, which the `.idx` files (`format.dali_index_lines`) give: byte offset and size of each member.
+
+What the sampling plan needs is read once, here, when the split is listed: the label (`.lbl.i64`) and the
+frame count and size the build stored in the `.json` metadata -- the one definition of a video's frame
+count every backend plans from. Nothing is decoded or unpickled: JSON and 8 bytes, read at their offsets;
+any other member (`.pyd`, `.pth`, ...) is ignored, never read, so a hostile shard cannot execute anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 import os
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
+from typing import BinaryIO
 
 from data_shards import format as fmt
 
 log = logging.getLogger("data_shards.loader")
 
+REBUILD_HINT = "rebuild the shards with `python -m data_shards build`"
+
 
 @dataclass(frozen=True)
 class SampleRef:
-    """Where one sample's members live; `index` is its position in the split's flat list."""
+    """One sample: where its video member lives, and what the plan needs (stored frame count, size,
+    label). `index` is its position in the loader's flat list; `ref` ("shard:key") names it uniquely."""
 
     index: int
     shard: str  # tar path
@@ -32,7 +39,60 @@ class SampleRef:
     video_ext: str
     video_offset: int
     video_size: int
-    label_offset: int
+    frames: int
+    height: int
+    width: int
+    label: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.shard}:{self.key}"
+
+
+@dataclass
+class SplitListing:
+    """A split over one or more shard folders: its samples, the (agreed) classes and the codecs seen."""
+
+    refs: list[SampleRef]
+    classes: list[str] | None
+    codecs: set[str]
+    folders: list[Path]
+
+
+def _members(tar_path: Path, line: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    parts = line.split()
+    if len(parts) % 4:
+        raise fmt.FormatError(f"{tar_path}: malformed index line {line!r}")
+    members: dict[str, tuple[int, int]] = {}
+    key = ""
+    for i in range(0, len(parts), 4):
+        ext, offset, size, name = parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]
+        key = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        members[ext] = (offset, size)
+    return key, members
+
+
+def _read_at(f: BinaryIO, offset: int, size: int, tar_path: Path, key: str) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise fmt.FormatError(f"{tar_path}: sample {key} runs past the end of the tar (truncated?)")
+    return data
+
+
+def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> tuple[int, int, int]:
+    """(frames, height, width) from a sample's `.json` member; errors name shard, key and the fix."""
+    try:
+        meta = fmt.decode_meta(meta_bytes)
+    except (ValueError, fmt.FormatError) as e:
+        raise fmt.FormatError(f"{tar_path}: sample {key}: unreadable .json metadata ({e})") from None
+    missing = [k for k in ("frames", "height", "width") if not isinstance(meta.get(k), int) or meta[k] <= 0]
+    if missing:
+        raise fmt.FormatError(
+            f"{tar_path}: sample {key}: metadata has no positive integer {', '.join(missing)} "
+            f"(made by an older build?); {REBUILD_HINT}"
+        )
+    return meta["frames"], meta["height"], meta["width"]
 
 
 def _parse_index(tar_path: Path, lines: list[str], first: int) -> list[SampleRef]:
@@ -41,40 +101,39 @@ def _parse_index(tar_path: Path, lines: list[str], first: int) -> list[SampleRef
         raise fmt.FormatError(f"{tar_path}: index is not DALI wds2idx v1.2 (header {lines[0]!r})")
     refs: list[SampleRef] = []
     ignored: set[str] = set()
-    for line in lines[1:]:
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) % 4:
-            raise fmt.FormatError(f"{tar_path}: malformed index line {line!r}")
-        members: dict[str, tuple[int, int]] = {}
-        key = ""
-        for i in range(0, len(parts), 4):
-            ext, offset, size, name = parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]
-            key = name.rsplit("/", 1)[-1].split(".", 1)[0]
-            members[ext] = (offset, size)
-        videos = [e for e in fmt.VIDEO_EXTS if e in members]
-        if len(videos) != 1:
-            raise fmt.FormatError(
-                f"{tar_path}: sample {key!r} has {len(videos)} video members "
-                f"({'/'.join(fmt.VIDEO_EXTS)}), members {sorted(members)}"
+    with open(tar_path, "rb") as f:
+        for line in lines[1:]:
+            if not line.split():
+                continue
+            key, members = _members(tar_path, line)
+            videos = [e for e in fmt.VIDEO_EXTS if e in members]
+            if len(videos) != 1:
+                raise fmt.FormatError(
+                    f"{tar_path}: sample {key!r} has {len(videos)} video members "
+                    f"({'/'.join(fmt.VIDEO_EXTS)}), members {sorted(members)}"
+                )
+            if fmt.LABEL_EXT not in members or members[fmt.LABEL_EXT][1] != 8:
+                raise fmt.FormatError(f"{tar_path}: sample {key!r} has no 8-byte .{fmt.LABEL_EXT} member")
+            if fmt.META_EXT not in members:
+                raise fmt.FormatError(
+                    f"{tar_path}: sample {key!r} has no .{fmt.META_EXT} member; {REBUILD_HINT}"
+                )
+            ignored |= set(members) - set(fmt.MEMBER_EXTS)
+            label = fmt.decode_label(_read_at(f, *members[fmt.LABEL_EXT], tar_path, key))
+            frames, h, w = _stored(tar_path, key, _read_at(f, *members[fmt.META_EXT], tar_path, key))
+            v_off, v_size = members[videos[0]]
+            refs.append(
+                SampleRef(
+                    first + len(refs), str(tar_path), key, videos[0], v_off, v_size, frames, h, w, label
+                )
             )
-        if fmt.LABEL_EXT not in members or members[fmt.LABEL_EXT][1] != 8:
-            raise fmt.FormatError(f"{tar_path}: sample {key!r} has no 8-byte .{fmt.LABEL_EXT} member")
-        ignored |= set(members) - set(fmt.MEMBER_EXTS)
-        v_off, v_size = members[videos[0]]
-        refs.append(
-            SampleRef(
-                first + len(refs), str(tar_path), key, videos[0], v_off, v_size, members[fmt.LABEL_EXT][0]
-            )
-        )
     if ignored:
-        log.warning("%s: ignoring unknown members %s (never decoded)", tar_path, sorted(ignored))
+        log.warning("%s: ignoring unknown members %s (never read)", tar_path, sorted(ignored))
     return refs
 
 
 def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef], fmt.Manifest]:
-    """All samples of `split`, in a stable order; errors name the shard."""
+    """All samples of `split` in one shard folder, in a stable order; errors name the shard."""
     folder = Path(shards)
     manifest = fmt.load_manifest(folder)
     infos = sorted(manifest.shards_for(fmt.check_split(split)), key=lambda s: s.path)
@@ -95,8 +154,77 @@ def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef]
     return refs, manifest
 
 
+def as_folders(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """One folder or several (a list/tuple), as paths."""
+    if isinstance(shards, (str, os.PathLike)):
+        return [Path(shards)]
+    folders = [Path(s) for s in shards]
+    if not folders:
+        raise ValueError("shards: give at least one shard folder")
+    return folders
+
+
+def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> SplitListing:
+    """`split` over one or several shard folders, concatenated in the order given. Their manifests must
+    agree on `classes` (the same label must mean the same class everywhere)."""
+    folders = as_folders(shards)
+    refs: list[SampleRef] = []
+    classes: list[str] | None = None
+    codecs: set[str] = set()
+    for n, folder in enumerate(folders):
+        part, manifest = list_samples(folder, split)
+        if n and manifest.classes != classes:
+            raise fmt.FormatError(
+                f"shard folders disagree on classes: {folders[0]} has {classes}, {folder} has "
+                f"{manifest.classes}; build them with the same --classes"
+            )
+        classes = manifest.classes
+        codecs |= manifest.codecs_for(split)
+        base = len(refs)
+        refs.extend(replace(r, index=base + r.index) for r in part)
+    return SplitListing(refs, classes, codecs, folders)
+
+
+def select_samples(
+    refs: list[SampleRef], keys: Collection[str] | None = None, labels: Collection[int] | None = None
+) -> list[SampleRef]:
+    """The subset with these keys (plain `key`, or `shard:key` where a key occurs in several folders)
+    and/or these labels, in the split's stable order, renumbered 0..n-1. Unknown keys are an error."""
+    chosen = refs
+    if keys is not None:
+        wanted = set(keys)
+        by_key: dict[str, int] = {}
+        for r in refs:
+            by_key[r.key] = by_key.get(r.key, 0) + 1
+        ambiguous = sorted(k for k in wanted if by_key.get(k, 0) > 1)
+        if ambiguous:
+            raise ValueError(
+                f"keys {ambiguous[:5]} occur in several shard folders: select them as 'shard:key'"
+            )
+        known = set(by_key) | {r.ref for r in refs}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise ValueError(f"{len(unknown)} selected keys are not in this split, e.g. {unknown[:5]}")
+        chosen = [r for r in chosen if r.key in wanted or r.ref in wanted]
+    if labels is not None:
+        wanted_labels = {int(x) for x in labels}
+        chosen = [r for r in chosen if r.label in wanted_labels]
+    if not chosen:
+        raise ValueError(f"no sample matches the selection (keys={keys is not None}, labels={labels})")
+    return [replace(r, index=i) for i, r in enumerate(chosen)]
+
+
+def samples_digest(refs: list[SampleRef]) -> str:
+    """Fingerprint of the sample sequence (keys in order): a resume over other samples is refused."""
+    h = hashlib.sha256()
+    for r in refs:
+        h.update(r.key.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 class ShardReader:
-    """mmap-backed member reads; safe to use after fork (maps are reopened per process)."""
+    """mmap-backed reads of video members; safe to use after fork (maps are reopened per process)."""
 
     def __init__(self) -> None:
         self._pid = os.getpid()
@@ -117,13 +245,6 @@ class ShardReader:
         if ref.video_offset + ref.video_size > len(m):
             raise fmt.FormatError(f"{ref.shard}: sample {ref.key} runs past the end of the tar (truncated?)")
         return m[ref.video_offset : ref.video_offset + ref.video_size]
-
-    def video_array(self, ref: SampleRef) -> np.ndarray:
-        return np.frombuffer(self.video_bytes(ref), dtype=np.uint8)
-
-    def label(self, ref: SampleRef) -> int:
-        m = self._map(ref.shard)
-        return fmt.decode_label(m[ref.label_offset : ref.label_offset + 8])
 
     def __getstate__(self) -> dict:
         return {"_pid": -1, "_maps": {}}

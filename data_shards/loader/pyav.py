@@ -2,12 +2,16 @@
 
 Each DataLoader item is one whole *plan batch* (a map-style dataset over batch indices), so batch
 composition and order depend only on (seed, epoch, rank), never on the worker count, and a resume is a
-sampler that starts at batch k. A video that fails to decode is left out of its batch and reported
-(shard, key, reason) to the main process, which counts it against `max_skip_fraction`.
+sampler that starts at batch k. The per-sample loop is the base class's (`VideoLoader.collect`); this
+module only decodes. A video that fails to decode is left out of its batch and reported (shard, key,
+reason) to the main process, which counts it against `max_skip_fraction`.
 
-Decoding: each video is opened and demuxed once (that gives the frame count for the sampling plan);
-only the packets from the last keyframe at or before the first sampled frame are fed, the decoder drops
-the non-reference frames nobody sampled (`skip_frame`), and it stops at the last sampled frame.
+Decoding: the plan comes from the frame count the build stored (`SampleRef.frames`); each video is opened
+and demuxed once, only the packets from the last keyframe at or before the first sampled frame are fed,
+the decoder drops the non-reference frames nobody sampled (`skip_frame`), and it stops at the last
+sampled frame. A stream shorter than its stored count fails ("video ends before frame N") and is skipped.
+Raw files (`decode_views`, used by predict) have no stored count: theirs is the demuxed packet count,
+which for a stored video the build's gate made equal to the decoded frame count.
 
 Colour path (yuv420p, i.e. nearly every H.264 / VP9 video), in DALI's order of operations but only where
 it is needed: the decoder's planes are copied once into uint8 [F, H, W] tensors; only the union of the
@@ -36,15 +40,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_shards.loader.base import Batch, VideoLoader
-from data_shards.loader.index import SampleRef, ShardReader
-from data_shards.loader.sampling import (
-    EpochPlan,
-    SamplingSpec,
-    VideoPlan,
-    plan_video,
-    sample_rng,
-    views_from_frames,
-)
+from data_shards.loader.index import SampleRef
+from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, plan_video, views_from_frames
 
 # BT.601 limited range: rgb = YUV_TO_RGB @ ([y, u, v] - YUV_OFFSET), on the 0..255 scale
 YUV_OFFSET = (16.0, 128.0, 128.0)
@@ -90,11 +87,12 @@ def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
 
 
 class _Packets:
-    """A video demuxed once, in memory: frame count and size for planning, packets for decoding.
+    """A video demuxed once, in memory: packets for decoding (and, for raw files, their count and the
+    frame size for planning).
 
-    Replaces a separate probe: the container is opened once per video. Packets carry their
-    presentation index (rank of their pts), which lets `decode` start at the last keyframe before the
-    first wanted frame and tell the decoder to drop non-reference frames nobody asked for."""
+    Packets carry their presentation index (rank of their pts), which lets `decode` start at the last
+    keyframe before the first wanted frame and tell the decoder to drop non-reference frames nobody
+    asked for."""
 
     def __init__(self, data: bytes) -> None:
         self.container = av.open(io.BytesIO(data))
@@ -259,19 +257,32 @@ def views_from_yuv420p(
     return views_from_frames(rgb, shifted, spec, out)
 
 
-def decode_views(
-    data: bytes, spec: SamplingSpec, rng: np.random.Generator | None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One video's bytes -> float [V, 3, T, S, S] (demux, plan, decode once, cut V views), into `out`
-    if given (the batch rows of this video: no collation copy)."""
-    with _Packets(data) as video:
-        vplan = plan_video(video.frames, video.height, video.width, spec, rng)
-        order, got = _decode_from(video, vplan.frames)
+def _views(video: _Packets, vplan: VideoPlan, spec: SamplingSpec, out: torch.Tensor | None) -> torch.Tensor:
+    order, got = _decode_from(video, vplan.frames)
     row = {i: p for p, i in enumerate(order)}
     pos = np.array([row[int(i)] for i in vplan.frames], dtype=np.int64)
     if isinstance(got, Yuv420Frames):
         return views_from_yuv420p(got, pos, vplan, spec, out)
     return views_from_frames(got[pos], vplan, spec, out)
+
+
+def decode_plan(
+    data: bytes, vplan: VideoPlan, spec: SamplingSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One stored video's bytes + its plan (from the stored frame count) -> float [V, 3, T, S, S], into
+    `out` if given (the batch rows of this video: no collation copy)."""
+    with _Packets(data) as video:
+        return _views(video, vplan, spec, out)
+
+
+def decode_views(
+    data: bytes, spec: SamplingSpec, rng: np.random.Generator | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A raw video file's bytes (no stored metadata: predict) -> float [V, 3, T, S, S]: demux, plan from
+    the packet count, decode once, cut V views."""
+    with _Packets(data) as video:
+        vplan = plan_video(video.frames, video.height, video.width, spec, rng)
+        return _views(video, vplan, spec, out)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -287,37 +298,24 @@ class _PlanBatches(Dataset):
     """Item b = plan batch b, decoded and collated (corrupt videos left out and reported)."""
 
     def __init__(self, loader: PyAVLoader, plan: EpochPlan) -> None:
-        self.refs: list[SampleRef] = loader.refs
-        self.spec, self.seed, self.epoch, self.plan = loader.spec, loader.seed, loader.epoch, plan
-        self.meta = loader._batch_meta
-        self.reader = ShardReader()
+        self.loader, self.plan = loader, plan
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
     def __getitem__(self, b: int) -> tuple[int, Batch | None, list[tuple[str, str, str]]]:
-        idx, pad = self.plan.batch(b)
-        spec, v = self.spec, self.spec.views_per_video
+        spec, v = self.loader.spec, self.loader.spec.views_per_video
+        n = len(self.plan.batch(b)[0])
         # each video decodes straight into its rows of the batch; a failed one leaves its rows to the next
-        video = _batch_tensor((len(idx) * v, 3, spec.frames, spec.size, spec.size))
-        ok_idx, ok_pad, labels, skipped = [], [], [], []
-        for i, p in zip(idx.tolist(), pad.tolist()):
-            ref = self.refs[i]
-            rows = video[len(ok_idx) * v : (len(ok_idx) + 1) * v]
-            try:
-                label = self.reader.label(ref)
-                rng = sample_rng(self.seed, self.epoch, i) if spec.train else None
-                decode_views(self.reader.video_bytes(ref), spec, rng, out=rows)
-            except Exception as e:  # any decoder/container failure: counted, never replaced
-                skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
-                continue
-            ok_idx.append(i)
-            ok_pad.append(p)
-            labels.append(label)
-        if not ok_idx:
-            return b, None, skipped
-        batch = {"video": video[: len(ok_idx) * v], **self.meta(ok_idx, ok_pad, labels)}
-        return b, batch, skipped
+        video = _batch_tensor((n * v, 3, spec.frames, spec.size, spec.size))
+
+        def decode(slot: int, ref: SampleRef, data: bytes, vplan: VideoPlan) -> None:
+            decode_plan(data, vplan, spec, out=video[slot * v : (slot + 1) * v])
+
+        got = self.loader.collect(self.plan, b, decode)
+        if not got.idx:
+            return b, None, got.skipped
+        return b, {"video": video[: len(got.idx) * v], **self.loader.batch_meta(got)}, got.skipped
 
 
 def _identity(x: Any) -> Any:

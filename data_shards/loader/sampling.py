@@ -13,11 +13,9 @@ when shrinking) and optionally mirrored. Train = VideoMAE multi-scale crop (squa
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -251,20 +249,7 @@ def plan_video(n: int, h: int, w: int, spec: SamplingSpec, rng: np.random.Genera
     return VideoPlan(frames, tuple(views))
 
 
-# ------------------------------------------------------------------------------------ probe and apply
-
-
-def probe_video(data: bytes) -> tuple[int, int, int]:
-    """(frames, height, width) from the container, demuxing (not decoding) when the header has no count."""
-    with av.open(io.BytesIO(data)) as c:
-        s = c.streams.video[0]
-        h, w = s.codec_context.height, s.codec_context.width
-        n = int(s.frames or 0)
-        if n <= 0:
-            n = sum(1 for p in c.demux(s) if p.size)
-    if n <= 0 or h <= 0 or w <= 0:
-        raise ValueError(f"no decodable video stream (frames={n}, {w}x{h})")
-    return n, h, w
+# ------------------------------------------------------------------------------------------- apply
 
 
 def views_from_frames(

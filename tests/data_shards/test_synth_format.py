@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -13,7 +15,7 @@ import pytest
 
 from data_shards import format as fmt
 from data_shards.shardio import write_shard
-from data_shards.synth import MOTIONS, SynthSpec, render_clip, write_synthetic_set
+from data_shards.synth import DOMAINS, MOTIONS, SynthSpec, clip_motion, render_clip, write_synthetic_set
 
 
 def _digest(folder: Path) -> list[str]:
@@ -151,3 +153,51 @@ def test_reading_a_tar_with_pickle_payloads_executes_nothing(tmp_path: Path) -> 
     with pytest.raises(fmt.FormatError, match=r"unknown members|exactly one video"):
         list(fmt.iter_tar_samples(tar_path))
     assert not marker.exists()
+
+
+def test_eight_classes_are_balanced_ish() -> None:
+    spec = SynthSpec(videos=400, classes=8)
+    counts = Counter(clip_motion(i, spec) for i in range(400))
+    assert set(counts) == set(MOTIONS[:8])
+    assert all(0.6 * 50 <= c <= 1.5 * 50 for c in counts.values()), counts
+
+
+def _look(frames_THWC: np.ndarray) -> np.ndarray:
+    """Mean R, G, B and mean horizontal gradient (texture) of a clip, on the 0..1 scale."""
+    x = frames_THWC.astype(np.float32) / 255
+    return np.array([*x.mean(axis=(0, 1, 2)), np.abs(np.diff(x, axis=2)).mean()])
+
+
+def test_domains_change_the_look_not_the_classes() -> None:
+    looks = {}
+    for d in range(len(DOMAINS)):
+        spec = SynthSpec(videos=8, classes=8, frames=8, size=32, seed=2, domain=d)
+        clips = [render_clip(i, spec) for i in range(8)]
+        assert [m for _, m in clips] == [clip_motion(i, spec) for i in range(8)]  # same class per index
+        looks[d] = np.mean([_look(f) for f, _ in clips], axis=0)
+    for a in range(len(DOMAINS)):
+        for b in range(a + 1, len(DOMAINS)):
+            assert np.abs(looks[a] - looks[b]).max() > 0.03, (a, b, looks[a], looks[b])
+    assert looks[1][:3].mean() < 0.25  # night is dark
+    assert looks[2][3] > 2 * looks[0][3]  # stripes: sharp background edges
+    assert looks[3][0] > looks[3][1] > looks[3][2]  # sepia: red > green > blue
+    # class = direction of motion, in every domain
+    for d in range(1, len(DOMAINS)):
+        spec = SynthSpec(videos=10, classes=2, frames=16, size=64, seed=0, domain=d)
+        for i in range(10):
+            frames, motion = render_clip(i, spec)
+            shift = _horizontal_shift(frames, 0)
+            assert shift > 0 if motion == "move_right" else shift < 0, (d, i, motion, shift)
+
+
+def test_domains_are_deterministic_with_distinct_ids(tmp_path: Path) -> None:
+    spec = SynthSpec(videos=2, frames=8, size=32, codec="vp9", seed=1, domain=3)
+    write_synthetic_set(tmp_path / "a", spec)
+    write_synthetic_set(tmp_path / "b", spec)
+    write_synthetic_set(tmp_path / "c", SynthSpec(videos=2, frames=8, size=32, codec="vp9", seed=1, domain=1))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    names = [p.name for p in sorted((tmp_path / "a" / "videos").iterdir())]
+    assert all(n.startswith("d3_") for n in names)
+    assert [n[3:] for n in names] == [n[3:] for n in sorted(os.listdir(tmp_path / "c" / "videos"))]
+    with pytest.raises(ValueError, match="--domain"):
+        SynthSpec(domain=len(DOMAINS))

@@ -1,0 +1,151 @@
+"""Stage 1 of a build: what to shard. A source (manifest, folder or a standard data set's annotation
+files) -> `InputItem`s, plus the rows rejected before any video is opened, each with the file:line it came
+from (for `rejects.jsonl`).
+
+Formats (`--format`, `auto` detects them where unambiguous):
+  csv / jsonl  `path,label[,split][,start,end]` (or `time_start,time_end`) manifests      (tables.py)
+  folder       class sub-folders (labelled) or a flat folder of videos (unlabelled)        (folders.py)
+  kinetics     Kinetics CSVs `label,youtube_id,time_start,time_end,split`                  (kinetics.py)
+  ssv2         Something-Something v2: labels.json + train/validation/test.json, {id}.webm   (ssv2.py)
+  ucf101       UCF-101/{Class}/v_*.avi + ucfTrainTestlist/ (classInd, train/testlist0N)    (actions.py)
+  hmdb51       {class}/*.avi + testTrainMulti_7030_splits/{class}_test_split{N}.txt         (actions.py)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_shards.format import FormatError
+
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp", ".ogv"}
+)
+WORK_DIR = ".work"  # the build's cache inside the output folder: never an input
+FORMATS = ("auto", "csv", "jsonl", "folder", "kinetics", "ssv2", "ucf101", "hmdb51")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One sample to make. `id` is stable across machines (relative path or data-set id, plus `#start-end`
+    for a time range), so keys and hash splits do not move when the data set does; `where` (file:line)
+    goes into rejects; `group` (default: the id) is what a hash split hashes, so clips of one source video
+    (or one UCF101 actor group) never straddle train and val."""
+
+    id: str
+    path: str
+    label: str | None
+    split: str | None
+    where: str
+    start: float | None = None  # seconds: frames with start <= t < end are the sample
+    end: float | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One input that did not make it into a shard, and why (a line of `rejects.jsonl`)."""
+
+    where: str
+    path: str
+    reason: str
+    id: str | None = None
+    kind: str = "bad-row"
+    split: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "id": self.id,
+            "where": self.where,
+            "reason": self.reason,
+            "kind": self.kind,
+            "split": self.split,
+        }
+
+
+@dataclass
+class Inputs:
+    """What a source holds: items, early rejects, whether it carries labels at all (unlabelled sets make
+    label -1 shards for pretraining), the data set's own class order if it has one, and notes for the
+    summary (e.g. rows an official split leaves out)."""
+
+    items: list[InputItem]
+    rejects: list[Reject] = field(default_factory=list)
+    labelled: bool = False
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Where a data set's videos are (`--videos`, default: next to its annotation files) and which
+    official split to use (`--split-id`, UCF101/HMDB51: 1-3)."""
+
+    videos: str | None = None
+    split_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.split_id not in (1, 2, 3):
+            raise ValueError(
+                f"--split-id must be 1, 2 or 3 (the official UCF101/HMDB51 splits), got {self.split_id}"
+            )
+
+
+def parse_range(start: str | None, end: str | None) -> tuple[float | None, float | None]:
+    """A row's time range in seconds, or (None, None); ValueError says what is wrong with it."""
+    if not start and not end:
+        return None, None
+    if not start or not end:
+        raise ValueError(f"time range needs both start and end (got start={start!r}, end={end!r})")
+    try:
+        s, e = float(start), float(end)
+    except ValueError:
+        raise ValueError(f"time range {start!r}-{end!r} is not numeric (seconds)") from None
+    if not (0 <= s < e) or e == float("inf"):
+        raise ValueError(f"time range {s:g}-{e:g}s is empty or negative")
+    return s, e
+
+
+def clip_id(base: str, start: float | None, end: float | None) -> str:
+    """The id of a time range of `base`: `base#start-end` (seconds), so each clip is its own sample."""
+    return base if start is None or end is None else f"{base}#{start:g}-{end:g}"
+
+
+def read_inputs(
+    source: str | os.PathLike, format: str = "auto", options: SourceOptions | None = None
+) -> Inputs:
+    """Read `source` in `format` (`auto`: detect it). Relative paths resolve against the manifest's folder."""
+    from data_shards.inputs import actions, folders, kinetics, ssv2, tables
+    from data_shards.inputs.detect import detect_format
+
+    source, options = Path(source), options or SourceOptions()
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such manifest or folder")
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
+    fmt = detect_format(source) if format == "auto" else format
+    readers = {
+        "csv": lambda: tables.read_csv(_file(source, fmt)),
+        "jsonl": lambda: tables.read_jsonl(_file(source, fmt)),
+        "folder": lambda: folders.read_folder(_folder(source, fmt)),
+        "kinetics": lambda: kinetics.read_kinetics(source, options),
+        "ssv2": lambda: ssv2.read_ssv2(source, options),
+        "ucf101": lambda: actions.read_ucf101(source, options),
+        "hmdb51": lambda: actions.read_hmdb51(source, options),
+    }
+    return readers[fmt]()
+
+
+def _file(source: Path, fmt: str) -> Path:
+    if not source.is_file():
+        raise FormatError(f"{source}: --format {fmt} reads a manifest file, not a folder")
+    return source
+
+
+def _folder(source: Path, fmt: str) -> Path:
+    if not source.is_dir():
+        raise FormatError(f"{source}: --format {fmt} reads a folder")
+    return source
