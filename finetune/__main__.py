@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 from pretrain.engine import RunResult, export, load_config
-from pretrain.engine.cli import is_main_rank, train_command, training_parser
+from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     sub = {"evaluate": _evaluate, "predict": _predict, "export": _export, "continual": _continual}
     if argv[:1] and argv[0] in sub:
         return sub[argv[0]](argv[1:])

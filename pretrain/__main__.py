@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from pretrain.engine import export, load_config
-from pretrain.engine.cli import train_command, training_parser
+from pretrain.engine.cli import strip_launcher_args, train_command, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
     p = training_parser(

@@ -97,7 +97,7 @@ class ContinualConfig(FinetuneConfig):
         )
         experiences = plan_experiences(self)
         check_memory_fits(self, experiences)
-        if self.continual.replay_batch_size is not None:
+        if s in USES_MEMORY and self.continual.replay_batch_size is not None:
             require(
                 self.continual.replay_batch_size < self.train.micro_batch_size,
                 f"continual.replay_batch_size={self.continual.replay_batch_size} must be smaller than "

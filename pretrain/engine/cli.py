@@ -66,6 +66,20 @@ def train_command(
     return 0
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """`argv` without the `--local_rank=N` the deepspeed launcher puts *before* the user's arguments, so a
+    subcommand (`python -m finetune continual ...`) is still the first word; LOCAL_RANK is in the env."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
