@@ -52,7 +52,8 @@ MERGEABLE = tuple(name for name, (mergeable, _) in METHODS.items() if mergeable)
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")  # the first ones are the default ([qkv, proj])
 # CNN backbones (video ResNets, CNN+RNN): every method that needs no token sequence, LoRA on the convolutions
-# ("conv") and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights are not modules peft can wrap.
+# ("conv", see _lora_conv) and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights are not modules
+# peft can wrap.
 CNN_METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft")
 CNN_LORA_TARGET_NAMES = ("conv", "proj")
 SIDECAR_NAME = "peft_sidecar.safetensors"
@@ -127,10 +128,7 @@ def _target_regex(model: nn.Module, targets: list[str]) -> str:
             n
             for n, mod in model.named_modules()
             if n.startswith("encoder.")
-            and (
-                ("conv" in targets and isinstance(mod, nn.Conv2d | nn.Conv3d))
-                or ("proj" in targets and n == "encoder.proj")
-            )
+            and (("conv" in targets and _lora_conv(mod)) or ("proj" in targets and n == "encoder.proj"))
         ]
         return "|".join(re.escape(n) for n in names)
     alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets if t in LORA_TARGETS)
@@ -138,6 +136,14 @@ def _target_regex(model: nn.Module, targets: list[str]) -> str:
     if "patch_embed" in targets:
         pats.append(r"encoder\.patch_embed\.proj")
     return "|".join(f"(?:{p})" for p in pats)
+
+
+def _lora_conv(module: nn.Module) -> bool:
+    """A convolution LoRA can wrap and merge back: every Conv2d, and Conv3d except 1×1×k kernels (the video
+    ResNets' 1×1×1 downsample projections), whose merge peft computes with its Conv2d 1×1 formula and fails."""
+    if isinstance(module, nn.Conv3d):
+        return tuple(module.kernel_size[:2]) != (1, 1)
+    return isinstance(module, nn.Conv2d)
 
 
 def freeze_norm_statistics(model: nn.Module) -> int:
@@ -148,9 +154,13 @@ def freeze_norm_statistics(model: nn.Module) -> int:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
             p.requires_grad for p in module.parameters()
         ):
-            module.register_forward_pre_hook(lambda m, args: m.eval() if m.training else None)
+            module.register_forward_pre_hook(_hold_statistics)
             frozen += 1
     return frozen
+
+
+def _hold_statistics(module: nn.Module, args: tuple[Any, ...]) -> None:
+    module.train(False)  # normalise with the running statistics, never update them
 
 
 # ------------------------------------------------------------------------------------------- adapter

@@ -182,6 +182,7 @@ class Trainer:
         self.schedule = Schedule.plan(cfg, self.dist.world_size, len(self.train_loader))
         self.optimizer: VetoableAdamW = build_optimizer(model, cfg, self.dist.device)
         self.engine = runtime.initialize(model, self.optimizer, deepspeed_config(cfg, self.dist.world_size))
+        self._norm_buffers = _running_stats(model) if self.dist.world_size > 1 else []
         if saved is not None:
             self._restore(saved)
         self.tracker = Tracker(cfg.tracking, self.run_dir, self.dist.is_main)
@@ -232,8 +233,9 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Batch]) -> _Step | None:
         """One optimizer step over `schedule.accum` micro-batches, then one collective carrying the loss,
-        metrics, data wait, non-finite count and preemption flag of every rank. A non-finite loss on any
-        rank vetoes the update on every rank: the step is counted as skipped and None is returned."""
+        metrics, data wait, non-finite count and preemption flag of every rank (and the batch-norm running
+        statistics, averaged so every rank holds the same model). A non-finite loss on any rank vetoes the
+        update on every rank: the step is counted as skipped and None is returned."""
         lr = self.schedule.lr(self.state.step)
         set_lr(self.optimizer, lr)
         totals: torch.Tensor | None = None
@@ -248,7 +250,7 @@ class Trainer:
             if i < self.schedule.accum - 1:
                 self.engine.step()  # DeepSpeed accumulates; the update happens at the boundary below
         preempt = float(self.preemption is not None and self.preemption.requested)
-        summed = reduce_sum(torch.cat([totals, totals.new_tensor([preempt])])).tolist()
+        summed = self._reduce_step(torch.cat([totals, totals.new_tensor([preempt])]))
         skip = summed[0] > 0
         with self.optimizer.veto(skip):
             self.engine.step()
@@ -345,6 +347,20 @@ class Trainer:
             self.train_loader.set_epoch(self.state.epoch)
             yield from self.train_loader
             self.state.epoch += 1
+
+    def _reduce_step(self, stats: torch.Tensor) -> list[float]:
+        """The step's one collective: sum `stats` over ranks (returned as floats) with the running statistics
+        of the model's batch norms appended, written back as their mean (DDP would broadcast rank 0's; the
+        mean keeps every rank's batches, and identical buffers make rank 0's checkpoint everyone's)."""
+        if not self._norm_buffers:
+            return reduce_sum(stats).tolist()
+        flat = torch.cat([stats, *(b.detach().double().flatten() for b in self._norm_buffers)])
+        reduced = reduce_sum(flat)
+        offset = stats.numel()
+        for b in self._norm_buffers:
+            b.copy_(reduced[offset : offset + b.numel()].view_as(b) / self.dist.world_size)
+            offset += b.numel()
+        return reduced[: stats.numel()].tolist()
 
     def _stats_row(self, out: StepOutput, wait_s: float) -> torch.Tensor:
         """[non-finite?, loss, wait, (metric sum, metric count) per metric] on the device: no host sync."""
@@ -473,6 +489,11 @@ class Trainer:
         self.tracker.log_params({**flatten(to_dict(self.cfg)), **resolved, **self.task.tracking_params()})
         self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.tracker.log_artifact(self.run_dir / "deepspeed.json")
+
+
+def _running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Batch-norm running means/variances: per-rank state that the ranks must agree on."""
+    return [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
 
 
 def _seed_everything(seed: int) -> None:
