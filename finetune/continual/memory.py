@@ -23,7 +23,7 @@ from pretrain.engine import Batch, Loader
 @dataclass(frozen=True)
 class MemoryItem:
     shards: str  # the shard set (folder) the sample lives in
-    key: str
+    ref: str  # "<tar>:<key>": unique across shard sets (domain-incremental memories span several)
     label: int
 
 

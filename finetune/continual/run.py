@@ -170,7 +170,7 @@ def memory_candidates(cfg: ContinualConfig, plan: list[Experience], k: int) -> l
     """Experience k's training videos (the whole split: the same list on every rank) as references."""
     refs, _ = list_samples(plan[k].shards, cfg.data.train_split)
     wanted = set(training_classes(cfg, plan, k)) if not cfg.continual.domains else None
-    return [MemoryItem(plan[k].shards, r.key, r.label) for r in refs if wanted is None or r.label in wanted]
+    return [MemoryItem(plan[k].shards, r.ref, r.label) for r in refs if wanted is None or r.label in wanted]
 
 
 def _reduce_tensors(tensors: dict[str, torch.Tensor], count: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -148,7 +148,7 @@ class ContinualTask(ClassificationTask):
             num_workers=d.num_workers,
             drop_last=True,
             max_skip_fraction=d.max_skip_fraction,
-            keys=[it.key for it in self.memory.items],
+            keys=[it.ref for it in self.memory.items],
         )
 
     def val_loader(self, ctx: TaskContext) -> VideoLoader | None:

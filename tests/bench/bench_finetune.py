@@ -1,5 +1,6 @@
 """Fine-tuning benchmark on the synthetic motion set: test top-1 after the same fine-tune budget for
-from-scratch vs masked-pretrained starts, and per PEFT method (full, linear, LoRA, adapter, BitFit).
+from-scratch vs masked-pretrained starts, per PEFT method (full, linear, LoRA, adapter, BitFit), and for
+the other model families from scratch (R(2+1)D-tiny, CNN+GRU-tiny: the tiny ViT's parameter scale).
 
 Everything runs through the real CLIs (`data_shards synth/build`, `pretrain`, `finetune`, `finetune
 evaluate --json`), one after the other, on the demo's data (32 px, 24 frames, 4 classes) and the demo's
@@ -52,6 +53,9 @@ RUNS: list[tuple[str, bool, str, list[str]]] = [
         ["optim.lr=1e-2", "optim.layer_decay=1.0", "finetune.adapter_width=16"],
     ),
     ("pretrained/bitfit", True, "bitfit", ["optim.lr=1e-2", "optim.layer_decay=1.0"]),
+    # the other model families, from scratch at the tiny ViT's parameter scale and the same budget
+    ("scratch/r2plus1d", False, "full", ["model.backbone=r2plus1d", "model.preset=tiny"]),
+    ("scratch/cnn_gru", False, "full", ["model.backbone=cnn_rnn", "model.preset=tiny", "model.rnn=gru"]),
 ]
 
 
@@ -139,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     if "scratch/full" in mean and "pretrained/full" in mean:
         gain = 100 * (mean["pretrained/full"] - mean["scratch/full"])
         verdict = "PASS" if gain > 0 else "FAIL"
+        cnns = ", ".join(
+            f"{n.split('/')[1]} {100 * mean[n]:.1f}%"
+            for n in ("scratch/r2plus1d", "scratch/cnn_gru")
+            if n in mean
+        )
         print(
             f"bench_finetune: {verdict} pretrained full {100 * mean['pretrained/full']:.1f}% vs scratch "
             f"{100 * mean['scratch/full']:.1f}% test top-1 ({gain:+.1f} pts, mean of {a.seeds} seeds) at {a.steps} steps"
+            + (f"; scratch CNNs: {cnns}" if cnns else "")
         )
     return 0
 

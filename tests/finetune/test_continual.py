@@ -15,16 +15,15 @@ from ft_helpers import PY, REPO, base_env, free_port, ok, run_cli, run_ranks
 CONFIG = REPO / "finetune" / "configs" / "tiny_cpu_continual.yaml"
 
 
-@pytest.fixture(scope="module")
-def cl_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 classes × (4 train + 2 test) H.264 clips, 32 px, 16 frames: balanced, so every experience has data."""
+def balanced_shards(folder: Path, domain: int = 0) -> Path:
+    """4 classes × (4 train + 2 test) H.264 clips, 32 px, 16 frames, of one synthetic domain: balanced, so
+    every experience has data; ids carry the domain so two sets have distinct keys."""
     from data_shards import format as fmt
     from data_shards.loader.fixtures import make_sample
     from data_shards.shardio import write_shard
     from data_shards.synth import MOTIONS, SynthSpec, render_clip
 
-    folder = tmp_path_factory.mktemp("cl_shards")
-    spec = SynthSpec(videos=200, classes=4, frames=16, size=32, codec="h264", seed=11)
+    spec = SynthSpec(videos=200, classes=4, frames=16, size=32, codec="h264", seed=11, domain=domain)
     want = {"train": 4, "test": 2}
     picked: dict[str, list[int]] = {"train": [], "test": []}
     counts = {(s, c): 0 for s in want for c in range(4)}
@@ -38,12 +37,18 @@ def cl_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             break
     infos, splits = [], {}
     for split, idx in picked.items():
-        info = write_shard(folder / fmt.shard_name(split, 0), [make_sample(i, spec, folder) for i in idx])
+        samples = [make_sample(i, spec, folder, prefix=f"d{domain}/") for i in idx]
+        info = write_shard(folder / fmt.shard_name(split, 0), samples)
         infos.append(info)
         per_class = {MOTIONS[c]: want[split] for c in range(4)}
         splits[split] = fmt.SplitInfo(samples=info.samples, shards=1, bytes=info.bytes, per_class=per_class)
     fmt.Manifest(classes=list(MOTIONS[:4]), shards=infos, splits=splits).save(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def cl_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return balanced_shards(tmp_path_factory.mktemp("cl_shards"))
 
 
 def cl_args(run_dir: Path, shards: Path, strategy: str, *extra: str) -> list[str]:
@@ -105,7 +110,7 @@ def test_class_incremental_replay_end_to_end(tmp_path: Path, cl_shards: Path) ->
         "move_up",
     ]
     state = json.loads((run / "continual_state.json").read_text())
-    assert all(set(it) == {"shards", "key", "label"} for it in state["memory"]["items"])  # references only
+    assert all(set(it) == {"shards", "ref", "label"} for it in state["memory"]["items"])  # references only
     rows = [json.loads(x) for x in (run / "experience_1" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/acc" in x for x in rows)
     assert "after 1" in r.stdout and "average accuracy" in r.stdout
@@ -220,3 +225,26 @@ def test_peft_per_experience_is_task_incremental_and_does_not_forget(
         ]
         == "lora"
     )
+
+
+def test_domain_incremental_replay_spans_shard_sets(tmp_path: Path, cl_shards: Path) -> None:
+    other = balanced_shards(tmp_path / "domain1", domain=1)
+    run = tmp_path / "domains"
+    args = cl_args(
+        run, cl_shards, "replay", "tracking.enabled=false", f"continual.domains=[{other}]", "train.steps=3"
+    )
+    args = [a for a in args if not a.startswith("continual.experiences")]
+    ok(run_cli(args, timeout=400))
+    out = result(run)
+    assert out["scenario"] == "domain-incremental" and [e["shards"] for e in out["experiences"]] == [
+        str(cl_shards),
+        str(other),
+    ]
+    assert len(out["accuracy_matrix"]) == 2 and out["accuracy_before_training"][1] is not None
+    for k in (0, 1):  # one head over every class from the start
+        assert (
+            len(json.loads((run / f"experience_{k}" / "model" / "config.json").read_text())["class_names"])
+            == 4
+        )
+    state = json.loads((run / "continual_state.json").read_text())
+    assert {it["shards"] for it in state["memory"]["items"]} <= {str(cl_shards), str(other)}

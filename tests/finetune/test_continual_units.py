@@ -67,7 +67,7 @@ def test_reservoir_is_bounded_deterministic_and_fair() -> None:
         for k in range(4):
             mem.update(items(25, start=25 * k), k)
         for it in mem.items:
-            kept[int(it.key[1:])] += 1
+            kept[int(it.ref[1:])] += 1
     per_experience = kept.reshape(4, 25).sum(1) / 300
     assert np.allclose(per_experience, 2.5, atol=0.35), per_experience
 
