@@ -258,7 +258,7 @@ def test_experiences_from_groups_or_a_seeded_order(manifest_dir: Path) -> None:
         (["continual.strategy=ewc", "deepspeed.fp16=true"], r"use bf16 or fp32"),
         (["continual.strategy=sgd"], r"continual\.strategy: 'sgd' is not one of"),
         (
-            ["continual.replay_batch_size=16"],
+            ["continual.strategy=replay", "continual.replay_batch_size=16"],
             r"continual\.replay_batch_size=16 must be smaller than train\.micro_batch_size=16",
         ),
     ],
