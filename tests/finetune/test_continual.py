@@ -23,6 +23,7 @@ def balanced_shards(folder: Path, domain: int = 0) -> Path:
     from data_shards.shardio import write_shard
     from data_shards.synth import MOTIONS, SynthSpec, render_clip
 
+    folder.mkdir(parents=True, exist_ok=True)
     spec = SynthSpec(videos=200, classes=4, frames=16, size=32, codec="h264", seed=11, domain=domain)
     want = {"train": 4, "test": 2}
     picked: dict[str, list[int]] = {"train": [], "test": []}
