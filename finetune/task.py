@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_shards.loader import SamplingSpec, VideoLoader
+from data_shards.loader import SamplingSpec
 from finetune.augment import mix_batch, soft_targets
 from finetune.config import FinetuneConfig, classifier_config
 from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
-from pretrain.data import make_loader, val_loader
+from pretrain.data import ShardData
 from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext
 from pretrain.models import (
     BackboneClassifierConfig,
@@ -40,7 +40,7 @@ INIT_REPORT = "init_report.json"
 BEST_DIR = "best"
 
 
-class ClassificationTask(Task):
+class ClassificationTask(ShardData, Task):
     """Video classification on the engine: classifier + PEFT method, soft-target CE, best-model tracking."""
 
     def __init__(
@@ -100,15 +100,6 @@ class ClassificationTask(Task):
             f"parameters ({s['percent']:.3f}%) in {len(s['names'])} tensors",
             flush=True,
         )
-
-    def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
-        d = self.cfg.data
-        return make_loader(
-            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
-        )
-
-    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
-        return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
 
     def sampling_spec(self, train: bool) -> SamplingSpec:
         a, e = self.cfg.augment, self.cfg.eval

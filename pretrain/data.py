@@ -62,3 +62,23 @@ def val_loader(
         return None
     assert data.val_split is not None
     return make_loader(data, data.val_split, spec, ctx, batch_size)
+
+
+class ShardData:
+    """The `train_loader` / `val_loader` hooks of a task whose config has a `data` section (and a
+    `train.micro_batch_size`) and which says what to sample with `sampling_spec(train)`: both stages' tasks
+    mix it in, so the data path is written once."""
+
+    cfg: Any
+
+    def sampling_spec(self, train: bool) -> SamplingSpec:
+        raise NotImplementedError
+
+    def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
+        d = self.cfg.data
+        return make_loader(
+            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
+        )
+
+    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
+        return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_shards.loader import SamplingSpec, VideoLoader
+from data_shards.loader import SamplingSpec
 from pretrain.config import PretrainConfig
-from pretrain.data import make_loader, val_loader
+from pretrain.data import ShardData
 from pretrain.engine import StepOutput, Task, TaskContext
 from pretrain.models import (
     MaskedVideoAutoencoder,
@@ -29,7 +29,7 @@ from pretrain.models import (
 from pretrain.models.io import write_run_model
 
 
-class MaskedVideoTask(Task):
+class MaskedVideoTask(ShardData, Task):
     """VideoMAE pretraining: masks from an explicit per-rank generator (checkpointed), norm-pix MSE."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
@@ -60,15 +60,6 @@ class MaskedVideoTask(Task):
         # DeepSpeed's own hooks, so they see the dict).
         model.register_forward_hook(_output_as_fields)
         return model
-
-    def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
-        d = self.cfg.data
-        return make_loader(
-            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
-        )
-
-    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
-        return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
 
     def sampling_spec(self, train: bool) -> SamplingSpec:
         enc, c = self.mae_cfg.encoder, self.cfg.clip

@@ -39,7 +39,7 @@ from finetune.continual.regularize import (
     save_importance,
 )
 from finetune.continual.task import ContinualTask, head_classes, training_classes
-from pretrain.engine import ConfigError, Trainer, TrainingStopped
+from pretrain.engine import ConfigError, Trainer
 from pretrain.engine.config import resume_signature, signature_hash, to_dict
 from pretrain.engine.dist import barrier, reduce_sum
 from pretrain.engine.tracking import Tracker, resolve_uri
@@ -394,10 +394,8 @@ def print_result(result: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """`python -m finetune continual --config FILE [--resume auto] key=value ...`."""
-    import sys
-
     from pretrain.engine import load_config
-    from pretrain.engine.cli import EXIT_CONFIG_ERROR, EXIT_TRAINING_STOPPED, training_parser
+    from pretrain.engine.cli import guarded, training_parser
 
     p = training_parser(
         "python -m finetune continual",
@@ -406,18 +404,17 @@ def main(argv: list[str]) -> int:
         "continual.strategy=replay data.shards=S",
     )
     args = p.parse_intermixed_args(argv)
-    try:
+    cfg = None
+
+    def load_and_run() -> dict[str, Any] | None:
+        nonlocal cfg
         cfg = load_config(ContinualConfig, args.config, args.overrides)
-        result = run_continual(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return EXIT_TRAINING_STOPPED
+        return run_continual(cfg, resume=args.resume)
+
+    code, result = guarded(load_and_run)
+    if code or _rank() != 0:
+        return code
     root = Path(cfg.train.run_dir).resolve()
-    if _rank() != 0:
-        return 0
     if result is None:
         print(f"[continual] paused; continue with the same command plus --resume auto ({root})")
         return 0

@@ -39,6 +39,22 @@ def training_parser(
     return p
 
 
+R = TypeVar("R")
+
+
+def guarded(fn: Callable[[], R]) -> tuple[int, R | None]:
+    """(0, fn()) or, for a config error / a stopped run, its exit code with the message on stderr: the one
+    place the training commands map their expected failures to exit codes."""
+    try:
+        return 0, fn()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR, None
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return EXIT_TRAINING_STOPPED, None
+
+
 def train_command(
     args: argparse.Namespace,
     config_cls: type[C],
@@ -47,17 +63,17 @@ def train_command(
     report: Callable[[T, RunResult], None] | None = None,
 ) -> int:
     """Load + validate the config, build the task, `run` it; print the outcome on rank 0; exit code."""
-    try:
+
+    def build_and_run() -> tuple[T, RunResult]:
         cfg = load_config(config_cls, args.config, args.overrides)
         cfg.validate(env_world_size())
         task = make_task(cfg)
-        result = run(task, cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return EXIT_TRAINING_STOPPED
+        return task, run(task, cfg, resume=args.resume)
+
+    code, done = guarded(build_and_run)
+    if done is None:
+        return code
+    task, result = done
     if result.run_dir and is_main_rank():
         _print_result(result, tag)
         if report is not None:
