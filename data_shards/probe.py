@@ -61,6 +61,10 @@ def open_video(path: str | os.PathLike) -> av.container.InputContainer:
     if not container.streams.video:
         container.close()
         raise RejectError("no video stream", "no-video-stream")
+    demuxer = container.format.name
+    if demuxer == "image2" or demuxer.endswith("_pipe"):  # png_pipe, jpeg_pipe, webp_pipe, ...
+        container.close()
+        raise RejectError(f"not a video: a still image ({demuxer})", "not-a-video")
     return container
 
 

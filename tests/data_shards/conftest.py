@@ -55,14 +55,25 @@ def _audio_only(path: Path) -> Path:
 def broken_videos(
     tmp_path_factory: pytest.TempPathFactory, synth_vp9: Path, synth_rows: list
 ) -> dict[str, Path]:
-    """Files no shard may contain: zero bytes, text, a truncated VP9 clip, audio only."""
+    """Files no shard may contain: zero bytes, text, a truncated VP9 clip, audio only, a still image."""
     root = tmp_path_factory.mktemp("broken")
     (root / "empty.webm").write_bytes(b"")
+    _still_image(root / "picture.mp4")
     (root / "text.webm").write_text("not a video at all")
     data = (synth_vp9 / synth_rows[8]["path"]).read_bytes()
     (root / "trunc.webm").write_bytes(data[: len(data) * 6 // 10])
     _audio_only(root / "audio.mp4")
     return {p.stem: p for p in root.iterdir()}
+
+
+def _still_image(path: Path) -> Path:
+    """A PNG named like a video: FFmpeg opens it as a one-frame stream; it is not a video."""
+    with av.open(str(path), "w", format="image2pipe") as c:
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = 8, 8, "rgb24"
+        c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    return path
 
 
 # ----------------------------------------------------------------------------------------- codec zoo

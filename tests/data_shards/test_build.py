@@ -71,6 +71,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_sharded(
         {"path": "videos/text.webm", "label": "move_up"},
         {"path": "videos/trunc.webm", "label": "move_up"},
         {"path": "videos/audio.mp4", "label": "move_up"},
+        {"path": "videos/picture.mp4", "label": "move_up"},
         {"path": rows[10]["path"], "label": ""},
         {"path": rows[11]["path"], "label": "jump"},
         {"path": good[0]["path"], "label": good[0]["label"]},  # duplicate id
@@ -103,14 +104,15 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_sharded(
     assert reasons["text.webm"].startswith("not a video")
     assert reasons["trunc.webm"].startswith("truncated")
     assert reasons["audio.mp4"] == "no video stream"
+    assert reasons["picture.mp4"] == "not a video: a still image (png_pipe)"
     assert any(r["reason"] == "missing label" for r in rejects)
     assert any(r["reason"].startswith("unknown label 'jump'") for r in rejects)
     assert any(r["reason"].startswith("duplicate id") for r in rejects)
-    assert len(rejects) == 8
+    assert len(rejects) == 9
 
     m = fmt.load_manifest(out)
     assert m.classes == classes.split(",")
-    assert m.splits["train"].samples == 9 and m.rejects == 8
+    assert m.splits["train"].samples == 9 and m.rejects == 9
     for shard in m.shards:
         with tarfile.open(out / shard.path) as tf:
             names = tf.getnames()

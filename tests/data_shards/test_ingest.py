@@ -27,6 +27,7 @@ BROKEN_KINDS = {
     "text.webm": "not-a-video",
     "trunc.webm": "truncated",
     "audio.mp4": "no-video-stream",
+    "picture.mp4": "not-a-video",  # a PNG named .mp4: a still image, not a one-frame video
     "garbage.avi": "not-a-video",
 }
 
