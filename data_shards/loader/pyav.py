@@ -86,6 +86,37 @@ def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
     return flat.reshape(p.height, p.line_size)[:, : p.width]
 
 
+class VideoDecodeError(ValueError):
+    """A video the decoder refuses; `reason` says why in one word: not_a_video, no_video_stream, truncated,
+    undecodable (the message says it in words)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# leading bytes of the containers a video usually comes in: recognised but unreadable means cut short
+_SIGNATURES = (
+    (4, b"ftyp", "MP4/MOV"),
+    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
+    (8, b"AVI ", "AVI"),
+    (0, b"FLV", "FLV"),
+)
+
+
+def _open_error(data: bytes, e: av.FFmpegError) -> VideoDecodeError:
+    """FFmpeg could not open `data`: a known container's header means truncated (e.g. an MP4 cut before its
+    index, the moov atom, at the end), anything else is not a video."""
+    for offset, magic, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return VideoDecodeError(
+                "truncated",
+                f"truncated or corrupt {name} file ({len(data)} bytes; FFmpeg: {e.strerror or e})",
+            )
+    what = "empty input" if not data else f"{len(data)} bytes"
+    return VideoDecodeError("not_a_video", f"not a video file FFmpeg can read ({what})")
+
+
 class _Packets:
     """A video demuxed once, in memory: packets for decoding (and, for raw files, their count and the
     frame size for planning).
@@ -94,25 +125,56 @@ class _Packets:
     keyframe before the first wanted frame and tell the decoder to drop non-reference frames nobody
     asked for."""
 
-    def __init__(self, data: bytes) -> None:
-        self.container = av.open(io.BytesIO(data))
+    def __init__(self, data: bytes, complete: bool = False) -> None:
+        """`complete`: also refuse a file with fewer packets (or seconds) than its container declares."""
+        try:
+            self.container = av.open(io.BytesIO(data))
+        except av.FFmpegError as e:
+            raise _open_error(data, e) from None
         try:
             self.stream = self.container.streams.video[0]
         except IndexError:
             self.container.close()
-            raise ValueError("no video stream") from None
+            raise VideoDecodeError(
+                "no_video_stream", "no video stream (audio only, or not a video)"
+            ) from None
         ctx = self.stream.codec_context
         self.height, self.width = ctx.height, ctx.width
-        self.packets = [p for p in self.container.demux(self.stream) if p.size]
+        try:
+            self.packets = [p for p in self.container.demux(self.stream) if p.size]
+        except av.FFmpegError as e:
+            self.close()
+            raise VideoDecodeError("truncated", f"truncated or corrupt container: {e}") from None
         pts = [p.pts for p in self.packets]
         self.frames = len(self.packets)
         if self.frames <= 0 or self.height <= 0 or self.width <= 0:
+            declared = self.stream.frames
             self.close()
-            raise ValueError(f"no decodable video stream (frames={self.frames}, {self.width}x{self.height})")
+            if declared and self.height > 0:
+                raise VideoDecodeError("truncated", f"truncated: no frame of {declared} declared frames")
+            raise VideoDecodeError(
+                "no_video_stream",
+                f"no decodable video stream (frames={self.frames}, {self.width}x{self.height})",
+            )
+        if complete:
+            self._check_complete(pts)
         # presentation index per packet; None when timestamps cannot give one (decode everything, count)
         self.index_of_pts: dict[int, int] | None = None
         if None not in pts and len(set(pts)) == len(pts):
             self.index_of_pts = {t: i for i, t in enumerate(sorted(pts))}
+
+    def _check_complete(self, pts: list[int | None]) -> None:
+        """Packets found vs what the container declares: the shard builder's rule (`probe.check_complete`)."""
+        from data_shards.probe import RejectError, check_complete, stream_info
+
+        known = [t for t in pts if t is not None]
+        base = self.stream.time_base
+        last = float(max(known) * base) if known and base is not None else 0.0
+        try:
+            check_complete(stream_info(self.container), self.frames, last)
+        except RejectError as e:
+            self.close()
+            raise VideoDecodeError("truncated", str(e).replace("decoded ", "", 1)) from None
 
     def close(self) -> None:
         self.container.close()
@@ -182,8 +244,9 @@ def _decode_from(video: _Packets, indices: np.ndarray) -> tuple[list[int], Yuv42
     kept = video.decode(wanted)
     missing = wanted - set(kept)
     if missing:
-        raise ValueError(
-            f"video ends before frame {min(missing)} (decoded {len(kept)} of {len(wanted)} wanted)"
+        raise VideoDecodeError(
+            "truncated",
+            f"video ends before frame {min(missing)} (decoded {len(kept)} of {len(wanted)} wanted)",
         )
     order = sorted(kept)
     return order, _planes([kept[i] for i in order])
@@ -258,7 +321,10 @@ def views_from_yuv420p(
 
 
 def _views(video: _Packets, vplan: VideoPlan, spec: SamplingSpec, out: torch.Tensor | None) -> torch.Tensor:
-    order, got = _decode_from(video, vplan.frames)
+    try:
+        order, got = _decode_from(video, vplan.frames)
+    except av.FFmpegError as e:
+        raise VideoDecodeError("undecodable", f"the video stream does not decode: {e}") from None
     row = {i: p for p, i in enumerate(order)}
     pos = np.array([row[int(i)] for i in vplan.frames], dtype=np.int64)
     if isinstance(got, Yuv420Frames):
@@ -276,11 +342,16 @@ def decode_plan(
 
 
 def decode_views(
-    data: bytes, spec: SamplingSpec, rng: np.random.Generator | None, out: torch.Tensor | None = None
+    data: bytes,
+    spec: SamplingSpec,
+    rng: np.random.Generator | None,
+    out: torch.Tensor | None = None,
+    complete: bool = False,
 ) -> torch.Tensor:
     """A raw video file's bytes (no stored metadata: predict) -> float [V, 3, T, S, S]: demux, plan from
-    the packet count, decode once, cut V views."""
-    with _Packets(data) as video:
+    the packet count, decode once, cut V views. Failures raise `VideoDecodeError`; `complete` also refuses
+    a file shorter than its container declares (input the shard builder did not validate, e.g. an upload)."""
+    with _Packets(data, complete) as video:
         vplan = plan_video(video.frames, video.height, video.width, spec, rng)
         return _views(video, vplan, spec, out)
 
