@@ -12,10 +12,13 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 Batch = dict[str, Any]
 
@@ -137,3 +140,9 @@ class Task:
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         """Write the deployable model directory from a module holding consolidated fp32 weights."""
         raise NotImplementedError
+
+    def log_model(self, model_dir: Path, tracker: Tracker) -> None:
+        """Rank 0, at the end of a completed run: record the exported model directory with the tracker. The
+        default logs it as plain files (artifact `model`); a task that can describe its model to MLflow
+        (a flavor, a signature) overrides this and honours `tracking.register_as`."""
+        tracker.log_artifact(model_dir, "model")

@@ -22,6 +22,7 @@ from .config import TrackingConfig
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in training logs
 
 RUN_ID_FILE = "mlflow_run.json"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI: "custom_model_development" = the ML runs view
@@ -101,12 +102,13 @@ class Tracker:
             client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp_id
 
-    def _call(self, fn: Callable[[], Any]) -> None:
+    def _call(self, fn: Callable[[], Any]) -> Any:
         if self._client is None or time.monotonic() < self._retry_at:
-            return
+            return None
         try:
-            fn()
+            out = fn()
             self._backoff = 1.0
+            return out
         except Exception as e:
             self.failures += 1
             self._retry_at = time.monotonic() + self._backoff
@@ -122,6 +124,13 @@ class Tracker:
     @property
     def active(self) -> bool:
         return self._client is not None
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run other MLflow work for this run (e.g. log a model) under the same rule as every call here:
+        a failure warns and returns None, it never stops training. No-op off rank 0 or without MLflow."""
+        if not self.is_main:
+            return None
+        return self._call(fn)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.is_main or self._client is None:

@@ -156,6 +156,7 @@ class Trainer:
         self, task: Task, cfg: EngineConfig, resume: str | None = None, runtime: Runtime | None = None
     ) -> None:
         cfg.validate(env_world_size())  # every config error precedes the process group
+        _check_task_config(task, cfg)
         self.task, self.cfg = task, cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.signature = resume_signature(cfg)
@@ -444,7 +445,7 @@ class Trainer:
         model_dir = None
         if self.dist.is_main:
             model_dir = ckpt_io.export(self.run_dir, self.run_dir / "model", self.task)
-            self.tracker.log_artifact(model_dir, "model")
+            self.task.log_model(model_dir, self.tracker)
         barrier()
         return model_dir
 
@@ -494,6 +495,15 @@ class Trainer:
 def _running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
     """Batch-norm running means/variances: per-rank state that the ranks must agree on."""
     return [b for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+def _check_task_config(task: Task, cfg: EngineConfig) -> None:
+    """Config keys only some tasks honour, refused (naming the key) for a task that would ignore them."""
+    if cfg.tracking.register_as and type(task).log_model is Task.log_model:
+        raise ConfigError(
+            f"tracking.register_as={cfg.tracking.register_as!r}: {type(task).__name__} logs its model as plain "
+            "files, not as an MLflow model that can be registered; unset tracking.register_as"
+        )
 
 
 def _seed_everything(seed: int) -> None:

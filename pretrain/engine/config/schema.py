@@ -103,6 +103,8 @@ class TrackingConfig:
     warn_every: int = 20  # warn once per this many failed MLflow calls
     log_model: bool = True  # export the final model directory and log it as an artifact
     parent_run_id: str | None = None  # nest this run under another (continual learning: one per experience)
+    # register the run's model as a new version of this registered model (tasks that log an MLflow model)
+    register_as: str | None = None
 
 
 @dataclass

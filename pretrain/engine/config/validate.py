@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .schema import CheckpointConfig, ConfigError, DeepSpeedSection, OptimConfig, TrainConfig
+from .schema import (
+    CheckpointConfig,
+    ConfigError,
+    DeepSpeedSection,
+    OptimConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 
 if TYPE_CHECKING:
     from .schema import EngineConfig
@@ -80,8 +87,17 @@ def check_checkpoint(ck: CheckpointConfig) -> None:
     require(ck.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end and on preemption)")
 
 
+def check_tracking(tr: TrackingConfig) -> None:
+    require(
+        not tr.register_as or (tr.enabled and tr.log_model),
+        f"tracking.register_as={tr.register_as!r} needs tracking.enabled=true and tracking.log_model=true "
+        "(the registered version is the run's logged model)",
+    )
+
+
 def validate_engine(cfg: EngineConfig, world_size: int) -> None:
     check_train(cfg.train, world_size)
     check_optim(cfg.optim, cfg.train)
     check_deepspeed(cfg.deepspeed)
     check_checkpoint(cfg.checkpoint)
+    check_tracking(cfg.tracking)
