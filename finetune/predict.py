@@ -1,19 +1,149 @@
-"""Classify raw video files with a model directory: PyAV decode, the loader's eval sampling, top-k.
+"""Classify and embed raw videos with a model directory: the one inference path of `predict`, `serve`, `embed`
+and the MLflow pyfunc model.
 
-Sampling and normalisation are the loader's own functions (`data_shards.loader.pyav.decode_views`:
-probe → `plan_video` → decode → `views_from_frames`), with the frames/size of the model and the stride
-and mean/std recorded at export, so a file is seen exactly as a test-split clip would be.
-A file that cannot be read gets an error line naming it; the others are still predicted.
+`Predictor` = model directory → decoded views → class probabilities / clip embeddings. Decoding and sampling
+are the loader's own functions (`data_shards.loader.pyav.decode_views`: demux → `plan_video` → decode →
+`views_from_frames`) with the eval `SamplingSpec` that `evaluate` builds (`sampling_for`: the model's
+frames/size, the training stride and mean/std, the test clips × crops recorded at export), so a file is seen
+exactly as a test-split clip is. Bytes are decoded from memory: nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# HTTP status a server answers for each kind of bad input (the reason is also the JSON error code)
+INPUT_ERROR_STATUS = {
+    "bad_request": 400,
+    "empty": 400,
+    "too_large": 413,
+    "not_a_video": 415,
+    "no_video_stream": 422,
+    "truncated": 422,
+    "undecodable": 422,
+}
+
+
+class VideoInputError(ValueError):
+    """Input that is not a usable video. `reason`: one word (a key of INPUT_ERROR_STATUS); the message says
+    what is wrong in words; `status`: the HTTP status for it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = INPUT_ERROR_STATUS.get(reason, 422)
+
+
+class Predictor:
+    """A fine-tuned classifier directory, ready for raw videos.
+
+    `decode(bytes)` → views [V, C, T, H, W]; `probabilities([views, ...])` / `embeddings([views, ...])` run one
+    forward over every view of every video given (what a server's batch is) and average per video; `top(probs,
+    k)` is the `pipeline("video-classification")` shape. `clips` / `crops` / `stride` override the exported
+    test sampling (fewer views = faster, less accurate)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        clips: int | None = None,
+        crops: int | None = None,
+        stride: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from finetune.evaluate import sampling_for
+        from finetune.export import load_finetuned, model_extra
+        from pretrain.models.io import input_geometry
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.model = load_finetuned(self.model_dir, map_location=str(self.device))
+        self.extra = model_extra(self.model_dir)
+        self.spec = sampling_for(self.model, self.extra, clips, crops, stride)
+        self.frames, self.size = input_geometry(self.model.cfg)
+        cfg = self.model.cfg
+        self.labels: list[str] = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+
+    @property
+    def views_per_video(self) -> int:
+        return self.spec.views_per_video
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """A video file's bytes → its eval views `views_VCTHW` (float, normalized). Raises `VideoInputError`
+        for empty input, non-videos, files without a video stream, truncated or undecodable ones."""
+        import av
+
+        from data_shards.loader.pyav import VideoDecodeError, decode_views
+
+        if not data:
+            raise VideoInputError("empty", "empty input: send the bytes of a video file")
+        try:
+            return decode_views(data, self.spec, None, complete=True)
+        except VideoDecodeError as e:
+            raise VideoInputError(e.reason, str(e)) from None
+        except av.FFmpegError as e:
+            raise VideoInputError("undecodable", f"the video does not decode: {e}") from None
+
+    def clip_outputs(self, clips_NCTHW: torch.Tensor, features: bool) -> torch.Tensor:
+        """Per clip: softmax probabilities [N, K], or pooled features [N, D] (`features`); float32."""
+        with torch.inference_mode():
+            x = clips_NCTHW.to(self.device)
+            if features:
+                return self.model.forward_features(x).float()
+            return self.model(x).float().softmax(-1)
+
+    def _forward(self, videos: Sequence[torch.Tensor], features: bool) -> list[torch.Tensor]:
+        """One forward over the views of every video (the batch); per-video means, in order."""
+        if not videos:
+            return []
+        out = self.clip_outputs(torch.cat(list(videos)), features)
+        return [part.mean(0).cpu() for part in out.split([len(v) for v in videos])]
+
+    def probabilities(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Class probabilities per video [K]: softmax per view, averaged over the video's views (as evaluate)."""
+        return self._forward(videos, features=False)
+
+    def embeddings(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Clip embedding per video [D]: the classifier's pooled features (before the head), mean over views."""
+        return self._forward(videos, features=True)
+
+    def top(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
+        """[{"label", "score", "index"}, ...], best first; `k` clipped to [1, number of classes]."""
+        k = max(1, min(int(k), len(self.labels)))
+        top = probs.topk(k)
+        return [
+            {"label": self.labels[i], "score": round(float(p), 6), "index": int(i)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """Labels, input geometry and sampling, architecture and training facts (a server's /metadata)."""
+        s = self.spec
+        return {
+            "labels": self.labels,
+            "num_classes": len(self.labels),
+            "architecture": type(self.model).__name__,
+            "embedding_dim": int(self.model.feature_dim),
+            "input": {
+                "layout": "BCTHW",
+                "frames": self.frames,
+                "size": self.size,
+                "stride": s.stride,
+                "clips": s.eval_clips,
+                "crops": s.eval_crops,
+                "views_per_video": s.views_per_video,
+                "mean": list(s.mean),
+                "std": list(s.std),
+            },
+            "finetune": self.extra.get("finetune", {}),
+            "step": self.extra.get("step"),
+        }
 
 
 def predict_files(
@@ -25,37 +155,20 @@ def predict_files(
     crops: int | None = None,
     stride: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One result per file, in order: {"video", "top": [{"label", "index", "prob"}...]} or {"video", "error"}."""
-    from data_shards.loader.pyav import decode_views
-    from finetune.evaluate import sampling_for
-    from finetune.export import load_finetuned, model_extra
-
-    model = load_finetuned(model_dir)
-    spec = sampling_for(model, model_extra(model_dir), clips or 1, crops or 1, stride)
-    names = model.cfg.class_names or [str(i) for i in range(model.cfg.num_classes)]
-    k = max(1, min(top_k, model.cfg.num_classes))
+    """One result per file, in order: {"video", "top": [{"label", "score", "index"}...]} or {"video", "error"}."""
+    predictor = Predictor(model_dir, clips=clips, crops=crops, stride=stride)
     for video in videos:
         try:
-            views_VCTHW = decode_views(Path(video).read_bytes(), spec, None)
-            with torch.no_grad():
-                probs = model(views_VCTHW).float().softmax(-1).mean(0)
-        except Exception as e:  # unreadable, truncated, not a video: report it and go on
+            views = predictor.decode(Path(video).read_bytes())
+        except (OSError, VideoInputError) as e:  # unreadable, truncated, not a video: report it and go on
             yield {"video": video, "error": f"{type(e).__name__}: {e}"}
             continue
-        top = probs.topk(k)
-        yield {
-            "video": video,
-            "top": [
-                {"label": names[i], "index": int(i), "prob": round(float(p), 6)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
-            ],
-        }
+        (probs,) = predictor.probabilities([views])
+        yield {"video": video, "top": predictor.top(probs, top_k)}
 
 
 def print_predictions(results: Iterator[dict[str, Any]], as_json: bool) -> int:
     """Print each result (JSON lines or text); returns the number of failed files."""
-    import json
-
     failed = 0
     for r in results:
         if "error" in r:
@@ -67,6 +180,6 @@ def print_predictions(results: Iterator[dict[str, Any]], as_json: bool) -> int:
         if as_json:
             print(json.dumps(r), flush=True)
         else:
-            tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+            tops = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
             print(f"{r['video']}: {tops}", flush=True)
     return failed

@@ -78,7 +78,7 @@ def test_lora_from_mae_dir_then_export_evaluate_predict(
     assert [Path(row["video"]).name for row in rows] == ["good0.mp4", "broken.mp4", "good1.webm"]
     assert "error" in rows[1] and all(len(rows[i]["top"]) == 2 for i in (0, 2))
     assert "broken.mp4" in r.stderr
-    assert abs(sum(t["prob"] for t in rows[0]["top"]) - 1) < 0.5
+    assert abs(sum(t["score"] for t in rows[0]["top"]) - 1) < 0.5
 
 
 def test_early_stopping_ends_the_run_with_a_model(tmp_path: Path, shards: Path) -> None:
