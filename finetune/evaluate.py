@@ -293,15 +293,41 @@ def write_report(result: dict[str, Any], m: dict[str, Any], names: list[str], ou
     )
 
 
-def log_to_mlflow(result: dict[str, Any], experiment: str, uri: str | None) -> str:
-    """One MLflow run per evaluated model: top-1/5, per-class P/R/F1, confusion PNG and report."""
+def eval_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
+    """`{prefix}/top1`, `/top5`, `/n` and per-class `{prefix}/{precision,recall,f1}/{class}`."""
+    metrics = {
+        f"{prefix}/top1": result["top1"],
+        f"{prefix}/top5": result["top5"],
+        f"{prefix}/n": float(result["n"]),
+    }
+    for r in result.get("per_class", []):
+        for m in ("precision", "recall", "f1"):
+            metrics[f"{prefix}/{m}/{r['class']}"] = r[m]
+    return metrics
+
+
+def metric_prefix(model_dir: Path, split: str) -> str:
+    """`test` for the model a run reports (its best, or its only one); `test_final` for `RUN/model` when the
+    run also kept `RUN/best`, so evaluating both does not overwrite one with the other."""
+    has_best = (model_dir.parent / "best" / "config.json").is_file()
+    return f"{split}_final" if model_dir.name == "model" and has_best else split
+
+
+def log_to_mlflow(
+    result: dict[str, Any], experiment: str, uri: str | None, run: tuple[str, str] | None = None
+) -> str:
+    """Log a test evaluation: into the fine-tuning run the model belongs to (`run` = (store URI, run id), from
+    `RUN/mlflow_run.json` or the registry), as `test/*` metrics + report + confusion PNG, so the runs table
+    compares fine-tunes side by side; else into a new run named after the model (`RUN_NAME/best`)."""
+    model = Path(result["model"])
+    if run is not None and (uri is None or uri == run[0]):
+        return _log_into_run(result, model, *run)
     from pretrain.engine.config import TrackingConfig
-    from pretrain.engine.tracking import Tracker
+    from pretrain.engine.tracking import Tracker, default_uri
 
     out = Path(result["out_dir"])
-    cfg = TrackingConfig(
-        experiment=experiment, uri=uri, run_name=f"eval {Path(result['model']).name} {result['split']}"
-    )
+    name = f"{model.resolve().parent.name}/{model.name}"
+    cfg = TrackingConfig(experiment=experiment, uri=uri or default_uri(model.resolve().parent), run_name=name)
     tracker = Tracker(cfg, out, True)
     tracker.log_params(
         {
@@ -311,19 +337,38 @@ def log_to_mlflow(result: dict[str, Any], experiment: str, uri: str | None) -> s
             "method": result["method"],
         }
     )
-    metrics = {
-        f"{result['split']}/top1": result["top1"],
-        f"{result['split']}/top5": result["top5"],
-        f"{result['split']}/n": float(result["n"]),
-    }
-    for r in result.get("per_class", []):
-        for m in ("precision", "recall", "f1"):
-            metrics[f"{result['split']}/{m}/{r['class']}"] = r[m]
-    tracker.log_metrics(metrics, 0)
-    for name in ("confusion.png", "report.txt", "metrics.json"):
-        tracker.log_artifact(out / name, "eval")
+    tracker.log_metrics(eval_metrics(result, result["split"]), 0)
+    for f in ("confusion.png", "report.txt", "metrics.json"):
+        tracker.log_artifact(out / f, "eval")
     tracker.close()
     return tracker.describe()
+
+
+def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) -> str:
+    """Metrics at the model's training step, tags, and the report files under `eval/<model>_<split>/`."""
+    import time
+    import warnings
+
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from finetune.export import model_extra
+
+    split, out = result["split"], Path(result["out_dir"])
+    prefix = metric_prefix(model, split)
+    step = int(model_extra(model).get("step") or 0)
+    now = int(time.time() * 1000)
+    try:
+        client = MlflowClient(uri)
+        metrics = [Metric(k, float(v), now, step) for k, v in eval_metrics(result, prefix).items()]
+        tags = [RunTag(f"{prefix}.views", str(result["views"])), RunTag(f"{prefix}.model", str(model))]
+        client.log_batch(run_id, metrics=metrics, tags=tags)
+        for f in ("confusion.png", "report.txt", "metrics.json"):
+            client.log_artifact(run_id, str(out / f), f"eval/{model.name}_{split}")
+    except Exception as e:  # the evaluation itself is done and written; MLflow is best effort
+        warnings.warn(f"MLflow logging into run {run_id} at {uri} failed: {e}", stacklevel=2)
+        return f"MLflow: not logged ({type(e).__name__}); the report is in {out}"
+    return f"MLflow: {prefix}/* metrics and eval/{model.name}_{split}/ logged into the fine-tuning run {run_id} at {uri}"
 
 
 def comparison_table(results: list[dict[str, Any]]) -> str:

@@ -26,6 +26,7 @@ from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
 from pretrain.data import ShardData
 from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext
+from pretrain.engine.tracking import Tracker
 from pretrain.models import (
     BackboneClassifierConfig,
     VideoClassifierConfig,
@@ -227,6 +228,40 @@ class ClassificationTask(ShardData, Task):
         self.rng.bit_generator.state = json.loads(state["rng"])
         self.best_top1, self.best_step = float(state["best_top1"]), int(state["best_step"])
         self.bad_evals = int(state["bad_evals"])
+
+    def log_model(self, model_dir: Path, tracker: Tracker) -> None:
+        """The final model (and the best one, when kept) as MLflow pyfunc models `model` / `best` of this run;
+        with `tracking.register_as`, `registered_dir` becomes a new version of that registered model.
+        MLflow failures warn and never fail the run (`Tracker.call`)."""
+        if not tracker.active:
+            return
+        from finetune.mlflow_model import log_model
+
+        best = self.run_dir / BEST_DIR
+        dirs = {"model": model_dir, **({"best": best} if self.cfg.eval.keep_best and best.is_dir() else {})}
+        register = self.registered_dir(model_dir)
+        for name, path in dirs.items():
+            info = tracker.call(
+                lambda name=name, path=path: log_model(
+                    path,
+                    uri=tracker.uri,
+                    run_id=tracker.run_id,
+                    experiment_id=tracker.experiment_id,
+                    name=name,
+                    register_as=self.cfg.tracking.register_as if path == register else None,
+                )
+            )
+            if info is None:
+                print(f"[finetune] MLflow model {name!r} not logged (MLflow unavailable: see the warnings)")
+                continue
+            version = info.registered_model_version
+            where = f"; registered as {self.cfg.tracking.register_as} version {version}" if version else ""
+            print(f"[finetune] MLflow model {name!r}: {info.model_uri}{where}", flush=True)
+
+    def registered_dir(self, model_dir: Path) -> Path:
+        """Which model a run registers: the best one when kept (what `evaluate` reports), else the final."""
+        best = self.run_dir / BEST_DIR
+        return best if self.cfg.eval.keep_best and best.is_dir() else model_dir
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         from finetune.export import export_model_dir

@@ -182,6 +182,10 @@ class ContinualTask(ClassificationTask):
         acc = (logits.argmax(-1) == labels).float().mean() if lam == 1.0 else nan
         return StepOutput(loss, {**metrics, "acc": acc.detach()})
 
+    def registered_dir(self, model_dir: Path) -> Path:
+        """The experience's final model: the one the next experience starts from and evaluation reads."""
+        return model_dir
+
     def model_extra(self) -> dict[str, Any]:
         extra = super().model_extra()
         extra["continual"] = {"strategy": self.strategy, "experience": self.k, "classes": self.head}

@@ -1,0 +1,329 @@
+"""A fine-tuned model directory as an MLflow model (pyfunc flavor), the model registry, and the way back.
+
+`log_model` wraps a model directory in a pyfunc model (the directory is its artifact `model_dir`, the code of
+`finetune`/`pretrain`/`data_shards` rides along in `code/`, so the model loads wherever its requirements are
+installed), with a signature, an input example (a synthetic clip) and optional registration, so every
+fine-tune or continual experience that registers under one name adds a version.
+`resolve_model` turns what `serve` / `evaluate` are given — a directory, `models:/NAME/VERSION` or
+`models:/NAME@ALIAS` — into a local model directory plus where it came from.
+
+The pyfunc's `predict` takes video bytes and/or paths: a DataFrame with a `video` (binary) or `path` (string)
+column, or a list of bytes / path strings; it returns one row per video: `label`, `score` (top-1), `top_k`
+([{"label", "score"}], `params={"top_k": k}`, default 5) and `error` (null, or why this input is not a video).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault(
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+)  # before mlflow reads it: no bars in logs
+
+import mlflow
+import pandas as pd
+
+from finetune.predict import Predictor, VideoInputError
+
+MODEL_DIR_ARTIFACT = "model_dir"
+REGISTRY_PREFIX = "models:/"
+DEFAULT_TOP_K = 5
+PREDICT_CHUNK = 8  # videos per forward inside one pyfunc call: bounds memory on big inputs
+_REQUIREMENTS = ("torch", "av", "numpy", "safetensors", "einops", "pyyaml", "pandas")
+
+
+class VideoClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of `Predictor`: the same decoding and eval sampling as `predict` and `serve`."""
+
+    def load_context(self, context: Any) -> None:
+        self.predictor = Predictor(context.artifacts[MODEL_DIR_ARTIFACT])
+
+    # `model_input` stays unannotated: MLflow would otherwise validate inputs against the hint, not the signature
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        items = _input_items(model_input)
+        views: list[Any] = [None] * len(items)
+        errors: list[str | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            try:
+                data = item if isinstance(item, bytes) else Path(item).read_bytes()
+                views[i] = self.predictor.decode(data)
+            except (OSError, VideoInputError) as e:
+                errors[i] = f"{getattr(e, 'reason', type(e).__name__)}: {e}"
+        ok = [i for i in range(len(items)) if errors[i] is None]
+        probs: dict[int, Any] = {}
+        for start in range(0, len(ok), PREDICT_CHUNK):
+            chunk = ok[start : start + PREDICT_CHUNK]
+            probs.update(zip(chunk, self.predictor.probabilities([views[i] for i in chunk])))
+        rows = []
+        for i in range(len(items)):
+            top = (
+                []
+                if i not in probs
+                else [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs[i], k)]
+            )
+            rows.append(
+                {
+                    "label": top[0]["label"] if top else None,
+                    "score": top[0]["score"] if top else None,
+                    "top_k": top,
+                    "error": errors[i],
+                }
+            )
+        return pd.DataFrame(rows, columns=["label", "score", "top_k", "error"])
+
+
+def _input_items(model_input: Any) -> list[bytes | str]:
+    """Videos of a pyfunc input: DataFrame (`video` bytes, else `path`), Series, list/array, or one item."""
+    if isinstance(model_input, pd.DataFrame):
+        cols = [c for c in ("video", "path") if c in model_input.columns]
+        if not cols:
+            raise ValueError(
+                f"input columns {list(model_input.columns)}: give a `video` column (bytes) or a `path` column"
+            )
+        out = []
+        for _, row in model_input.iterrows():
+            value = next((row[c] for c in cols if _present(row[c])), None)
+            if value is None:
+                raise ValueError("an input row has neither `video` bytes nor a `path`")
+            out.append(value)
+        return [_as_item(v) for v in out]
+    if isinstance(model_input, (bytes, str)):
+        return [_as_item(model_input)]
+    return [_as_item(v) for v in list(model_input)]
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and v != v)  # None / NaN = absent
+
+
+def _as_item(v: Any) -> bytes | str:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, (str, Path)):
+        return str(v)
+    raise TypeError(f"a video is bytes or a path string, got {type(v).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+
+def signature() -> Any:
+    """Inputs: `video` bytes or `path`; outputs: top-1 label/score, the top-k list, an error; param top_k."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    top = Array(Object([Property("label", "string"), Property("score", "double")]))
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec("binary", "video", required=False), ColSpec("string", "path", required=False)]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("string", "label", required=False),
+                ColSpec("double", "score", required=False),
+                ColSpec(top, "top_k"),
+                ColSpec("string", "error", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
+    )
+
+
+def example_clip(model_dir: Path) -> bytes:
+    """A small synthetic H.264 clip long enough for the model's sampling: the logged input example."""
+    from data_shards.synth import SynthSpec, encode_clip, render_clip
+    from finetune.evaluate import sampling_for
+    from finetune.export import load_finetuned, model_extra
+    from pretrain.models.io import input_geometry
+
+    model = load_finetuned(model_dir)
+    frames, size = input_geometry(model.cfg)
+    stride = sampling_for(model, model_extra(model_dir), None, None, None).stride
+    spec = SynthSpec(videos=1, frames=frames * stride, size=size, codec="h264", seed=0)
+    clip, _ = render_clip(0, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "example.mp4"
+        encode_clip(clip, path, "h264", spec.fps)
+        return path.read_bytes()
+
+
+def requirements(model_dir: Path) -> list[str]:
+    """Pinned pip requirements of the pyfunc model (peft only when the directory has a PEFT sidecar)."""
+    names = list(_REQUIREMENTS) + (["peft"] if any(Path(model_dir).glob("peft*")) else [])
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def code_paths() -> list[str]:
+    import data_shards
+    import finetune
+    import pretrain
+
+    return [str(Path(m.__file__).parent) for m in (finetune, pretrain, data_shards)]
+
+
+@contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent functions (used by `Model.log`, downloads) at `uri`, restored afterwards."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
+
+
+def log_model(
+    model_dir: str | Path,
+    *,
+    uri: str,
+    run_id: str,
+    experiment_id: str,
+    name: str = "model",
+    register_as: str | None = None,
+) -> Any:
+    """Log `model_dir` as a pyfunc model of run `run_id` (an MLflow 3 logged model named `name`), registered
+    as a new version of `register_as` when given. Returns MLflow's ModelInfo."""
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    client = mlflow.MlflowClient(uri)
+    with tracking_uri(uri), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+        logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc.ModelFromCode",
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: no pickle
+            artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+            code_paths=code_paths(),
+            signature=signature(),
+            input_example=pd.DataFrame({"video": [example_clip(model_dir)]}),
+            pip_requirements=requirements(model_dir),
+            registered_model_name=register_as,
+            metadata={"tubelet_model_dir": model_dir.name},
+        )
+
+
+# ------------------------------------------------------------------------------------------ resolving
+
+
+@dataclass
+class ResolvedModel:
+    """A local model directory and where it came from (a directory, or a registry version)."""
+
+    model_dir: Path
+    source: str
+    name: str | None = None
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    tracking_uri: str | None = None  # the store holding `run_id` (and the registry version)
+
+    @property
+    def run(self) -> tuple[str, str] | None:
+        """(store URI, run id) of the training run, when known."""
+        return (self.tracking_uri, self.run_id) if self.run_id and self.tracking_uri else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "model_dir": str(self.model_dir),
+            "registered_name": self.name,
+            "version": self.version,
+            "aliases": self.aliases,
+            "run_id": self.run_id,
+        }
+
+
+def resolve_model(source: str, uri: str | None = None, dst: str | Path | None = None) -> ResolvedModel:
+    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory (registry versions are
+    downloaded into `dst`, default a new temporary folder). Errors name the source and what exists."""
+    if not source.startswith(REGISTRY_PREFIX):
+        path = Path(source)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{source}: not a model directory (no config.json); give RUN/best, RUN/model, an exported "
+                "directory, or models:/NAME/VERSION | models:/NAME@ALIAS"
+            )
+        run = run_of_dir(path)
+        return ResolvedModel(
+            path, source, run_id=run[1] if run else None, tracking_uri=run[0] if run else None
+        )
+    uri = uri or mlflow.get_tracking_uri()
+    mv = _model_version(source, uri)
+    out = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="tubelet-model-"))
+    with tracking_uri(uri):
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{REGISTRY_PREFIX}{mv.name}/{mv.version}", dst_path=str(out)
+            )
+        )
+    model_dir = _model_dir_of(local)
+    if model_dir is None:
+        raise ValueError(
+            f"{source} (version {mv.version}) is not a tubelet video classifier: its MLmodel has no "
+            f"{MODEL_DIR_ARTIFACT!r} artifact holding a model directory"
+        )
+    return ResolvedModel(model_dir, source, mv.name, str(mv.version), list(mv.aliases or []), mv.run_id, uri)
+
+
+def _model_dir_of(local: Path) -> Path | None:
+    """The tubelet model directory inside a downloaded pyfunc model (its `model_dir` artifact)."""
+    from mlflow.models import Model
+
+    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    rel = artifacts.get(MODEL_DIR_ARTIFACT, {}).get("path")
+    path = local / rel if rel else None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def _model_version(source: str, uri: str) -> Any:
+    """The registry entry `source` names (`models:/NAME/VERSION` or `models:/NAME@ALIAS`)."""
+    from mlflow.exceptions import MlflowException
+
+    rest = source[len(REGISTRY_PREFIX) :]
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    try:
+        if "@" in rest:
+            name, alias = rest.rsplit("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = rest.rpartition("/")
+        if not name or not version.isdigit():
+            raise ValueError(f"{source}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(
+            f"{source}: not in the model registry at {uri} ({e.message.splitlines()[0]}); registered models: "
+            f"{known or 'none'} (set MLFLOW_TRACKING_URI or --tracking-uri to the store that has it)"
+        ) from None
+
+
+def run_of_dir(model_dir: Path) -> tuple[str, str] | None:
+    """(store URI, run id) of the fine-tuning run a model directory belongs to (`RUN/best`, `RUN/model`:
+    `RUN/mlflow_run.json`), or None."""
+    from pretrain.engine.tracking import RUN_ID_FILE
+
+    f = Path(model_dir).resolve().parent / RUN_ID_FILE
+    if not f.is_file():
+        return None
+    info = json.loads(f.read_text())
+    return (info["uri"], info["run_id"]) if info.get("uri") and info.get("run_id") else None
