@@ -6,6 +6,8 @@
     python -m finetune predict --model runs/ft/model a.mp4 b.webm [--top-k 5] [--json]
     python -m finetune export runs/ft OUT_DIR [--hf OUT_HF]
     python -m finetune continual --config finetune/configs/tiny_cpu_continual.yaml data.shards=S [--resume auto]
+    python -m finetune serve --model runs/ft/best|models:/NAME/VERSION|models:/NAME@ALIAS [--port 8000]
+    python -m finetune embed --model runs/ft/best --shards S --split test --out emb.parquet [--query a.mp4]
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    sub = {"evaluate": _evaluate, "predict": _predict, "export": _export, "continual": _continual}
+    sub = {
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "export": _export,
+        "continual": _continual,
+        "serve": _serve,
+        "embed": _embed,
+    }
     if argv[:1] and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     p = training_parser(
@@ -50,7 +59,9 @@ def _evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m finetune evaluate", description="multi-view evaluation of model dirs"
     )
-    p.add_argument("--model", action="append", required=True, help="model directory (repeat to compare)")
+    p.add_argument(
+        "--model", action="append", required=True, help="model dir or models:/NAME/VERSION|@ALIAS (repeat)"
+    )
     p.add_argument("--shards", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
@@ -65,54 +76,60 @@ def _evaluate(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="one JSON line per model: model, top1, top5, n, ...")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument(
-        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite beside the run"
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else the model's own run store (RUN/mlflow_run.json), else "
+        "sqlite beside the run",
     )
-    p.add_argument("--experiment", default="tubelet-eval")
+    p.add_argument("--experiment", default="tubelet-eval", help="for models that belong to no MLflow run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    from finetune.evaluate import comparison_table, evaluate_model_dir, log_to_mlflow
-    from pretrain.engine.tracking import default_uri
+    from finetune.evaluate import comparison_table
 
-    results = []
-    for model in a.model:
-        r = evaluate_model_dir(
-            model,
-            a.shards,
-            a.split,
-            clips=a.clips,
-            crops=a.crops,
-            stride=a.stride,
-            batch_size=a.batch_size,
-            backend=a.backend,
-            num_workers=a.num_workers,
-            out_dir=a.out if len(a.model) == 1 else None,
-        )
-        results.append(r)
-        if not is_main_rank():
-            continue
-        if a.json:
-            keep = ("model", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
-            print(json.dumps({k: r[k] for k in keep}), flush=True)
-        else:
-            print(
-                f"\n{model} — {a.split}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
-                f"({r['n']} videos, {r['views']} views)"
-            )
-            if r.get("report"):
-                print(r["report"])
-                print(f"confusion matrix: {Path(r['out_dir']) / 'confusion.png'}")
-        if not a.no_mlflow and r.get("out_dir"):
-            uri = (
-                a.tracking_uri
-                or os.environ.get("MLFLOW_TRACKING_URI")
-                or default_uri(Path(model).resolve().parent)
-            )
-            where = log_to_mlflow(r, a.experiment, uri)
-            if not a.json:
-                print(f"[finetune] {where}")
+    uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    results = [_evaluate_one(model, a, uri) for model in a.model]
     if len(results) > 1 and not a.json and is_main_rank():
         print("\n" + comparison_table(results))
     return 0
+
+
+def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
+    """Evaluate one model (a directory or a registry version), print it, log it to its MLflow run."""
+    from finetune.evaluate import evaluate_model_dir, log_to_mlflow
+    from finetune.mlflow_model import resolve_model
+
+    src = resolve_model(model, uri)
+    r = evaluate_model_dir(
+        src.model_dir,
+        a.shards,
+        a.split,
+        clips=a.clips,
+        crops=a.crops,
+        stride=a.stride,
+        batch_size=a.batch_size,
+        backend=a.backend,
+        num_workers=a.num_workers,
+        out_dir=a.out if len(a.model) == 1 else None,
+    )
+    r["model"] = str(src.model_dir)
+    if not is_main_rank():
+        return r
+    if a.json:
+        keep = ("model", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
+        print(json.dumps({**{k: r[k] for k in keep}, "source": model}), flush=True)
+    else:
+        print(
+            f"\n{model} — {a.split}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
+            f"({r['n']} videos, {r['views']} views)"
+        )
+        if r.get("report"):
+            print(r["report"])
+            print(f"confusion matrix: {Path(r['out_dir']) / 'confusion.png'}")
+    if not a.no_mlflow and r.get("out_dir"):
+        where = log_to_mlflow(r, a.experiment, a.tracking_uri or (uri if not src.run else None), src.run)
+        if not a.json:
+            print(f"[finetune] {where}")
+    return r
 
 
 def _predict(argv: list[str]) -> int:
@@ -130,6 +147,91 @@ def _predict(argv: list[str]) -> int:
     failed = print_predictions(
         predict_files(a.model, a.videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride), a.json
     )
+    return 1 if failed else 0
+
+
+def _serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m finetune serve",
+        description="HTTP video classification on Ray Serve: POST /predict, /embed; GET /health, /metadata",
+    )
+    p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=8, help="videos per forward (1 = no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica (default 2 x batch)")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger request bodies get 413")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
+    p.add_argument("--crops", type=int, default=None, choices=[1, 3])
+    p.add_argument(
+        "--ray-address", default=None, help="HOST:PORT of an existing Ray cluster (default: local)"
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
+    a = p.parse_args(argv)
+    from finetune.serve import ServeConfig, run
+    from pretrain.engine import ConfigError
+
+    try:
+        run(ServeConfig(**{k: v for k, v in vars(a).items()}))
+    except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _embed(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m finetune embed",
+        description="one embedding per video (pooled features, mean of the eval views); nearest neighbours",
+    )
+    p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="embed every video of --split of these shards")
+    src.add_argument("--index", type=Path, help="an embeddings file written before (.parquet / .npy)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, default=None, help="FILE.parquet, or FILE.npy + FILE.keys.jsonl")
+    p.add_argument("--query", nargs="*", default=[], help="video files: print their nearest neighbours")
+    p.add_argument("-k", type=int, default=5, help="neighbours per query")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", default="auto", choices=["auto", "dali", "pyav"])
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
+    a = p.parse_args(argv)
+    from finetune import embed
+    from finetune.mlflow_model import resolve_model
+    from finetune.predict import Predictor, VideoInputError
+
+    predictor = Predictor(resolve_model(a.model, a.tracking_uri).model_dir)
+    if a.shards:
+        emb = embed.embed_split(
+            predictor,
+            a.shards,
+            a.split,
+            batch_size=a.batch_size,
+            backend=a.backend,
+            num_workers=a.num_workers,
+        )
+        agree, chance = embed.neighbour_agreement(emb)
+        where = f" → {embed.save(emb, a.out).resolve()}" if a.out else ""
+        print(
+            f"[embed] {len(emb)} videos of {a.split}, {emb.vectors_ND.shape[1]}-dim{where}\n[embed] nearest "
+            f"neighbour has the same label: {100 * agree:.1f}% (chance {100 * chance:.1f}%)",
+            flush=True,
+        )
+    else:
+        emb = embed.load(a.index)
+    failed = 0
+    for q in a.query:
+        try:
+            (vec,) = predictor.embeddings([predictor.decode(Path(q).read_bytes())])
+        except (OSError, VideoInputError) as e:
+            print(f"error: {q}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps({"query": q, "neighbours": embed.neighbours(emb, vec.numpy(), a.k)}), flush=True)
     return 1 if failed else 0
 
 

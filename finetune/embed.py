@@ -1,0 +1,150 @@
+"""`python -m finetune embed`: one embedding per video of a shard split, and nearest neighbours by cosine.
+
+The embedding is the classifier's pooled feature (`forward_features`, before the head), averaged over the
+video's eval views — the same `Predictor` sampling as `predict` / `serve` / `evaluate`. Written as Parquet
+(`key`, `label`, `label_name`, `embedding`) or as `.npy` + a `.keys.jsonl` beside it (key, label, label_name
+per row). A query video is decoded and embedded the same way and compared by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.predict import Predictor
+
+
+@dataclass
+class Embeddings:
+    """Rows in key order: `vectors_ND` float32, with each video's shard key and label (−1: unlabeled)."""
+
+    keys: list[str]
+    labels: np.ndarray
+    label_names: list[str | None]
+    vectors_ND: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def embed_split(
+    predictor: Predictor,
+    shards: str | Path,
+    split: str,
+    *,
+    batch_size: int = 16,
+    backend: str = "auto",
+    num_workers: int = 1,
+) -> Embeddings:
+    """Every video of `split`: features of each eval view, averaged per video (padding dropped)."""
+    from data_shards.format import load_manifest
+    from data_shards.loader import build_loader
+    from finetune.evaluate import average_per_video
+
+    views = predictor.views_per_video
+    loader = build_loader(
+        shards,
+        split,
+        batch_size=max(views, batch_size // views * views),
+        spec=predictor.spec,
+        backend=backend,
+        num_workers=num_workers,
+        drop_last=False,
+    )
+    keys: list[str] = []
+    feats, labels = [], []
+    for batch in loader:
+        keep = ~batch["pad"] if "pad" in batch else torch.ones(len(batch["key"]), dtype=torch.bool)
+        feats.append(predictor.clip_outputs(batch["video"], features=True).cpu()[keep])
+        labels.append(batch["label"].cpu()[keep])
+        keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
+    if not keys:
+        raise ValueError(f"{shards}: split {split!r} has no videos")
+    order, vectors, video_labels = average_per_video(keys, torch.cat(feats), torch.cat(labels))
+    names = load_manifest(shards).classes or []
+    label_names = [names[i] if 0 <= i < len(names) else None for i in video_labels.tolist()]
+    return Embeddings(order, video_labels.numpy(), label_names, vectors.numpy().astype(np.float32))
+
+
+def save(emb: Embeddings, path: str | Path) -> Path:
+    """`.parquet` (one row per video, the embedding as a list column) or `.npy` + `<stem>.keys.jsonl`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {
+                "key": emb.keys,
+                "label": pa.array(emb.labels, pa.int64()),
+                "label_name": emb.label_names,
+                "embedding": pa.array(list(emb.vectors_ND), pa.list_(pa.float32())),
+            }
+        )
+        pq.write_table(table, path)
+    elif path.suffix == ".npy":
+        np.save(path, emb.vectors_ND)
+        rows = [
+            json.dumps({"key": k, "label": int(lb), "label_name": n})
+            for k, lb, n in zip(emb.keys, emb.labels, emb.label_names)
+        ]
+        keys_file(path).write_text("\n".join(rows) + "\n")
+    else:
+        raise ValueError(f"{path}: write .parquet, or .npy (+ a .keys.jsonl beside it)")
+    return path
+
+
+def keys_file(npy: Path) -> Path:
+    return npy.with_suffix(".keys.jsonl")
+
+
+def load(path: str | Path) -> Embeddings:
+    """What `save` wrote (`.npy` never with pickle)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path).to_pydict()
+        vectors = np.asarray(t["embedding"], dtype=np.float32)
+        return Embeddings(t["key"], np.asarray(t["label"], np.int64), t["label_name"], vectors)
+    if path.suffix == ".npy":
+        rows = [json.loads(line) for line in keys_file(path).read_text().splitlines() if line]
+        vectors = np.load(path, allow_pickle=False).astype(np.float32)
+        labels = np.asarray([r["label"] for r in rows], np.int64)
+        return Embeddings([r["key"] for r in rows], labels, [r["label_name"] for r in rows], vectors)
+    raise ValueError(f"{path}: expected a .parquet or .npy embeddings file")
+
+
+def _unit(x_ND: np.ndarray) -> np.ndarray:
+    return x_ND / np.maximum(np.linalg.norm(x_ND, axis=-1, keepdims=True), 1e-12)
+
+
+def neighbours(emb: Embeddings, query_D: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+    """The `k` most cosine-similar videos to `query_D`, best first."""
+    sims = _unit(emb.vectors_ND) @ _unit(query_D[None])[0]
+    best = np.argsort(-sims, kind="stable")[: max(1, k)]
+    return [
+        {"key": emb.keys[i], "label": emb.label_names[i], "cosine": round(float(sims[i]), 6)} for i in best
+    ]
+
+
+def neighbour_agreement(emb: Embeddings) -> tuple[float, float]:
+    """(fraction of labelled videos whose nearest other video by cosine has the same label, the same
+    fraction expected by chance for these class counts): how well the embedding groups the classes."""
+    ok = emb.labels >= 0
+    x, y = _unit(emb.vectors_ND[ok]), emb.labels[ok]
+    n = len(y)
+    if n < 2:
+        return float("nan"), float("nan")
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    agree = float(np.mean(y[sims.argmax(1)] == y))
+    counts = np.bincount(y)
+    chance = float((counts * (counts - 1)).sum() / (n * (n - 1)))
+    return agree, chance

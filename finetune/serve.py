@@ -1,0 +1,291 @@
+"""`python -m finetune serve`: a fine-tuned classifier behind HTTP, on Ray Serve.
+
+    POST /predict[?top_k=K]   video bytes as the body (or a multipart file field) → [{"label", "score"}, ...]
+    POST /embed               video bytes → {"embedding": [...], "dim": D}
+    GET  /health              {"status": "ok"}
+    GET  /metadata            labels, input geometry and sampling, model source/version, batching statistics
+
+One deployment (`VideoClassifierServer`, FastAPI ingress) with `--replicas N` copies. Each request is read
+(size-limited) and decoded from memory in a worker thread with the `Predictor` — the eval sampling of
+`evaluate` / `predict` — then its views join a `@serve.batch` queue: one forward for up to `--max-batch-size`
+videos arriving within `--batch-wait-ms`. Each replica accepts `max_ongoing_requests` = 2 × the batch size
+by default (one batch computing while the next one fills; Serve's default of 5 would silently cap batches).
+Bad input gets a 4xx JSON error {"error": reason, "detail": what is wrong}; nothing received is written to
+disk (bodies and multipart files are held in memory) or unpickled.
+
+Local Ray by default; `--ray-address HOST:PORT` deploys onto an existing cluster (the code is shipped with
+the app; the cluster needs tubelet's dependencies). `--model` is a model directory (visible to every node)
+or a registry version `models:/NAME/VERSION` / `models:/NAME@ALIAS`, downloaded by each replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from finetune.predict import Predictor, VideoInputError
+from pretrain.engine import ConfigError
+
+APP_NAME = "tubelet"
+MULTIPART = "multipart/form-data"
+
+
+@dataclass
+class ServeConfig:
+    """What `python -m finetune serve` takes; `check` names the flag and the fix."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_batch_size: int = 8  # 1 = no batching
+    batch_wait_ms: float = 20.0
+    max_ongoing_requests: int | None = None  # per replica; None: 2 × max_batch_size
+    max_upload_mb: float = 64.0
+    cpus_per_replica: float = 1.0
+    clips: int | None = None  # None: the model's exported test views
+    crops: int | None = None
+    ray_address: str | None = None
+    tracking_uri: str | None = None  # for models:/ sources; None: $MLFLOW_TRACKING_URI
+
+    def check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
+        need(
+            self.max_batch_size >= 1,
+            f"--max-batch-size must be >= 1 (1 = no batching), got {self.max_batch_size}",
+        )
+        need(self.batch_wait_ms >= 0, f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        need(self.max_upload_mb > 0, f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+        need(self.cpus_per_replica > 0, f"--cpus-per-replica must be > 0, got {self.cpus_per_replica}")
+        need(0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}")
+        need(
+            self.ongoing >= self.max_batch_size,
+            f"--max-ongoing-requests={self.max_ongoing_requests} is below --max-batch-size={self.max_batch_size}: "
+            "batches could never fill; raise it (default 2 × batch size)",
+        )
+        need(self.crops in (None, 1, 3), f"--crops must be 1 or 3, got {self.crops}")
+        need(self.clips is None or self.clips >= 1, f"--clips must be >= 1, got {self.clips}")
+
+    @property
+    def ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def upload_limit(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+def error_response(reason: str, detail: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+
+
+async def read_video(request: Request, limit: int) -> bytes:
+    """The video bytes of a request: the raw body, or the file part of a multipart form; at most `limit`
+    bytes are read (a larger Content-Length is refused before reading). Held in memory only."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise VideoInputError("too_large", _too_large(int(declared), limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise VideoInputError("too_large", _too_large(size, limit))
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if request.headers.get("content-type", "").startswith(MULTIPART):
+        return await _multipart_file(request, body, limit)
+    return body
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body of {size} bytes (or more) is over the limit of {limit} bytes (--max-upload-mb)"
+
+
+async def _multipart_file(request: Request, body: bytes, limit: int) -> bytes:
+    """The file part of a multipart body (field `file`, `video`, or the only file), parsed from memory."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> Any:
+        yield body
+
+    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=8)
+    parser.spool_max_size = limit + 1  # the file part stays in memory: nothing received touches the disk
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise VideoInputError("bad_request", f"malformed multipart body: {e.message}") from None
+    files = {k: v for k, v in form.multi_items() if isinstance(v, UploadFile)}
+    upload = files.get("file") or files.get("video") or next(iter(files.values()), None)
+    if upload is None:
+        raise VideoInputError(
+            "bad_request", "the multipart body has no file part: send the video as field `file`"
+        )
+    data = await upload.read()
+    await form.close()
+    return data
+
+
+def top_k_param(request: Request) -> int:
+    raw = request.query_params.get("top_k", "5")
+    if not raw.isdigit() or int(raw) < 1:
+        raise VideoInputError("bad_request", f"top_k={raw!r}: give an integer >= 1 (clipped to the classes)")
+    return int(raw)
+
+
+app = FastAPI(title="tubelet video classifier")
+
+
+@app.exception_handler(VideoInputError)
+async def _bad_input(request: Request, e: VideoInputError) -> JSONResponse:
+    return error_response(e.reason, str(e), e.status)
+
+
+@app.exception_handler(Exception)
+async def _internal(request: Request, e: Exception) -> JSONResponse:
+    """Our fault, not the client's: 500 with the exception named; the replica goes on serving."""
+    return error_response("internal", f"{type(e).__name__}: {e}", 500)
+
+
+@serve.deployment(name="VideoClassifier")
+@serve.ingress(app)
+class VideoClassifierServer:
+    """One replica: a `Predictor` and two batch queues (predict, embed) with a batch-size histogram."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        from finetune.mlflow_model import resolve_model
+
+        torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+        self.cfg = cfg
+        self.source = resolve_model(cfg.model, cfg.tracking_uri)
+        self.predictor = Predictor(self.source.model_dir, clips=cfg.clips, crops=cfg.crops)
+        self.batches: dict[str, Counter[int]] = {"predict": Counter(), "embed": Counter()}
+        for queue in (self.predict_batch, self.embed_batch):
+            queue.set_max_batch_size(cfg.max_batch_size)
+            queue.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    async def metadata(self) -> dict[str, Any]:
+        c = self.cfg
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {
+            **self.predictor.describe(),
+            "model": self.source.describe(),
+            "serving": {
+                "replicas": c.replicas,
+                "replica": replica,
+                "max_batch_size": c.max_batch_size,
+                "batch_wait_ms": c.batch_wait_ms,
+                "max_ongoing_requests": c.ongoing,
+                "max_upload_bytes": c.upload_limit,
+                # this replica's batches so far: {route: {batch size (videos): count}}
+                "batch_size_histogram": {
+                    k: {str(n): m for n, m in sorted(v.items())} for k, v in self.batches.items()
+                },
+            },
+        }
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> list[dict[str, Any]]:
+        k = top_k_param(request)
+        views = await self._views(request)
+        probs = await self.predict_batch(views)
+        return [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs, k)]
+
+    @app.post("/embed")
+    async def embed(self, request: Request) -> dict[str, Any]:
+        emb = await self.embed_batch(await self._views(request))
+        return {"embedding": [round(float(x), 6) for x in emb.tolist()], "dim": int(emb.numel())}
+
+    async def _views(self, request: Request) -> torch.Tensor:
+        data = await read_video(request, self.cfg.upload_limit)
+        return await asyncio.to_thread(self.predictor.decode, data)  # decoding off the event loop
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from the config in __init__
+    async def predict_batch(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.batches["predict"][len(views)] += 1
+        return await asyncio.to_thread(self.predictor.probabilities, views)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def embed_batch(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.batches["embed"][len(views)] += 1
+        return await asyncio.to_thread(self.predictor.embeddings, views)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def code_modules() -> list[str]:
+    """The packages a replica imports, shipped with the app (a cluster node has no checkout)."""
+    import data_shards
+    import finetune
+    import pretrain
+
+    return [str(Path(m.__file__).parent) for m in (finetune, pretrain, data_shards)]
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The Serve application: the deployment with replicas, concurrency and per-replica CPUs."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    if cfg.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    return VideoClassifierServer.options(
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.ongoing,
+        ray_actor_options={
+            "num_cpus": cfg.cpus_per_replica,
+            "runtime_env": {"py_modules": code_modules(), "env_vars": env},
+        },
+    ).bind(cfg)
+
+
+def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
+    """Deploy and serve until SIGINT/SIGTERM (or `stop`), then take the app (and a local Ray) down."""
+    from ray import serve as rs
+
+    from data_shards.execute import init_ray
+    from finetune.mlflow_model import resolve_model
+
+    cfg.check()
+    resolve_model(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
+    init_ray(cfg.ray_address, None)  # local Ray on every core, or join (with the token-auth hint)
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        rs.start(http_options={"host": cfg.host, "port": cfg.port})
+        rs.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        base = f"http://{cfg.host}:{cfg.port}"
+        print(
+            f"[serve] {cfg.model} at {base}  ({cfg.replicas} replica(s), batches of <= {cfg.max_batch_size})"
+        )
+        print(f"[serve] curl --data-binary @clip.mp4 '{base}/predict?top_k=3'   (Ctrl-C stops)", flush=True)
+        stop.wait()
+    finally:
+        print("[serve] stopping", flush=True)
+        if cfg.ray_address is None:
+            import ray
+
+            rs.shutdown()
+            ray.shutdown()
+        else:
+            rs.delete(APP_NAME)
