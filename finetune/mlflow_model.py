@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,8 +46,10 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.predictor = Predictor(context.artifacts[MODEL_DIR_ARTIFACT])
 
-    # `model_input` stays unannotated: MLflow would otherwise validate inputs against the hint, not the signature
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # a DataFrame hint: MLflow then checks inputs against the signature only (no type-hint schema, no warning)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         items = _input_items(model_input)
         views: list[Any] = [None] * len(items)
@@ -64,22 +65,21 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(ok), PREDICT_CHUNK):
             chunk = ok[start : start + PREDICT_CHUNK]
             probs.update(zip(chunk, self.predictor.probabilities([views[i] for i in chunk])))
-        rows = []
-        for i in range(len(items)):
-            top = (
-                []
-                if i not in probs
-                else [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs[i], k)]
-            )
-            rows.append(
-                {
-                    "label": top[0]["label"] if top else None,
-                    "score": top[0]["score"] if top else None,
-                    "top_k": top,
-                    "error": errors[i],
-                }
-            )
-        return pd.DataFrame(rows, columns=["label", "score", "top_k", "error"])
+        tops = [
+            [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs[i], k)]
+            if i in probs
+            else []
+            for i in range(len(items))
+        ]
+        # object columns: a failed row's label / error stay None (pandas' string dtype would make them NaN)
+        return pd.DataFrame(
+            {
+                "label": pd.Series([t[0]["label"] if t else None for t in tops], dtype=object),
+                "score": pd.Series([t[0]["score"] if t else None for t in tops], dtype=object),
+                "top_k": pd.Series(tops, dtype=object),
+                "error": pd.Series(errors, dtype=object),
+            }
+        )
 
 
 def _input_items(model_input: Any) -> list[bytes | str]:
@@ -201,8 +201,7 @@ def log_model(
 
     model_dir = Path(model_dir)
     client = mlflow.MlflowClient(uri)
-    with tracking_uri(uri), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    with tracking_uri(uri):
         logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
         return Model.log(
             artifact_path=None,

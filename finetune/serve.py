@@ -18,9 +18,10 @@ the app; the cluster needs tubelet's dependencies). `--model` is a model directo
 or a registry version `models:/NAME/VERSION` / `models:/NAME@ALIAS`, downloaded by each replica.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request) at
+# runtime, and Serve's ingress rebinds the methods where string annotations no longer resolve.
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -32,6 +33,10 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+# Ray >= 2.59 turns token auth on for a new local cluster and warns unless RAY_AUTH_MODE is set: choose the
+# same secure default explicitly, before Ray reads its configuration at import (as data_shards.execute does)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 from ray import serve
 
 from finetune.predict import Predictor, VideoInputError
@@ -251,23 +256,40 @@ def build_app(cfg: ServeConfig) -> Any:
     return VideoClassifierServer.options(
         num_replicas=cfg.replicas,
         max_ongoing_requests=cfg.ongoing,
-        ray_actor_options={
-            "num_cpus": cfg.cpus_per_replica,
-            "runtime_env": {"py_modules": code_modules(), "env_vars": env},
-        },
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": {"env_vars": env}},
     ).bind(cfg)
+
+
+def start_ray(address: str | None) -> None:
+    """Local Ray on every core, or join the cluster at `address` (the token-auth hint when refused); the
+    job ships tubelet's packages, which every replica imports (Ray takes local code only at the job level)."""
+    import ray
+
+    from data_shards.execute import TOKEN_HINT
+
+    if ray.is_initialized():
+        return
+    env = {"py_modules": code_modules()}
+    if address is None:
+        ray.init(
+            num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env, logging_level=logging.WARNING
+        )
+        return
+    try:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: {e}\n{TOKEN_HINT}") from None
 
 
 def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Deploy and serve until SIGINT/SIGTERM (or `stop`), then take the app (and a local Ray) down."""
     from ray import serve as rs
 
-    from data_shards.execute import init_ray
     from finetune.mlflow_model import resolve_model
 
     cfg.check()
     resolve_model(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
-    init_ray(cfg.ray_address, None)  # local Ray on every core, or join (with the token-auth hint)
+    start_ray(cfg.ray_address)
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
