@@ -108,6 +108,11 @@ def test_wrong_types_name_the_key(override: str, message: str) -> None:
         (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),
         (["optim.warmup_steps=500"], 1, r"optim\.warmup_steps=500 >= train\.steps=200"),
         (["deepspeed.zero_stage=5"], 1, r"zero_stage must be 0, 1, 2 or 3"),
+        (
+            ["tracking.register_as=clf", "tracking.enabled=false"],
+            1,
+            r"tracking\.register_as='clf' needs tracking\.enabled=true and tracking\.log_model=true",
+        ),
         (["data.backend=auto"], 1, r"data\.shards is not set"),
         (["model.preset=vit-z"], 1, r"model\.preset: unknown preset 'vit-z'"),
         (["model.img_size=30"], 1, r"model: img_size=30 must be a multiple of patch_size=8"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fakes import FakeRuntime, ToyTask
 
-from pretrain.engine import EngineConfig, Outcome, Trainer, TrainingStopped, load_config
+from pretrain.engine import ConfigError, EngineConfig, Outcome, Trainer, TrainingStopped, load_config
 from pretrain.engine.optim import lr_at
 
 
@@ -142,3 +142,29 @@ def test_save_final_off_keeps_only_periodic_checkpoints(tmp_path: Path) -> None:
     ).train()
     assert result.outcome is Outcome.FINISHED and checkpoints(tmp_path) == [4, 8]
     assert result.last_checkpoint.name == "step_00000008"
+
+
+class LoggingTask(ToyTask):
+    """Records what the engine hands `log_model` at the end of a completed run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[Path, object]] = []
+
+    def log_model(self, model_dir: Path, tracker: object) -> None:
+        self.logged.append((model_dir, tracker))
+
+
+def test_the_final_model_goes_through_the_tasks_log_model_hook(tmp_path: Path) -> None:
+    task = LoggingTask()
+    t = trainer(tmp_path, task)
+    result = t.train()
+    assert [d for d, _ in task.logged] == [result.model_dir] and task.logged[0][1] is t.tracker
+
+
+def test_register_as_is_refused_for_a_task_that_logs_plain_files(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"tracking\.register_as='clf': ToyTask logs its model as plain files"
+    ):
+        trainer(tmp_path, ToyTask(), "tracking.enabled=true", "tracking.register_as=clf")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
