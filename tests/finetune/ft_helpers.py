@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/procs.py
@@ -50,3 +51,28 @@ def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 def run_ranks(args: list[str], world: int, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """One `python -m finetune` per rank with RANK/WORLD_SIZE/MASTER_* set (what torchrun does)."""
     return procs.run_ranks(["-m", "finetune", *args], world, timeout=timeout)
+
+
+# the reason (and HTTP status) each bad input of `video_inputs` must get
+BAD_INPUTS = {
+    "empty": ("empty", 400),
+    "not_a_video": ("not_a_video", 415),
+    "audio_only": ("no_video_stream", 422),
+    "truncated_mp4": ("truncated", 422),
+    "truncated_webm": ("truncated", 422),
+}
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Two fine-tunes registered under one name in a sqlite MLflow store: `runs[0]` (300 steps from scratch:
+    it learned the motion direction) is version 1, alias `champion`; `runs[1]` (4 steps more from its best
+    model: a re-fine-tune) is version 2."""
+
+    uri: str
+    name: str
+    runs: tuple[Path, Path]
+    shards: Path
+
+
+REGISTERED_NAME = "tubelet-test-clf"

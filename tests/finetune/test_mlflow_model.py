@@ -1,0 +1,166 @@
+"""The fine-tuned model as an MLflow model, against a real sqlite store: two fine-tunes registering one name
+make versions 1 and 2, both runs carry pyfunc models `model` and `best`, the pyfunc predicts video bytes and
+paths (bad rows get an error, not an exception), an alias resolves, test evaluations land in the fine-tune's
+own run (or in a run named after the model), and `mlflow models serve` answers a request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+from ft_helpers import PY, Registry, base_env, free_port, ok, run_cli
+
+
+def run_id(run: Path) -> str:
+    return json.loads((run / "mlflow_run.json").read_text())["run_id"]
+
+
+def test_two_fine_tunes_register_versions_1_and_2_of_one_name(registry: Registry) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(registry.uri, registry_uri=registry.uri)
+    versions = sorted(client.search_model_versions(f"name='{registry.name}'"), key=lambda v: int(v.version))
+    assert [(str(v.version), v.run_id) for v in versions] == [
+        ("1", run_id(registry.runs[0])),
+        ("2", run_id(registry.runs[1])),
+    ]
+    assert str(client.get_model_version_by_alias(registry.name, "champion").version) == "1"
+    for run in registry.runs:
+        exp = client.get_run(run_id(run)).info.experiment_id
+        logged = client.search_logged_models([exp], filter_string=f"source_run_id='{run_id(run)}'")
+        assert sorted(m.name for m in logged) == ["best", "model"]  # final and best, each a pyfunc model
+    mlmodel = client.get_logged_model(versions[0].source.removeprefix("models:/")).name
+    assert mlmodel == "best"  # the registered version is the best model (what evaluate reports)
+
+
+def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
+    registry: Registry, video_inputs: dict, tmp_path: Path
+) -> None:
+    import mlflow
+
+    from finetune.mlflow_model import resolve_model, tracking_uri
+    from finetune.predict import Predictor
+
+    clip = tmp_path / "clip.webm"
+    clip.write_bytes(video_inputs["webm"])
+    with tracking_uri(registry.uri):
+        model = mlflow.pyfunc.load_model(f"models:/{registry.name}@champion")
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["video", "path"] and sig.params.params[0].name == "top_k"
+    frame = pd.DataFrame(
+        {"video": [video_inputs["mp4"], video_inputs["not_a_video"], None], "path": [None, None, str(clip)]}
+    )
+    out = model.predict(frame, params={"top_k": 2})
+    assert list(out.columns) == ["label", "score", "top_k", "error"] and len(out) == 3
+    assert out["error"][0] is None and out["error"][2] is None and out["error"][1].startswith("not_a_video")
+    assert [len(t) for t in out["top_k"]] == [2, 0, 2] and out["label"][1] is None and out["score"][1] is None
+    local = Predictor(resolve_model(f"models:/{registry.name}/1", registry.uri, tmp_path / "v1").model_dir)
+    (probs,) = local.probabilities([local.decode(video_inputs["mp4"])])
+    assert out["label"][0] == local.top(probs, 1)[0]["label"]
+    assert out["score"][0] == pytest.approx(local.top(probs, 1)[0]["score"], abs=1e-5)
+    records = model.predict([{"path": str(clip)}])  # list-of-records input, top_k defaults to 5 → 4 classes
+    assert len(records["top_k"][0]) == 4 and records["label"][0] == out["label"][2]
+
+
+def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path) -> None:
+    from finetune.mlflow_model import resolve_model
+
+    with pytest.raises(
+        ValueError,
+        match=rf"models:/{registry.name}/9: not in the model registry .* registered models: \['{registry.name}'\]",
+    ):
+        resolve_model(f"models:/{registry.name}/9", registry.uri, tmp_path)
+    with pytest.raises(ValueError, match="expected models:/NAME/VERSION"):
+        resolve_model(f"models:/{registry.name}/latest", registry.uri, tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        resolve_model(str(tmp_path), registry.uri)
+    src = resolve_model(str(registry.runs[0] / "best"))
+    assert src.run == (registry.uri, run_id(registry.runs[0]))
+
+
+def test_evaluation_is_logged_into_the_fine_tunes_own_run(
+    registry: Registry, tiny_classifier: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    loose = tmp_path / "exported" / "model"  # a model directory that belongs to no run
+    shutil.copytree(tiny_classifier, loose)
+    args = [
+        "evaluate",
+        "--model",
+        str(registry.runs[0] / "best"),
+        "--model",
+        str(loose),
+        "--shards",
+        str(registry.shards),
+    ]
+    r = run_cli([*args, "--split", "test", "--backend", "pyav", "--tracking-uri", registry.uri, "--json"])
+    ok(r)
+    client = MlflowClient(registry.uri)
+    run = client.get_run(run_id(registry.runs[0]))
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert (
+        run.data.metrics["test/top1"] == pytest.approx(lines[0]["top1"])
+        and "test/f1/move_up" in run.data.metrics
+    )
+    assert run.data.tags["test.views"] == "2x1" and run.info.status == "FINISHED"
+    step = json.loads((registry.runs[0] / "best" / "config.json").read_text())["extra"]["step"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/top1")] == [step]
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "eval/best_test")}
+    assert {"eval/best_test/confusion.png", "eval/best_test/report.txt"} <= files
+    other = client.search_runs(
+        [client.get_experiment_by_name("tubelet-eval").experiment_id],
+        "attributes.run_name = 'exported/model'",
+    )
+    assert len(other) == 1 and other[0].data.metrics["test/top1"] == pytest.approx(lines[1]["top1"])
+
+
+def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"no answer from {url} in {seconds} s:\n{log.read_text()[-4000:]}")
+
+
+def test_mlflow_models_serve_answers_a_request(
+    registry: Registry, video_inputs: dict, tmp_path: Path
+) -> None:
+    port, log = free_port(), tmp_path / "mlflow_serve.log"
+    mlflow_cli = str(Path(PY).with_name("mlflow"))
+    cmd = [mlflow_cli, "models", "serve", "-m", f"models:/{registry.name}/1", "--env-manager", "local"]
+    bin_dir = str(Path(PY).parent)  # `mlflow models serve` execs uvicorn from the environment's bin folder
+    env = {**base_env(), "MLFLOW_TRACKING_URI": registry.uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", proc, log, 120)
+        rows = [[base64.b64encode(video_inputs[k]).decode()] for k in ("mp4", "not_a_video")]
+        payload = {"dataframe_split": {"columns": ["video"], "data": rows}, "params": {"top_k": 3}}
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
+        assert r.status_code == 200, r.text
+        good, bad = r.json()["predictions"]
+        assert (
+            good["label"] in ["move_right", "move_left", "move_down", "move_up"] and len(good["top_k"]) == 3
+        )
+        assert good["error"] is None and bad["label"] is None and bad["error"].startswith("not_a_video")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
