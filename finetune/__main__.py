@@ -248,6 +248,9 @@ def _export(argv: list[str]) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--hf", type=Path, default=None, help="also write HF VideoMAEForVideoClassification here")
+    p.add_argument(
+        "--onnx", action="store_true", help="also write OUT_DIR/model.onnx, checked against onnxruntime"
+    )
     a = p.parse_args(argv)
     from finetune.config import FinetuneConfig
     from finetune.export import export_hf
@@ -269,7 +272,26 @@ def _export(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"[finetune] HF VideoMAEForVideoClassification: {hf.resolve()}")
-    return 0
+    return _export_onnx(out) if a.onnx else 0
+
+
+def _export_onnx(model_dir: Path) -> int:
+    """model.onnx beside the model directory's weights + the onnxruntime parity report; 1 when it fails."""
+    from finetune.onnx_export import PARITY_ATOL, check_parity, export_onnx
+
+    try:
+        path = export_onnx(model_dir)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    r = check_parity(model_dir, path)
+    diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in r["max_abs_diff"].items())
+    print(f"[finetune] ONNX: {path.resolve()}")
+    print(f"[finetune] onnxruntime vs PyTorch, max abs diff on logits: {diffs} (tolerance {PARITY_ATOL:g})")
+    print(f"[finetune] dynamic batch axis: {'yes' if r['dynamic_batch'] else 'NO (fixed at export)'}")
+    if not r["ok"]:
+        print("error: the ONNX graph does not match the model (see above)", file=sys.stderr)
+    return 0 if r["ok"] else 1
 
 
 if __name__ == "__main__":
