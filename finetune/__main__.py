@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pretrain.engine import RunResult, export, load_config
 from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command, training_parser
@@ -96,9 +97,8 @@ def _evaluate(argv: list[str]) -> int:
 def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
     """Evaluate one model (a directory or a registry version), print it, log it to its MLflow run."""
     from finetune.evaluate import evaluate_model_dir, log_to_mlflow
-    from finetune.mlflow_model import resolve_model
 
-    src = resolve_model(model, uri)
+    src = _resolve(model, uri)
     r = evaluate_model_dir(
         src.model_dir,
         a.shards,
@@ -132,21 +132,34 @@ def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
     return r
 
 
+def _resolve(source: str, uri: str | None) -> Any:
+    """A model directory for `--model` (a directory or a registry version); a bad one ends the command with
+    the reason and exit code 2."""
+    from finetune.mlflow_model import resolve_model
+
+    try:
+        return resolve_model(source, uri)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --model {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _predict(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune predict", description="classify video files")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
     p.add_argument("videos", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--clips", type=int, default=None)
+    p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
     p.add_argument("--crops", type=int, default=None, choices=[1, 3])
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--json", action="store_true", help="JSON lines")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
     a = p.parse_intermixed_args(argv)
     from finetune.predict import predict_files, print_predictions
 
-    failed = print_predictions(
-        predict_files(a.model, a.videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride), a.json
-    )
+    model = _resolve(a.model, a.tracking_uri).model_dir
+    results = predict_files(model, a.videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride)
+    failed = print_predictions(results, a.json)
     return 1 if failed else 0
 
 
@@ -201,10 +214,9 @@ def _embed(argv: list[str]) -> int:
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
     a = p.parse_args(argv)
     from finetune import embed
-    from finetune.mlflow_model import resolve_model
     from finetune.predict import Predictor, VideoInputError
 
-    predictor = Predictor(resolve_model(a.model, a.tracking_uri).model_dir)
+    predictor = Predictor(_resolve(a.model, a.tracking_uri).model_dir)
     if a.shards:
         emb = embed.embed_split(
             predictor,

@@ -235,6 +235,7 @@ class ResolvedModel:
     aliases: list[str] = field(default_factory=list)
     run_id: str | None = None
     tracking_uri: str | None = None  # the store holding `run_id` (and the registry version)
+    download_root: Path | None = None  # where a registry version was downloaded (the caller may remove it)
 
     @property
     def run(self) -> tuple[str, str] | None:
@@ -281,7 +282,17 @@ def resolve_model(source: str, uri: str | None = None, dst: str | Path | None = 
             f"{source} (version {mv.version}) is not a tubelet video classifier: its MLmodel has no "
             f"{MODEL_DIR_ARTIFACT!r} artifact holding a model directory"
         )
-    return ResolvedModel(model_dir, source, mv.name, str(mv.version), list(mv.aliases or []), mv.run_id, uri)
+    aliases = list(mv.aliases or [])
+    return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri, out)
+
+
+def check_source(source: str, uri: str | None = None) -> str:
+    """`source` checked without downloading anything (a directory with config.json, or a registry version
+    that exists); returns what it names, for a log line."""
+    if not source.startswith(REGISTRY_PREFIX):
+        return str(resolve_model(source).model_dir)
+    mv = _model_version(source, uri or mlflow.get_tracking_uri())
+    return f"{source} (version {mv.version} of {mv.name}, run {mv.run_id})"
 
 
 def _model_dir_of(local: Path) -> Path | None:

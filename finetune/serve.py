@@ -180,9 +180,17 @@ class VideoClassifierServer:
         self.source = resolve_model(cfg.model, cfg.tracking_uri)
         self.predictor = Predictor(self.source.model_dir, clips=cfg.clips, crops=cfg.crops)
         self.batches: dict[str, Counter[int]] = {"predict": Counter(), "embed": Counter()}
+        self.downloaded = self.source.name is not None  # a registry version: this replica's own copy
         for queue in (self.predict_batch, self.embed_batch):
             queue.set_max_batch_size(cfg.max_batch_size)
             queue.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: remove this replica's download of a registry version."""
+        if getattr(self, "downloaded", False):
+            import shutil
+
+            shutil.rmtree(self.source.download_root, ignore_errors=True)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -285,10 +293,10 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Deploy and serve until SIGINT/SIGTERM (or `stop`), then take the app (and a local Ray) down."""
     from ray import serve as rs
 
-    from finetune.mlflow_model import resolve_model
+    from finetune.mlflow_model import check_source
 
     cfg.check()
-    resolve_model(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
+    what = check_source(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
     start_ray(cfg.ray_address)
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,9 +305,7 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
         rs.start(http_options={"host": cfg.host, "port": cfg.port})
         rs.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         base = f"http://{cfg.host}:{cfg.port}"
-        print(
-            f"[serve] {cfg.model} at {base}  ({cfg.replicas} replica(s), batches of <= {cfg.max_batch_size})"
-        )
+        print(f"[serve] {what} at {base}  ({cfg.replicas} replica(s), batches of <= {cfg.max_batch_size})")
         print(f"[serve] curl --data-binary @clip.mp4 '{base}/predict?top_k=3'   (Ctrl-C stops)", flush=True)
         stop.wait()
     finally:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's main command: set-up, then the whole pipeline on the embedded defaults
 # (CPU, synthetic data, local Ray, local MLflow store), end to end:
-#   synth -> shards -> pretrain -> fine-tune (scratch baseline, full, LoRA) -> test evaluation -> predict
-#   bash launch/demo.sh            writes everything under ./demo (DEMO_DIR to change it)
+#   synth -> shards -> pretrain -> fine-tune (scratch baseline, full, LoRA; each registered in MLflow)
+#   -> test evaluation (into each fine-tune's MLflow run) -> predict -> serve the best over HTTP (Ray Serve)
+#   bash launch/demo.sh            writes everything under ./demo (DEMO_DIR to change it; DEMO_PORT: 8000)
 # Re-running resumes: shards and finished runs are kept (delete ./demo for a fresh start).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,38 +18,66 @@ start=$SECONDS
 step() { printf '\n\033[1m== %s\033[0m (%ds)\n' "$*" $((SECONDS - start)); }
 S="$demo/shards"
 R="$demo/runs"
+MODEL_NAME=tubelet-demo
+# a fine-tune registers its best model as a new version of $MODEL_NAME, once (not again when a re-run resumes it)
+register() { [ -f "$1/model/config.json" ] || echo "tracking.register_as=$MODEL_NAME"; }
 
-step "1/7 synthetic motion videos: 4 classes, the direction of motion (visible only over time)"
+step "1/8 synthetic motion videos: 4 classes, the direction of motion (visible only over time)"
 $py -m data_shards synth --out "$demo/videos" --videos 400 --classes 4 --frames 24 --size 32 --codec vp9 --seed 0
 
-step "2/7 shards: validate + write (Ray, local cluster), then verify"
+step "2/8 shards: validate + write (Ray, local cluster), then verify"
 $py -m data_shards build "$demo/videos/labels.csv" --out "$S" --val-fraction 0.15 --test-fraction 0.15 \
   --shard-samples 64 --quiet
 $py -m data_shards verify "$S"
 
-step "3/7 masked-video pretraining (tiny ViT MAE, DeepSpeed ZeRO-2 on CPU) + export"
+step "3/8 masked-video pretraining (tiny ViT MAE, DeepSpeed ZeRO-2 on CPU) + export"
 $py -m pretrain --config pretrain/configs/tiny_cpu.yaml data.shards="$S" train.run_dir="$R/pretrain" --resume auto
 $py -m pretrain export "$R/pretrain" "$demo/models/pretrained"
 
-step "4/7 fine-tune: from scratch (the baseline), full from the pretrained encoder"
+step "4/8 fine-tune: from scratch (the baseline), full from the pretrained encoder"
 $py -m finetune --config finetune/configs/tiny_cpu.yaml data.shards="$S" finetune.init=null \
-  train.run_dir="$R/ft_scratch" --resume auto
+  train.run_dir="$R/ft_scratch" $(register "$R/ft_scratch") --resume auto
 $py -m finetune --config finetune/configs/tiny_cpu.yaml data.shards="$S" finetune.init="$demo/models/pretrained" \
-  train.run_dir="$R/ft_full" --resume auto
+  train.run_dir="$R/ft_full" $(register "$R/ft_full") --resume auto
 
-step "5/7 fine-tune: LoRA (peft) from the pretrained encoder"
+step "5/8 fine-tune: LoRA (peft) from the pretrained encoder"
 $py -m finetune --config finetune/configs/tiny_cpu_lora.yaml data.shards="$S" finetune.init="$demo/models/pretrained" \
-  train.run_dir="$R/ft_lora" --resume auto
+  train.run_dir="$R/ft_lora" $(register "$R/ft_lora") --resume auto
 
-step "6/7 test-set evaluation (multi-view, per-video averaging)"
+step "6/8 test-set evaluation (multi-view, per-video averaging; test/* metrics into each fine-tune's MLflow run)"
 $py -m finetune evaluate --shards "$S" --split test --json \
   --model "$R/ft_scratch/best" --model "$R/ft_full/best" --model "$R/ft_lora/best" | tee "$demo/test_results.jsonl"
 
-step "7/7 predict on new files (one unreadable on purpose)"
+step "7/8 predict on new files (one unreadable on purpose)"
 printf 'not a video' > "$demo/broken.mp4"
 mapfile -t clips < <(ls "$demo/videos/videos" | head -3)
 $py -m finetune predict --model "$R/ft_full/best" --top-k 2 "${clips[@]/#/$demo/videos/videos/}" "$demo/broken.mp4" \
   || echo "(exit code $?: one file could not be read, as intended; the others were predicted)"
+
+step "8/8 serve: alias 'champion' = the registered version with the best test top-1, on Ray Serve over HTTP"
+$py - "$MODEL_NAME" <<'PY'
+import sys
+from mlflow import MlflowClient
+name, c = sys.argv[1], MlflowClient()
+versions = c.search_model_versions(f"name='{name}'")
+best = max(versions, key=lambda v: c.get_run(v.run_id).data.metrics.get("test/top1", -1.0))
+c.set_registered_model_alias(name, "champion", best.version)
+print(f"models:/{name}@champion -> version {best.version} (run {c.get_run(best.run_id).info.run_name}, "
+      f"test top-1 {c.get_run(best.run_id).data.metrics.get('test/top1', float('nan')):.3f})")
+PY
+port="${DEMO_PORT:-8000}"
+$py -m finetune serve --model "models:/$MODEL_NAME@champion" --port "$port" > "$demo/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
+clip="$demo/videos/videos/${clips[0]}"
+echo "\$ curl --data-binary @$(basename "$clip") 'http://127.0.0.1:$port/predict?top_k=2'"
+curl -s -w '  (HTTP %{http_code})\n' --data-binary @"$clip" "http://127.0.0.1:$port/predict?top_k=2"
+echo "\$ curl --data-binary @broken.mp4 http://127.0.0.1:$port/predict"
+curl -s -w '  (HTTP %{http_code})\n' --data-binary @"$demo/broken.mp4" "http://127.0.0.1:$port/predict"
+echo "\$ curl -F file=@$(basename "$clip") http://127.0.0.1:$port/predict      (the server goes on after a bad file)"
+curl -s -w '  (HTTP %{http_code})\n' -F "file=@$clip" "http://127.0.0.1:$port/predict"
+kill -INT "$server"
+wait "$server" || true
 
 step "summary"
 $py - "$demo" <<'PY'
@@ -72,5 +101,7 @@ for r in results:
 print("chance: 25.0% (4 balanced classes)")
 PY
 echo
-echo "MLflow: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000)"
+echo "MLflow: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000:"
+echo "        experiment tubelet-demo compares the runs' test/top1; Models shows $MODEL_NAME and its versions)"
+echo "Serve:  $py -m finetune serve --model models:/$MODEL_NAME@champion   (curl --data-binary @clip.mp4 :8000/predict)"
 echo "done in $((SECONDS - start)) s; everything is under $demo"

@@ -4,8 +4,12 @@ A module of its own (not conftest) so its name cannot clash with other test fold
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +80,46 @@ class Registry:
 
 
 REGISTERED_NAME = "tubelet-test-clf"
+
+
+def start_server(
+    cmd: list[str], env: dict[str, str], log: Path, url: str, timeout: float = 180
+) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `url` answers 200; on any failure the whole
+    group is stopped (so no Ray cluster outlives a failed start) and the log tail is in the error."""
+    import requests
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(url, timeout=2).ok:
+                    return proc
+            except requests.RequestException:  # not listening yet, or still starting
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"no answer from {url} in {timeout} s:\n{log.read_text()[-4000:]}")
+    except BaseException:
+        stop_server(proc, 30)
+        raise
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int | None:
+    """SIGINT (a clean stop), then SIGKILL to the process group if it is still there after `timeout`;
+    returns the exit code of a clean stop, None when it had to be killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (Ray workers of a killed driver)
+    proc.wait(timeout=30)
+    return code

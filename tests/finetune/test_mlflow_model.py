@@ -9,15 +9,12 @@ import base64
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
-from ft_helpers import PY, Registry, base_env, free_port, ok, run_cli
+from ft_helpers import PY, Registry, base_env, free_port, ok, run_cli, start_server, stop_server
 
 
 def run_id(run: Path) -> str:
@@ -72,7 +69,7 @@ def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
 
 
 def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path) -> None:
-    from finetune.mlflow_model import resolve_model
+    from finetune.mlflow_model import check_source, resolve_model
 
     with pytest.raises(
         ValueError,
@@ -85,6 +82,13 @@ def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path)
         resolve_model(str(tmp_path), registry.uri)
     src = resolve_model(str(registry.runs[0] / "best"))
     assert src.run == (registry.uri, run_id(registry.runs[0]))
+    before = set(tmp_path.iterdir())  # serve's start-up check downloads nothing
+    assert check_source(f"models:/{registry.name}@champion", registry.uri).endswith(
+        f"(version 1 of {registry.name}, run {run_id(registry.runs[0])})"
+    )
+    assert set(tmp_path.iterdir()) == before
+    with pytest.raises(ValueError, match="not in the model registry"):
+        check_source(f"models:/{registry.name}@nobody", registry.uri)
 
 
 def test_evaluation_is_logged_into_the_fine_tunes_own_run(
@@ -124,19 +128,6 @@ def test_evaluation_is_logged_into_the_fine_tunes_own_run(
     assert len(other) == 1 and other[0].data.metrics["test/top1"] == pytest.approx(lines[1]["top1"])
 
 
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"no answer from {url} in {seconds} s:\n{log.read_text()[-4000:]}")
-
-
 def test_mlflow_models_serve_answers_a_request(
     registry: Registry, video_inputs: dict, tmp_path: Path
 ) -> None:
@@ -145,13 +136,10 @@ def test_mlflow_models_serve_answers_a_request(
     cmd = [mlflow_cli, "models", "serve", "-m", f"models:/{registry.name}/1", "--env-manager", "local"]
     bin_dir = str(Path(PY).parent)  # `mlflow models serve` execs uvicorn from the environment's bin folder
     env = {**base_env(), "MLFLOW_TRACKING_URI": registry.uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*cmd, "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = start_server(
+        [*cmd, "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env, log, f"http://127.0.0.1:{port}/ping", 120
+    )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", proc, log, 120)
         rows = [[base64.b64encode(video_inputs[k]).decode()] for k in ("mp4", "not_a_video")]
         payload = {"dataframe_split": {"columns": ["video"], "data": rows}, "params": {"top_k": 3}}
         r = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
@@ -162,5 +150,4 @@ def test_mlflow_models_serve_answers_a_request(
         )
         assert good["error"] is None and bad["label"] is None and bad["error"].startswith("not_a_video")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_server(proc)

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 import torch
-from ft_helpers import BAD_INPUTS, PY, REPO, Registry, base_env, free_port
+from ft_helpers import BAD_INPUTS, PY, Registry, base_env, free_port, start_server, stop_server
 
 UPLOAD_LIMIT_MB = 0.25
 
@@ -29,28 +26,12 @@ def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--port", str(port), "--max-batch-size", "8", "--batch-wait-ms", "200", "--max-upload-mb", str(UPLOAD_LIMIT_MB),
     ]  # fmt: skip
     env = {**base_env(), "RAY_USAGE_STATS_ENABLED": "0"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-        try:
-            if requests.get(f"{base}/health", timeout=2).ok:
-                break
-        except requests.RequestException:  # not listening yet, or the proxy is still starting
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"serve did not answer /health in 180 s:\n{log.read_text()[-4000:]}")
-    yield base
-    proc.send_signal(signal.SIGINT)
+    proc = start_server(cmd, env, log, f"{base}/health")
     try:
-        code = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"serve did not stop on SIGINT:\n{log.read_text()[-4000:]}")
+        yield base
+    finally:
+        code = stop_server(proc)
     assert code == 0 and "[serve] stopping" in log.read_text(), log.read_text()[-4000:]
 
 
