@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--requests", type=int, default=48, help="timed requests per round")
     p.add_argument("--batch", type=int, default=8, help="--max-batch-size when batching is on")
-    p.add_argument("--wait-ms", type=float, default=10.0, help="--batch-wait-ms")
+    p.add_argument("--wait-ms", type=float, default=20.0, help="--batch-wait-ms (the server default)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (replica CPUs)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_serve-") as d:
