@@ -48,7 +48,7 @@ def test_a_batch_of_videos_gives_what_each_video_gives_alone(
     together = predictor.probabilities([a, b])
     alone = [predictor.probabilities([a])[0], predictor.probabilities([b])[0]]
     for x, y in zip(together, alone):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
         assert x.shape == (4,) and abs(float(x.sum()) - 1) < 1e-5
     emb = predictor.embeddings([a, b])
     assert [e.shape for e in emb] == [(64,), (64,)]
