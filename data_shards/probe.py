@@ -61,11 +61,17 @@ def open_video(path: str | os.PathLike) -> av.container.InputContainer:
     if not container.streams.video:
         container.close()
         raise RejectError("no video stream", "no-video-stream")
-    demuxer = container.format.name
-    if demuxer == "image2" or demuxer.endswith("_pipe"):  # png_pipe, jpeg_pipe, webp_pipe, ...
+    still = still_image(container)
+    if still:
         container.close()
-        raise RejectError(f"not a video: a still image ({demuxer})", "not-a-video")
+        raise RejectError(f"not a video: a still image ({still})", "not-a-video")
     return container
+
+
+def still_image(container: av.container.InputContainer) -> str | None:
+    """The demuxer's name when FFmpeg opened a still image (png/jpeg/webp pipe, image2), else None."""
+    demuxer = container.format.name
+    return demuxer if demuxer == "image2" or demuxer.endswith("_pipe") else None
 
 
 def canonical_codec(stream: av.video.stream.VideoStream) -> str:

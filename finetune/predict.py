@@ -84,7 +84,7 @@ class Predictor:
         if not data:
             raise VideoInputError("empty", "empty input: send the bytes of a video file")
         try:
-            return decode_views(data, self.spec, None, complete=True)
+            return decode_views(data, self.spec, None, strict=True)
         except VideoDecodeError as e:
             raise VideoInputError(e.reason, str(e)) from None
         except av.FFmpegError as e:

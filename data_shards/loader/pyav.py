@@ -125,8 +125,9 @@ class _Packets:
     keyframe before the first wanted frame and tell the decoder to drop non-reference frames nobody
     asked for."""
 
-    def __init__(self, data: bytes, complete: bool = False) -> None:
-        """`complete`: also refuse a file with fewer packets (or seconds) than its container declares."""
+    def __init__(self, data: bytes, strict: bool = False) -> None:
+        """`strict` (input the shard builder did not validate): also refuse still images and files with fewer
+        packets (or seconds) than their container declares."""
         try:
             self.container = av.open(io.BytesIO(data))
         except av.FFmpegError as e:
@@ -138,6 +139,8 @@ class _Packets:
             raise VideoDecodeError(
                 "no_video_stream", "no video stream (audio only, or not a video)"
             ) from None
+        if strict:
+            self._refuse_still_image()
         ctx = self.stream.codec_context
         self.height, self.width = ctx.height, ctx.width
         try:
@@ -156,12 +159,20 @@ class _Packets:
                 "no_video_stream",
                 f"no decodable video stream (frames={self.frames}, {self.width}x{self.height})",
             )
-        if complete:
+        if strict:
             self._check_complete(pts)
         # presentation index per packet; None when timestamps cannot give one (decode everything, count)
         self.index_of_pts: dict[int, int] | None = None
         if None not in pts and len(set(pts)) == len(pts):
             self.index_of_pts = {t: i for i, t in enumerate(sorted(pts))}
+
+    def _refuse_still_image(self) -> None:
+        from data_shards.probe import still_image
+
+        still = still_image(self.container)
+        if still:
+            self.container.close()
+            raise VideoDecodeError("not_a_video", f"a still image ({still}), not a video")
 
     def _check_complete(self, pts: list[int | None]) -> None:
         """Packets found vs what the container declares: the shard builder's rule (`probe.check_complete`)."""
@@ -346,12 +357,13 @@ def decode_views(
     spec: SamplingSpec,
     rng: np.random.Generator | None,
     out: torch.Tensor | None = None,
-    complete: bool = False,
+    strict: bool = False,
 ) -> torch.Tensor:
     """A raw video file's bytes (no stored metadata: predict) -> float [V, 3, T, S, S]: demux, plan from
-    the packet count, decode once, cut V views. Failures raise `VideoDecodeError`; `complete` also refuses
-    a file shorter than its container declares (input the shard builder did not validate, e.g. an upload)."""
-    with _Packets(data, complete) as video:
+    the packet count, decode once, cut V views. Failures raise `VideoDecodeError`; `strict` (input the shard
+    builder did not validate, e.g. an upload) also refuses still images and files shorter than their
+    container declares."""
+    with _Packets(data, strict) as video:
         vplan = plan_video(video.frames, video.height, video.width, spec, rng)
         return _views(video, vplan, spec, out)
 

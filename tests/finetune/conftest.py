@@ -65,7 +65,8 @@ def raw_videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="session")
 def video_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Good clips (H.264 .mp4, VP9 .webm, 32 frames at 16 fps) and each kind of input a server must refuse:
-    empty, not a video, audio only, an MP4 cut before its index (moov), a WebM cut at 60 %."""
+    empty, not a video, a still image (PNG), audio only, an MP4 cut before its index (moov), a WebM cut at
+    60 %."""
     import av
     import numpy as np
 
@@ -85,6 +86,13 @@ def video_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
             c.mux(s.encode(frame))
         c.mux(s.encode(None))
     out["audio_only"] = (folder / "audio.m4a").read_bytes()
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(png, "PNG")
+    out["still_image"] = png.getvalue()
     out["empty"] = b""
     out["not_a_video"] = b"just some text, certainly not a video\n" * 20
     out["truncated_mp4"] = out["mp4"][: len(out["mp4"]) // 2]

@@ -61,6 +61,7 @@ def run_ranks(args: list[str], world: int, timeout: int = 300) -> list[subproces
 BAD_INPUTS = {
     "empty": ("empty", 400),
     "not_a_video": ("not_a_video", 415),
+    "still_image": ("not_a_video", 415),
     "audio_only": ("no_video_stream", 422),
     "truncated_mp4": ("truncated", 422),
     "truncated_webm": ("truncated", 422),
