@@ -202,16 +202,21 @@ def main(argv: list[str] | None = None) -> None:
 
         geo = Predictor(model).describe()["input"]
         clip = make_clip(tmp / "clip.mp4", geo["size"], geo["frames"])
-        rows = [bench_loop(model, clip, args.requests, args.threads)]
-        for batch in (1, args.batch):
+        rows = [bench_loop(model, clip, args.requests, args.threads)]  # before and after the servers: the
+        for batch in (
+            1,
+            args.batch,
+        ):  # machine's load drifts (a shared CPU box); the faster loop is the baseline
             rows += bench_mode(model, clip, batch, args, tmp)
+        rows.append(bench_loop(model, clip, args.requests, args.threads))
     print(f"{'mode':<34}{'clients':>8}{'requests':>9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}  batch sizes")
     for r in rows:
         print(
             f"{r['mode']:<34}{r['clients']:>8}{r['requests']:>9}{r['rps']:>8.1f}{r['p50']:>9.1f}{r['p99']:>9.1f}  "
             f"{r['batches']}"
         )
-    loop, off1, off8, on1, on8 = rows
+    first, off1, off8, on1, on8, last = rows
+    loop = max(first, last, key=lambda r: r["rps"])
     print(
         f"bench_serve: 8 clients {on8['rps']:.1f} req/s batched vs {off8['rps']:.1f} unbatched "
         f"({on8['rps'] / off8['rps']:.2f}x), predict loop {loop['rps']:.1f} req/s; 1 client p50 "
