@@ -101,7 +101,7 @@ class TrackingConfig:
     run_name: str | None = None  # None: the run directory's name
     peak_tflops: float | None = None  # per device; None: table lookup (H100/H200/A100), NaN on CPU
     warn_every: int = 20  # warn once per this many failed MLflow calls
-    log_model: bool = True  # export the final model directory and log it as an artifact
+    log_model: bool = True  # export the final model directory and log it (Task.log_model)
     parent_run_id: str | None = None  # nest this run under another (continual learning: one per experience)
     # register the run's model as a new version of this registered model (tasks that log an MLflow model)
     register_as: str | None = None
