@@ -200,7 +200,8 @@ class Trainer:
         """Optimizer steps until the run is finished, preempted or stopped early (see `Outcome`)."""
         self.preemption = Preemption()
         batches = self._batches()
-        outcome: Outcome | None = None
+        finished_before = self.state.step >= self.schedule.total_steps  # `--resume auto` on a finished run
+        outcome: Outcome | None = Outcome.FINISHED if finished_before else None
         try:
             self.engine.train()
             while outcome is None:
@@ -215,7 +216,9 @@ class Trainer:
                     outcome = Outcome.EARLY_STOPPED
                 if outcome or self._due(self.cfg.checkpoint.every):
                     self._checkpoint(outcome)
-            model_dir = self._export_final() if outcome.completed else None
+            model_dir = None
+            if outcome.completed:
+                model_dir = self._finished_model() if finished_before else self._export_final()
         except BaseException:
             self.close("FAILED")
             raise
@@ -448,6 +451,14 @@ class Trainer:
             self.task.log_model(model_dir, self.tracker)
         barrier()
         return model_dir
+
+    def _finished_model(self) -> Path | None:
+        """A run resumed after its last step trains nothing more: its model directory is the one it has."""
+        self.metrics.note(
+            f"[tubelet] {self.run_dir} already finished at step {self.state.step}: nothing to train"
+        )
+        path = self.run_dir / "model"
+        return path if path.is_dir() else None
 
     def _restore(self, saved: dict[str, Any]) -> None:
         assert self.resume_from is not None

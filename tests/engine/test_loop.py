@@ -168,3 +168,11 @@ def test_register_as_is_refused_for_a_task_that_logs_plain_files(tmp_path: Path)
     ):
         trainer(tmp_path, ToyTask(), "tracking.enabled=true", "tracking.register_as=clf")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_resuming_a_finished_run_trains_nothing_more(tmp_path: Path) -> None:
+    trainer(tmp_path, ToyTask(val=False)).train()
+    again = ToyTask(val=False)
+    result = trainer(tmp_path, again, resume="auto").train()
+    assert result.outcome is Outcome.FINISHED and result.step == 10 and again.calls == 0
+    assert [r["step"] for r in logged(tmp_path)] == list(range(1, 11))  # no step 11
