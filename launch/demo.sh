@@ -2,7 +2,8 @@
 # The README's main command: set-up, then the whole pipeline on the embedded defaults
 # (CPU, synthetic data, local Ray, local MLflow store), end to end:
 #   synth -> shards -> pretrain -> fine-tune (scratch baseline, full, LoRA; each registered in MLflow)
-#   -> test evaluation (into each fine-tune's MLflow run) -> predict -> serve the best over HTTP (Ray Serve)
+#   -> test evaluation (into each fine-tune's MLflow run) -> predict -> continual learning (naive vs replay)
+#   -> serve the best over HTTP (Ray Serve)
 #   bash launch/demo.sh            writes everything under ./demo (DEMO_DIR to change it; DEMO_PORT: 8000)
 # Re-running resumes: shards and finished runs are kept (delete ./demo for a fresh start).
 set -euo pipefail
@@ -22,39 +23,46 @@ MODEL_NAME=tubelet-demo
 # a fine-tune registers its best model as a new version of $MODEL_NAME, once (not again when a re-run resumes it)
 register() { [ -f "$1/model/config.json" ] || echo "tracking.register_as=$MODEL_NAME"; }
 
-step "1/8 synthetic motion videos: 4 classes, the direction of motion (visible only over time)"
+step "1/9 synthetic motion videos: 4 classes, the direction of motion (visible only over time)"
 $py -m data_shards synth --out "$demo/videos" --videos 400 --classes 4 --frames 24 --size 32 --codec vp9 --seed 0
 
-step "2/8 shards: validate + write (Ray, local cluster), then verify"
+step "2/9 shards: validate + write (Ray, local cluster), then verify"
 $py -m data_shards build "$demo/videos/labels.csv" --out "$S" --val-fraction 0.15 --test-fraction 0.15 \
   --shard-samples 64 --quiet
 $py -m data_shards verify "$S"
 
-step "3/8 masked-video pretraining (tiny ViT MAE, DeepSpeed ZeRO-2 on CPU) + export"
+step "3/9 masked-video pretraining (tiny ViT MAE, DeepSpeed ZeRO-2 on CPU) + export"
 $py -m pretrain --config pretrain/configs/tiny_cpu.yaml data.shards="$S" train.run_dir="$R/pretrain" --resume auto
 $py -m pretrain export "$R/pretrain" "$demo/models/pretrained"
 
-step "4/8 fine-tune: from scratch (the baseline), full from the pretrained encoder"
+step "4/9 fine-tune: from scratch (the baseline), full from the pretrained encoder"
 $py -m finetune --config finetune/configs/tiny_cpu.yaml data.shards="$S" finetune.init=null \
   train.run_dir="$R/ft_scratch" $(register "$R/ft_scratch") --resume auto
 $py -m finetune --config finetune/configs/tiny_cpu.yaml data.shards="$S" finetune.init="$demo/models/pretrained" \
   train.run_dir="$R/ft_full" $(register "$R/ft_full") --resume auto
 
-step "5/8 fine-tune: LoRA (peft) from the pretrained encoder"
+step "5/9 fine-tune: LoRA (peft) from the pretrained encoder"
 $py -m finetune --config finetune/configs/tiny_cpu_lora.yaml data.shards="$S" finetune.init="$demo/models/pretrained" \
   train.run_dir="$R/ft_lora" $(register "$R/ft_lora") --resume auto
 
-step "6/8 test-set evaluation (multi-view, per-video averaging; test/* metrics into each fine-tune's MLflow run)"
+step "6/9 test-set evaluation (multi-view, per-video averaging; test/* metrics into each fine-tune's MLflow run)"
 $py -m finetune evaluate --shards "$S" --split test --json \
   --model "$R/ft_scratch/best" --model "$R/ft_full/best" --model "$R/ft_lora/best" | tee "$demo/test_results.jsonl"
 
-step "7/8 predict on new files (one unreadable on purpose)"
+step "7/9 predict on new files (one unreadable on purpose)"
 printf 'not a video' > "$demo/broken.mp4"
 mapfile -t clips < <(ls "$demo/videos/videos" | head -3)
 $py -m finetune predict --model "$R/ft_full/best" --top-k 2 "${clips[@]/#/$demo/videos/videos/}" "$demo/broken.mp4" \
   || echo "(exit code $?: one file could not be read, as intended; the others were predicted)"
 
-step "8/8 serve: alias 'champion' = the registered version with the best test top-1, on Ray Serve over HTTP"
+step "8/9 continual learning: the classes arrive in 2 experiences; replay keeps the first ones (vs naive)"
+for strategy in naive replay; do
+  $py -m finetune continual --config finetune/configs/tiny_cpu_continual.yaml data.shards="$S" \
+    finetune.init="$demo/models/pretrained" continual.strategy=$strategy continual.classes_per_experience=2 \
+    continual.memory_size=32 train.run_dir="$R/continual_$strategy" --resume auto | grep -E "^\[continual\]|after "
+done
+
+step "9/9 serve: alias 'champion' = the registered version with the best test top-1, on Ray Serve over HTTP"
 $py - "$MODEL_NAME" <<'PY'
 import sys
 from mlflow import MlflowClient
