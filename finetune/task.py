@@ -237,6 +237,9 @@ class ClassificationTask(Task):
         self.best_top1, self.best_step = float(state["best_top1"]), int(state["best_step"])
         self.bad_evals = int(state["bad_evals"])
 
+    def reseed(self, step: int) -> None:
+        self.rng = np.random.default_rng([self.seed, self.rank, 0x319, step])
+
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         from finetune.export import export_model_dir
 
