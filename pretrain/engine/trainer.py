@@ -455,13 +455,12 @@ class Trainer:
         ckpt = ckpt_io.resolve_resume(resume, self.run_dir)
         if ckpt is None:
             return None
-        t = self.cfg.train
         return ckpt_io.plan_resume(
             ckpt,
             self.signature,
             world_size=env_world_size(),
             zero_stage=self.cfg.deepspeed.zero_stage,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=self.cfg.train.micro_batch_size,
         )
 
     def _read_saved(self, model: torch.nn.Module) -> dict[str, Any] | None:
