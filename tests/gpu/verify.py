@@ -249,11 +249,13 @@ def main() -> int:
                 flush=True,
             )
             return 0
+        # encoded by forked workers before this process touches CUDA (a fork after CUDA init is unsafe)
+        shards = pretrain_shards(tmp / "pretrain", args.unique, args.repeats, frames=32, size=224)
+        print(f"[gpu] pretraining shards: {args.unique} clips x {args.repeats} copies, 224 px", flush=True)
         device = torch.cuda.get_device_name(0)
         report = Report()
         report.run("decode parity DALI mixed vs PyAV", lambda: decode_parity(sets))
         report.run("attention parity bf16 fwd+bwd", attention_parity)
-        shards = pretrain_shards(tmp / "pretrain", args.unique, args.repeats, frames=32, size=224)
         report.run("pretraining ViT-B bf16 ZeRO-2", lambda: pretraining(shards, args, tmp))
     print(report.summary(device, time.perf_counter() - t0), flush=True)
     for f in report.failed:
