@@ -263,6 +263,9 @@ class ClassificationTask(ShardData, Task):
         best = self.run_dir / BEST_DIR
         return best if self.cfg.eval.keep_best and best.is_dir() else model_dir
 
+    def reseed(self, step: int) -> None:
+        self.rng = np.random.default_rng([self.seed, self.rank, 0x319, step])
+
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         from finetune.export import export_model_dir
 

@@ -140,6 +140,9 @@ class MaskedVideoTask(ShardData, Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["mask_generator"])
 
+    def reseed(self, step: int) -> None:
+        self.generator.manual_seed(_mix(self.seed, self.rank, 3, step))
+
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         return save_model(model, out_dir, extra)
 

@@ -59,3 +59,21 @@ def test_no_function_is_longer_than_80_lines() -> None:
                     if n > 80:
                         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "\n".join(long)
+
+
+@pytest.mark.parametrize(
+    "script",
+    sorted(
+        str(p.relative_to(REPO))
+        for pattern in ("launch/*.sh", "launch/*.sbatch", "tests/*.sh", "tests/gpu/*.sh")
+        for p in REPO.glob(pattern)
+    ),
+)
+def test_shell_scripts_parse_and_are_executable(script: str) -> None:
+    """`bash -n` on the shell scripts users run (the SLURM script and the GPU check run nowhere here)."""
+    import os
+    import subprocess
+
+    r = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.access(REPO / script, os.X_OK), f"chmod +x {script}"

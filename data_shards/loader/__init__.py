@@ -18,10 +18,14 @@ train) gives each rank floor(N / world) samples and only full batches -- the dro
 the shuffle every epoch; drop_last=False pads the order with its first samples so all ranks get
 ceil(N / world), marked in "pad" (bool [B]) for evaluation to ignore, and keeps a partial last batch.
 
-Resume: `state_dict()` = {version, backend, epoch, batches_done, samples_done, seed, rank, world_size,
-num_samples, videos_per_batch, drop_last, shuffle, skipped}. Everything random is a pure function of
-(seed, epoch, sample index), so the next iteration after `load_state_dict` yields exactly the batches
-(keys, frames, crops) the interrupted run had not consumed yet.
+Resume: `state_dict()` = {version, backend, epoch, position, seed, num_samples, drop_last, shuffle,
+samples_digest, skipped, world_size, videos_per_batch}. `position` is global: the samples of the epoch's
+order all ranks together have taken (a prefix of the order, since rank r takes every world-th sample), so
+a state taken at a training step boundary continues the epoch on *any* number of ranks and batch size: the
+rest of the order is re-split over the new ranks, no sample repeated or left out. Everything random is a
+pure function of (seed, epoch, sample index), so on the same ranks and batch size the next iteration after
+`load_state_dict` yields exactly the batches (keys, frames, crops) the interrupted run had not consumed yet;
+on others, the same samples with the same frames and crops, in the same global order, batched differently.
 
 Several shard folders (`shards=[a, b]`, manifests agreeing on classes) read as one split, concatenated in
 the order given; `keys=` / `labels=` select a subset (in the split's stable order), so a replay memory of

@@ -1,13 +1,14 @@
 """`VideoLoader`: the part every backend shares (epoch plan, the per-sample loop, position, resume,
 stats, skip budget).
 
-A backend implements `_batches(plan, start)`, yielding `(batch_index, batch | None, skipped)` for batch
-indices start, start+1, ... in order; `batch` holds CPU or device tensors, `skipped` lists
+A backend implements `_batches(plan)`, yielding `(batch_index, batch | None, skipped)` for batch
+indices 0, 1, ... of the plan in order; `batch` holds CPU or device tensors, `skipped` lists
 (shard, key, reason) of samples that failed. The per-sample loop is `collect`: read each sample's bytes,
 plan its frames and views from the stored frame count (`SampleRef.frames`), hand them to the backend's
-decode step, and count any failure as a skip -- backends only decode. Position is counted in *plan
-batches* handed to the caller, so `state_dict()` taken after a training step names exactly the next
-batch, whatever the backend prefetched.
+decode step, and count any failure as a skip -- backends only decode. Position is counted in samples
+of the plan handed to the caller (whatever the backend prefetched), and saved as a *global* position in
+the epoch's order (`EpochPlan.start`): a state taken when every rank has taken the same number of batches
+(a training step boundary) continues the epoch on any number of ranks, with no sample repeated or left out.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, epoc
 
 log = logging.getLogger("data_shards.loader")
 
-STATE_VERSION = 1
-# Fields that fix the sample sequence: a resume with other values would not continue the same epoch.
-_SEQUENCE_FIELDS = ("seed", "rank", "world_size", "num_samples", "videos_per_batch", "drop_last", "shuffle")
+STATE_VERSION = 2
+# Fields that fix the epoch's sample order: a resume with other values would not continue the same epoch.
+# Rank, world size and batch size are not among them: the rest of the order is re-split on resume.
+_ORDER_FIELDS = ("seed", "num_samples", "drop_last", "shuffle")
 
 
 class LoaderError(RuntimeError):
@@ -103,10 +105,10 @@ class VideoLoader:
                 self.videos_per_batch,
             )
         self._epoch = epoch
-        self._plan: EpochPlan | None = None
-        self._batches_done = 0
-        self._samples_done = 0
-        self._start = 0
+        self._plan: EpochPlan | None = None  # the whole epoch's (what len counts)
+        self._running: EpochPlan | None = None  # the plan the current (or last) iteration follows
+        self._samples_done = 0  # samples of `_running` handed out on this rank
+        self._resume_at = 0  # global position the next iteration starts from (load_state_dict)
         self.stats: dict[str, Any] = {
             "batches": 0,
             "clips": 0,
@@ -133,18 +135,31 @@ class VideoLoader:
         return len(self.plan().indices)
 
     def plan(self) -> EpochPlan:
+        """This rank's plan for the whole current epoch."""
         if self._plan is None:
-            self._plan = epoch_plan(
-                len(self.refs),
-                seed=self.seed,
-                epoch=self._epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                shuffle=self.spec.train,
-                drop_last=self.drop_last,
-                videos_per_batch=self.videos_per_batch,
-            )
+            self._plan = self._plan_from(0)
         return self._plan
+
+    def _plan_from(self, start: int) -> EpochPlan:
+        return epoch_plan(
+            len(self.refs),
+            seed=self.seed,
+            epoch=self._epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.spec.train,
+            drop_last=self.drop_last,
+            videos_per_batch=self.videos_per_batch,
+            start=start,
+        )
+
+    @property
+    def position(self) -> int:
+        """Samples of the current epoch's order that all ranks together have taken. Exact when every rank
+        has taken as many batches as this one (the trainer saves at step boundaries, where they have)."""
+        if self._running is None:
+            return self._resume_at
+        return self._running.start + self._samples_done * self.world_size
 
     def __len__(self) -> int:
         return self.plan().num_batches
@@ -154,24 +169,24 @@ class VideoLoader:
         epoch it was saved in."""
         if epoch != self._epoch:
             self._epoch, self._plan = int(epoch), None
-            self._start = self._batches_done = self._samples_done = 0
+            self._running, self._samples_done, self._resume_at = None, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands, by global position: valid for any rank count on resume (see `position`).
+        `world_size` and `videos_per_batch` record who wrote it; they need not match on resume."""
         return {
             "version": STATE_VERSION,
             "backend": self.backend,
             "epoch": self._epoch,
-            "batches_done": self._batches_done,
-            "samples_done": self._samples_done,
+            "position": self.position,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "num_samples": self.num_samples,
-            "videos_per_batch": self.videos_per_batch,
             "drop_last": self.drop_last,
             "shuffle": self.spec.train,
-            "skipped": self.stats["skipped"],
             "samples_digest": self.samples_digest,
+            "skipped": self.stats["skipped"],
+            "world_size": self.world_size,
+            "videos_per_batch": self.videos_per_batch,
         }
 
     @property
@@ -182,34 +197,37 @@ class VideoLoader:
         return self._digest
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` was taken: the next iteration yields the rest of that epoch."""
-        if state.get("version") != STATE_VERSION:
-            raise LoaderError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Continue where `state` was taken: the next iteration yields the rest of that epoch, re-split over
+        this loader's ranks (the state may come from another number of ranks or another batch size)."""
+        version = state.get("version")
+        if version == 1:  # per-rank batch counts; every rank had taken the same number of samples
+            position = int(state["samples_done"]) * int(state["world_size"])
+        elif version == STATE_VERSION:
+            position = int(state["position"])
+        else:
+            raise LoaderError(f"loader state version {version!r} is not 1 or {STATE_VERSION}")
         mine = self.state_dict()
         # samples_digest is checked when present (states saved before it existed lack it)
-        fields = (*_SEQUENCE_FIELDS, "samples_digest") if "samples_digest" in state else _SEQUENCE_FIELDS
+        fields = (*_ORDER_FIELDS, "samples_digest") if "samples_digest" in state else _ORDER_FIELDS
         for f in fields:
             if state.get(f) != mine[f]:
                 raise LoaderError(
                     f"loader state field {f}={state.get(f)!r} differs from this loader's {mine[f]!r}: "
-                    "resuming would not continue the same sample sequence (use the same seed, ranks, "
-                    "batch size, split, shards and selection)"
+                    "resuming would not continue the same sample order (use the same seed, split, shards "
+                    "and selection)"
                 )
         self._epoch, self._plan = int(state["epoch"]), None
-        self._batches_done = self._start = int(state["batches_done"])
-        self._samples_done = int(state["samples_done"])
+        self._running, self._samples_done, self._resume_at = None, 0, position
         self.stats["skipped"] = int(state.get("skipped", 0))
 
     # ---------------------------------------------------------------------------------------- iterate
     def __iter__(self) -> Iterator[Batch]:
-        plan = self.plan()
-        start, self._start = self._start, 0
-        self._batches_done = start
-        self._samples_done = min(start * plan.videos_per_batch, len(plan.indices))
-        if start >= plan.num_batches:
+        plan = self._plan_from(self._resume_at) if self._resume_at else self.plan()
+        self._running, self._samples_done, self._resume_at = plan, 0, 0
+        if plan.num_batches == 0:
             return
         t_begin, iter_base = time.perf_counter(), self.stats["iter_s"]
-        gen = self._batches(plan, start)
+        gen = self._batches(plan)
         try:
             while True:
                 t0 = time.perf_counter()
@@ -218,9 +236,7 @@ class VideoLoader:
                 except StopIteration:
                     break
                 self.stats["decode_wait_s"] += time.perf_counter() - t0
-                idx, _ = plan.batch(b)
-                self._samples_done += len(idx)
-                self._batches_done = b + 1
+                self._samples_done += len(plan.batch(b)[0])
                 self._account_skips(skipped)
                 if batch is None:
                     continue
@@ -258,9 +274,8 @@ class VideoLoader:
         nb = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _batches(
-        self, plan: EpochPlan, start: int
-    ) -> Iterator[tuple[int, Batch | None, list[tuple[str, str, str]]]]:
+    def _batches(self, plan: EpochPlan) -> Iterator[tuple[int, Batch | None, list[tuple[str, str, str]]]]:
+        """The backend: plan batches 0, 1, ... in order as (b, batch or None, skipped)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- helpers

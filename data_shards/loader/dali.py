@@ -89,8 +89,8 @@ class _Arrays:
 class _Source:
     """external_source callback: plan batch -> (encoded, frames, roi_start/end per view, index)."""
 
-    def __init__(self, loader: DaliLoader, plan: EpochPlan, start: int, fifo: collections.deque) -> None:
-        self.loader, self.plan, self.next_b, self.fifo = loader, plan, start, fifo
+    def __init__(self, loader: DaliLoader, plan: EpochPlan, fifo: collections.deque) -> None:
+        self.loader, self.plan, self.next_b, self.fifo = loader, plan, 0, fifo
 
     def __call__(self) -> tuple[list[np.ndarray], ...]:
         while self.next_b < self.plan.num_batches:
@@ -172,13 +172,13 @@ class DaliLoader(VideoLoader):
         pipe.build()
         return pipe
 
-    def _batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[int, Batch | None, list]]:
+    def _batches(self, plan: EpochPlan) -> Iterator[tuple[int, Batch | None, list]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         fifo: collections.deque[_Fed] = collections.deque()
         v_n = self.spec.views_per_video
         names = ["index", *(f"view{k}" for k in range(v_n))]
-        pipe = self._pipeline(_Source(self, plan, start, fifo))
+        pipe = self._pipeline(_Source(self, plan, fifo))
         it = DALIGenericIterator(
             [pipe],
             names,

@@ -416,12 +416,12 @@ class PyAVLoader(VideoLoader):
         super().__init__(refs, **kw)
         self.num_workers = num_workers
 
-    def _batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[int, Batch | None, list]]:
+    def _batches(self, plan: EpochPlan) -> Iterator[tuple[int, Batch | None, list]]:
         ds = _PlanBatches(self, plan)
         dl = DataLoader(
             ds,
             batch_size=None,
-            sampler=range(start, plan.num_batches),
+            sampler=range(plan.num_batches),
             num_workers=self.num_workers,
             collate_fn=_identity,
             worker_init_fn=_worker_init if self.num_workers else None,

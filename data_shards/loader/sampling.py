@@ -94,16 +94,28 @@ class VideoPlan:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """This rank's samples for one epoch, in order, and whether each one is a padding duplicate."""
+    """This rank's samples for one epoch, in order, and whether each one is a padding duplicate.
+
+    `start` is the global position in the epoch's order where the plan begins (0, or where a resumed run
+    continues); after every rank took `n` of its samples, all ranks together have taken the order's
+    positions [start, start + n * world_size), a prefix, whatever the number of ranks."""
 
     indices: np.ndarray  # int64 [n] global sample indices
     pad: np.ndarray  # bool [n]
     videos_per_batch: int
     num_batches: int
+    start: int = 0
 
     def batch(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         lo = b * self.videos_per_batch
         return self.indices[lo : lo + self.videos_per_batch], self.pad[lo : lo + self.videos_per_batch]
+
+
+def epoch_order(num_samples: int, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's global sample order: a permutation per (seed, epoch), the same on every rank."""
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples).astype(np.int64)
 
 
 def epoch_plan(
@@ -116,6 +128,7 @@ def epoch_plan(
     shuffle: bool,
     drop_last: bool,
     videos_per_batch: int,
+    start: int = 0,
 ) -> EpochPlan:
     """Deterministic order for (seed, epoch), identical on every rank, then split across ranks.
 
@@ -123,31 +136,34 @@ def epoch_plan(
     shuffled order, so they change every epoch) and only full batches.
     drop_last=False: the order is padded with its own first samples up to a multiple of world (marked
     `pad`), every rank gets ceil(N / world) samples and a partial last batch.
-    Rank r takes every world-th sample starting at r.
+    Rank r takes every world-th sample starting at r, so the samples all ranks have taken after the same
+    number of batches are a prefix of the order. `start` skips that prefix (a resume, possibly on another
+    number of ranks) and splits the rest the same way: on the same world size, at a batch boundary, the plan
+    is the tail of the full epoch's plan, batch for batch.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     if num_samples < 1:
         raise ValueError("no samples")
-    order = np.arange(num_samples, dtype=np.int64)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples).astype(np.int64)
-    pad = np.zeros(num_samples, dtype=bool)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    order = epoch_order(num_samples, seed=seed, epoch=epoch, shuffle=shuffle)
+    rest = order[min(start, num_samples) :]
+    pad = np.zeros(len(rest), dtype=bool)
     if drop_last:
-        per_rank = num_samples // world_size
-        order, pad = order[: per_rank * world_size], pad[: per_rank * world_size]
+        usable = (len(rest) // world_size) * world_size
+        rest, pad = rest[:usable], pad[:usable]
     else:
-        total = math.ceil(num_samples / world_size) * world_size
-        extra = total - num_samples
-        order = np.concatenate([order, order[np.arange(extra) % num_samples]])
+        extra = -len(rest) % world_size
+        rest = np.concatenate([rest, order[np.arange(extra) % num_samples]])
         pad = np.concatenate([pad, np.ones(extra, dtype=bool)])
-    mine, mine_pad = order[rank::world_size], pad[rank::world_size]
+    mine, mine_pad = rest[rank::world_size], pad[rank::world_size]
     if drop_last:
         nb = len(mine) // videos_per_batch
         mine, mine_pad = mine[: nb * videos_per_batch], mine_pad[: nb * videos_per_batch]
     else:
         nb = math.ceil(len(mine) / videos_per_batch)
-    return EpochPlan(mine, mine_pad, videos_per_batch, nb)
+    return EpochPlan(mine, mine_pad, videos_per_batch, nb, start)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

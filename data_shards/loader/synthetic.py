@@ -1,7 +1,9 @@
 """Synthetic backend: random normalized clips made on the device, to measure compute without I/O.
 
 Same plan, batch layout, position and state_dict as the real backends; labels are `index % classes`
-(in the refs, so a `labels=` selection works here too) and keys `synthetic-{index:08d}`.
+(in the refs, so a `labels=` selection works here too) and keys `synthetic-{index:08d}`. A video's clips
+are a pure function of (seed, epoch, sample index), like every random draw of the real backends, so they do
+not depend on the batch a sample lands in (rank count, batch size, resume position).
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ def synthetic_refs(n: int, num_classes: int) -> list[SampleRef]:
 class SyntheticLoader(VideoLoader):
     backend = "synthetic"
 
-    def _batches(self, plan: EpochPlan, start: int) -> Iterator[tuple[int, Batch | None, list]]:
+    def _batches(self, plan: EpochPlan) -> Iterator[tuple[int, Batch | None, list]]:
         s = self.spec
         gen = torch.Generator(device=self.device)
-        for b in range(start, plan.num_batches):
+        shape = (s.views_per_video, 3, s.frames, s.size, s.size)
+        for b in range(plan.num_batches):
             idx, pad = plan.batch(b)
-            gen.manual_seed(hash((self.seed, self.epoch, b)) & 0x7FFFFFFF)
-            n = len(idx) * s.views_per_video
-            video = torch.randn((n, 3, s.frames, s.size, s.size), generator=gen, device=self.device)
+            clips = []
+            for i in idx.tolist():
+                gen.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+                clips.append(torch.randn(shape, generator=gen, device=self.device))
+            video = torch.cat(clips)
             labels = [self.refs[i].label for i in idx.tolist()]
             yield b, {"video": video, **self._batch_meta(idx.tolist(), pad.tolist(), labels)}, []

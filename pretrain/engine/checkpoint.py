@@ -6,17 +6,30 @@ Layout under `<run_dir>/checkpoints/`::
         rank_00000.pt               per-rank: TrainState, loader position, RNG states, task state
                                     (weights_only-safe)
         complete                    JSON, written by rank 0 after every rank finished: step, signature
+        universal/                  DeepSpeed's universal checkpoint of this step, made (once, by rank 0)
+                                    when a run resumes from it on another number of ranks or ZeRO stage
     latest                          tag of the newest complete checkpoint (DeepSpeed's convention)
 
 A directory without `complete` is an interrupted save and is never resumed from.
+
+Resuming (`plan_resume`): the same world size, ZeRO stage and micro-batch continue bit-exactly (DeepSpeed's
+own files, every rank's RNG and loader state). Another world size or ZeRO stage (1-3) goes through
+DeepSpeed's universal checkpoint (each parameter's fp32 weights and Adam moments whole, re-partitioned on
+load) and the loader's global position: the same model, optimizer state and sample order, but not the same
+bits (per-rank random streams restart, gradients are reduced in another order).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import random
 import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +42,10 @@ from .dist import barrier
 CKPT_DIR = "checkpoints"
 COMPLETE = "complete"
 LATEST = "latest"
+UNIVERSAL = "universal"
+_UNIVERSAL_DONE = "converted"
+# DeepSpeed's model-state file names: ZeRO 0-2 write the first, ZeRO-3 one of the second per rank
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def tag_for(step: int) -> str:
@@ -124,8 +141,73 @@ def save(
     return ckpt
 
 
-def check_compatible(ckpt: Path, signature: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Refuse a checkpoint whose resume signature (architecture, data, optimizer shape) differs."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """How this run continues from `ckpt`: what the checkpoint's writer had (`marker`) against now."""
+
+    ckpt: Path
+    marker: dict[str, Any]
+    world_size: int
+    zero_stage: int
+    micro_batch_size: int
+
+    @property
+    def saved_world_size(self) -> int:
+        return int(self.marker["world_size"])
+
+    @property
+    def saved_zero_stage(self) -> int:
+        return int(self.marker["zero_stage"])
+
+    @property
+    def saved_micro_batch_size(self) -> int:
+        """Recorded since elastic resume; older checkpoints had it in their signature."""
+        m = self.marker
+        return int(m.get("micro_batch_size", m.get("signature", {}).get("train.micro_batch_size", 0)))
+
+    @property
+    def same_ranks(self) -> bool:
+        """Every rank finds its own `rank_N.pt` (RNG states, task state, loader state)."""
+        return self.saved_world_size == self.world_size
+
+    @property
+    def universal(self) -> bool:
+        """ZeRO partitions must be rebuilt: load through DeepSpeed's universal checkpoint."""
+        zero = self.zero_stage > 0 or self.saved_zero_stage > 0
+        return zero and not (self.same_ranks and self.saved_zero_stage == self.zero_stage)
+
+    @property
+    def bit_exact(self) -> bool:
+        return not self.universal and self.same_ranks and self.saved_micro_batch_size == self.micro_batch_size
+
+    def describe(self) -> str:
+        """The resume log line: where, from what layout to what, and which exactness that keeps."""
+        m = self.marker
+        where = f"resuming from {self.ckpt} (step {m.get('step')}, epoch {m.get('epoch')}, {m.get('samples')} clips)"
+        was = f"{self.saved_world_size} ranks, ZeRO-{self.saved_zero_stage}, micro-batch {self.saved_micro_batch_size}"
+        now = f"{self.world_size} ranks, ZeRO-{self.zero_stage}, micro-batch {self.micro_batch_size}"
+        if self.bit_exact:
+            return f"{where}: same layout ({now}): bit-exact continuation"
+        how = (
+            "DeepSpeed's universal checkpoint (weights and Adam moments re-partitioned)"
+            if self.universal
+            else ("DeepSpeed's checkpoint as saved")
+        )
+        why = ["gradients are reduced in another order"]
+        if not self.same_ranks:
+            why.insert(0, "per-rank random streams restart from (seed, rank, step)")
+        return (
+            f"{where}: written by {was}, now {now}; model and optimizer state through {how}; the data continues "
+            f"at the saved global sample position of the epoch (no sample repeated or skipped): sample-exact, "
+            f"not bit-exact ({'; '.join(why)})"
+        )
+
+
+def plan_resume(
+    ckpt: Path, signature: dict[str, Any], *, world_size: int, zero_stage: int, micro_batch_size: int
+) -> ResumePlan:
+    """Refuse a checkpoint whose resume signature (architecture, data, global batch, optimizer shape)
+    differs, naming the keys, or that no loader can re-partition; else say how the run continues."""
     marker = read_marker(ckpt)
     diff = signature_diff(marker.get("signature", {}), signature)
     if diff:
@@ -134,12 +216,15 @@ def check_compatible(ckpt: Path, signature: dict[str, Any], world_size: int) -> 
             f"optimizer state:\n  " + "\n  ".join(diff) + "\nRestore those values, or start a new run "
             "(a different train.run_dir) without --resume."
         )
-    if marker.get("world_size") != world_size:
+    plan = ResumePlan(ckpt, marker, world_size, zero_stage, micro_batch_size)
+    if (plan.saved_zero_stage == 0) != (zero_stage == 0):
         raise ConfigError(
-            f"refusing to resume from {ckpt}: it was written by {marker.get('world_size')} ranks, this run has "
-            f"{world_size}; exact resume (ZeRO partitions, loader positions) needs the same world size"
+            f"refusing to resume from {ckpt}: it was written with deepspeed.zero_stage={plan.saved_zero_stage}, "
+            f"this run has {zero_stage}; ZeRO stages 1-3 re-partition into each other (DeepSpeed's universal "
+            "checkpoint), stage 0 keeps a plain optimizer and only resumes as stage 0. Set "
+            f"deepspeed.zero_stage={plan.saved_zero_stage}" + (" (or 1-3)" if plan.saved_zero_stage else "")
         )
-    return marker
+    return plan
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -161,17 +246,136 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
-    """This rank's resume state (TrainState, RNG, task, loader): plain tensors and containers only."""
+    """A rank's resume state (TrainState, RNG, task, loader): plain tensors and containers only."""
     return torch.load(ckpt / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
 
 
-def load_engine(engine: Any, ckpt: Path) -> None:
-    """Collective: restore DeepSpeed's state (weights, ZeRO partitions, optimizer) from `ckpt`."""
-    path, _ = engine.load_checkpoint(
-        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+def load_engine(engine: Any, ckpt: Path, universal: bool = False) -> None:
+    """Collective: restore DeepSpeed's state (weights, ZeRO partitions, optimizer) from `ckpt`, or from its
+    universal checkpoint (made by `universal_checkpoint`; the engine was configured with `load_universal`)."""
+    if not universal:
+        path, _ = engine.load_checkpoint(
+            str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    else:
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW ZeRO wraps
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        path, _ = engine.load_checkpoint(
+            str(ckpt), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        # DeepSpeed 0.19's ZeRO-3 universal load gives every group group 0's hyperparameters (weight decay,
+        # lr_scale) and one shared `step` tensor (which each group's update would then advance): ours come
+        # from the config, and each group's step is its own.
+        for g, h in zip(base.param_groups, hyper):
+            g.update(h)
+        for st in base.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+
+
+def universal_checkpoint(ckpt: Path, rank: int) -> Path:
+    """Collective: `ckpt/universal`, DeepSpeed's universal checkpoint of `ckpt` (each parameter's fp32
+    weights and Adam moments whole), loadable on any number of ranks at ZeRO stage 1, 2 or 3. Rank 0 makes
+    it once (kept with the checkpoint for a later restart; retention removes both)."""
+    out = ckpt / UNIVERSAL
+    if rank == 0 and not (out / _UNIVERSAL_DONE).is_file():
+        t0 = time.perf_counter()
+        _convert_to_universal(ckpt, out)
+        print(
+            f"[tubelet] {ckpt.name}: universal checkpoint written in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+    barrier()
+    if not (out / _UNIVERSAL_DONE).is_file():
+        raise RuntimeError(f"{out}: rank 0 did not finish the universal checkpoint (see its log)")
+    return out
+
+
+def _convert_to_universal(ckpt: Path, out: Path) -> None:
+    """DeepSpeed's `ds_to_universal` into a temporary folder, made loadable by every stage, then renamed."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = ckpt / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(tmp),
+        num_extract_workers=1,  # in-process: no forked workers in a training process
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our models carry no Megatron-style universal_checkpoint_info
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise RuntimeError(
+            f"{ckpt}: DeepSpeed's universal conversion failed: {e}\n{log.getvalue()[-3000:]}"
+        ) from e
+    (ckpt / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer beside its output
+    _loadable_by_every_stage(tmp)
+    (tmp / _UNIVERSAL_DONE).write_text(json.dumps({"from": ckpt.name}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _loadable_by_every_stage(folder: Path) -> None:
+    """DeepSpeed 0.19 loads a universal checkpoint only into the ZeRO family that wrote it. ZeRO-3 reads
+    `zero_pp_rank_0_mp_rank_00_model_states.pt` and a nested `optimizer_state_dict` holding the Adam step;
+    ZeRO-1/2 read `mp_rank_00_model_states.pt`, a top-level `ds_version`, and per parameter `{"param":
+    tensor}` files plus `step.pt` (ZeRO-3's conversion writes bare flat tensors and no step). Give each what
+    it reads; the numbers are the same for every stage."""
+    have = [folder / n for n in _MODEL_STATES if (folder / n).is_file()]
+    if not have:
+        raise RuntimeError(f"{folder}: no model-state file after the universal conversion")
+    for name in _MODEL_STATES:
+        if not (folder / name).is_file():
+            shutil.copy2(have[0], folder / name)
+    model_states = _load_own(have[0])
+    path = folder / "zero" / "optimizer_state.pt"
+    state = _load_own(path)
+    state.setdefault("ds_version", model_states["ds_version"])
+    if "optimizer_state_dict" not in state:
+        step = _load_own(next((folder / "zero").glob("*/step.pt")))
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    torch.save(state, path)
+    shapes = {k: v for group in model_states["param_shapes"] for k, v in group.items()}
+    step = state["optimizer_state_dict"]["state"][0]["step"]
+    for name, shape in shapes.items():
+        param_dir = folder / "zero" / name
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            value = _load_own(param_dir / f"{key}.pt")
+            if torch.is_tensor(value):
+                torch.save({"param": value.view(shape)}, param_dir / f"{key}.pt")
+        if not (param_dir / "step.pt").is_file():
+            torch.save(step, param_dir / "step.pt")
+
+
+def _load_own(path: Path) -> Any:
+    """A file DeepSpeed wrote for this run (it pickles config objects, so not weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_unoptimized_state(model: torch.nn.Module, ckpt: Path) -> list[str]:
+    """Before DeepSpeed wraps `model` on a re-partitioned resume: what the universal checkpoint does not
+    carry -- buffers (batch-norm statistics) and frozen parameters -- from the consolidated checkpoint.
+    Returns the names loaded (none: nothing to consolidate, e.g. a fully trained ViT)."""
+    from .optim import clean_param_name
+
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    wanted = [k for k in model.state_dict() if k not in trained]
+    if not wanted:
+        return []
+    full = consolidated_state_dict(ckpt)
+    missing = [k for k in wanted if clean_param_name(k) not in full]
+    if missing:
+        raise RuntimeError(f"{ckpt}: the consolidated checkpoint lacks {missing[:5]} (of {len(missing)})")
+    model.load_state_dict({k: full[clean_param_name(k)] for k in wanted}, strict=False)
+    return wanted
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -224,14 +428,17 @@ def export(run_dir: Path, out_dir: Path, task: Any) -> Path:
 
 
 __all__ = [
-    "check_compatible",
+    "ResumePlan",
     "complete_checkpoints",
     "consolidated_state_dict",
     "export",
     "latest_complete",
     "load_engine",
+    "load_unoptimized_state",
+    "plan_resume",
     "read_rank_state",
     "rng_state",
     "save",
     "set_rng_state",
+    "universal_checkpoint",
 ]

@@ -63,10 +63,16 @@ class TaskContext:
 
 class Loader(Protocol):
     """What the engine needs of a loader: each iteration yields one whole epoch of micro-batches, except the
-    first iteration after `load_state_dict`, which yields the rest of the saved epoch."""
+    first iteration after `load_state_dict`, which yields the rest of the saved epoch.
+
+    `state_dict()` is taken at a step boundary (every rank has taken the same number of micro-batches) and
+    must say where the epoch stands *globally*, not per rank: on a resume with another number of ranks, every
+    rank is handed rank 0's state and must take its share of the rest of the epoch (the shard loaders keep
+    the global sample position in the epoch's order: no sample repeated or skipped). On the same ranks, each
+    rank gets its own state back."""
 
     def __iter__(self) -> Iterator[Batch]: ...
-    def __len__(self) -> int: ...  # micro-batches per epoch on this rank
+    def __len__(self) -> int: ...  # micro-batches per (whole) epoch on this rank
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -135,7 +141,13 @@ class Task:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned: this rank's, or rank 0's when the world size changed since the
+        checkpoint (then `reseed` follows)."""
+
+    def reseed(self, step: int) -> None:
+        """After a resume on another number of ranks: per-rank random streams (e.g. the mask generator) cannot
+        continue, the ranks that held them are gone; start fresh ones from (seed, `ctx.rank`, `step`), so
+        ranks differ from each other and from the streams the run started with."""
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         """Write the deployable model directory from a module holding consolidated fp32 weights."""

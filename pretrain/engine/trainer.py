@@ -160,9 +160,7 @@ class Trainer:
         self.task, self.cfg = task, cfg
         self.run_dir = Path(cfg.train.run_dir)
         self.signature = resume_signature(cfg)
-        self.resume_from = ckpt_io.resolve_resume(resume, self.run_dir)
-        if self.resume_from is not None:
-            ckpt_io.check_compatible(self.resume_from, self.signature, env_world_size())
+        self.resume = self._plan_resume(resume)
         runtime = runtime or DeepSpeedRuntime()
         self.dist = runtime.start(cfg.train.device, cfg.deepspeed.dist_backend)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +170,7 @@ class Trainer:
         )
         task.setup(self.ctx)
         model = task.build_model().to(self.dist.device)
-        saved = ckpt_io.read_rank_state(self.resume_from, self.dist.rank) if self.resume_from else None
+        saved = self._read_saved(model)
         if saved is None:
             task.init_weights(model)
         self.state = TrainState()
@@ -182,7 +180,10 @@ class Trainer:
         self.val_loader = task.val_loader(self.ctx)
         self.schedule = Schedule.plan(cfg, self.dist.world_size, len(self.train_loader))
         self.optimizer: VetoableAdamW = build_optimizer(model, cfg, self.dist.device)
-        self.engine = runtime.initialize(model, self.optimizer, deepspeed_config(cfg, self.dist.world_size))
+        ds_json = deepspeed_config(cfg, self.dist.world_size)
+        if self.resume is not None and self.resume.universal:
+            ds_json["checkpoint"] = {"load_universal": True}
+        self.engine = runtime.initialize(model, self.optimizer, ds_json)
         self._norm_buffers = _running_stats(model) if self.dist.world_size > 1 else []
         if saved is not None:
             self._restore(saved)
@@ -324,6 +325,7 @@ class Trainer:
             "signature": self.signature,
             "world_size": self.dist.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
             "samples": self.state.samples,
             "epoch": self.state.epoch,
         }
@@ -460,12 +462,46 @@ class Trainer:
         path = self.run_dir / "model"
         return path if path.is_dir() else None
 
+    def _plan_resume(self, resume: str | None) -> ckpt_io.ResumePlan | None:
+        """The checkpoint to continue from (refused when incompatible) and how (before any process group)."""
+        ckpt = ckpt_io.resolve_resume(resume, self.run_dir)
+        if ckpt is None:
+            return None
+        return ckpt_io.plan_resume(
+            ckpt,
+            self.signature,
+            world_size=env_world_size(),
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+        )
+
+    def _read_saved(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """This rank's saved state (rank 0's when the world size changed: TrainState, loader position and
+        task state are global; per-rank random streams are re-derived in `_restore`). On a re-partitioned
+        resume, also the buffers and frozen weights the universal checkpoint lacks, into the bare model."""
+        plan = self.resume
+        if plan is None:
+            return None
+        if self.dist.is_main:
+            print(f"[tubelet] {plan.describe()}", flush=True)
+        if plan.universal:
+            ckpt_io.load_unoptimized_state(model, plan.ckpt)
+        return ckpt_io.read_rank_state(plan.ckpt, self.dist.rank if plan.same_ranks else 0)
+
     def _restore(self, saved: dict[str, Any]) -> None:
-        assert self.resume_from is not None
-        ckpt_io.load_engine(self.engine, self.resume_from)
+        plan = self.resume
+        assert plan is not None
+        if plan.universal:
+            ckpt_io.universal_checkpoint(plan.ckpt, self.dist.rank)
+        ckpt_io.load_engine(self.engine, plan.ckpt, universal=plan.universal)
         self.task.load_state_dict(saved["task"])
         self.train_loader.load_state_dict(saved["loader"])
-        ckpt_io.set_rng_state(saved["rng"])  # last: everything built so far may have drawn numbers
+        if plan.same_ranks:
+            ckpt_io.set_rng_state(saved["rng"])  # last: everything built so far may have drawn numbers
+        else:  # the ranks that held these streams are gone: fresh ones, distinct per (rank, step)
+            step = self.state.step
+            _seed_everything(_stream_seed(self.cfg.train.seed, self.dist.rank, step))
+            self.task.reseed(step)
 
     def _metrics_logger(self) -> MetricsLogger:
         ds = self.cfg.deepspeed
@@ -517,9 +553,17 @@ def _check_task_config(task: Task, cfg: EngineConfig) -> None:
         )
 
 
+def _stream_seed(*values: int) -> int:
+    """A 63-bit seed from small integers (seed, rank, step) without collisions between them."""
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch.distributed as td
@@ -162,10 +164,15 @@ def test_loader_works_on_any_dataclass_tree() -> None:
 def test_resume_signature_covers_shape_keys_only() -> None:
     a, b = load(), load("train.steps=500", "train.log_every=7", "optim.lr=5e-3", "checkpoint.every=3")
     assert signature_diff(resume_signature(a), resume_signature(b)) == []
-    c = load("model.decoder_depth=2", "deepspeed.zero_stage=3")
+    c = load("model.decoder_depth=2", "train.global_batch_size=16", "deepspeed.zero_stage=3")
     diff = signature_diff(resume_signature(a), resume_signature(c))
     assert any(d.startswith("model.decoder_depth") for d in diff)
-    assert any(d.startswith("deepspeed.zero_stage") for d in diff)
+    assert any(d.startswith("train.global_batch_size") for d in diff)
+    # what is re-partitioned on resume is not part of the signature (and older checkpoints that had it pass)
+    d = load("deepspeed.zero_stage=3", "train.micro_batch_size=2")
+    assert signature_diff(resume_signature(a), resume_signature(d)) == []
+    older = {**resume_signature(a), "deepspeed.zero_stage": 1, "train.micro_batch_size": 1}
+    assert signature_diff(older, resume_signature(a)) == []
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -191,3 +198,47 @@ def test_linear_lr_scaling_rule() -> None:
     cfg = load_config(PretrainConfig, REPO / "pretrain/configs/vitb_videomae.yaml", ["data.shards=/x"])
     assert peak_lr(cfg) == pytest.approx(1.5e-4 * 1024 / 256)
     assert peak_lr(load("optim.lr=0.01")) == 0.01
+
+
+def _marker(tmp_path: Path, signature: dict, world: int, stage: int, micro: int) -> Path:
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    marker = {"signature": signature, "world_size": world, "zero_stage": stage, "micro_batch_size": micro}
+    (ckpt / "complete").write_text(json.dumps({**marker, "step": 4, "epoch": 0, "samples": 32}))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    ("now", "universal", "same_ranks", "bit_exact", "says"),
+    [
+        ((2, 2, 4), False, True, True, "bit-exact continuation"),
+        ((1, 2, 8), True, False, False, "per-rank random streams restart"),
+        ((2, 3, 4), True, True, False, "universal checkpoint"),
+        ((2, 2, 2), False, True, False, "as saved"),
+    ],
+)
+def test_resume_plan_says_what_a_layout_change_keeps(
+    tmp_path: Path, now: tuple, universal: bool, same_ranks: bool, bit_exact: bool, says: str
+) -> None:
+    from pretrain.engine.checkpoint import plan_resume
+
+    sig = resume_signature(load())
+    world, stage, micro = now
+    plan = plan_resume(
+        _marker(tmp_path, sig, 2, 2, 4), sig, world_size=world, zero_stage=stage, micro_batch_size=micro
+    )
+    assert (plan.universal, plan.same_ranks, plan.bit_exact) == (universal, same_ranks, bit_exact)
+    assert says in plan.describe() and ("sample-exact" in plan.describe()) == (not bit_exact)
+
+
+def test_resume_plan_refuses_stage_0_changes_and_signature_changes(tmp_path: Path) -> None:
+    from pretrain.engine.checkpoint import plan_resume
+
+    sig = resume_signature(load())
+    ckpt = _marker(tmp_path, sig, 2, 0, 4)
+    assert not plan_resume(ckpt, sig, world_size=1, zero_stage=0, micro_batch_size=8).universal  # 0 → 0
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage=0, this run has 2"):
+        plan_resume(ckpt, sig, world_size=2, zero_stage=2, micro_batch_size=4)
+    other = resume_signature(load("train.global_batch_size=16"))
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size: checkpoint 8 vs now 16"):
+        plan_resume(ckpt, other, world_size=2, zero_stage=0, micro_batch_size=4)

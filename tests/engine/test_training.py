@@ -130,7 +130,15 @@ def test_resume_refuses_incompatible_config(tmp_path) -> None:
     ok(run_ranks(tiny_args(run_dir, None, "train.steps=3"), 1))
     r = run_ranks(
         [
-            *tiny_args(run_dir, None, "train.steps=6", "model.decoder_depth=2", "mask.ratio=0.5"),
+            *tiny_args(
+                run_dir,
+                None,
+                "train.steps=6",
+                "model.decoder_depth=2",
+                "mask.ratio=0.5",
+                "train.global_batch_size=16",
+                "train.micro_batch_size=16",
+            ),
             "--resume",
             "auto",
         ],
@@ -141,7 +149,14 @@ def test_resume_refuses_incompatible_config(tmp_path) -> None:
     assert (
         "model.decoder_depth: checkpoint None vs now 2" in r.stdout
         and "mask.ratio: checkpoint 0.75 vs now 0.5" in r.stdout
+        and "train.global_batch_size: checkpoint 8 vs now 16" in r.stdout
     )
+    assert "micro_batch_size" not in r.stdout  # re-partitioned on resume, not a refusal
+    # ZeRO 1-3 re-partition into each other; stage 0 (a plain optimizer) only resumes as stage 0
+    r = run_ranks(
+        [*tiny_args(run_dir, None, "train.steps=6", "deepspeed.zero_stage=0"), "--resume", "auto"], 1
+    )[0]
+    assert r.returncode == 2 and "deepspeed.zero_stage=2, this run has 0" in r.stdout, r.stdout[-2000:]
     r = run_ranks(tiny_args(run_dir, None, "train.steps=6"), 1)[0]  # no --resume with checkpoints present
     assert r.returncode == 2 and "--resume auto" in r.stdout
 

@@ -131,3 +131,27 @@ def test_pretraining_run_dir_as_init_and_deepspeed_launcher(tmp_path: Path, shar
     ok(r)
     assert "init from run" in r.stdout + r.stderr
     assert (run / "model" / "peft_sidecar.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_partial_fine_tune_resumed_on_another_world_size_keeps_its_frozen_weights(
+    tmp_path: Path, shards: Path, mae_dir: Path
+) -> None:
+    """2 ranks ZeRO-2 → 1 rank ZeRO-3: DeepSpeed's universal checkpoint carries only what the optimizer
+    holds; the frozen blocks (never re-read from finetune.init on resume) come from the consolidated
+    checkpoint, and the layer-decay groups keep their own learning rates and weight decay."""
+    run = tmp_path / "run"
+    common = ["finetune.method=partial", "train.steps=4", "data.val_split=null", "tracking.log_model=true"]
+    common.append("train.seed=1")  # mae_dir was drawn with seed 0: a fresh model must not equal it by chance
+    ok(run_ranks(ft_args(run, shards, mae_dir, *common, "train.micro_batch_size=2", "train.stop_at=2"), 2))
+    r = run_ranks([*ft_args(run, shards, mae_dir, *common, "deepspeed.zero_stage=3"), "--resume", "auto"], 1)
+    ok(r)
+    assert "now 1 ranks, ZeRO-3" in r[0].stdout and "universal checkpoint" in r[0].stdout
+    from finetune.export import load_finetuned
+    from pretrain.models import load_model
+
+    start, tuned = load_model(mae_dir).state_dict(), load_finetuned(run / "model").state_dict()
+    frozen = [k for k in start if k.startswith(("encoder.patch_embed.", "encoder.blocks.0."))]
+    assert len(frozen) == 15 and all(torch.equal(tuned[k], start[k]) for k in frozen)
+    trained = "encoder.blocks.1.mlp.fc1.weight"  # partial_blocks=1: the last block trains
+    assert not torch.equal(tuned[trained], start[trained])

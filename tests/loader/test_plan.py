@@ -76,6 +76,56 @@ def test_order_deterministic_per_seed_epoch() -> None:
     assert order(0, 0) != order(1, 0)
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize(("n", "world", "vpb"), [(24, 2, 3), (13, 3, 2), (10, 4, 2), (7, 1, 2)])
+def test_plan_from_a_batch_boundary_is_the_tail_of_the_full_plan(
+    n: int, world: int, vpb: int, drop_last: bool
+) -> None:
+    """Same world size: continuing from global position k * vpb * world gives the full plan's remaining
+    batches, indices and padding flags alike (what makes a same-size resume bit-exact)."""
+    kw = dict(seed=2, epoch=3, world_size=world, shuffle=True, drop_last=drop_last, videos_per_batch=vpb)
+    for rank in range(world):
+        full = epoch_plan(n, rank=rank, **kw)  # type: ignore[arg-type]
+        for k in range(full.num_batches + 1):
+            tail = epoch_plan(n, rank=rank, start=k * vpb * world, **kw)  # type: ignore[arg-type]
+            assert tail.num_batches == full.num_batches - k
+            assert tail.indices.tolist() == full.indices[k * vpb :].tolist()
+            assert tail.pad.tolist() == full.pad[k * vpb :].tolist()
+
+
+@pytest.mark.parametrize(("before", "after", "batch_after"), [(2, 1, 4), (2, 4, 2), (1, 2, 5), (3, 2, 3)])
+def test_resume_on_another_number_of_ranks_takes_every_sample_once(
+    before: int, after: int, batch_after: int
+) -> None:
+    """2 batches on `before` ranks, state of rank 0, the rest of the epoch on `after` ranks with another batch
+    size: together every sample of the epoch exactly once, in the epoch's order, with the same clips."""
+    spec = SamplingSpec(frames=2, stride=1, size=8)
+
+    def make(rank: int, world: int, batch: int):
+        return build_loader(
+            "/nonexistent", "train", batch_size=batch, spec=spec, backend="synthetic", num_samples=24,
+            rank=rank, world_size=world, seed=7, epoch=1,
+        )  # fmt: skip
+
+    whole = {k: v for b in make(0, 1, 4) for k, v in zip(b["key"], b["video"])}
+    first = [make(r, before, 2) for r in range(before)]
+    its = [iter(x) for x in first]
+    taken = [b for _ in range(2) for it in its for b in [next(it)]]
+    states = [x.state_dict() for x in first]
+    assert {s["position"] for s in states} == {2 * 2 * before}  # the same global position on every rank
+    rest = []
+    for r in range(after):
+        x = make(r, after, batch_after)
+        x.load_state_dict(states[0])
+        x.set_epoch(1)  # what the trainer does: keeps the position
+        rest += list(x)
+    keys = [k for b in taken + rest for k in b["key"]]
+    assert sorted(keys) == sorted(whole) and len(set(keys)) == len(keys) == 24
+    order = list(whole)  # one rank, in order: the epoch's order
+    assert {k for b in rest for k in b["key"]} == set(order[2 * 2 * before :])
+    assert all(torch.equal(v, whole[k]) for b in taken + rest for k, v in zip(b["key"], b["video"]))
+
+
 def test_short_policies() -> None:
     idx = np.array([0, 4, 8, 12, 16])
     assert apply_short_policy(idx, 10, "repeat").tolist() == [0, 4, 8, 2, 6]

@@ -3,6 +3,8 @@
 A stage's config is a dataclass that extends `EngineConfig` with its own sections (pretraining adds
 `data`, `model`, `mask`, `clip`; fine-tuning its own). Fields marked `resume=True` in their metadata (or
 inside a section so marked) form the *resume signature*: a checkpoint whose signature differs is refused.
+What may change on resume is left out on purpose: the number of ranks, `train.micro_batch_size` and
+`deepspeed.zero_stage` (1-3) are re-partitioned (`checkpoint.plan_resume` says what that costs).
 The engine's sections say nothing about videos: what to read and how is the task's business.
 """
 
@@ -40,7 +42,7 @@ class TrainConfig:
         None  # end THIS job at that step with a checkpoint (job time slots); schedule unchanged
     )
     global_batch_size: int = resume_key(8)
-    micro_batch_size: int = resume_key(8)  # per rank per forward
+    micro_batch_size: int = 8  # per rank per forward; may change on resume (another world size)
     seed: int = resume_key(0)
     log_every: int = 1
     eval_every: int = 0  # steps; 0 = only at the end (when the task has a val loader)
@@ -72,7 +74,7 @@ class OptimConfig:
 class DeepSpeedSection:
     """What goes into the generated DeepSpeed JSON (see `deepspeed_json.deepspeed_config`)."""
 
-    zero_stage: int = resume_key(2)
+    zero_stage: int = 2  # may change on resume between 1, 2 and 3 (universal checkpoint)
     bf16: bool = resume_key(False)
     fp16: bool = resume_key(False)
     overlap_comm: bool = True
@@ -166,7 +168,9 @@ def signature_hash(signature: dict[str, Any]) -> str:
 
 
 def signature_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
+    """Keys of the current signature whose values differ from the checkpoint's (or that it lacks). A key only
+    the checkpoint has is no longer one that must match (e.g. `train.micro_batch_size` in older runs)."""
+    keys = sorted(current)
     missing = object()
     return [
         f"{k}: checkpoint {saved.get(k, '<absent>')!r} vs now {current.get(k, '<absent>')!r}"
