@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import av
+import pytest
 
 from data_shards import format as fmt
 from data_shards.__main__ import main as cli
@@ -263,6 +264,7 @@ def test_verify_names_shard_and_problem(synth_vp9: Path, tmp_path: Path) -> None
     assert any(p.startswith("train-000000.tar: sha256") for p in problems)
 
 
+@pytest.mark.slow  # ~60 s: a second Ray cluster starts and stops
 def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path: Path) -> None:
     """`--ray-address` joins an existing cluster (token auth: the client needs RAY_AUTH_MODE=token); the
     same shards as a local build; and stopping that cluster leaves this process's own Ray alive."""
