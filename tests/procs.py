@@ -54,6 +54,11 @@ def run_ranks(
                 text=True,
             )
         )
+    return wait_all(procs, timeout)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Each process's exit and output (stdout with stderr merged); one that hangs kills them all."""
     out = []
     for p in procs:
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 import loopback
 import pytest
 from engine_helpers import PY, REPO, base_env, free_port, losses, ok, run_ranks, tiny_args
+from procs import wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +61,6 @@ def _tracked(run_dir: Path, shards: Path, uri: str) -> list[str]:
     )
 
 
-def _wait(procs: list[subprocess.Popen], timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    out = []
-    for p in procs:
-        try:
-            stdout, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
-    return out
-
-
 def _preempt_then_resume(launch: Launch, run_dir: Path, args: list[str], mark: str) -> list[loopback.Proc]:
     """Start the job, SIGTERM the training process of the second node once two steps are logged, check every
     rank checkpointed and exited 0 (and so did the launchers), then resume it to the end. Returns the
@@ -86,7 +74,7 @@ def _preempt_then_resume(launch: Launch, run_dir: Path, args: list[str], mark: s
         while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"loss"') < 2):
             time.sleep(0.02)
         os.kill(victim, signal.SIGTERM)
-        first = _wait(procs)
+        first = wait_all(procs)
         seen = watcher.stop()
     finally:
         watcher.kill_leftovers()
@@ -98,7 +86,7 @@ def _preempt_then_resume(launch: Launch, run_dir: Path, args: list[str], mark: s
     assert 2 <= step < STOP, f"preempted at step {step}"
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
     assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.name
-    resumed = _wait(launch([*args, "--resume", "auto"]))
+    resumed = wait_all(launch([*args, "--resume", "auto"]))
     ok(resumed)
     assert f"paused at train.stop_at at step {STOP}" in "".join(r.stdout for r in resumed)
     return seen
