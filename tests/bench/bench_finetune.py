@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                a.work / "pretrain.log")  # fmt: skip
         print(f"pretraining: {t:.0f} s", flush=True)
 
-    rows = []  # (name, seed, trainable %, top-1, top-5, videos, wall s)
+    rows = []  # (name, seed, trainable %, top-1, top-5, videos, wall s, total parameters)
     only = set(a.only.split(",")) if a.only else None
     for name, pretrained, method, extra in RUNS:
         if only and name not in only:
@@ -124,21 +124,25 @@ def main(argv: list[str] | None = None) -> int:
                    a.work / f"{run.name}.log")  # fmt: skip
             res = evaluate(run / "model", shards)
             info = json.loads((run / "model" / "config.json").read_text())["extra"]["finetune"]
-            rows.append((name, seed, info["trainable_pct"], res["top1"], res["top5"], res["n"], t))
+            total = round(info["trainable_params"] * 100 / info["trainable_pct"])
+            rows.append((name, seed, info["trainable_pct"], res["top1"], res["top5"], res["n"], t, total))
             print(f"{name:<20} seed {seed}  trainable {info['trainable_pct']:7.3f}%  "
                   f"test top-1 {100 * res['top1']:5.1f}%  ({t:.0f} s)", flush=True)  # fmt: skip
 
     print(
         f"\nfine-tune budget: {a.steps} steps × batch 8 (tiny ViT, 32 px, 8 frames); test split, 2 clips × 1 crop"
     )
-    print(f"{'run':<20} {'seeds':>5} {'trainable':>10} {'top-1 mean':>11} {'per seed':>20} {'videos':>6}")
+    print(
+        f"{'run':<20} {'seeds':>5} {'params':>8} {'trainable':>10} {'top-1 mean':>11} {'per seed':>20} {'videos':>6}"
+    )
     mean: dict[str, float] = {}
     for name in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == name]
         mean[name] = statistics.mean(r[3] for r in mine)
         per_seed = " ".join(f"{100 * r[3]:.1f}" for r in mine)
         print(
-            f"{name:<20} {len(mine):>5} {mine[0][2]:9.3f}% {100 * mean[name]:10.1f}% {per_seed:>20} {mine[0][5]:>6d}"
+            f"{name:<20} {len(mine):>5} {mine[0][7]:>8,d} {mine[0][2]:9.3f}% {100 * mean[name]:10.1f}% "
+            f"{per_seed:>20} {mine[0][5]:>6d}"
         )
     if "scratch/full" in mean and "pretrained/full" in mean:
         gain = 100 * (mean["pretrained/full"] - mean["scratch/full"])
