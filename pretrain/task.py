@@ -17,7 +17,7 @@ from torch import nn
 from data_shards.loader import SamplingSpec
 from pretrain.config import PretrainConfig
 from pretrain.data import ShardData
-from pretrain.engine import StepOutput, Task, TaskContext
+from pretrain.engine import StepOutput, Task, TaskContext, mix_seed
 from pretrain.models import (
     MaskedVideoAutoencoder,
     apply_activation_checkpointing,
@@ -47,7 +47,7 @@ class MaskedVideoTask(ShardData, Task):
         self.device, self.seed, self.rank = ctx.device, ctx.seed, ctx.rank
         ds = self.cfg.deepspeed
         self.dtype = torch.bfloat16 if ds.bf16 else torch.float16 if ds.fp16 else torch.float32
-        self.generator = torch.Generator().manual_seed(_mix(ctx.seed, ctx.rank))
+        self.generator = torch.Generator().manual_seed(mix_seed(ctx.seed, ctx.rank))
         if ctx.is_main:  # what `load_source(run_dir)` reads: a fine-tune can start from this run
             write_run_model(self.mae_cfg, ctx.run_dir)
 
@@ -93,7 +93,7 @@ class MaskedVideoTask(ShardData, Task):
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Mean reconstruction loss over the val clips (padding duplicates excluded), fixed masks."""
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.rank, 1))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, 1))
         total, count = 0.0, 0
         for batch in batches:
             video = batch["video"].to(self.device, self.dtype)
@@ -114,7 +114,7 @@ class MaskedVideoTask(ShardData, Task):
     def visualize(self, model: nn.Module, batch: dict[str, Any], out_dir: Path | None) -> list[Path]:
         """Original / masked / reconstruction frames of the batch's first clip as one PNG."""
         video = batch["video"][:1].to(self.device, self.dtype)
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.rank, 2))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, 2))
         mask, dec = self.masks(1, gen)
         out = model(video, mask, dec)
         if out_dir is None:
@@ -141,7 +141,7 @@ class MaskedVideoTask(ShardData, Task):
         self.generator.set_state(state["mask_generator"])
 
     def reseed(self, step: int) -> None:
-        self.generator.manual_seed(_mix(self.seed, self.rank, 3, step))
+        self.generator.manual_seed(mix_seed(self.seed, self.rank, 3, step))
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         return save_model(model, out_dir, extra)
@@ -161,14 +161,6 @@ def _output_as_fields(module: nn.Module, args: Any, output: Any) -> Any:
     if dataclasses.is_dataclass(output):
         return OutputFields({f.name: getattr(output, f.name) for f in dataclasses.fields(output)})
     return output
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (seed, rank, purpose) without collisions between small inputs."""
-    h = 1469598103934665603
-    for v in values:
-        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 def _plot_reconstruction(frames: Any, path: Path, title: str = "") -> None:

@@ -8,7 +8,7 @@ checkpoints, tracking and export. Layout: `trainer.py` (the loop), `task.py` (th
 
 from .checkpoint import export
 from .config import ConfigError, EngineConfig, load_config, require, resume_key, resume_section
-from .state import TrainState
+from .state import TrainState, mix_seed
 from .task import Batch, EvalOutcome, Loader, StepOutput, Task, TaskContext
 from .trainer import Outcome, RunResult, Trainer, TrainingStopped, run
 
@@ -28,6 +28,7 @@ __all__ = [
     "TrainingStopped",
     "export",
     "load_config",
+    "mix_seed",
     "require",
     "resume_key",
     "resume_section",

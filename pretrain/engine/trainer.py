@@ -48,9 +48,11 @@ from .dist import (
 )
 from .metrics import MetricsLogger, StepStats, peak_flops_per_device
 from .optim import VetoableAdamW, build_optimizer, lr_at, set_lr
-from .state import TrainState
+from .state import TrainState, mix_seed
 from .task import Batch, StepOutput, Task, TaskContext
 from .tracking import Tracker
+
+EXPORTED = "exported.json"  # written once the final model is exported and logged
 
 
 class TrainingStopped(RuntimeError):
@@ -451,16 +453,21 @@ class Trainer:
         if self.dist.is_main:
             model_dir = ckpt_io.export(self.run_dir, self.run_dir / "model", self.task)
             self.task.log_model(model_dir, self.tracker)
+            (self.run_dir / EXPORTED).write_text(
+                json.dumps({"step": self.state.step, "model": "model"}) + "\n"
+            )
         barrier()
         return model_dir
 
     def _finished_model(self) -> Path | None:
-        """A run resumed after its last step trains nothing more: its model directory is the one it has."""
+        """A run resumed after its last step trains nothing more: its model directory is the one it has, or,
+        when it was stopped while exporting or logging it (no `exported.json`), the one exported now."""
         self.metrics.note(
             f"[tubelet] {self.run_dir} already finished at step {self.state.step}: nothing to train"
         )
-        path = self.run_dir / "model"
-        return path if path.is_dir() else None
+        if not (self.run_dir / EXPORTED).is_file():
+            return self._export_final()
+        return self.run_dir / "model"
 
     def _plan_resume(self, resume: str | None) -> ckpt_io.ResumePlan | None:
         """The checkpoint to continue from (refused when incompatible) and how (before any process group)."""
@@ -500,7 +507,7 @@ class Trainer:
             ckpt_io.set_rng_state(saved["rng"])  # last: everything built so far may have drawn numbers
         else:  # the ranks that held these streams are gone: fresh ones, distinct per (rank, step)
             step = self.state.step
-            _seed_everything(_stream_seed(self.cfg.train.seed, self.dist.rank, step))
+            _seed_everything(mix_seed(self.cfg.train.seed, self.dist.rank, step))
             self.task.reseed(step)
 
     def _metrics_logger(self) -> MetricsLogger:
@@ -551,14 +558,6 @@ def _check_task_config(task: Task, cfg: EngineConfig) -> None:
             f"tracking.register_as={cfg.tracking.register_as!r}: {type(task).__name__} logs its model as plain "
             "files, not as an MLflow model that can be registered; unset tracking.register_as"
         )
-
-
-def _stream_seed(*values: int) -> int:
-    """A 63-bit seed from small integers (seed, rank, step) without collisions between them."""
-    h = 1469598103934665603
-    for v in values:
-        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 def _seed_everything(seed: int) -> None:

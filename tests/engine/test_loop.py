@@ -6,6 +6,7 @@ Milliseconds each; the real DeepSpeed runs are in test_training.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,8 @@ def test_save_final_off_keeps_only_periodic_checkpoints(tmp_path: Path) -> None:
 class LoggingTask(ToyTask):
     """Records what the engine hands `log_model` at the end of a completed run."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
         self.logged: list[tuple[Path, object]] = []
 
     def log_model(self, model_dir: Path, tracker: object) -> None:
@@ -176,3 +177,18 @@ def test_resuming_a_finished_run_trains_nothing_more(tmp_path: Path) -> None:
     result = trainer(tmp_path, again, resume="auto").train()
     assert result.outcome is Outcome.FINISHED and result.step == 10 and again.calls == 0
     assert [r["step"] for r in logged(tmp_path)] == list(range(1, 11))  # no step 11
+    assert result.model_dir == tmp_path / "run" / "model"
+
+
+def test_a_run_stopped_while_exporting_exports_on_resume_without_training(tmp_path: Path) -> None:
+    trainer(tmp_path, ToyTask(val=False)).train()
+    run = tmp_path / "run"
+    (run / "exported.json").unlink()  # killed after the last checkpoint, before the export was done
+    shutil.rmtree(run / "model")
+    again = LoggingTask(val=False)
+    result = trainer(tmp_path, again, resume="auto").train()
+    assert result.outcome is Outcome.FINISHED and again.calls == 0
+    assert (
+        result.model_dir == run / "model" and (run / "model").is_dir() and (run / "exported.json").is_file()
+    )
+    assert [m for m, _ in again.logged] == [run / "model"]
