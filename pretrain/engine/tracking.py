@@ -102,8 +102,10 @@ class Tracker:
             client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp_id
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        if self._client is None or time.monotonic() < self._retry_at:
+    def _call(self, fn: Callable[[], Any], *, backoff: bool = True) -> Any:
+        """`fn()`, or None after a warning when it fails; with `backoff`, skipped while a recent failure's
+        retry delay runs (the per-step stream must not wait on a dead server; one-off work always tries)."""
+        if self._client is None or (backoff and time.monotonic() < self._retry_at):
             return None
         try:
             out = fn()
@@ -127,10 +129,11 @@ class Tracker:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run other MLflow work for this run (e.g. log a model) under the same rule as every call here:
-        a failure warns and returns None, it never stops training. No-op off rank 0 or without MLflow."""
+        a failure warns and returns None, it never stops training; a metrics failure just before does not
+        skip it. No-op off rank 0 or without MLflow."""
         if not self.is_main:
             return None
-        return self._call(fn)
+        return self._call(fn, backoff=False)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.is_main or self._client is None:
