@@ -280,14 +280,21 @@ def universal_checkpoint(ckpt: Path, rank: int) -> Path:
     weights and Adam moments whole), loadable on any number of ranks at ZeRO stage 1, 2 or 3. Rank 0 makes
     it once (kept with the checkpoint for a later restart; retention removes both)."""
     out = ckpt / UNIVERSAL
+    failure: Exception | None = None
     if rank == 0 and not (out / _UNIVERSAL_DONE).is_file():
         t0 = time.perf_counter()
-        _convert_to_universal(ckpt, out)
-        print(
-            f"[tubelet] {ckpt.name}: universal checkpoint written in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
+        try:
+            _convert_to_universal(ckpt, out)
+        except Exception as e:  # reach the barrier anyway: the other ranks must not wait for a dead rank 0
+            failure = e
+        else:
+            print(
+                f"[tubelet] {ckpt.name}: universal checkpoint written in {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
     barrier()
+    if failure is not None:
+        raise failure
     if not (out / _UNIVERSAL_DONE).is_file():
         raise RuntimeError(f"{out}: rank 0 did not finish the universal checkpoint (see its log)")
     return out
