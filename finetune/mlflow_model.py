@@ -170,6 +170,7 @@ def requirements(model_dir: Path) -> list[str]:
 
 
 def code_paths() -> list[str]:
+    """tubelet's packages, shipped with a pyfunc model or a Serve job (a cluster node has no checkout)."""
     import data_shards
     import finetune
     import pretrain

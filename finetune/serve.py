@@ -27,7 +27,6 @@ import signal
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -247,15 +246,6 @@ class VideoClassifierServer:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def code_modules() -> list[str]:
-    """The packages a replica imports, shipped with the app (a cluster node has no checkout)."""
-    import data_shards
-    import finetune
-    import pretrain
-
-    return [str(Path(m.__file__).parent) for m in (finetune, pretrain, data_shards)]
-
-
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application: the deployment with replicas, concurrency and per-replica CPUs."""
     env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
@@ -274,10 +264,11 @@ def start_ray(address: str | None) -> None:
     import ray
 
     from data_shards.execute import TOKEN_HINT
+    from finetune.mlflow_model import code_paths
 
     if ray.is_initialized():
         return
-    env = {"py_modules": code_modules()}
+    env = {"py_modules": code_paths()}
     if address is None:
         ray.init(
             num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env, logging_level=logging.WARNING
