@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from finetune.predict import Predictor
 
@@ -44,7 +43,7 @@ def embed_split(
     """Every video of `split`: features of each eval view, averaged per video (padding dropped)."""
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
-    from finetune.evaluate import average_per_video
+    from finetune.evaluate import average_per_video, collect_outputs
 
     views = predictor.views_per_video
     loader = build_loader(
@@ -56,16 +55,10 @@ def embed_split(
         num_workers=num_workers,
         drop_last=False,
     )
-    keys: list[str] = []
-    feats, labels = [], []
-    for batch in loader:
-        keep = ~batch["pad"] if "pad" in batch else torch.ones(len(batch["key"]), dtype=torch.bool)
-        feats.append(predictor.clip_outputs(batch["video"], features=True).cpu()[keep])
-        labels.append(batch["label"].cpu()[keep])
-        keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
+    keys, feats, labels = collect_outputs(lambda x: predictor.clip_outputs(x, features=True), loader)
     if not keys:
         raise ValueError(f"{shards}: split {split!r} has no videos")
-    order, vectors, video_labels = average_per_video(keys, torch.cat(feats), torch.cat(labels))
+    order, vectors, video_labels = average_per_video(keys, feats, labels)
     names = load_manifest(shards).classes or []
     label_names = [names[i] if 0 <= i < len(names) else None for i in video_labels.tolist()]
     return Embeddings(order, video_labels.numpy(), label_names, vectors.numpy().astype(np.float32))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,25 @@ def collect_scores(
     model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, dtype: torch.dtype
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(keys, clip softmax [n, K] float32 CPU, labels [n]) over this rank's batches, padding dropped."""
+    return collect_outputs(lambda x: model(x.to(device, dtype)).float().softmax(-1), batches)
+
+
+def collect_outputs(
+    clip_outputs: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]]
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, `clip_outputs(video)` rows on the CPU, labels) over the batches, loader padding dropped: the one
+    loop of evaluation (scores) and embedding (features)."""
     keys: list[str] = []
-    probs, labels = [], []
+    outs, labels = [], []
     for batch in batches:
-        logits = model(batch["video"].to(device, dtype)).float()
-        p = logits.softmax(-1).cpu()
-        keep = ~batch["pad"].cpu() if "pad" in batch else torch.ones(len(p), dtype=torch.bool)
+        out = clip_outputs(batch["video"]).cpu()
+        keep = ~batch["pad"].cpu() if "pad" in batch else torch.ones(len(out), dtype=torch.bool)
         keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
-        probs.append(p[keep])
+        outs.append(out[keep])
         labels.append(batch["label"].cpu()[keep])
-    if not probs:
+    if not outs:
         return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    return keys, torch.cat(probs), torch.cat(labels)
+    return keys, torch.cat(outs), torch.cat(labels)
 
 
 def gather_scores(
