@@ -54,7 +54,16 @@ def bench(backend: str, stage: int, args: argparse.Namespace, tmp: Path) -> dict
         "tracking.enabled=false",
         "tracking.log_model=false",
     ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    timeout = getattr(args, "timeout", None)
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out, err = (
+            x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)
+        )
+        raise SystemExit(
+            f"{backend}/zero{stage} timed out after {timeout:.0f}s:\n{out[-3000:]}\n{err[-3000:]}"
+        ) from e
     if r.returncode != 0:
         raise SystemExit(f"{backend}/zero{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -78,6 +87,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10, help="leading steps left out of the medians")
     p.add_argument("--micro", type=int, default=32, help="clips per GPU per step")
     p.add_argument("--stages", default="1,2")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed to each run")
     args = p.parse_args()
     try:
         import torch

@@ -26,7 +26,10 @@ def to_uint8_space(video: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["h264", "vp9"])
 def shards(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_shard_set(tmp_path_factory.mktemp(request.param), codec=request.param, short={5: 10})
+    # 128 px: NVDEC's smallest VP9 frame is 128x128 (H.264: 48x16)
+    return make_shard_set(
+        tmp_path_factory.mktemp(request.param), codec=request.param, size=128, short={5: 10}
+    )
 
 
 def test_auto_picks_mixed_and_matches_pyav(shards: Path) -> None:
