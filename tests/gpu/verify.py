@@ -353,7 +353,7 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=32, help="clips per GPU per step")
     p.add_argument("--unique", type=int, default=32, help="distinct clips encoded for the DALI-fed run")
     p.add_argument("--repeats", type=int, default=16, help="times each is stored (distinct keys)")
-    p.add_argument("--timeout", type=float, default=240, help="seconds allowed to each pretraining run")
+    p.add_argument("--timeout", type=float, default=180, help="seconds allowed to each pretraining run")
     p.add_argument("--mae-presets", default="vit-s,vit-b", help="ours vs HF: encoder presets (comma list)")
     p.add_argument("--mae-batch", type=int, default=32, help="ours vs HF: clips per step")
     p.add_argument("--mae-steps", type=int, default=10, help="ours vs HF: timed steps per model")
