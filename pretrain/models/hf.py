@@ -205,7 +205,10 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
 
 
 def hf_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF VideoMAE keys → tubelet keys (query/key/value fused into ``qkv``; key bias must be absent)."""
+    """HF VideoMAE keys → tubelet keys (query/key/value fused into ``qkv``).
+
+    A ``key.bias`` (transformers versions whose key Linear has one, e.g. 5.17, where it is zero) is dropped:
+    it adds ``q·b_k`` to every score of a query's row, which the softmax cancels exactly."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
@@ -226,8 +229,6 @@ def hf_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             raise KeyError(f"unexpected HF VideoMAE key {key}")
         out[new] = value
     for prefix, parts in qkv.items():
-        if "key.bias" in parts:
-            raise KeyError(f"{prefix}: HF key.bias is not supported (VideoMAE has no key bias)")
         out[prefix + "attn.qkv.weight"] = torch.cat(
             [parts["query.weight"], parts["key.weight"], parts["value.weight"]]
         )
@@ -314,6 +315,9 @@ def to_hf_model(model: nn.Module) -> nn.Module:
     hf_sd = ours_state_dict_to_hf(sd)
     if isinstance(hf_model, VideoMAEModel):
         hf_sd = {k.removeprefix("videomae."): v for k, v in hf_sd.items()}
+    for k, v in hf_model.state_dict().items():  # a key Linear with a bias (transformers 5.17): zero, exact
+        if k.endswith("attention.attention.key.bias") and k not in hf_sd:
+            hf_sd[k] = torch.zeros_like(v)
     load_state_dict_strict(hf_model, hf_sd, f"tubelet {type(model).__name__}")
     return hf_model.eval()
 
