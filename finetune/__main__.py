@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         "embed": _embed,
     }
     if argv[:1] and argv[0] in sub:
-        return sub[argv[0]](argv[1:])
+        command = sub[argv[0]]
+        return _one_line_errors(lambda: command(argv[1:]))
     p = training_parser(
         "python -m finetune",
         "Video classification fine-tuning (full / PEFT)",
@@ -54,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best)
+
+
+def _one_line_errors(command: Callable[[], int]) -> int:
+    """Run a subcommand; input it rejects by name (a split the shards lack, classes that do not match the
+    model, a missing file) ends it with one `error:` line and exit 2, not a traceback."""
+    from data_shards.format import FormatError
+
+    try:
+        return command()
+    except (FormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -111,12 +125,12 @@ def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
         num_workers=a.num_workers,
         out_dir=a.out if len(a.model) == 1 else None,
     )
-    r["model"] = str(src.model_dir)
+    r["model"], r["model_dir"] = model, str(src.model_dir)  # reported by the name the user gave
     if not is_main_rank():
         return r
     if a.json:
-        keep = ("model", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
-        print(json.dumps({**{k: r[k] for k in keep}, "source": model}), flush=True)
+        keep = ("model", "model_dir", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
+        print(json.dumps({k: r[k] for k in keep}), flush=True)
     else:
         print(
             f"\n{model} — {a.split}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
@@ -147,20 +161,28 @@ def _resolve(source: str, uri: str | None) -> Any:
 def _predict(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune predict", description="classify video files")
     p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
-    p.add_argument("videos", nargs="+")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("videos", nargs="+", help="video files, folders of videos, or glob patterns ('*.mp4')")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per video (>= 1)")
     p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
     p.add_argument("--crops", type=int, default=None, choices=[1, 3])
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
     a = p.parse_intermixed_args(argv)
-    from finetune.predict import predict_files, print_predictions
+    from finetune.predict import expand_inputs, predict_files, print_predictions
 
+    videos = expand_inputs(a.videos)
     model = _resolve(a.model, a.tracking_uri).model_dir
-    results = predict_files(model, a.videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride)
+    results = predict_files(model, videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride)
     failed = print_predictions(results, a.json)
     return 1 if failed else 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give an integer >= 1")
+    return value
 
 
 def _serve(argv: list[str]) -> int:
@@ -207,7 +229,7 @@ def _embed(argv: list[str]) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, default=None, help="FILE.parquet, or FILE.npy + FILE.keys.jsonl")
     p.add_argument("--query", nargs="*", default=[], help="video files: print their nearest neighbours")
-    p.add_argument("-k", type=int, default=5, help="neighbours per query")
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "pyav"])
     p.add_argument("--num-workers", type=int, default=1)
@@ -216,7 +238,9 @@ def _embed(argv: list[str]) -> int:
     from finetune import embed
     from finetune.predict import Predictor, VideoInputError
 
-    predictor = Predictor(_resolve(a.model, a.tracking_uri).model_dir)
+    src = _resolve(a.model, a.tracking_uri)
+    predictor = Predictor(src.model_dir)
+    identity = embed.model_identity(src.model_dir, a.model, src.version)
     if a.shards:
         emb = embed.embed_split(
             predictor,
@@ -226,6 +250,7 @@ def _embed(argv: list[str]) -> int:
             backend=a.backend,
             num_workers=a.num_workers,
         )
+        emb.model = identity
         agree, chance = embed.neighbour_agreement(emb)
         where = f" → {embed.save(emb, a.out).resolve()}" if a.out else ""
         print(
@@ -235,6 +260,8 @@ def _embed(argv: list[str]) -> int:
         )
     else:
         emb = embed.load(a.index)
+        if a.query:
+            embed.check_same_model(emb, a.index, identity)
     failed = 0
     for q in a.query:
         try:

@@ -212,7 +212,10 @@ def label_mapping(
         return None
     unknown = sorted(set(model_names) - set(shard_names))
     if unknown:
-        raise ValueError(f"{model_dir} was trained on classes {model_names}, the shards have {shard_names}")
+        raise ValueError(
+            f"{model_dir} was trained on classes {model_names}, the shards have {shard_names} (missing "
+            f"{unknown}): evaluate it on shards built with its classes (data_shards build --classes ...)"
+        )
     index = {n: i for i, n in enumerate(model_names)}
     return torch.tensor([index.get(n, -1) for n in shard_names], dtype=torch.int64)
 
@@ -270,6 +273,7 @@ def evaluate_model_dir(
     m = summarize(*gather_scores(*scores))
     result: dict[str, Any] = {
         "model": str(model_dir),
+        "model_dir": str(model_dir),
         "split": split,
         "top1": m["top1"],
         "top5": m["top5"],
@@ -326,7 +330,7 @@ def log_to_mlflow(
     """Log a test evaluation: into the fine-tuning run the model belongs to (`run` = (store URI, run id), from
     `RUN/mlflow_run.json` or the registry), as `test/*` metrics + report + confusion PNG, so the runs table
     compares fine-tunes side by side; else into a new run named after the model (`RUN_NAME/best`)."""
-    model = Path(result["model"])
+    model = Path(result["model_dir"])
     if run is not None and (uri is None or uri == run[0]):
         return _log_into_run(result, model, *run)
     from pretrain.engine.config import TrackingConfig
@@ -339,6 +343,7 @@ def log_to_mlflow(
     tracker.log_params(
         {
             "model": result["model"],
+            "model_dir": result["model_dir"],
             "split": result["split"],
             "views": result["views"],
             "method": result["method"],

@@ -18,8 +18,6 @@ import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import pandas as pd
 from finetune.predict import Predictor, VideoInputError
 
 MODEL_DIR_ARTIFACT = "model_dir"
+LOGGED_MODEL_TAG = "tubelet.logged_model_id"  # on a registry version: the MLflow 3 logged model it holds
 REGISTRY_PREFIX = "models:/"
 DEFAULT_TOP_K = 5
 PREDICT_CHUNK = 8  # videos per forward inside one pyfunc call: bounds memory on big inputs
@@ -178,13 +177,16 @@ def code_paths() -> list[str]:
     return [str(Path(m.__file__).parent) for m in (finetune, pretrain, data_shards)]
 
 
-@contextmanager
-def tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent functions (used by `Model.log`, downloads) at `uri`, restored afterwards."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+@dataclass(frozen=True)
+class LoggedVideoModel:
+    """What `log_model` logged: the MLflow 3 logged model and, when registered, its registry version."""
 
-    with _use_tracking_uri(uri):
-        yield
+    model_id: str
+    registered_model_version: str | None = None
+
+    @property
+    def model_uri(self) -> str:
+        return f"{REGISTRY_PREFIX}{self.model_id}"
 
 
 def log_model(
@@ -195,31 +197,69 @@ def log_model(
     experiment_id: str,
     name: str = "model",
     register_as: str | None = None,
-) -> Any:
+) -> LoggedVideoModel:
     """Log `model_dir` as a pyfunc model of run `run_id` (an MLflow 3 logged model named `name`), registered
-    as a new version of `register_as` when given. Returns MLflow's ModelInfo."""
+    as a new version of `register_as` when given.
+
+    Every call goes through an `MlflowClient` bound to `uri`: MLflow's process-wide tracking URI and the
+    `MLFLOW_TRACKING_URI` variable are neither read nor changed, so later runs of the same command (the next
+    continual experience) log to the store the user set."""
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
     model_dir = Path(model_dir)
-    client = mlflow.MlflowClient(uri)
-    with tracking_uri(uri):
-        logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
-        return Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=mlflow.pyfunc,
-            flavor_name="pyfunc.ModelFromCode",
-            run_id=run_id,
-            model_id=logged.model_id,
-            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: no pickle
-            artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
-            code_paths=code_paths(),
-            signature=signature(),
-            input_example=pd.DataFrame({"video": [example_clip(model_dir)]}),
-            pip_requirements=requirements(model_dir),
-            registered_model_name=register_as,
-            metadata={"tubelet_model_dir": model_dir.name},
-        )
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    meta = Model(
+        artifact_path=logged.artifact_location,
+        model_uuid=logged.model_id,
+        run_id=run_id,
+        model_id=logged.model_id,
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                mlflow_model=meta,
+                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # models from code: no pickle
+                artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                code_paths=code_paths(),
+                signature=signature(),
+                input_example=pd.DataFrame({"video": [example_clip(model_dir)]}),
+                pip_requirements=requirements(model_dir),
+                metadata={"tubelet_model_dir": model_dir.name},
+            )
+            client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")  # never left pending
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    if register_as is None:
+        return LoggedVideoModel(logged.model_id)
+    _ensure_registered_model(client, register_as)
+    # the source is the logged model's artifact location, not `models:/<id>`: MLflow's sqlite registry looks a
+    # `models:/` source up through the process-wide tracking URI (its own TODO), which may be another store;
+    # the logged model is named by a tag instead
+    version = client.create_model_version(
+        register_as,
+        source=logged.artifact_location,
+        run_id=run_id,
+        tags={LOGGED_MODEL_TAG: logged.model_id},
+    )
+    return LoggedVideoModel(logged.model_id, str(version.version))
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
 
 
 # ------------------------------------------------------------------------------------------ resolving
@@ -236,7 +276,6 @@ class ResolvedModel:
     aliases: list[str] = field(default_factory=list)
     run_id: str | None = None
     tracking_uri: str | None = None  # the store holding `run_id` (and the registry version)
-    download_root: Path | None = None  # where a registry version was downloaded (the caller may remove it)
 
     @property
     def run(self) -> tuple[str, str] | None:
@@ -254,9 +293,10 @@ class ResolvedModel:
         }
 
 
-def resolve_model(source: str, uri: str | None = None, dst: str | Path | None = None) -> ResolvedModel:
-    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory (registry versions are
-    downloaded into `dst`, default a new temporary folder). Errors name the source and what exists."""
+def resolve_model(source: str, uri: str | None = None, cache: str | Path | None = None) -> ResolvedModel:
+    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory. A registry version is
+    downloaded once into the model cache (`model_cache`; `cache` overrides its root) and reused: versions
+    never change. Errors name the source and what exists."""
     if not source.startswith(REGISTRY_PREFIX):
         path = Path(source)
         if not (path / "config.json").is_file():
@@ -268,15 +308,9 @@ def resolve_model(source: str, uri: str | None = None, dst: str | Path | None = 
         return ResolvedModel(
             path, source, run_id=run[1] if run else None, tracking_uri=run[0] if run else None
         )
-    uri = uri or mlflow.get_tracking_uri()
+    uri = registry_store(source, uri)
     mv = _model_version(source, uri)
-    out = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="tubelet-model-"))
-    with tracking_uri(uri):
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{REGISTRY_PREFIX}{mv.name}/{mv.version}", dst_path=str(out)
-            )
-        )
+    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache))
     model_dir = _model_dir_of(local)
     if model_dir is None:
         raise ValueError(
@@ -284,7 +318,74 @@ def resolve_model(source: str, uri: str | None = None, dst: str | Path | None = 
             f"{MODEL_DIR_ARTIFACT!r} artifact holding a model directory"
         )
     aliases = list(mv.aliases or [])
-    return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri, out)
+    return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri)
+
+
+def registry_store(source: str, uri: str | None) -> str:
+    """The MLflow store to look `source` up in: `uri`, else $MLFLOW_TRACKING_URI, else MLflow's default
+    `./mlflow.db` when it exists. A local store that does not exist is an error, never created: looking a
+    model up must not leave an empty database behind."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        if not Path("mlflow.db").is_file():
+            raise ValueError(
+                f"{source}: no MLflow store to look it up in: set MLFLOW_TRACKING_URI or --tracking-uri "
+                "(there is no ./mlflow.db here)"
+            )
+        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    local = _local_store_path(uri)
+    if local is not None and not local.exists():
+        raise ValueError(f"{source}: no MLflow store at {local} (from {uri}); check the tracking URI")
+    return uri
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store URI names (sqlite:///PATH, file:PATH, a bare path); None if remote."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None if "://" in uri else Path(uri)
+
+
+def model_cache(uri: str, name: str, version: str, root: str | Path | None = None) -> Path:
+    """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
+    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version."""
+    import hashlib
+
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = os.environ.get("TUBELET_CACHE") or str(Path(base) / "tubelet")
+    store = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path(root) / "models" / store / name / version
+
+
+def _download_version(mv: Any, uri: str, dst: Path) -> Path:
+    """The version's pyfunc model in `dst` (downloaded into a sibling folder, then renamed: a reader never
+    sees a half-written copy, and concurrent replicas downloading the same version both end with it)."""
+    import shutil
+
+    if (dst / "MLmodel").is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        # by the version's storage location: a `models:/` URI would be resolved through the process-wide
+        # registry URI, not this store's
+        location = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(
+            mv.name, str(mv.version)
+        )
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(tmp), tracking_uri=uri
+        )
+        try:
+            Path(local).rename(dst)
+        except OSError:  # another process finished the same version first
+            if not (dst / "MLmodel").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
 
 
 def check_source(source: str, uri: str | None = None) -> str:
@@ -292,7 +393,7 @@ def check_source(source: str, uri: str | None = None) -> str:
     that exists); returns what it names, for a log line."""
     if not source.startswith(REGISTRY_PREFIX):
         return str(resolve_model(source).model_dir)
-    mv = _model_version(source, uri or mlflow.get_tracking_uri())
+    mv = _model_version(source, registry_store(source, uri))
     return f"{source} (version {mv.version} of {mv.name}, run {mv.run_id})"
 
 

@@ -15,7 +15,8 @@ disk (bodies and multipart files are held in memory) or unpickled.
 
 Local Ray by default; `--ray-address HOST:PORT` deploys onto an existing cluster (the code is shipped with
 the app; the cluster needs tubelet's dependencies). `--model` is a model directory (visible to every node)
-or a registry version `models:/NAME/VERSION` / `models:/NAME@ALIAS`, downloaded by each replica.
+or a registry version `models:/NAME/VERSION` / `models:/NAME@ALIAS`, downloaded once per machine
+into the model cache (`~/.cache/tubelet/models`, `$TUBELET_CACHE`) and shared by its replicas.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request) at
@@ -179,17 +180,9 @@ class VideoClassifierServer:
         self.source = resolve_model(cfg.model, cfg.tracking_uri)
         self.predictor = Predictor(self.source.model_dir, clips=cfg.clips, crops=cfg.crops)
         self.batches: dict[str, Counter[int]] = {"predict": Counter(), "embed": Counter()}
-        self.downloaded = self.source.name is not None  # a registry version: this replica's own copy
         for queue in (self.predict_batch, self.embed_batch):
             queue.set_max_batch_size(cfg.max_batch_size)
             queue.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
-
-    def __del__(self) -> None:
-        """Serve calls this when the replica stops: remove this replica's download of a registry version."""
-        if getattr(self, "downloaded", False):
-            import shutil
-
-            shutil.rmtree(self.source.download_root, ignore_errors=True)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -284,9 +277,11 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Deploy and serve until SIGINT/SIGTERM (or `stop`), then take the app (and a local Ray) down."""
     from ray import serve as rs
 
-    from finetune.mlflow_model import check_source
+    from finetune.mlflow_model import REGISTRY_PREFIX, check_source, registry_store
 
     cfg.check()
+    if cfg.model.startswith(REGISTRY_PREFIX):  # the replicas look it up in the store the driver found
+        cfg.tracking_uri = registry_store(cfg.model, cfg.tracking_uri)
     what = check_source(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
     start_ray(cfg.ray_address)
     stop = stop or threading.Event()

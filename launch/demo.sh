@@ -101,7 +101,7 @@ losses = [json.loads(l)["loss"] for l in open(pre / "metrics.jsonl") if '"loss"'
 print(f"pretraining: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps, MLflow run {run_id(pre)}")
 print(f"{'run':<12}{'init':<12}{'method':<8}{'trainable %':>12}{'test top-1':>12}{'top-5':>8}{'videos':>8}  MLflow run")
 for r in results:
-    model = Path(r["model"])
+    model = Path(r["model_dir"])
     ft = json.loads((model / "config.json").read_text()).get("extra", {}).get("finetune", {})
     init = "scratch" if not ft.get("init") else "pretrained"
     print(f"{model.parent.name:<12}{init:<12}{ft.get('method', '?'):<8}{ft.get('trainable_pct', 0):>11.2f}%"

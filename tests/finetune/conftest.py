@@ -11,6 +11,17 @@ import torch
 from ft_helpers import REGISTERED_NAME, Registry
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Registry versions download into a cache of the test session (inherited by the CLI processes), never
+    into the user's ~/.cache/tubelet."""
+    import os
+
+    folder = tmp_path_factory.mktemp("tubelet_cache")
+    os.environ["TUBELET_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 train + 4 val + 4 test clips, H.264, 32 px, 16 frames: real encodes, real shard writer."""

@@ -41,11 +41,14 @@ def ft_args(run_dir: Path, shards: Path, init: Path | None, *extra: str) -> list
     ]
 
 
-def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], timeout: int = 240, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` (environment: `base_env()` plus `env`)."""
     return subprocess.run(
         [PY, "-m", "finetune", *args],
-        env=base_env(),
-        cwd=REPO,
+        env={**base_env(), **(env or {})},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -88,9 +88,11 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_class_incremental_replay_end_to_end(tmp_path: Path, cl_shards: Path) -> None:
     run = tmp_path / "replay"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = run_cli([*cl_args(run, cl_shards, "replay", f"tracking.uri={store}")], timeout=400)
+    (tmp_path / "store").mkdir()
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # the store the user set, by the environment
+    r = run_cli(cl_args(run, cl_shards, "replay"), timeout=400, env={"MLFLOW_TRACKING_URI": store})
     ok(r)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to the default store beside the run
     out = result(run)
     matrix = out["accuracy_matrix"]
     assert len(matrix) == 2 and matrix[0][1] is None and all(v is not None for v in matrix[1])
@@ -125,6 +127,7 @@ def test_class_incremental_replay_end_to_end(tmp_path: Path, cl_shards: Path) ->
     parent = next(x for x in runs if "mlflow.parentRunId" not in x.data.tags)
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert len(runs) == 3  # the parent and one run per experience, each once, all in the user's store
     assert parent.data.metrics["continual/average_accuracy"] == pytest.approx(out["average_accuracy"])
     assert {"continual.json", "accuracy_matrix.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)

@@ -35,7 +35,7 @@ def test_two_fine_tunes_register_versions_1_and_2_of_one_name(registry: Registry
         exp = client.get_run(run_id(run)).info.experiment_id
         logged = client.search_logged_models([exp], filter_string=f"source_run_id='{run_id(run)}'")
         assert sorted(m.name for m in logged) == ["best", "model"]  # final and best, each a pyfunc model
-    mlmodel = client.get_logged_model(versions[0].source.removeprefix("models:/")).name
+    mlmodel = client.get_logged_model(versions[0].tags["tubelet.logged_model_id"]).name
     assert mlmodel == "best"  # the registered version is the best model (what evaluate reports)
 
 
@@ -44,13 +44,14 @@ def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
 ) -> None:
     import mlflow
 
-    from finetune.mlflow_model import resolve_model, tracking_uri
+    from finetune.mlflow_model import resolve_model
     from finetune.predict import Predictor
 
     clip = tmp_path / "clip.webm"
     clip.write_bytes(video_inputs["webm"])
-    with tracking_uri(registry.uri):
-        model = mlflow.pyfunc.load_model(f"models:/{registry.name}@champion")
+    client = mlflow.MlflowClient(registry.uri, registry_uri=registry.uri)
+    champion = client.get_model_version_by_alias(registry.name, "champion")
+    model = mlflow.pyfunc.load_model(client.get_model_version_download_uri(registry.name, champion.version))
     sig = model.metadata.signature
     assert sig.inputs.input_names() == ["video", "path"] and sig.params.params[0].name == "top_k"
     frame = pd.DataFrame(
