@@ -15,11 +15,44 @@ from typing import Any, Literal
 from finetune.peft_methods import CNN_LORA_TARGET_NAMES, CNN_METHODS, LORA_TARGET_NAMES, METHOD_NAMES
 from pretrain.config import DataSection, ModelSection
 from pretrain.engine import ConfigError, EngineConfig, require, resume_key
+from pretrain.engine.config import OptimConfig
 from pretrain.models import BackboneClassifierConfig, VideoClassifierConfig, VideoViTConfig, backbone_config
 from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.models.io import Source, read_source
 
 BACKBONE_NAMES = ("vit", "r2plus1d", "r3d", "mc3", "cnn_rnn")
+# What `optim.lr: auto` / `optim.layer_decay: auto` become, per backbone family (measured on the demo set,
+# tests/bench/bench_finetune.py): a transformer fine-tunes at 1e-3 with layer decay 0.75; the CNNs train
+# from scratch or fine-tune every layer at one, higher rate (at 1e-3 / 0.75 their stems starve).
+FAMILY_OPTIM: dict[str, dict[str, float]] = {
+    "vit": {"lr": 1e-3, "layer_decay": 0.75},
+    "cnn": {"lr": 3e-3, "layer_decay": 1.0},
+}
+
+
+def backbone_family(backbone: str) -> str:
+    return "vit" if backbone == "vit" else "cnn"
+
+
+@dataclass
+class FinetuneOptim(OptimConfig):
+    """The engine's optimizer section; `lr` and `layer_decay` may be `auto`: the backbone family's recipe
+    (`FAMILY_OPTIM`), so switching `model.backbone` does not keep a rate tuned for another family.
+    `lr: null` is the engine's linear scaling rule (base_lr × global batch / base_batch_size)."""
+
+    lr: float | Literal["auto"] | None = "auto"  # type: ignore[assignment]
+    layer_decay: float | Literal["auto"] = resume_key("auto")  # type: ignore[assignment]
+
+    def resolve_auto(self, backbone: str) -> str | None:
+        """Replace `auto` values by the family's; returns a line saying which were chosen (None: none)."""
+        family = backbone_family(backbone)
+        chosen = {k: v for k, v in FAMILY_OPTIM[family].items() if getattr(self, k) == "auto"}
+        for k, v in chosen.items():
+            setattr(self, k, v)
+        if not chosen:
+            return None
+        values = " ".join(f"optim.{k}={v:g}" for k, v in chosen.items())
+        return f"{values}: the {family} backbones' recipe (auto; set them to override)"
 
 
 @dataclass
@@ -168,6 +201,7 @@ class EvalSection:
 
 @dataclass
 class FinetuneConfig(EngineConfig):
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     data: DataSection = field(default_factory=DataSection)
     model: ClassifierSection = field(default_factory=ClassifierSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
@@ -175,6 +209,9 @@ class FinetuneConfig(EngineConfig):
     eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self, world_size: int = 1) -> None:
+        note = self.optim.resolve_auto(self.model.backbone)
+        if note is not None:
+            self.optim_note = note  # printed at start by the task (not a config field: never saved)
         super().validate(world_size)
         self.data.check()
         self.model.check()

@@ -17,18 +17,50 @@ import numpy as np
 
 from finetune.predict import Predictor
 
+MODEL_META_KEY = b"tubelet.model"  # Parquet schema metadata: the model that made the embeddings
+
 
 @dataclass
 class Embeddings:
-    """Rows in key order: `vectors_ND` float32, with each video's shard key and label (−1: unlabeled)."""
+    """Rows in key order: `vectors_ND` float32, with each video's shard key and label (−1: unlabeled), and
+    `model`: which model made them (`model_identity`), so a query by another model is refused."""
 
     keys: list[str]
     labels: np.ndarray
     label_names: list[str | None]
     vectors_ND: np.ndarray
+    model: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def model_identity(model_dir: str | Path, source: str, version: str | None = None) -> dict[str, Any]:
+    """The model as given (`source`: a directory or a registry name), its registry version, and the sha256 of
+    its weight files: embeddings from two models live in different spaces, the hash tells them apart."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return {"source": source, "version": version, "sha256": digest.hexdigest()}
+
+
+def check_same_model(emb: Embeddings, index: str | Path, identity: dict[str, Any]) -> None:
+    """Refuse to query `index` with another model than the one that built it (ValueError naming both)."""
+    if emb.model is None:
+        raise ValueError(
+            f"{index} does not record which model built it (written by an older tubelet): rebuild it with "
+            "embed --shards ... --out, so queries can be checked against its model"
+        )
+    if emb.model.get("sha256") != identity["sha256"]:
+        built = f"{emb.model.get('source')} (version {emb.model.get('version')})"
+        raise ValueError(
+            f"{index} was built by {built}, not by {identity['source']} (version {identity['version']}): "
+            "embeddings of different models are not comparable; query with the model that built the index"
+        )
 
 
 def embed_split(
@@ -80,6 +112,8 @@ def save(emb: Embeddings, path: str | Path) -> Path:
                 "embedding": pa.array(list(emb.vectors_ND), pa.list_(pa.float32())),
             }
         )
+        if emb.model is not None:
+            table = table.replace_schema_metadata({MODEL_META_KEY: json.dumps(emb.model).encode()})
         pq.write_table(table, path)
     elif path.suffix == ".npy":
         np.save(path, emb.vectors_ND)
@@ -88,6 +122,8 @@ def save(emb: Embeddings, path: str | Path) -> Path:
             for k, lb, n in zip(emb.keys, emb.labels, emb.label_names)
         ]
         keys_file(path).write_text("\n".join(rows) + "\n")
+        if emb.model is not None:
+            model_file(path).write_text(json.dumps(emb.model) + "\n")
     else:
         raise ValueError(f"{path}: write .parquet, or .npy (+ a .keys.jsonl beside it)")
     return path
@@ -97,20 +133,28 @@ def keys_file(npy: Path) -> Path:
     return npy.with_suffix(".keys.jsonl")
 
 
+def model_file(npy: Path) -> Path:
+    return npy.with_suffix(".model.json")
+
+
 def load(path: str | Path) -> Embeddings:
     """What `save` wrote (`.npy` never with pickle)."""
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        t = pq.read_table(path).to_pydict()
+        table = pq.read_table(path)
+        meta = (table.schema.metadata or {}).get(MODEL_META_KEY)
+        t = table.to_pydict()
         vectors = np.asarray(t["embedding"], dtype=np.float32)
-        return Embeddings(t["key"], np.asarray(t["label"], np.int64), t["label_name"], vectors)
+        labels = np.asarray(t["label"], np.int64)
+        return Embeddings(t["key"], labels, t["label_name"], vectors, json.loads(meta) if meta else None)
     if path.suffix == ".npy":
         rows = [json.loads(line) for line in keys_file(path).read_text().splitlines() if line]
         vectors = np.load(path, allow_pickle=False).astype(np.float32)
         labels = np.asarray([r["label"] for r in rows], np.int64)
-        return Embeddings([r["key"] for r in rows], labels, [r["label_name"] for r in rows], vectors)
+        model = json.loads(model_file(path).read_text()) if model_file(path).is_file() else None
+        return Embeddings([r["key"] for r in rows], labels, [r["label_name"] for r in rows], vectors, model)
     raise ValueError(f"{path}: expected a .parquet or .npy embeddings file")
 
 

@@ -146,6 +146,33 @@ class Predictor:
         }
 
 
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Files as given; a folder → its videos (by extension, sorted, recursively); a pattern the shell did not
+    expand (`'clips/*.mp4'`) → its matches. A folder without videos or a pattern without matches is an error
+    naming it (a missing plain file is reported per file by `predict_files`)."""
+    import glob
+
+    from data_shards.inputs import VIDEO_SUFFIXES
+
+    out: list[str] = []
+    for item in items:
+        if Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(
+                    f"{item}: a folder without videos ({', '.join(sorted(VIDEO_SUFFIXES))})"
+                )
+            out += found
+        elif glob.has_magic(item) and not Path(item).exists():
+            found = sorted(glob.glob(item, recursive=True))
+            if not found:
+                raise FileNotFoundError(f"{item}: no file matches this pattern")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
 def predict_files(
     model_dir: str | Path,
     videos: list[str],

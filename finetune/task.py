@@ -95,6 +95,9 @@ class ClassificationTask(ShardData, Task):
         else:
             print(format_init_report(self.init_report), flush=True)
             (self.run_dir / INIT_REPORT).write_text(json.dumps(self.init_report, indent=1) + "\n")
+        note = getattr(self.cfg, "optim_note", None)
+        if note:
+            print(f"[finetune] {note}", flush=True)
         s = self.summary
         print(
             f"[finetune] method {self.cfg.finetune.method}: {s['trainable']:,} trainable of {s['total']:,} "
