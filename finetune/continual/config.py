@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -51,6 +51,10 @@ class ContinualSection:
     lwf_temperature: float = resume_key(2.0)
     peft_method: Literal["lora", "adapter"] = resume_key("lora")  # for peft_per_experience
     eval_split: str = "test"
+    # the modes: one set on the command line drops the config file's others (pretrain.engine load_config)
+    ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("domains", "experiences", "classes_per_experience"),
+    )
 
     def check(self) -> None:
         s = self.strategy
@@ -119,7 +123,8 @@ def class_groups(c: ContinualSection, num_classes: int) -> list[list[int]]:
     require(
         (c.experiences is None) != (c.classes_per_experience is None),
         "class-incremental: set exactly one of continual.experiences ([[0,1],[2,3]]) and "
-        "continual.classes_per_experience",
+        "continual.classes_per_experience (e.g. add continual.classes_per_experience=null or "
+        "continual.experiences=null)",
     )
     if c.experiences is None:
         n = c.classes_per_experience or 0
@@ -153,7 +158,9 @@ def plan_experiences(cfg: ContinualConfig) -> list[Experience]:
     if c.domains:
         require(
             c.experiences is None and c.classes_per_experience is None,
-            "continual.domains (domain-incremental) excludes continual.experiences / classes_per_experience",
+            "continual.domains (domain-incremental) excludes continual.experiences / classes_per_experience: "
+            "set one mode (domain-incremental: add continual.experiences=null "
+            "continual.classes_per_experience=null; class-incremental: continual.domains=[])",
         )
         out = []
         for k, folder in enumerate([shards, *c.domains]):

@@ -268,3 +268,39 @@ def test_bad_configs_fail_before_any_process_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         cl_config(manifest_dir, *over)
+
+
+@pytest.fixture(scope="module")
+def domain_dir(manifest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second domain with the same 4 classes (manifest only)."""
+    folder = tmp_path_factory.mktemp("cl_domain1")
+    fmt.load_manifest(manifest_dir).save(folder)
+    return folder
+
+
+def test_command_line_mode_wins_over_the_files(manifest_dir: Path, domain_dir: Path, tmp_path: Path) -> None:
+    # the README's domain-incremental recipe: the shipped YAML sets classes_per_experience
+    plan = plan_experiences(cl_config(manifest_dir, f"continual.domains=[{domain_dir}]"))
+    assert [e.shards for e in plan] == [str(manifest_dir), str(domain_dir)]
+    assert plan[1].classes == (0, 1, 2, 3)
+    # a command-line experiences list replaces the file's classes_per_experience
+    plan = plan_experiences(cl_config(manifest_dir, "continual.experiences=[[0],[1,2,3]]"))
+    assert [e.classes for e in plan] == [(0,), (1, 2, 3)]
+    # and the reverse: a file in domain mode, a class-incremental command line
+    shipped = (REPO / "finetune/configs/tiny_cpu_continual.yaml").read_text()
+    domain_yaml = tmp_path / "domains.yaml"
+    domain_yaml.write_text(shipped.replace("  classes_per_experience: 2", f"  domains: [{domain_dir}]"))
+    cfg = load_config(
+        ContinualConfig, domain_yaml, [f"data.shards={manifest_dir}", "continual.classes_per_experience=2"]
+    )
+    assert cfg.continual.domains == [] and len(plan_experiences(cfg)) == 2
+    assert (
+        len(plan_experiences(load_config(ContinualConfig, domain_yaml, [f"data.shards={manifest_dir}"]))) == 2
+    )
+
+
+def test_both_modes_on_the_command_line_say_the_fix(manifest_dir: Path, domain_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"continual\.classes_per_experience=null"):
+        cl_config(manifest_dir, f"continual.domains=[{domain_dir}]", "continual.classes_per_experience=2")
+    with pytest.raises(ConfigError, match=r"continual\.experiences=null"):
+        cl_config(manifest_dir, "continual.experiences=[[0,1],[2,3]]", "continual.classes_per_experience=2")
