@@ -20,6 +20,7 @@ import numpy as np
 from data_shards.format import FormatError, load_manifest
 from finetune.config import FinetuneConfig
 from pretrain.engine import ConfigError, require, resume_key
+from pretrain.engine.config import grad_accum_steps
 
 STRATEGIES = ("naive", "joint", "replay", "ewc", "mas", "lwf", "replay_lwf", "peft_per_experience")
 USES_MEMORY = ("replay", "replay_lwf")
@@ -101,6 +102,7 @@ class ContinualConfig(FinetuneConfig):
         )
         experiences = plan_experiences(self)
         check_memory_fits(self, experiences)
+        check_experiences_fill_a_step(self, experiences, world_size)
         if s in USES_MEMORY and self.continual.replay_batch_size is not None:
             require(
                 self.continual.replay_batch_size < self.train.micro_batch_size,
@@ -202,3 +204,32 @@ def check_memory_fits(cfg: ContinualConfig, experiences: list[Experience]) -> No
         f"continual.memory_size={m} is larger than all the training data ({total} videos over "
         f"{len(experiences)} experiences): lower it",
     )
+
+
+def check_experiences_fill_a_step(
+    cfg: ContinualConfig, experiences: list[Experience], world_size: int
+) -> None:
+    """Every experience's train loader gives at least one optimizer step per epoch (the engine's
+    `Schedule.plan` would otherwise fail only once that experience starts, after the earlier ones trained).
+
+    A step takes `world × accumulation` micro-batches, remainders dropped; with replay, an experience after
+    the first reads only `micro − replay_batch_size` of each micro-batch's clips from its own videos.
+    """
+    micro, accum = cfg.train.micro_batch_size, grad_accum_steps(cfg, world_size)
+    c = cfg.continual
+    replay = (c.replay_batch_size or micro // 2) if c.strategy in USES_MEMORY else 0
+    counts = [train_videos(cfg, e) for e in experiences]
+    for k, e in enumerate(experiences):
+        n = sum(counts[: k + 1]) if c.strategy == "joint" and not c.domains else counts[k]
+        own = micro - (replay if k > 0 else 0)
+        need = world_size * accum * own
+        if n >= need:
+            continue
+        per = f"{world_size} rank(s) × {accum} micro-batch(es) × {own} clips"
+        if own < micro:
+            per += f" of its own (train.micro_batch_size={micro} − continual.replay_batch_size={replay})"
+        raise ConfigError(
+            f"{e.name} has {n} training videos in split {cfg.data.train_split!r}, fewer than one optimizer "
+            f"step needs ({need} = {per}): lower train.global_batch_size={cfg.train.global_batch_size} "
+            f"(and train.micro_batch_size), or give the experience more videos"
+        )
