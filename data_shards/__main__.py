@@ -96,16 +96,19 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from data_shards.verify import verify
+    from data_shards.verify import verify_report
 
-    problems, counts = verify(args.shards, decode=args.decode)
-    for p in problems:
+    report = verify_report(args.shards, decode=args.decode)
+    for p in report.problems:
         print(f"FAIL {p}")
-    status = "ok" if not problems else f"{len(problems)} problem(s)"
-    print(
-        json.dumps({"shards": str(args.shards), "status": status, "samples": counts, "decoded": args.decode})
-    )
-    return 0 if not problems else 1
+    status = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
+    out = {"shards": str(args.shards), "status": status, "samples": report.counts}
+    # "decoded": every listed sample decoded cleanly (false without --decode, or when any did not)
+    out["decoded"] = args.decode and report.fully_decoded
+    if args.decode:
+        out["decoded_samples"] = f"{report.decoded}/{report.listed}"
+    print(json.dumps(out))
+    return 0 if not report.problems else 1
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:

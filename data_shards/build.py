@@ -249,9 +249,11 @@ def _split_table(result: BuildResult) -> list[str]:
     rejected: dict[str, Counter[str]] = {}
     for r in result.rejects:
         rejected.setdefault(r.split or "?", Counter())[r.kind] += 1
-    head = f"  {'split':<6} {'samples':>7} {'shards':>6} {'MB':>8} " + " ".join(f"{a:>10}" for a in ACTIONS)
+    names = sorted(set(m.splits) | set(rejected), key=lambda n: (n == "?", n))
+    w = max([len("split"), *map(len, names)])  # the first column as wide as the longest split name
+    head = f"  {'split':<{w}} {'samples':>7} {'shards':>6} {'MB':>8} " + " ".join(f"{a:>10}" for a in ACTIONS)
     lines = [head + "   rejected"]
-    for name in sorted(set(m.splits) | set(rejected), key=lambda n: (n == "?", n)):
+    for name in names:
         sp = m.splits.get(name)
         bad = rejected.get(name, Counter())
         why = ", ".join(f"{k} {c}" for k, c in sorted(bad.items(), key=lambda kc: (-kc[1], kc[0])))
@@ -261,7 +263,7 @@ def _split_table(result: BuildResult) -> list[str]:
             if sp
             else f"{0:>7} {0:>6} {0.0:>8.1f} " + " ".join(f"{0:>10}" for _ in ACTIONS)
         )
-        lines.append(f"  {name:<6} {cols}   {sum(bad.values())}" + (f" ({why})" if why else ""))
+        lines.append(f"  {name:<{w}} {cols}   {sum(bad.values())}" + (f" ({why})" if why else ""))
     return lines
 
 

@@ -52,6 +52,27 @@ class FormatError(ValueError):
 # ---------------------------------------------------------------------------------------------- names
 
 
+SPLITS: tuple[str, ...] = ("train", "val", "test")  # what the stages read (data.train_split, val_split, ...)
+SPLIT_ALIASES: dict[str, str] = {
+    "training": "train",
+    "validation": "val",
+    "valid": "val",
+    "validate": "val",
+    "dev": "val",
+    "testing": "test",
+}
+
+
+def canonical_split(name: str) -> str:
+    """A source's split name as train / val / test: any case, common aliases (`validation`, `dev`, ...).
+    Anything else raises, naming the accepted names: it would become a split no stage reads."""
+    key = name.strip().lower()
+    if key in SPLITS or key in SPLIT_ALIASES:
+        return SPLIT_ALIASES.get(key, key)
+    aliases = ", ".join(f"{a}→{c}" for a, c in SPLIT_ALIASES.items())
+    raise FormatError(f"unknown split {name!r}: accepted {', '.join(SPLITS)} (any case) or {aliases}")
+
+
 def check_split(split: str) -> str:
     if not _SPLIT_RE.match(split):
         raise FormatError(f"split name {split!r} must match {_SPLIT_RE.pattern} (e.g. train, val, test)")

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_shards.format import UNLABELED, FormatError, check_split, sample_key, shard_name
+from data_shards.format import UNLABELED, FormatError, canonical_split, sample_key, shard_name
 from data_shards.inputs import InputItem, Inputs, Reject
 
 
@@ -66,6 +66,13 @@ def hash_split(video_id: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+def _known_split(name: str) -> str | None:
+    try:
+        return canonical_split(name)
+    except FormatError:
+        return None
+
+
 @dataclass(frozen=True)
 class _Splitter:
     """Splits: an item's own split, else a hash of its group. When the source names splits but has no val
@@ -78,7 +85,7 @@ class _Splitter:
 
     @classmethod
     def for_items(cls, items: list[InputItem], val_fraction: float, test_fraction: float) -> _Splitter:
-        named = {it.split for it in items if it.split}
+        named = {_known_split(it.split) for it in items if it.split}
         carve_val = val_fraction if "val" not in named else 0.0
         carve_test = test_fraction if "test" not in named else 0.0
         return cls(val_fraction, test_fraction, carve_val, carve_test)
@@ -97,7 +104,7 @@ class _Splitter:
         group = it.group or it.id
         if not it.split:
             return hash_split(group, self.val_fraction, self.test_fraction)
-        split = check_split(it.split)
+        split = canonical_split(it.split)
         if split == "train" and (self.carve_val or self.carve_test):
             return hash_split(group, self.carve_val, self.carve_test)
         return split

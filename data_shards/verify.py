@@ -7,6 +7,7 @@ every video. Every problem names the shard and, where there is one, the sample k
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_shards.format import (
@@ -25,11 +26,27 @@ from data_shards.probe import RejectError, inspect_stored
 REQUIRED_META = ("id", "source", "codec", "frames", "fps", "width", "height", "duration")
 
 
+@dataclass
+class Report:
+    """What `verify` found: problems, samples per split, and how many samples were decoded cleanly (so a
+    report never says "decoded" of a set whose decode did not run, or did not pass, for every sample)."""
+
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    listed: int = 0  # samples the manifest lists
+    decoded: int = 0  # samples whose video decoded, to the frame count its metadata says
+
+    @property
+    def fully_decoded(self) -> bool:
+        return self.listed > 0 and self.decoded == self.listed
+
+
 def _check_sample(
-    sample: Sample, shard: ShardInfo, n_classes: int, seen_keys: dict[str, str], decode: bool
+    sample: Sample, shard: ShardInfo, n_classes: int, seen_keys: dict[str, str], report: Report | None
 ) -> list[str]:
-    """Problems of one sample: key, label, metadata, codec and (decode) the stored frame count, which is
-    what the loaders plan from."""
+    """Problems of one sample: key, label, metadata, codec and (`report` given: decode) the stored frame
+    count, which is what the loaders plan from; a clean decode is counted in `report.decoded`."""
+    decode = report is not None
     where = f"{shard.path}: {sample.key}"
     out = []
     if sample.key in seen_keys:
@@ -51,20 +68,29 @@ def _check_sample(
             out.append(f"{where}: {got.problem}")
         if got.frames != sample.meta.get("frames"):
             out.append(f"{where}: decodes to {got.frames} frames, metadata says {sample.meta.get('frames')}")
+        elif not got.problem and report is not None:
+            report.decoded += 1
     return out
 
 
 def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], dict[str, int]]:
     """Returns (problems, counts per split). An empty problem list means the set is safe to train on."""
+    report = verify_report(folder, decode)
+    return report.problems, report.counts
+
+
+def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
+    """`verify`, with how many samples the manifest lists and how many decoded cleanly (`--decode`)."""
     folder = Path(folder)
-    problems: list[str] = []
+    report = Report()
+    problems, counts = report.problems, report.counts
     try:
         manifest = load_manifest(folder)
     except FormatError as e:
-        return [str(e)], {}
+        return Report([str(e)])
+    report.listed = sum(s.samples for s in manifest.shards)
     n_classes = manifest.num_classes
     seen_keys: dict[str, str] = {}
-    counts: dict[str, int] = {}
     listed = set()
     for shard in manifest.shards:
         listed |= {shard.path, shard.index}
@@ -86,7 +112,7 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
             n = 0
             for sample in iter_tar_samples(tar):
                 n += 1
-                problems += _check_sample(sample, shard, n_classes, seen_keys, decode)
+                problems += _check_sample(sample, shard, n_classes, seen_keys, report if decode else None)
             if n != shard.samples:
                 problems.append(f"{shard.path}: {n} samples, manifest says {shard.samples}")
             counts[shard.split] = counts.get(shard.split, 0) + n
@@ -105,4 +131,4 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
             continue
         if f.name not in listed:
             problems.append(f"{f.name}: not listed in the manifest")
-    return problems, counts
+    return report

@@ -84,6 +84,10 @@ def model_extra(path: str | Path) -> dict[str, Any]:
     """The "extra" block of a model directory's config.json (sampling, finetune info), {} if none."""
     f = Path(path) / "config.json"
     meta = json.loads(f.read_text()) if f.is_file() else {}
+    if "architecture" not in meta:  # an HF directory exported by tubelet keeps it in tubelet_extra
+        from pretrain.models.hf import stored_extra
+
+        return stored_extra(path) if f.is_file() else {}
     return meta.get("extra", {}) or {}
 
 
@@ -102,4 +106,4 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"{model_dir} holds a {type(model).__name__} ({getattr(model.cfg, 'backbone', '?')}): HF VideoMAE can only "
             "express the ViT; use the tubelet model directory (evaluate, predict, serve and load_model read it)"
         )
-    return to_hf(model, out_dir)
+    return to_hf(model, out_dir, model_extra(model_dir))  # sampling kept: from-hf restores it

@@ -300,8 +300,14 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
     if not source.startswith(REGISTRY_PREFIX):
         path = Path(source)
         if not (path / "config.json").is_file():
+            final = path.parent / "model"  # RUN/best without a best (no val split): name RUN/model
+            hint = (
+                f" ({final} is one: the run wrote no {path.name})"
+                if (final / "config.json").is_file()
+                else ""
+            )
             raise FileNotFoundError(
-                f"{source}: not a model directory (no config.json); give RUN/best, RUN/model, an exported "
+                f"{source}: not a model directory (no config.json){hint}; give RUN/best, RUN/model, an exported "
                 "directory, or models:/NAME/VERSION | models:/NAME@ALIAS"
             )
         run = run_of_dir(path)

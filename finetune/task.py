@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_shards.loader import SamplingSpec
+from data_shards.format import load_manifest
+from data_shards.loader import SamplingSpec, VideoLoader
 from finetune.augment import mix_batch, soft_targets
 from finetune.config import FinetuneConfig, classifier_config
 from finetune.init import format_init_report, load_init_weights
@@ -39,6 +40,23 @@ from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 
 INIT_REPORT = "init_report.json"
 BEST_DIR = "best"
+
+
+def no_validation_warning(cfg: FinetuneConfig, run_dir: Path) -> str:
+    """One line: why this run validates nothing (the val split and the splits the shards have), and that
+    it writes no `best` model, so `evaluate --model RUN/best` has nothing to read."""
+    d = cfg.data
+    splits = sorted(load_manifest(d.shards).splits) if d.shards else []
+    if not d.val_split:
+        why = "data.val_split is null"
+    elif d.val_split in splits:
+        why = f"data.val_split={d.val_split} has no samples"
+    else:
+        why = f"data.val_split={d.val_split} is not a split of {d.shards} (it has: {', '.join(splits) or 'none'})"
+    return (
+        f"[finetune] warning: no validation ({why}): no model selection or early stopping, and no "
+        f"{run_dir / BEST_DIR} will be written (the final model is {run_dir / 'model'})"
+    )
 
 
 class ClassificationTask(ShardData, Task):
@@ -104,6 +122,13 @@ class ClassificationTask(ShardData, Task):
             f"parameters ({s['percent']:.3f}%) in {len(s['names'])} tensors",
             flush=True,
         )
+
+    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
+        """The val split's loader; without one rank 0 says so once: no validation means no `best` model."""
+        loader = super().val_loader(ctx)
+        if loader is None and ctx.is_main:
+            print(no_validation_warning(self.cfg, ctx.run_dir), flush=True)
+        return loader
 
     def sampling_spec(self, train: bool) -> SamplingSpec:
         a, e = self.cfg.augment, self.cfg.eval

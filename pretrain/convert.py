@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from pretrain.models import count_parameters, load_model, save_model
-from pretrain.models.hf import from_hf, from_videomae_checkpoint, to_hf
+from pretrain.models.hf import from_hf, from_videomae_checkpoint, stored_extra, to_hf
+from pretrain.models.io import read_model_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "from-hf":
-        model = from_hf(args.hf_dir)
-        out = save_model(model, args.out_dir, extra={"converted_from": f"hf:{args.hf_dir}"})
+        model = from_hf(args.hf_dir)  # a tubelet export's own config and extra come back (tubelet_extra)
+        extra = {**stored_extra(args.hf_dir), "converted_from": f"hf:{args.hf_dir}"}
+        out = save_model(model, args.out_dir, extra=extra)
     elif args.command == "to-hf":
         model = load_model(args.model_dir)
-        out = to_hf(model, args.out_dir)
+        out = to_hf(model, args.out_dir, read_model_config(args.model_dir)[2].get("extra"))
     else:
         names = args.class_names.read_text().splitlines() if args.class_names else None
         model = from_videomae_checkpoint(

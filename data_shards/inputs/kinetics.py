@@ -12,30 +12,28 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data_shards.format import FormatError
+from data_shards.format import FormatError, canonical_split
 from data_shards.inputs import InputItem, Inputs, Reject, SourceOptions, parse_range
 from data_shards.inputs.detect import is_kinetics_csv
 from data_shards.inputs.folders import by_stem
 
-SPLIT_NAMES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validate": "val",
-    "validation": "val",
-    "test": "test",
-}
+
+def _split_of_file(csv_path: Path) -> str | None:
+    """No split column: train.csv, validate.csv, test.csv name it; another file name leaves it to the hash."""
+    try:
+        return canonical_split(csv_path.stem)
+    except FormatError:
+        return None
 
 
 def _row(
     row: dict[str, str], where: str, csv_path: Path, videos: dict[str, Path], root: Path
 ) -> InputItem | Reject:
-    yid, value = row.get("youtube_id", ""), row.get("split", "").lower()
-    split = SPLIT_NAMES.get(value or csv_path.stem.lower())  # no column: train.csv, validate.csv, test.csv
-    if value and not split:
-        return Reject(
-            where, "", f"unknown split {value!r} (expected one of {sorted(SPLIT_NAMES)})", yid, "bad-split"
-        )
+    yid, value = row.get("youtube_id", ""), row.get("split", "")
+    try:
+        split = canonical_split(value) if value else _split_of_file(csv_path)
+    except FormatError as e:
+        return Reject(where, "", str(e), yid, "bad-split")
     if not yid:
         return Reject(where, "", "missing youtube_id", None, "bad-row", split)
     try:

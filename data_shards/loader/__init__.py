@@ -113,7 +113,7 @@ def _synthetic_refs(shards: Shards, split: str, options: dict[str, Any]) -> list
 def _auto_backend(codecs: set[str], device: torch.device, shards: Shards, split: str) -> tuple[str, str, str]:
     backend, dali_device, why = choose_backend(codecs, device)
     log.info(
-        "data_shards.loader: auto chose %s%s for %s/%s: %s",
+        "auto chose %s%s for %s/%s: %s",  # the logger's name is the formatter's to add
         backend,
         f"-{dali_device}" if backend == "dali" else "",
         shards if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards],

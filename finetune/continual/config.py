@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from data_shards.format import FormatError, load_manifest
 from finetune.config import FinetuneConfig
 from pretrain.engine import ConfigError, require, resume_key
+from pretrain.engine.config import grad_accum_steps
 
 STRATEGIES = ("naive", "joint", "replay", "ewc", "mas", "lwf", "replay_lwf", "peft_per_experience")
 USES_MEMORY = ("replay", "replay_lwf")
@@ -51,6 +52,10 @@ class ContinualSection:
     lwf_temperature: float = resume_key(2.0)
     peft_method: Literal["lora", "adapter"] = resume_key("lora")  # for peft_per_experience
     eval_split: str = "test"
+    # the modes: one set on the command line drops the config file's others (pretrain.engine load_config)
+    ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("domains", "experiences", "classes_per_experience"),
+    )
 
     def check(self) -> None:
         s = self.strategy
@@ -97,6 +102,7 @@ class ContinualConfig(FinetuneConfig):
         )
         experiences = plan_experiences(self)
         check_memory_fits(self, experiences)
+        check_experiences_fill_a_step(self, experiences, world_size)
         if s in USES_MEMORY and self.continual.replay_batch_size is not None:
             require(
                 self.continual.replay_batch_size < self.train.micro_batch_size,
@@ -119,7 +125,8 @@ def class_groups(c: ContinualSection, num_classes: int) -> list[list[int]]:
     require(
         (c.experiences is None) != (c.classes_per_experience is None),
         "class-incremental: set exactly one of continual.experiences ([[0,1],[2,3]]) and "
-        "continual.classes_per_experience",
+        "continual.classes_per_experience (e.g. add continual.classes_per_experience=null or "
+        "continual.experiences=null)",
     )
     if c.experiences is None:
         n = c.classes_per_experience or 0
@@ -153,7 +160,9 @@ def plan_experiences(cfg: ContinualConfig) -> list[Experience]:
     if c.domains:
         require(
             c.experiences is None and c.classes_per_experience is None,
-            "continual.domains (domain-incremental) excludes continual.experiences / classes_per_experience",
+            "continual.domains (domain-incremental) excludes continual.experiences / classes_per_experience: "
+            "set one mode (domain-incremental: add continual.experiences=null "
+            "continual.classes_per_experience=null; class-incremental: continual.domains=[])",
         )
         out = []
         for k, folder in enumerate([shards, *c.domains]):
@@ -195,3 +204,32 @@ def check_memory_fits(cfg: ContinualConfig, experiences: list[Experience]) -> No
         f"continual.memory_size={m} is larger than all the training data ({total} videos over "
         f"{len(experiences)} experiences): lower it",
     )
+
+
+def check_experiences_fill_a_step(
+    cfg: ContinualConfig, experiences: list[Experience], world_size: int
+) -> None:
+    """Every experience's train loader gives at least one optimizer step per epoch (the engine's
+    `Schedule.plan` would otherwise fail only once that experience starts, after the earlier ones trained).
+
+    A step takes `world × accumulation` micro-batches, remainders dropped; with replay, an experience after
+    the first reads only `micro − replay_batch_size` of each micro-batch's clips from its own videos.
+    """
+    micro, accum = cfg.train.micro_batch_size, grad_accum_steps(cfg, world_size)
+    c = cfg.continual
+    replay = (c.replay_batch_size or micro // 2) if c.strategy in USES_MEMORY else 0
+    counts = [train_videos(cfg, e) for e in experiences]
+    for k, e in enumerate(experiences):
+        n = sum(counts[: k + 1]) if c.strategy == "joint" and not c.domains else counts[k]
+        own = micro - (replay if k > 0 else 0)
+        need = world_size * accum * own
+        if n >= need:
+            continue
+        per = f"{world_size} rank(s) × {accum} micro-batch(es) × {own} clips"
+        if own < micro:
+            per += f" of its own (train.micro_batch_size={micro} − continual.replay_batch_size={replay})"
+        raise ConfigError(
+            f"{e.name} has {n} training videos in split {cfg.data.train_split!r}, fewer than one optimizer "
+            f"step needs ({need} = {per}): lower train.global_batch_size={cfg.train.global_batch_size} "
+            f"(and train.micro_batch_size), or give the experience more videos"
+        )

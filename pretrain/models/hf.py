@@ -8,6 +8,7 @@ Layouts differ in two ways: HF splits attention into query/key/value Linears (we
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._config import config_from_dict, config_to_dict
 from .classifier import VideoClassifier, VideoClassifierConfig
-from .io import load_state_dict_strict
+from .io import architecture_of, load_state_dict_strict
 from .mae import IMAGENET_MEAN, IMAGENET_STD, MAEConfig, MaskedVideoAutoencoder
 from .vit import VideoViT, VideoViTConfig
 
@@ -104,6 +106,11 @@ def hf_config_from_ours(cfg: MAEConfig | VideoClassifierConfig | VideoViTConfig)
     """An HF ``VideoMAEConfig`` for our config; raises where HF cannot express the architecture."""
     from transformers import VideoMAEConfig
 
+    return VideoMAEConfig(**_hf_kwargs(cfg))
+
+
+def _hf_kwargs(cfg: MAEConfig | VideoClassifierConfig | VideoViTConfig) -> dict[str, Any]:
+    """The ``VideoMAEConfig`` fields our config sets (what HF can express of it)."""
     enc = cfg if isinstance(cfg, VideoViTConfig) else cfg.encoder
     if enc.pos_embed != "sincos":
         raise ValueError(
@@ -161,14 +168,52 @@ def hf_config_from_ours(cfg: MAEConfig | VideoClassifierConfig | VideoViTConfig)
         )
     else:
         kw.update(use_mean_pooling=not enc.final_norm, architectures=["VideoMAEModel"])
-    return VideoMAEConfig(**kw)
+    return kw
+
+
+TUBELET_KEY = "tubelet_extra"  # HF config.json: our exact config and model-dir extra (sampling), namespaced
+
+
+def tubelet_extra(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an HF config cannot express, kept for an exact round trip: our whole architecture config (norm
+    eps HF hard-codes, preset, drop path, attention backend, ...) and the model directory's ``extra``
+    (fine-tuning's sampling: stride, test clips × crops, mean/std)."""
+    return {"architecture": architecture_of(cfg), "config": config_to_dict(cfg), "extra": extra or {}}
+
+
+def restore_config(hf_cfg: Any, derived: Any) -> Any:
+    """Our config stored in ``hf_cfg.tubelet_extra`` when it still describes this HF config (same fields
+    HF expresses), else ``derived`` (the HF config's translation), with a warning if one was stored."""
+    stored = getattr(hf_cfg, TUBELET_KEY, None)
+    if not isinstance(stored, dict) or "config" not in stored:
+        return derived
+    try:
+        if stored.get("architecture") != architecture_of(derived):
+            raise ValueError(f"it holds a {stored.get('architecture')}")
+        ours = config_from_dict(type(derived), stored["config"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the eps warnings of an export
+            same = all(getattr(hf_cfg, k, None) == v for k, v in _hf_kwargs(ours).items())
+        if not same:
+            raise ValueError("the HF config was changed after export")
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"HF config's {TUBELET_KEY} not used ({e}): config from the HF fields", stacklevel=2)
+        return derived
+    return ours
+
+
+def stored_extra(hf_dir: str | Path) -> dict[str, Any]:
+    """The model directory ``extra`` an export kept in the HF config (``{}`` for any other HF directory)."""
+    path = Path(hf_dir) / "config.json"
+    stored = json.loads(path.read_text()).get(TUBELET_KEY) if path.is_file() else None
+    return dict(stored.get("extra") or {}) if isinstance(stored, dict) else {}
 
 
 def _warn_eps(eps: float, name: str) -> None:
     if eps != HF_FIXED_NORM_EPS:
         warnings.warn(
             f"{name}={eps} but HF VideoMAE uses {HF_FIXED_NORM_EPS} there: exported outputs differ slightly",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -278,14 +323,13 @@ def from_hf_model(hf_model: nn.Module) -> nn.Module:
     """Our module with the weights of an in-memory HF VideoMAE model (PreTraining / VideoClassification / Model)."""
     name = type(hf_model).__name__
     sd = dict(hf_model.state_dict())
+    c = hf_model.config
     if name == "VideoMAEForPreTraining":
-        model: nn.Module = MaskedVideoAutoencoder(mae_config_from_hf(hf_model.config))
+        model: nn.Module = MaskedVideoAutoencoder(restore_config(c, mae_config_from_hf(c)))
     elif name == "VideoMAEForVideoClassification":
-        model = VideoClassifier(classifier_config_from_hf(hf_model.config))
+        model = VideoClassifier(restore_config(c, classifier_config_from_hf(c)))
     elif name == "VideoMAEModel":
-        model = VideoViT(
-            encoder_config_from_hf(hf_model.config, final_norm=not hf_model.config.use_mean_pooling)
-        )
+        model = VideoViT(restore_config(c, encoder_config_from_hf(c, final_norm=not c.use_mean_pooling)))
         sd = {f"videomae.{k}": v for k, v in sd.items()}
     else:
         raise TypeError(f"unsupported HF model class {name}")
@@ -351,18 +395,22 @@ def config_from_hf_dir(hf_dir: str | Path) -> tuple[str, Any]:
     hf_cfg = VideoMAEConfig.from_pretrained(str(hf_dir))
     arch = (hf_cfg.architectures or ["VideoMAEModel"])[0]
     if arch == "VideoMAEForPreTraining":
-        return "MaskedVideoAutoencoder", mae_config_from_hf(hf_cfg)
+        return "MaskedVideoAutoencoder", restore_config(hf_cfg, mae_config_from_hf(hf_cfg))
     if arch == "VideoMAEForVideoClassification":
-        return "VideoClassifier", classifier_config_from_hf(hf_cfg)
+        return "VideoClassifier", restore_config(hf_cfg, classifier_config_from_hf(hf_cfg))
     if arch == "VideoMAEModel":
-        return "VideoViT", encoder_config_from_hf(hf_cfg, final_norm=not hf_cfg.use_mean_pooling)
+        derived = encoder_config_from_hf(hf_cfg, final_norm=not hf_cfg.use_mean_pooling)
+        return "VideoViT", restore_config(hf_cfg, derived)
     raise ValueError(f"{hf_dir}: unsupported HF architecture {arch}")
 
 
-def to_hf(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write our model as an HF ``save_pretrained`` directory (config.json + model.safetensors)."""
+def to_hf(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write our model as an HF ``save_pretrained`` directory (config.json + model.safetensors); the config
+    also keeps ``tubelet_extra`` (our config and the model directory's ``extra``): ``from_hf`` restores them."""
     out = Path(out_dir)
-    to_hf_model(model).save_pretrained(str(out), safe_serialization=True)
+    hf_model = to_hf_model(model)
+    setattr(hf_model.config, TUBELET_KEY, tubelet_extra(getattr(model, "_orig_mod", model).cfg, extra))
+    hf_model.save_pretrained(str(out), safe_serialization=True)
     return out
 
 

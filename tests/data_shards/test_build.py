@@ -315,3 +315,51 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
     assert _shard_hashes(tmp_path / "c") == _shard_hashes(tmp_path / "l")
     assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) >= 1
     assert ray.get(ray.remote(lambda: 42).remote()) == 42
+
+
+def test_verify_says_decoded_only_when_every_sample_decoded(
+    synth_vp9: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = tmp_path / "s"
+    build(synth_vp9 / "labels.csv", shards, BuildOptions(shard_samples=100), quiet=True)
+    n = fmt.load_manifest(shards).splits["train"].samples
+
+    def report(*flags: str) -> tuple[int, dict]:
+        code = cli(["verify", str(shards), *flags])
+        return code, json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    assert report("--decode") == (
+        0,
+        {
+            "shards": str(shards),
+            "status": "ok",
+            "samples": {"train": n},
+            "decoded": True,
+            "decoded_samples": f"{n}/{n}",
+        },
+    )
+    assert report()[1]["decoded"] is False  # nothing decoded without --decode
+    with open(shards / "train-000000.tar", "r+b") as f:  # a checksum failure: no sample is decoded
+        f.seek(2000)
+        f.write(b"\0" * 64)
+    code, out = report("--decode")
+    assert code == 1 and out["decoded"] is False and out["decoded_samples"] == f"0/{n}"
+
+
+def test_build_summary_columns_fit_long_split_names() -> None:
+    import re
+
+    from data_shards.build import BuildResult, summary
+    from data_shards.inputs import Reject
+
+    splits = {
+        "train": fmt.SplitInfo(samples=12, shards=1, bytes=10**6),
+        "holdout_extra_long": fmt.SplitInfo(samples=3, shards=1, bytes=10**5),
+    }
+    m = fmt.Manifest(classes=["a"], shards=[], splits=splits)
+    rejects = [Reject("m.csv:3", "x.mp4", "bad", kind="bad-row")]  # split unknown: the "?" row
+    text = summary(BuildResult(Path("out"), m, 15, 1, 0, 2, 0.1, rejects))
+    table = text.splitlines()[1:5]  # header, then ?-last: holdout_extra_long, train, ?
+    assert [line.split()[0] for line in table] == ["split", "holdout_extra_long", "train", "?"]
+    ends = {re.match(r"\s*\S+\s+\S+", line).end() for line in table}  # where the samples column ends
+    assert len(ends) == 1, "\n".join(table)

@@ -240,3 +240,26 @@ def test_detection_is_unambiguous_or_asks(ucf101: Path, hmdb51: Path, tmp_path: 
         read_inputs(tmp_path / "plain.csv", "ucf101")
     with pytest.raises(fmt.FormatError, match="reads a manifest file"):
         read_inputs(empty, "csv")
+
+
+def test_split_names_any_case_and_aliases_others_rejected_with_their_line(tmp_path: Path) -> None:
+    from data_shards.plan import plan_inputs
+
+    rows = ["Train", "validation", "DEV", "testing", "bogus_split", "val", "Valid"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(f"v{i}.mp4,a,{s}\n" for i, s in enumerate(rows)))
+    plan = plan_inputs(read_inputs(manifest, "csv"), None, 0.0, 0.0)
+    assert [p.split for p in plan.samples] == ["train", "val", "val", "test", "val", "val"]
+    (bad,) = plan.rejects
+    assert bad.where == "m.csv:6" and bad.kind == "bad-split"
+    assert (
+        "'bogus_split'" in bad.reason and "train, val, test" in bad.reason and "validation→val" in bad.reason
+    )
+    # JSONL the same; a source's own val split (an alias) means --val-fraction carves nothing
+    lines = tmp_path / "m.jsonl"
+    lines.write_text(
+        "".join(json.dumps({"path": f"w{i}.mp4", "split": s}) + "\n" for i, s in enumerate(rows))
+    )
+    plan = plan_inputs(read_inputs(lines, "jsonl"), None, 0.5, 0.0)
+    assert [p.split for p in plan.samples] == ["train", "val", "val", "test", "val", "val"]
+    assert [r.where for r in plan.rejects] == ["m.jsonl:5"]

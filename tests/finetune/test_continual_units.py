@@ -268,3 +268,71 @@ def test_bad_configs_fail_before_any_process_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         cl_config(manifest_dir, *over)
+
+
+@pytest.fixture(scope="module")
+def domain_dir(manifest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second domain with the same 4 classes (manifest only)."""
+    folder = tmp_path_factory.mktemp("cl_domain1")
+    fmt.load_manifest(manifest_dir).save(folder)
+    return folder
+
+
+def test_command_line_mode_wins_over_the_files(manifest_dir: Path, domain_dir: Path, tmp_path: Path) -> None:
+    # the README's domain-incremental recipe: the shipped YAML sets classes_per_experience
+    plan = plan_experiences(cl_config(manifest_dir, f"continual.domains=[{domain_dir}]"))
+    assert [e.shards for e in plan] == [str(manifest_dir), str(domain_dir)]
+    assert plan[1].classes == (0, 1, 2, 3)
+    # a command-line experiences list replaces the file's classes_per_experience
+    plan = plan_experiences(cl_config(manifest_dir, "continual.experiences=[[2,3],[0,1]]"))
+    assert [e.classes for e in plan] == [(2, 3), (0, 1)]
+    # and the reverse: a file in domain mode, a class-incremental command line
+    shipped = (REPO / "finetune/configs/tiny_cpu_continual.yaml").read_text()
+    domain_yaml = tmp_path / "domains.yaml"
+    domain_yaml.write_text(shipped.replace("  classes_per_experience: 2", f"  domains: [{domain_dir}]"))
+    cfg = load_config(
+        ContinualConfig, domain_yaml, [f"data.shards={manifest_dir}", "continual.classes_per_experience=2"]
+    )
+    assert cfg.continual.domains == [] and len(plan_experiences(cfg)) == 2
+    assert (
+        len(plan_experiences(load_config(ContinualConfig, domain_yaml, [f"data.shards={manifest_dir}"]))) == 2
+    )
+
+
+def test_both_modes_on_the_command_line_say_the_fix(manifest_dir: Path, domain_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"continual\.classes_per_experience=null"):
+        cl_config(manifest_dir, f"continual.domains=[{domain_dir}]", "continual.classes_per_experience=2")
+    with pytest.raises(ConfigError, match=r"continual\.experiences=null"):
+        cl_config(manifest_dir, "continual.experiences=[[0,1],[2,3]]", "continual.classes_per_experience=2")
+
+
+@pytest.fixture(scope="module")
+def uneven_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes; classes c and d have 3 train videos each (experience 1 of [[0,1],[2,3]]: 6 videos)."""
+    folder = tmp_path_factory.mktemp("cl_uneven")
+    per_class = {"a": 10, "b": 10, "c": 3, "d": 3}
+    splits = {"train": fmt.SplitInfo(samples=26, shards=1, bytes=1, per_class=per_class)}
+    fmt.Manifest(classes=list(per_class), shards=[], splits=splits).save(folder)
+    return folder
+
+
+def test_an_experience_too_small_for_one_step_fails_before_any_process(uneven_dir: Path) -> None:
+    groups = ["continual.experiences=[[0,1],[2,3]]", "continual.memory_size=4"]
+    groups += ["train.global_batch_size=8", "train.micro_batch_size=8"]
+    with pytest.raises(
+        ConfigError, match=r"exp 1: c, d has 6 training videos in split 'train'.*needs \(8 = "
+    ):
+        cl_config(uneven_dir, *groups)
+    # 2 ranks × micro 4: the same 8 videos per step
+    with pytest.raises(ConfigError, match=r"exp 1: c, d has 6 .*\(8 = 2 rank\(s\) × 1 micro-batch"):
+        load_config(
+            ContinualConfig,
+            REPO / "finetune/configs/tiny_cpu_continual.yaml",
+            [f"data.shards={uneven_dir}", *groups, "train.micro_batch_size=4"],
+        ).validate(world_size=2)
+    # replay: experience 1 reads micro − replay_batch_size = 8 − 4 of its own clips per micro-batch
+    cl_config(uneven_dir, *groups, "continual.strategy=replay", "continual.replay_batch_size=4")
+    with pytest.raises(ConfigError, match=r"8 − continual\.replay_batch_size=1"):
+        cl_config(uneven_dir, *groups, "continual.strategy=replay", "continual.replay_batch_size=1")
+    # joint trains on every class so far: 26 videos by experience 1
+    cl_config(uneven_dir, *groups, "continual.strategy=joint")

@@ -132,3 +132,34 @@ def test_best_model_is_written_only_on_improvement(tmp_path: Path) -> None:
     out = task.after_evaluate(model, {"top1": 0.4}, 20)
     assert not out.artifacts and (tmp_path / "best" / "config.json").read_text() == first
     assert '"val_top1": 0.5' in first
+
+
+def test_no_val_split_warns_once_naming_the_splits_and_the_missing_best(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from data_shards import format as fmt
+    from pretrain.engine import TaskContext
+
+    shards = tmp_path / "shards"  # train + test, no val (planning reads only the manifest)
+    shards.mkdir()
+    info = {s: fmt.SplitInfo(samples=4, shards=1, bytes=1) for s in ("train", "test")}
+    fmt.Manifest(classes=["a", "b", "c", "d"], shards=[], splits=info).save(shards)
+    run = tmp_path / "run"
+    task = _task(run, f"data.shards={shards}", "data.backend=pyav")
+    for rank in (0, 1):
+        assert task.val_loader(TaskContext(rank, 2, torch.device("cpu"), 0, run)) is None
+    (line,) = capsys.readouterr().out.splitlines()  # rank 0 only
+    assert "data.val_split=val is not a split of" in line and "(it has: test, train)" in line
+    assert f"no {run / 'best'} will be written" in line and str(run / "model") in line
+    # with a val split: no warning
+    assert _task(run).val_loader(TaskContext(0, 1, torch.device("cpu"), 0, run)) is not None
+    assert capsys.readouterr().out == ""
+
+
+def test_evaluate_run_best_without_a_best_names_run_model(tmp_path: Path) -> None:
+    from finetune.mlflow_model import resolve_model
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"\({tmp_path / 'model'} is one: the run wrote no best\)"):
+        resolve_model(str(tmp_path / "best"))

@@ -80,3 +80,37 @@ def test_a_cnn_classifier_is_served_through_the_same_path(tmp_path: Path, video_
         len(p.top(p.probabilities([views])[0])) == 3
         and p.embeddings([views])[0].numel() == p.model.feature_dim
     )
+
+
+def test_hf_round_trip_keeps_the_config_and_the_sampling(
+    tiny_classifier: Path, mae_dir: Path, video_inputs: dict, tmp_path: Path
+) -> None:
+    """export --hf → convert from-hf: the same architecture config (fc_norm_eps HF hard-codes, preset) and
+    extra.sampling, so predict answers the same without --stride/--clips; a pretrained MAE's to-hf → from-hf
+    keeps decoder_final_norm_eps and preset."""
+    import json
+
+    from finetune.export import export_hf
+    from pretrain.convert import main as convert
+
+    def meta(d: Path) -> dict:
+        return json.loads((d / "config.json").read_text())
+
+    hf = export_hf(tiny_classifier, tmp_path / "hf")
+    assert meta(hf)["tubelet_extra"]["extra"]["sampling"] == meta(tiny_classifier)["extra"]["sampling"]
+    assert convert(["from-hf", str(hf), str(tmp_path / "back")]) == 0
+    before, after = meta(tiny_classifier), meta(tmp_path / "back")
+    assert after["config"] == before["config"] and after["preset"] == "tiny"
+    assert after["extra"]["sampling"] == before["extra"]["sampling"]
+    a, b = Predictor(tiny_classifier), Predictor(tmp_path / "back")
+    assert a.spec == b.spec
+    views = a.decode(video_inputs["mp4"])
+    assert torch.equal(b.decode(video_inputs["mp4"]), views)
+    assert torch.equal(a.probabilities([views])[0], b.probabilities([views])[0])
+    assert Predictor(hf).spec == a.spec  # the HF directory itself predicts with the exported sampling
+
+    assert convert(["to-hf", str(mae_dir), str(tmp_path / "mae_hf")]) == 0
+    assert convert(["from-hf", str(tmp_path / "mae_hf"), str(tmp_path / "mae_back")]) == 0
+    before, after = meta(mae_dir), meta(tmp_path / "mae_back")
+    assert after["config"] == before["config"] and after["preset"] == before["preset"] == "tiny"
+    assert after["config"]["decoder_final_norm_eps"] == 1e-6

@@ -196,3 +196,5 @@ def test_auto_selection(vp9_set: Path, h264_set: Path, caplog: pytest.LogCapture
         assert build_loader(h264_set, "train", batch_size=2, spec=spec).backend == "pyav"
     text = caplog.text
     assert "auto chose dali-cpu" in text and "auto chose pyav" in text and "h264" in text
+    # the CLI's format is "%(levelname)s %(name)s: %(message)s": a message must not repeat the name
+    assert caplog.records and not [r for r in caplog.records if r.name in r.getMessage()]

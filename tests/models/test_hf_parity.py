@@ -165,3 +165,22 @@ def test_original_videomae_finetune_checkpoint(tmp_path) -> None:
     with torch.no_grad():
         assert (loaded(x) - hf(hf_video(x)).logits).abs().max() < 1e-4
     save_model(loaded, tmp_path / "again")
+
+
+def test_tubelet_extra_is_restored_only_while_it_describes_the_hf_config(tmp_path) -> None:
+    import json
+
+    from pretrain.models.hf import from_hf, to_hf
+
+    torch.manual_seed(4)
+    cfg = mae_config_from_hf(hf_config(*CONFIGS[0]))
+    ours = MaskedVideoAutoencoder(dataclasses.replace(cfg, decoder_final_norm_eps=1e-6))
+    with pytest.warns(UserWarning, match="decoder_final_norm_eps"):
+        to_hf(ours, tmp_path / "hf", {"note": 1})
+    assert from_hf(tmp_path / "hf").cfg == ours.cfg  # exact, though HF hard-codes 1e-5 there
+    path = tmp_path / "hf" / "config.json"
+    edited = json.loads(path.read_text()) | {"layer_norm_eps": 1e-5}  # changed after export
+    path.write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match="tubelet_extra not used .*changed after export"):
+        back = from_hf(tmp_path / "hf")
+    assert back.cfg.encoder.norm_eps == 1e-5 and back.cfg.decoder_final_norm_eps == 1e-5

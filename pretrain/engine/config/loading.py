@@ -167,6 +167,44 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _alternative_groups(cls: Any, prefix: str = "") -> list[tuple[str, ...]]:
+    """Dotted keys of every `ALTERNATIVES` group declared in the dataclass tree of `cls`.
+
+    A section declares `ALTERNATIVES: ClassVar = (("a", "b"),)` when at most one of `a`, `b` may be set
+    (e.g. the continual modes): see `_drop_file_alternatives`.
+    """
+    groups = [tuple(prefix + k for k in g) for g in getattr(cls, "ALTERNATIVES", ())]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            groups += _alternative_groups(hints[f.name], f"{prefix}{f.name}.")
+    return groups
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _drop_file_alternatives(cls: Any, file: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """The command line's choice among alternatives wins over the file's: a key set (not null, not empty)
+    by an override drops the file's other keys of its group, so `continual.domains=[S1]` works with a file
+    that sets `continual.classes_per_experience`. Both set on the command line stay an error (validate)."""
+    for group in _alternative_groups(cls):
+        chosen = [k for k in group if _get(over, k) not in (None, [], {}, "")]
+        if not chosen:
+            continue
+        for key in group:
+            parent = _get(file, key.rpartition(".")[0]) if "." in key else file
+            if key not in chosen and isinstance(parent, dict):
+                parent.pop(key.rpartition(".")[2], None)
+    return file
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of `cls` ← YAML file ← dotlist overrides; strict keys and types throughout."""
     data: dict[str, Any] = {}
@@ -178,7 +216,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = _fix_yaml_numbers(loaded)
-    return build_dataclass(cls, deep_merge(data, parse_overrides(overrides or [])))
+    over = parse_overrides(overrides or [])
+    return build_dataclass(cls, deep_merge(_drop_file_alternatives(cls, data, over), over))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
