@@ -1,7 +1,7 @@
 """Fine-tuning config: the engine's sections + `data` + `model` (the classifier) + `finetune` (starting point
 and PEFT method: one section, the one `apply_method` takes) + `augment` + `eval`.
 
-The starting point is read through `pretrain.models.io.read_source` (a pretraining run, a model directory or
+The starting point is read through `pretrain.sources.read_source` (a pretraining run, a model directory or
 an HF VideoMAE directory); this stage never parses the other stage's YAML.
 """
 
@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from finetune.peft_methods import CNN_LORA_TARGET_NAMES, CNN_METHODS, LORA_TARGET_NAMES, METHOD_NAMES
+from finetune.peft_methods import FinetuneSection
 from pretrain.config import DataSection, ModelSection
 from pretrain.engine import ConfigError, EngineConfig, require, resume_key
 from pretrain.engine.config import OptimConfig
 from pretrain.models import BackboneClassifierConfig, VideoClassifierConfig, VideoViTConfig, backbone_config
 from pretrain.models.hf import HF_FIXED_NORM_EPS
-from pretrain.models.io import Source, read_source
+from pretrain.sources import Source, read_source
 
 BACKBONE_NAMES = ("vit", "r2plus1d", "r3d", "mc3", "cnn_rnn")
 # What `optim.lr: auto` / `optim.layer_decay: auto` become, per backbone family (measured on the demo set,
@@ -97,53 +96,6 @@ class ClassifierSection(ModelSection):
             if getattr(self, key) is not None:
                 over[field_name] = getattr(self, key)
         return over
-
-
-@dataclass
-class FinetuneSection:
-    """Where the weights come from and which parameters train (finetune/peft_methods.py applies it)."""
-
-    init: str | None = resume_key(None)  # run dir | model dir | HF dir | null (scratch)
-    method: Literal[METHOD_NAMES] = resume_key("full")  # type: ignore[valid-type]
-    partial_blocks: int = resume_key(1)
-    lora_rank: int = resume_key(8)
-    lora_alpha: float = resume_key(16.0)
-    lora_dropout: float = resume_key(0.0)
-    # ViT: among qkv, proj, fc1, fc2 (every block), patch_embed (the tubelet Conv3d); None = [qkv, proj].
-    # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN); None = [conv]
-    lora_targets: list[str] | None = field(default=None, metadata={"resume": True})
-    peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
-    peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
-    adapter_width: int = resume_key(64)
-    adapter_scale: float = resume_key(0.1)
-    prompt_tokens: int = resume_key(8)
-    prompt_deep: bool = resume_key(False)
-    train_fc_norm: bool = resume_key(True)  # not for method=linear (probe on a frozen, non-affine norm)
-
-    def check(self, backbone: str = "vit") -> None:
-        for name in ("partial_blocks", "lora_rank", "adapter_width", "prompt_tokens"):
-            require(getattr(self, name) >= 1, f"finetune.{name} must be >= 1")
-        require(0 <= self.lora_dropout < 1, "finetune.lora_dropout must be in [0, 1)")
-        allowed = LORA_TARGET_NAMES if backbone == "vit" else CNN_LORA_TARGET_NAMES
-        targets = self.lora_targets if self.lora_targets is not None else list(allowed[:1])
-        bad = sorted(set(targets) - set(allowed))
-        uses_targets = self.method in ("lora", "peft")
-        require(
-            not uses_targets or (bool(targets) and not bad),
-            f"finetune.lora_targets {self.lora_targets}: with model.backbone={backbone} choose among {list(allowed)}",
-        )
-        require(
-            backbone == "vit" or self.method in CNN_METHODS,
-            f"finetune.method={self.method} needs the ViT's token sequence; with model.backbone={backbone} use "
-            f"one of {list(CNN_METHODS)}",
-        )
-        require(
-            self.init is None or Path(self.init).exists(),
-            f"finetune.init={self.init}: no such directory (null = train from scratch)",
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Weight surgery: a starting point's weights (`pretrain.models.io.load_source`) into a fresh classifier.
+"""Weight surgery: a starting point's weights (`pretrain.sources.load_source`) into a fresh classifier.
 
 Expected gaps (new head, fc_norm, the MAE decoder, the encoder's final norm, the parameters a PEFT method
 adds) are listed with their reason; any other missing encoder weight or shape clash is an error naming
@@ -15,7 +15,7 @@ from torch import nn
 
 from finetune.peft_methods import is_method_param
 from pretrain.engine import ConfigError
-from pretrain.models.io import Source
+from pretrain.sources import Source
 
 _EXPECTED_NEW = {
     "head.": "new classification head",

@@ -25,16 +25,18 @@ method list is `METHODS` below. Methods:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
 from torch import nn
 
-if TYPE_CHECKING:
-    from finetune.config import FinetuneSection
+from pretrain.engine import require, resume_key
 
 # The one list of methods: name → (mergeable into plain weights on export, what it trains).
 METHODS: dict[str, tuple[bool, str]] = {
@@ -58,6 +60,53 @@ CNN_METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft")
 CNN_LORA_TARGET_NAMES = ("conv", "proj")
 SIDECAR_NAME = "peft_sidecar.safetensors"
 SIDECAR_CONFIG = "peft.json"
+
+
+@dataclass
+class FinetuneSection:
+    """Where the weights come from and which parameters train (finetune/peft_methods.py applies it)."""
+
+    init: str | None = resume_key(None)  # run dir | model dir | HF dir | null (scratch)
+    method: Literal[METHOD_NAMES] = resume_key("full")  # type: ignore[valid-type]
+    partial_blocks: int = resume_key(1)
+    lora_rank: int = resume_key(8)
+    lora_alpha: float = resume_key(16.0)
+    lora_dropout: float = resume_key(0.0)
+    # ViT: among qkv, proj, fc1, fc2 (every block), patch_embed (the tubelet Conv3d); None = [qkv, proj].
+    # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN); None = [conv]
+    lora_targets: list[str] | None = field(default=None, metadata={"resume": True})
+    peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
+    peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
+    adapter_width: int = resume_key(64)
+    adapter_scale: float = resume_key(0.1)
+    prompt_tokens: int = resume_key(8)
+    prompt_deep: bool = resume_key(False)
+    train_fc_norm: bool = resume_key(True)  # not for method=linear (probe on a frozen, non-affine norm)
+
+    def check(self, backbone: str = "vit") -> None:
+        for name in ("partial_blocks", "lora_rank", "adapter_width", "prompt_tokens"):
+            require(getattr(self, name) >= 1, f"finetune.{name} must be >= 1")
+        require(0 <= self.lora_dropout < 1, "finetune.lora_dropout must be in [0, 1)")
+        allowed = LORA_TARGET_NAMES if backbone == "vit" else CNN_LORA_TARGET_NAMES
+        targets = self.lora_targets if self.lora_targets is not None else list(allowed[:1])
+        bad = sorted(set(targets) - set(allowed))
+        uses_targets = self.method in ("lora", "peft")
+        require(
+            not uses_targets or (bool(targets) and not bad),
+            f"finetune.lora_targets {self.lora_targets}: with model.backbone={backbone} choose among {list(allowed)}",
+        )
+        require(
+            backbone == "vit" or self.method in CNN_METHODS,
+            f"finetune.method={self.method} needs the ViT's token sequence; with model.backbone={backbone} use "
+            f"one of {list(CNN_METHODS)}",
+        )
+        require(
+            self.init is None or Path(self.init).exists(),
+            f"finetune.init={self.init}: no such directory (null = train from scratch)",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------------------- helpers

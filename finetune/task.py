@@ -35,8 +35,9 @@ from pretrain.models import (
     apply_activation_checkpointing,
     classifier_training_flops_per_clip,
 )
-from pretrain.models.io import Source, build_model, input_geometry, load_source, write_run_model
+from pretrain.models.io import build_model, input_geometry, write_run_model
 from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.sources import Source, load_source
 
 INIT_REPORT = "init_report.json"
 BEST_DIR = "best"

@@ -2,7 +2,7 @@
 `PretrainConfig` = the engine's sections + `data`, `model` (the MAE), `mask`, `clip`.
 
 Fine-tuning extends `ModelSection` and reuses `DataSection` (finetune/config.py); neither stage parses the
-other's YAML: a fine-tune reads a pretraining run through `pretrain.models.io.load_source`.
+other's YAML: a fine-tune reads a pretraining run through `pretrain.sources.load_source`.
 """
 
 from __future__ import annotations

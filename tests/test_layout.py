@@ -1,5 +1,6 @@
-"""The layout rules DESIGN.md states, checked on the source: dependency direction (finetune → pretrain →
-data_shards; the engine imports no stage and no data code), and no function longer than 80 lines."""
+"""The layout rules DESIGN.md and ARCHITECTURE.md state, checked on the source: dependency direction
+(finetune → pretrain → data_shards; the engine imports no stage and no data code; the models no engine), no
+import cycle between the project's modules, and no function longer than 80 lines."""
 
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ def _imports(path: Path) -> set[str]:
             "pretrain/engine",
             ("data_shards", "pretrain.models", "pretrain.task", "pretrain.config", "pretrain.data"),
         ),
-        ("pretrain/models", ("data_shards", "mlflow", "deepspeed", "pretrain.task", "pretrain.config")),
+        (
+            "pretrain/models",
+            ("data_shards", "mlflow", "deepspeed", "pretrain.engine", "pretrain.task", "pretrain.config"),
+        ),
     ],
 )
 def test_dependency_direction(where: str, forbidden: tuple[str, ...]) -> None:
@@ -47,6 +51,54 @@ def test_dependency_direction(where: str, forbidden: tuple[str, ...]) -> None:
         if any(m == f or m.startswith(f + ".") for f in forbidden)
     ]
     assert not bad, "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports, anywhere in the file (lazy and TYPE_CHECKING imports
+    included: a cycle hidden in a function is still a cycle); a package's own `__init__` is not an edge."""
+    mods = {}
+    for package in PACKAGES:
+        for path in _modules(package):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        here = m if path.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(
+                        here.split(".")[: len(here.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            for name in names:
+                while name not in mods and "." in name:
+                    name = name.rpartition(".")[0]
+                if name in mods and name != m and not m.startswith(name + "."):
+                    graph[m].add(name)
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _module_graph()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return False
+
+    cycles = sorted({" ↔ ".join(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert not cycles, "modules that import each other (directly or through others):\n" + "\n".join(cycles)
 
 
 def test_no_function_is_longer_than_80_lines() -> None:

@@ -43,7 +43,7 @@ from pretrain.engine import ConfigError, Trainer
 from pretrain.engine.config import resume_signature, signature_hash, to_dict
 from pretrain.engine.dist import barrier, reduce_sum
 from pretrain.engine.tracking import Tracker, resolve_uri
-from pretrain.models.io import load_source
+from pretrain.sources import load_source
 
 STATE_FILE = "continual_state.json"
 RESULT_FILE = "continual.json"

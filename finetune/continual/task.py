@@ -34,7 +34,7 @@ from finetune.continual.regularize import (
 from finetune.task import ClassificationTask
 from pretrain.data import make_loader
 from pretrain.engine import Loader, StepOutput, TaskContext
-from pretrain.models.io import Source
+from pretrain.sources import Source
 
 
 def head_classes(cfg: ContinualConfig, plan: list[Experience], k: int) -> list[int]:

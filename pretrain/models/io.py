@@ -1,17 +1,15 @@
 """The model directory: ``model.safetensors`` + ``config.json``. The one serialization path for models.
 
 ``config.json`` records the architecture, task, preset and the full dataclass config, so
-``load_model(dir)`` rebuilds the exact module without any other input. ``load_source(path)`` is the one
-way a later stage sees an earlier one: a training run directory (its ``model.json`` + newest complete
-checkpoint), a model directory, or a Hugging Face VideoMAE directory, each as (architecture, config, weights).
+``load_model(dir)`` rebuilds the exact module without any other input. Reading a training run directory or
+an HF directory as a starting point is `pretrain.sources` (this module knows neither checkpoints nor HF).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -93,7 +91,7 @@ def input_geometry(cfg: Any) -> tuple[int, int]:
 
 
 def write_run_model(cfg: Any, run_dir: str | Path) -> Path:
-    """Record a training run's architecture as ``<run_dir>/model.json`` (what ``load_source`` reads)."""
+    """Record a training run's architecture as ``<run_dir>/model.json`` (what `pretrain.sources` reads)."""
     path = Path(run_dir) / RUN_MODEL_NAME
     path.write_text(json.dumps(model_meta(cfg), indent=2) + "\n")
     return path
@@ -163,66 +161,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         raise FileNotFoundError(f"{weights} not found")
     load_state_dict_strict(model, load_file(str(weights)), str(weights))
     return model.to(map_location)
-
-
-# ------------------------------------------------------------------------------------- starting points
-
-SourceKind = Literal["run", "model", "hf"]
-
-
-@dataclass
-class Source:
-    """A starting point: what kind of directory, the architecture it holds, its config, its weights
-    (`state_dict`, our parameter names; None when only the config was read)."""
-
-    path: Path
-    kind: SourceKind
-    architecture: str
-    config: Any
-    state_dict: dict[str, torch.Tensor] | None = None
-
-    @property
-    def encoder(self) -> VideoViTConfig:
-        return self.config if isinstance(self.config, VideoViTConfig) else self.config.encoder
-
-
-def source_kind(path: str | Path) -> SourceKind:
-    """'run' (a training run: model.json + checkpoints/), 'model' (tubelet model dir) or 'hf' (HF VideoMAE)."""
-    p = Path(path)
-    if (p / CONFIG_NAME).is_file():
-        return "model" if "architecture" in json.loads((p / CONFIG_NAME).read_text()) else "hf"
-    if (p / RUN_MODEL_NAME).is_file() and (p / "checkpoints").is_dir():
-        return "run"
-    raise FileNotFoundError(
-        f"{p}: not a model directory (config.json), an HF VideoMAE directory, or a training run directory "
-        f"({RUN_MODEL_NAME} + checkpoints/)"
-    )
-
-
-def read_source(path: str | Path) -> Source:
-    """The starting point's architecture and config, without reading weights."""
-    kind = source_kind(path)
-    if kind == "hf":
-        from .hf import config_from_hf_dir
-
-        arch, cfg = config_from_hf_dir(path)
-    else:
-        arch, cfg, _ = read_model_config(Path(path) / (RUN_MODEL_NAME if kind == "run" else CONFIG_NAME))
-    return Source(Path(path), kind, arch, cfg)
-
-
-def load_source(path: str | Path) -> Source:
-    """`read_source` plus the weights: a run directory's newest complete checkpoint (consolidated in fp32,
-    as `python -m pretrain export` does), a model directory's safetensors, or an HF directory converted."""
-    src = read_source(path)
-    if src.kind == "run":
-        from pretrain.engine import checkpoint as ckpt_io  # a run's weights live in its DeepSpeed checkpoints
-
-        src.state_dict = ckpt_io.consolidated_state_dict(ckpt_io.find_export_checkpoint(src.path))
-    elif src.kind == "model":
-        src.state_dict = dict(load_model(src.path).state_dict())
-    else:
-        from .hf import from_hf
-
-        src.state_dict = dict(from_hf(src.path).state_dict())
-    return src

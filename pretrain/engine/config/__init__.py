@@ -1,5 +1,5 @@
-"""Typed configuration: `schema` (the engine's sections, resume signature), `loading` (YAML + overrides,
-strict types), `validate` (one check per section), `deepspeed_json` (the generated DeepSpeed config)."""
+"""Typed configuration: `schema` (the engine's sections, each checking itself, and the resume signature),
+`loading` (YAML + overrides, strict types), `deepspeed_json` (the generated DeepSpeed config)."""
 
 from .deepspeed_json import deepspeed_config
 from .loading import build_dataclass, flatten, load_config, parse_overrides, to_dict, to_yaml
@@ -13,13 +13,13 @@ from .schema import (
     TrainConfig,
     grad_accum_steps,
     peak_lr,
+    require,
     resume_key,
     resume_section,
     resume_signature,
     signature_diff,
     signature_hash,
 )
-from .validate import require
 
 __all__ = [
     "CheckpointConfig",

@@ -6,6 +6,9 @@ inside a section so marked) form the *resume signature*: a checkpoint whose sign
 What may change on resume is left out on purpose: the number of ranks, `train.micro_batch_size` and
 `deepspeed.zero_stage` (1-3) are re-partitioned (`checkpoint.plan_resume` says what that costs).
 The engine's sections say nothing about videos: what to read and how is the task's business.
+Each section checks itself (`check`): every message names the key (`section.field`) and the fix; all of it
+runs before any process starts. A stage validates its own sections in its config's `validate` after
+calling the engine's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A config key, value or combination is invalid; the message names the key and the fix."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `ok`: the one-line form every section check uses."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def resume_key(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -51,6 +60,32 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # stop the run after this many skipped steps in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def check(self, world_size: int) -> None:
+        require(
+            (self.steps is None) != (self.epochs is None),
+            "set exactly one of train.steps and train.epochs (e.g. train.steps=100)",
+        )
+        require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        require(
+            self.stop_at is None or self.stop_at >= 1,
+            f"train.stop_at must be >= 1 (a global step), got {self.stop_at}",
+        )
+        require(
+            self.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}"
+        )
+        per_step = self.micro_batch_size * world_size
+        require(
+            self.global_batch_size % per_step == 0 and self.global_batch_size > 0,
+            f"train.global_batch_size={self.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{self.micro_batch_size} × world size {world_size}; set train.global_batch_size to a multiple of "
+            f"{per_step} (gradient accumulation = global / (micro × world))",
+        )
+        require(self.log_every >= 1, "train.log_every must be >= 1")
+        for name in ("eval_every", "eval_batches", "visualize_every"):
+            require(getattr(self, name) >= 0, f"train.{name} must be >= 0 (0 = off)")
+        require(self.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite must be >= 1")
+
 
 @dataclass
 class OptimConfig:
@@ -68,6 +103,28 @@ class OptimConfig:
     warmup_epochs: float | None = None
     grad_clip: float = 0.0  # 0 = off
     fused: bool | None = None  # torch AdamW fused kernel; None = on CUDA
+
+    def check(self, t: TrainConfig) -> None:
+        require(self.lr is None or self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        require(
+            self.base_lr > 0 and self.base_batch_size >= 1,
+            "optim.base_lr must be > 0 and optim.base_batch_size >= 1",
+        )
+        require(self.min_lr >= 0, "optim.min_lr must be >= 0")
+        require(0 < self.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        require(
+            self.warmup_steps is None or self.warmup_epochs is None,
+            "set at most one of optim.warmup_steps and optim.warmup_epochs",
+        )
+        require(
+            t.steps is None or self.warmup_steps is None or self.warmup_steps < t.steps,
+            f"optim.warmup_steps={self.warmup_steps} >= train.steps={t.steps}: warmup must end before training does",
+        )
+        require(
+            self.grad_clip >= 0 and self.weight_decay >= 0,
+            "optim.grad_clip and optim.weight_decay must be >= 0",
+        )
+        require(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -87,12 +144,30 @@ class DeepSpeedSection:
     fp16_initial_scale_power: int = 16
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
+    def check(self) -> None:
+        require(
+            self.zero_stage in (0, 1, 2, 3),
+            f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}",
+        )
+        require(
+            not (self.bf16 and self.fp16),
+            "deepspeed.bf16 and deepspeed.fp16 are both true: pick one (or neither for fp32)",
+        )
+        require(
+            self.offload_optimizer == "none" or self.zero_stage >= 1,
+            "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1",
+        )
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only on preemption and at the end
     keep_last: int = 2
     save_final: bool = True
+
+    def check(self) -> None:
+        require(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        require(self.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end and on preemption)")
 
 
 @dataclass
@@ -108,6 +183,13 @@ class TrackingConfig:
     # register the run's model as a new version of this registered model (tasks that log an MLflow model)
     register_as: str | None = None
 
+    def check(self) -> None:
+        require(
+            not self.register_as or (self.enabled and self.log_model),
+            f"tracking.register_as={self.register_as!r} needs tracking.enabled=true and tracking.log_model=true "
+            "(the registered version is the run's logged model)",
+        )
+
 
 @dataclass
 class EngineConfig:
@@ -121,9 +203,11 @@ class EngineConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Impossible combinations, section by section; a stage extends it (calling super) for its own."""
-        from .validate import validate_engine
-
-        validate_engine(self, world_size)
+        self.train.check(world_size)
+        self.optim.check(self.train)
+        self.deepspeed.check()
+        self.checkpoint.check()
+        self.tracking.check()
 
 
 def grad_accum_steps(cfg: EngineConfig, world_size: int) -> int:

@@ -1,0 +1,75 @@
+"""Starting points: how a later stage sees an earlier one.
+
+`load_source(path)` reads a training run directory (its `model.json` + newest complete checkpoint,
+consolidated in fp32), a model directory, or a Hugging Face VideoMAE directory, each as (architecture,
+config, weights in our parameter names); `read_source` is the same without the weights. It sits above the
+models (which know neither checkpoints nor runs) and the engine's checkpoint code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pretrain.engine import checkpoint as ckpt_io
+from pretrain.models import VideoViTConfig
+from pretrain.models.hf import config_from_hf_dir, from_hf
+from pretrain.models.io import CONFIG_NAME, RUN_MODEL_NAME, load_model, read_model_config
+
+SourceKind = Literal["run", "model", "hf"]
+
+
+@dataclass
+class Source:
+    """A starting point: what kind of directory, the architecture it holds, its config, its weights
+    (`state_dict`, our parameter names; None when only the config was read)."""
+
+    path: Path
+    kind: SourceKind
+    architecture: str
+    config: Any
+    state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def encoder(self) -> VideoViTConfig:
+        return self.config if isinstance(self.config, VideoViTConfig) else self.config.encoder
+
+
+def source_kind(path: str | Path) -> SourceKind:
+    """'run' (a training run: model.json + checkpoints/), 'model' (tubelet model dir) or 'hf' (HF VideoMAE)."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return "model" if "architecture" in json.loads((p / CONFIG_NAME).read_text()) else "hf"
+    if (p / RUN_MODEL_NAME).is_file() and (p / "checkpoints").is_dir():
+        return "run"
+    raise FileNotFoundError(
+        f"{p}: not a model directory (config.json), an HF VideoMAE directory, or a training run directory "
+        f"({RUN_MODEL_NAME} + checkpoints/)"
+    )
+
+
+def read_source(path: str | Path) -> Source:
+    """The starting point's architecture and config, without reading weights."""
+    kind = source_kind(path)
+    if kind == "hf":
+        arch, cfg = config_from_hf_dir(path)
+    else:
+        arch, cfg, _ = read_model_config(Path(path) / (RUN_MODEL_NAME if kind == "run" else CONFIG_NAME))
+    return Source(Path(path), kind, arch, cfg)
+
+
+def load_source(path: str | Path) -> Source:
+    """`read_source` plus the weights: a run directory's newest complete checkpoint (consolidated in fp32,
+    as `python -m pretrain export` does), a model directory's safetensors, or an HF directory converted."""
+    src = read_source(path)
+    if src.kind == "run":
+        src.state_dict = ckpt_io.consolidated_state_dict(ckpt_io.find_export_checkpoint(src.path))
+    elif src.kind == "model":
+        src.state_dict = dict(load_model(src.path).state_dict())
+    else:
+        src.state_dict = dict(from_hf(src.path).state_dict())
+    return src
