@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -192,16 +191,6 @@ def sampling_for(
     )
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world) — starts a gloo/nccl group when a launcher set WORLD_SIZE > 1."""
-    import torch.distributed as td
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not td.is_initialized():
-        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (td.get_rank(), td.get_world_size()) if td.is_initialized() else (0, 1)
-
-
 def label_mapping(
     model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any
 ) -> torch.Tensor | None:
@@ -245,8 +234,10 @@ def evaluate_model_dir(
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
     from finetune.export import load_finetuned, model_extra
+    from pretrain.engine.dist import join_process_group
 
-    rank, world = _dist()
+    group = join_process_group()
+    rank, world = group.rank, group.world_size
     dev = torch.device(device)
     model = load_finetuned(model_dir).to(dev)
     extra = model_extra(model_dir)

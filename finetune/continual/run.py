@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from finetune.continual.regularize import (
 from finetune.continual.task import ContinualTask, head_classes, training_classes
 from pretrain.engine import ConfigError, Trainer
 from pretrain.engine.config import resume_signature, signature_hash, to_dict
-from pretrain.engine.dist import barrier, reduce_sum
+from pretrain.engine.dist import barrier, launched, reduce_sum
 from pretrain.engine.tracking import Tracker, resolve_uri
 from pretrain.sources import load_source
 
@@ -68,10 +67,6 @@ class ContinualState:
         tmp = root / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(self.__dict__, indent=1) + "\n")
         tmp.replace(root / STATE_FILE)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def load_state(cfg: ContinualConfig, resume: str | None) -> ContinualState:
@@ -127,17 +122,9 @@ def evaluate_on(model_dir: Path, cfg: ContinualConfig, exp: Experience, out: Pat
         num_workers=cfg.data.num_workers,
         labels=None if cfg.continual.domains else list(exp.classes),
         out_dir=out,
-        device=str(_device()),
+        device=str(launched().device),
     )
     return float(r["top1"])
-
-
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 def model_for(cfg: ContinualConfig, root: Path, i: int, j: int) -> Path:
@@ -195,7 +182,8 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
     from finetune.evaluate import sampling_for
     from finetune.export import load_finetuned, model_extra
 
-    device, world = _device(), int(os.environ.get("WORLD_SIZE", "1"))
+    proc = launched()
+    device, world = proc.device, proc.world_size
     model_dir = root / f"experience_{k}" / "model"
     model = load_finetuned(model_dir, map_location=str(device))
     for p in model.parameters():
@@ -209,7 +197,7 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
         batch_size=1,
         spec=sampling_for(model, model_extra(model_dir), 1, 1, None),
         backend=cfg.data.backend,
-        rank=_rank(),
+        rank=proc.rank,
         world_size=world,
         device=device,
         num_workers=cfg.data.num_workers,
@@ -226,7 +214,7 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
         for name, v in old.items():
             if name in importance:
                 importance[name] += cfg.continual.importance_decay * fit_to(v, importance[name].shape)
-    if _rank() == 0:
+    if launched().is_main:
         save_importance(root / f"experience_{k}" / IMPORTANCE_FILE, importance, dict(model.state_dict()))
     barrier()
 
@@ -237,7 +225,7 @@ def initial_accuracy(cfg: ContinualConfig, plan: list[Experience], root: Path) -
     if cfg.continual.strategy == "peft_per_experience":
         return [None] * len(plan)
     out = root / "initial_model"
-    if _rank() == 0 and not (out / "config.json").is_file():
+    if launched().is_main and not (out / "config.json").is_file():
         from pretrain.engine import TaskContext
 
         task = ContinualTask(
@@ -329,25 +317,23 @@ def _after_experience(
         update_importance(cfg, plan, root, k)
     state.completed = k + 1
     state.memory = memory.to_json()
-    if _rank() == 0:
+    if launched().is_main:
         state.save(root)
     barrier()
 
 
 def run_continual(cfg: ContinualConfig, resume: str | None = None) -> dict[str, Any] | None:
     """Train every experience not done yet; returns `continual.json`'s content (None when a run paused)."""
-    from pretrain.engine.dist import env_world_size
-
-    cfg.validate(env_world_size())
+    cfg.validate(launched().world_size)
     plan = plan_experiences(cfg)
     root = Path(cfg.train.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     state = load_state(cfg, resume)
     parent_cfg = copy.deepcopy(cfg.tracking)
     parent_cfg.run_name = parent_cfg.run_name or f"{root.name} ({cfg.continual.strategy})"
-    parent = Tracker(parent_cfg, root, _rank() == 0)
+    parent = Tracker(parent_cfg, root, launched().is_main)
     state.parent_run_id = state.parent_run_id or parent.run_id
-    if state.completed == 0 and _rank() == 0:
+    if state.completed == 0 and launched().is_main:
         parent.log_params(
             {**{f"continual.{k}": v for k, v in to_dict(cfg.continual).items()}, "experiences": len(plan)}
         )
@@ -363,12 +349,12 @@ def run_continual(cfg: ContinualConfig, resume: str | None = None) -> dict[str, 
                 parent.close("KILLED")
                 return None
             _after_experience(cfg, plan, root, state, memory)
-            if _rank() == 0:
+            if launched().is_main:
                 _log_experience(parent, cfg, plan, state, state.completed - 1)
     except BaseException:
         parent.close("FAILED")
         raise
-    result = write_results(cfg, plan, state, memory) if _rank() == 0 else {}
+    result = write_results(cfg, plan, state, memory) if launched().is_main else {}
     parent.log_artifact(root / RESULT_FILE)
     parent.log_artifact(root / MATRIX_PNG)
     parent.close("FINISHED")
@@ -412,7 +398,7 @@ def main(argv: list[str]) -> int:
         return run_continual(cfg, resume=args.resume)
 
     code, result = guarded(load_and_run)
-    if code or _rank() != 0:
+    if code or not launched().is_main:
         return code
     root = Path(cfg.train.run_dir).resolve()
     if result is None:

@@ -7,14 +7,13 @@ they add to the report; everything else is here so the two commands behave the s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from .config import ConfigError, EngineConfig, load_config
-from .dist import env_world_size
+from .dist import env_world_size, launched
 from .task import Task
 from .trainer import Outcome, RunResult, TrainingStopped, run
 
@@ -97,7 +96,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return launched().is_main
 
 
 def _print_result(result: RunResult, tag: str) -> None:

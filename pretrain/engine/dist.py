@@ -33,9 +33,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched() -> DistInfo:
+    """What the launcher announced for this process (RANK, WORLD_SIZE, LOCAL_RANK; 0, 1, 0 without one) and
+    its device (this local rank's GPU, else the CPU), known before any process group starts: the one place
+    that reads them."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local, device)
+
+
 def env_world_size() -> int:
     """World size the launcher announced (1 without a launcher); known before any process group starts."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launched().world_size
+
+
+def join_process_group() -> DistInfo:
+    """This process in the launcher's group, outside a `Trainer` (evaluation, importance estimation): the
+    group is started (nccl on GPUs, gloo on CPUs) when the launcher announced several ranks and none runs."""
+    info = launched()
+    if info.world_size > 1 and not td.is_initialized():
+        td.init_process_group("nccl" if info.device.type == "cuda" else "gloo")
+    if td.is_initialized():
+        return DistInfo(td.get_rank(), td.get_world_size(), info.local_rank, info.device)
+    return info
 
 
 def prepare_env(device: str = "auto") -> torch.device:
