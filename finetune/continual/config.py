@@ -19,20 +19,16 @@ import numpy as np
 
 from data_shards.format import FormatError, load_manifest
 from finetune.config import FinetuneConfig
+from finetune.continual.strategies import STRATEGY_NAMES, Strategy, strategy
 from pretrain.engine import ConfigError, require, resume_key
 from pretrain.engine.config import grad_accum_steps
-
-STRATEGIES = ("naive", "joint", "replay", "ewc", "mas", "lwf", "replay_lwf", "peft_per_experience")
-USES_MEMORY = ("replay", "replay_lwf")
-USES_IMPORTANCE = ("ewc", "mas")
-USES_TEACHER = ("lwf", "replay_lwf")
 
 
 @dataclass
 class ContinualSection:
     """Which strategy, which experiences, and the strategies' knobs (see README: Continual learning)."""
 
-    strategy: Literal[STRATEGIES] = resume_key("naive")  # type: ignore[valid-type]
+    strategy: Literal[STRATEGY_NAMES] = resume_key("naive")  # type: ignore[valid-type]
     experiences: list[list[int]] | None = field(
         default=None, metadata={"resume": True}
     )  # class-id groups, in order
@@ -57,11 +53,16 @@ class ContinualSection:
         ("domains", "experiences", "classes_per_experience"),
     )
 
+    @property
+    def rules(self) -> Strategy:
+        """What the chosen strategy does (`strategies.STRATEGIES`)."""
+        return strategy(self.strategy)
+
     def check(self) -> None:
         s = self.strategy
         require(self.memory_size >= 0, "continual.memory_size must be >= 0 (videos)")
         require(
-            s not in USES_MEMORY or self.memory_size > 0,
+            not self.rules.replays or self.memory_size > 0,
             f"continual.strategy={s} replays a memory: set continual.memory_size > 0 (videos)",
         )
         require(
@@ -97,13 +98,13 @@ class ContinualConfig(FinetuneConfig):
         super().validate(world_size)
         s = self.continual.strategy
         require(
-            not (self.deepspeed.fp16 and s in USES_IMPORTANCE),
+            not (self.deepspeed.fp16 and self.continual.rules.estimates_importance),
             f"continual.strategy={s} adds its penalty gradient outside the loss scaler: use bf16 or fp32",
         )
         experiences = plan_experiences(self)
         check_memory_fits(self, experiences)
         check_experiences_fill_a_step(self, experiences, world_size)
-        if s in USES_MEMORY and self.continual.replay_batch_size is not None:
+        if self.continual.rules.replays and self.continual.replay_batch_size is not None:
             require(
                 self.continual.replay_batch_size < self.train.micro_batch_size,
                 f"continual.replay_batch_size={self.continual.replay_batch_size} must be smaller than "
@@ -217,10 +218,10 @@ def check_experiences_fill_a_step(
     """
     micro, accum = cfg.train.micro_batch_size, grad_accum_steps(cfg, world_size)
     c = cfg.continual
-    replay = (c.replay_batch_size or micro // 2) if c.strategy in USES_MEMORY else 0
+    replay = (c.replay_batch_size or micro // 2) if c.rules.replays else 0
     counts = [train_videos(cfg, e) for e in experiences]
     for k, e in enumerate(experiences):
-        n = sum(counts[: k + 1]) if c.strategy == "joint" and not c.domains else counts[k]
+        n = sum(counts[: k + 1]) if c.rules.joint and not c.domains else counts[k]
         own = micro - (replay if k > 0 else 0)
         need = world_size * accum * own
         if n >= need:

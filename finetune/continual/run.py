@@ -23,8 +23,6 @@ from data_shards.format import load_manifest
 from data_shards.loader.index import list_samples
 from finetune.continual import metrics as cl_metrics
 from finetune.continual.config import (
-    USES_IMPORTANCE,
-    USES_MEMORY,
     ContinualConfig,
     Experience,
     plan_experiences,
@@ -96,7 +94,7 @@ def experience_config(
     k = exp.index
     c.train.run_dir = str(root / f"experience_{k}")
     c.data.shards = exp.shards
-    if cfg.continual.strategy == "peft_per_experience":
+    if cfg.continual.rules.per_experience:
         c.finetune.method = cfg.continual.peft_method
     elif k > 0:
         c.finetune.init = str(root / f"experience_{k - 1}" / "model")
@@ -130,7 +128,7 @@ def evaluate_on(model_dir: Path, cfg: ContinualConfig, exp: Experience, out: Pat
 def model_for(cfg: ContinualConfig, root: Path, i: int, j: int) -> Path:
     """Which model answers for experience j after experience i: the latest one, or j's own
     (peft_per_experience: task-incremental, the experience id is given at test time)."""
-    k = j if cfg.continual.strategy == "peft_per_experience" else i
+    k = j if cfg.continual.rules.per_experience else i
     return root / f"experience_{k}" / "model"
 
 
@@ -146,7 +144,7 @@ def evaluate_row(
             else None
         )
     ahead = None
-    if i + 1 < len(plan) and cfg.continual.strategy != "peft_per_experience":
+    if i + 1 < len(plan) and not cfg.continual.rules.per_experience:
         ahead = evaluate_on(
             model_for(cfg, root, i, i + 1), cfg, plan[i + 1], root / f"experience_{i}" / f"eval_exp{i + 1}"
         )
@@ -205,7 +203,7 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
         **({} if cfg.continual.domains else {"labels": list(plan[k].classes)}),
     )
     limit = -(-cfg.continual.importance_samples // world)
-    total, count = estimate_importance(model, loader, cfg.continual.strategy, label_map, limit)
+    total, count = estimate_importance(model, loader, cfg.continual.rules.penalty, label_map, limit)
     summed, n = _reduce_tensors(total, count)
     importance = {name: v / max(n, 1.0) for name, v in summed.items()}
     previous = root / f"experience_{k - 1}" / IMPORTANCE_FILE
@@ -222,7 +220,7 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
 def initial_accuracy(cfg: ContinualConfig, plan: list[Experience], root: Path) -> list[float | None]:
     """Accuracy on every experience of the model before experience 0 (its starting weights, a fresh head):
     the baseline of forward transfer. None for peft_per_experience (one head per experience)."""
-    if cfg.continual.strategy == "peft_per_experience":
+    if cfg.continual.rules.per_experience:
         return [None] * len(plan)
     out = root / "initial_model"
     if launched().is_main and not (out / "config.json").is_file():
@@ -311,9 +309,9 @@ def _after_experience(
     state.matrix.append(row)
     if k + 1 < len(plan):
         state.before.append(ahead)
-    if cfg.continual.strategy in USES_MEMORY:
+    if cfg.continual.rules.replays:
         memory.update(memory_candidates(cfg, plan, k), k)
-    if cfg.continual.strategy in USES_IMPORTANCE and k + 1 < len(plan):
+    if cfg.continual.rules.estimates_importance and k + 1 < len(plan):
         update_importance(cfg, plan, root, k)
     state.completed = k + 1
     state.memory = memory.to_json()

@@ -23,7 +23,7 @@ from torch import nn
 from data_shards.format import load_manifest
 from data_shards.loader import VideoLoader, build_loader
 from finetune.config import classifier_config
-from finetune.continual.config import USES_IMPORTANCE, USES_MEMORY, USES_TEACHER, ContinualConfig, Experience
+from finetune.continual.config import ContinualConfig, Experience
 from finetune.continual.memory import ReplayLoader, ReplayMemory
 from finetune.continual.regularize import (
     IMPORTANCE_FILE,
@@ -39,14 +39,14 @@ from pretrain.sources import Source
 
 def head_classes(cfg: ContinualConfig, plan: list[Experience], k: int) -> list[int]:
     """Global class ids of experience k's head, in head order."""
-    if cfg.continual.strategy == "peft_per_experience" or cfg.continual.domains:
+    if cfg.continual.rules.per_experience or cfg.continual.domains:
         return list(plan[k].classes)
     return [c for e in plan[: k + 1] for c in e.classes]
 
 
 def training_classes(cfg: ContinualConfig, plan: list[Experience], k: int) -> list[int]:
     """Classes whose videos experience k trains on (`joint`: every class seen so far)."""
-    if cfg.continual.strategy == "joint" and not cfg.continual.domains:
+    if cfg.continual.rules.joint and not cfg.continual.domains:
         return [c for e in plan[: k + 1] for c in e.classes]
     return list(plan[k].classes)
 
@@ -63,7 +63,7 @@ class ContinualTask(ClassificationTask):
         previous: Path | None,
     ) -> None:
         self.plan, self.k, self.memory, self.previous = plan, k, memory, previous
-        self.strategy = cfg.continual.strategy
+        self.rules = cfg.continual.rules
         names = load_manifest(plan[k].shards).classes or []
         self.head = head_classes(cfg, plan, k)
         base = classifier_config(cfg)
@@ -81,7 +81,7 @@ class ContinualTask(ClassificationTask):
     def setup(self, ctx: TaskContext) -> None:
         super().setup(ctx)
         self.label_map = self.label_map.to(ctx.device)
-        if self.strategy in USES_TEACHER and self.previous is not None:
+        if self.rules.distills and self.previous is not None:
             from finetune.export import load_finetuned
 
             self.teacher = load_finetuned(self.previous / "model", map_location=str(ctx.device))
@@ -90,10 +90,10 @@ class ContinualTask(ClassificationTask):
         """The classifier; with EWC/MAS after the first experience, the penalty's hooks (once: the training
         model, built before DeepSpeed wraps it)."""
         model = super().build_model()
-        if self.strategy in USES_IMPORTANCE and self.previous is not None and self.penalty is None:
+        if self.rules.estimates_importance and self.previous is not None and self.penalty is None:
             importance, anchor = load_importance(self.previous / IMPORTANCE_FILE)
             c = self.cfg.continual
-            lam = c.ewc_lambda if self.strategy == "ewc" else c.mas_lambda
+            lam = c.ewc_lambda if self.rules.penalty == "ewc" else c.mas_lambda
             t = self.cfg.train
             accum = t.global_batch_size // (t.micro_batch_size * self.ctx.world_size)
             self.penalty = QuadraticPenalty(importance, anchor, lam, grad_scale=1.0 / accum)
@@ -105,7 +105,7 @@ class ContinualTask(ClassificationTask):
         report = super().load_init(model, src)
         old_w, old_b = src.state_dict.get("head.weight"), src.state_dict.get("head.bias")
         grown = old_w is not None and old_w.shape[0] < model.head.weight.shape[0]
-        if grown and self.strategy != "peft_per_experience":
+        if grown and not self.rules.per_experience:
             n = old_w.shape[0]
             with torch.no_grad():
                 model.head.weight[:n].copy_(old_w)
@@ -123,7 +123,7 @@ class ContinualTask(ClassificationTask):
         d, micro = self.cfg.data, self.cfg.train.micro_batch_size
         labels = training_classes(self.cfg, self.plan, self.k)
         select = {} if self.cfg.continual.domains else {"labels": labels}
-        if self.strategy not in USES_MEMORY or not self.memory.items:
+        if not self.rules.replays or not self.memory.items:
             return make_loader(d, d.train_split, self.sampling_spec(True), ctx, micro, epoch=epoch, **select)
         r = self.cfg.continual.replay_batch_size or micro // 2
         current = make_loader(
@@ -188,5 +188,5 @@ class ContinualTask(ClassificationTask):
 
     def model_extra(self) -> dict[str, Any]:
         extra = super().model_extra()
-        extra["continual"] = {"strategy": self.strategy, "experience": self.k, "classes": self.head}
+        extra["continual"] = {"strategy": self.rules.name, "experience": self.k, "classes": self.head}
         return extra

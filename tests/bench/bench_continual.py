@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.continual.strategies import STRATEGY_NAMES
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-STRATEGIES = ("naive", "joint", "replay", "ewc", "mas", "lwf", "replay_lwf", "peft_per_experience")
+STRATEGIES = STRATEGY_NAMES  # every strategy, in the registry's order
 
 
 def sh(cmd: list[str], log: Path) -> float:
