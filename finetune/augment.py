@@ -1,4 +1,4 @@
-"""Label regularisation for video classification: smoothed soft targets, Mixup and tube CutMix."""
+"""Mixup and tube CutMix for video (the targets they mix come from the head: `finetune.heads`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ import numpy as np
 import torch
 
 from finetune.config import AugmentSection
-
-
-def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """One-hot targets [B, K] with `smoothing` spread evenly over the classes."""
-    off = smoothing / num_classes
-    return torch.full((labels_B.shape[0], num_classes), off, device=labels_B.device).scatter_(
-        1, labels_B.unsqueeze(1), 1.0 - smoothing + off
-    )
 
 
 def mix_batch(

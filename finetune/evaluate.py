@@ -1,4 +1,4 @@
-"""Multi-view evaluation: clip softmax → per-video average (by key, padding ignored) → gathered over ranks.
+"""Multi-view evaluation: the head's clip scores → per video (by key, padding ignored) → gathered over ranks.
 
 `python -m finetune evaluate --model DIR [--model DIR2 ...] --shards S --split test` works on any model
 directory (fine-tuned, merged or with a sidecar; an exported HF classifier after conversion) and writes
@@ -9,24 +9,29 @@ MLflow, and with several `--model`s prints a comparison table (e.g. linear probe
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from finetune.heads import DEFAULT_HEAD, HEADS, Head, head_of
 
 # ------------------------------------------------------------------------------------------- scoring
 
 
 def collect_scores(
-    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype,
+    head: Head = HEADS[DEFAULT_HEAD],
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, clip softmax [n, K] float32 CPU, labels [n]) over this rank's batches, padding dropped."""
-    return collect_outputs(lambda x: model(x.to(device, dtype)).float().softmax(-1), batches)
+    """(keys, the head's clip scores [n, K] float32 CPU, labels [n]) over this rank's batches, padding
+    dropped."""
+    return collect_outputs(lambda x: head.clip_scores(model(x.to(device, dtype))), batches)
 
 
 def collect_outputs(
@@ -66,41 +71,32 @@ def gather_scores(
 
 
 def average_per_video(
-    keys: list[str], probs: torch.Tensor, labels: torch.Tensor
+    keys: list[str], probs: torch.Tensor, labels: torch.Tensor, reduce: str = "mean"
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Mean clip softmax per video key (order: sorted keys), with the video's label."""
+    """Clip rows combined per video key (`reduce`: "mean", or "amax"; order: sorted keys), with the video's
+    label."""
     order = sorted(set(keys))
     index = {k: i for i, k in enumerate(order)}
     ids = torch.tensor([index[k] for k in keys], dtype=torch.int64)
     k = probs.shape[1] if probs.ndim == 2 else 0
-    sums = torch.zeros(len(order), k, dtype=torch.float64).index_add_(0, ids, probs.double())
-    counts = torch.zeros(len(order), dtype=torch.float64).index_add_(
-        0, ids, torch.ones(len(keys), dtype=torch.float64)
+    out = torch.zeros(len(order), k, dtype=torch.float64).scatter_reduce(
+        0, ids.unsqueeze(1).expand(-1, k), probs.double(), reduce=reduce, include_self=False
     )
     video_labels = torch.zeros(len(order), dtype=torch.int64)
     video_labels[ids] = labels
-    return order, (sums / counts.clamp_min(1).unsqueeze(1)).float(), video_labels
+    return order, out.float(), video_labels
 
 
-def summarize(keys: list[str], probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """top-1 / top-5 / NLL of the per-video averaged scores."""
-    vkeys, vprobs, vlabels = average_per_video(keys, probs, labels)
-    n = len(vkeys)
-    if n == 0:
-        return {"top1": math.nan, "top5": math.nan, "loss": math.nan, "n": 0}
-    k = min(5, vprobs.shape[1])
-    topk = vprobs.topk(k, dim=1).indices
-    top1 = float((topk[:, 0] == vlabels).float().mean())
-    top5 = float((topk == vlabels.unsqueeze(1)).any(1).float().mean())
-    known = vlabels >= 0  # -1: a class the model has no output for (counted wrong, no likelihood)
-    loss = (
-        float(F.nll_loss(vprobs[known].clamp_min(1e-12).log(), vlabels[known])) if known.any() else math.nan
-    )
+def summarize(
+    keys: list[str], probs: torch.Tensor, labels: torch.Tensor, head: Head = HEADS[DEFAULT_HEAD]
+) -> dict[str, Any]:
+    """The head's metrics (single label: top-1 / top-5 / NLL) of the per-video scores."""
+    vkeys, vprobs, vlabels = average_per_video(keys, probs, labels, head.view_reduce)
+    if not vkeys:
+        return {**head.metrics(vprobs, vlabels), "n": 0}
     return {
-        "top1": top1,
-        "top5": top5,
-        "loss": loss,
-        "n": n,
+        **head.metrics(vprobs, vlabels),
+        "n": len(vkeys),
         "keys": vkeys,
         "probs": vprobs,
         "labels": vlabels,
@@ -242,6 +238,7 @@ def evaluate_model_dir(
     model = load_finetuned(model_dir).to(dev)
     extra = model_extra(model_dir)
     spec = sampling_for(model, extra, clips, crops, stride)
+    head = head_of(extra)
     manifest = load_manifest(shards)
     mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir)
     names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
@@ -260,8 +257,8 @@ def evaluate_model_dir(
         **({"labels": labels} if labels is not None else {}),
     )
     with torch.no_grad():
-        scores = collect_scores(model, _mapped(loader, mapping), dev, torch.float32)
-    m = summarize(*gather_scores(*scores))
+        scores = collect_scores(model, _mapped(loader, mapping), dev, torch.float32, head)
+    m = summarize(*gather_scores(*scores), head)
     result: dict[str, Any] = {
         "model": str(model_dir),
         "model_dir": str(model_dir),
@@ -276,15 +273,22 @@ def evaluate_model_dir(
     }
     if m["n"] and rank == 0:
         out = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
-        write_report(result, m, list(names), out, f"{Path(model_dir).name} {split}")
+        write_report(result, m, list(names), out, f"{Path(model_dir).name} {split}", head)
     return result
 
 
-def write_report(result: dict[str, Any], m: dict[str, Any], names: list[str], out: Path, title: str) -> None:
+def write_report(
+    result: dict[str, Any],
+    m: dict[str, Any],
+    names: list[str],
+    out: Path,
+    title: str,
+    head: Head = HEADS[DEFAULT_HEAD],
+) -> None:
     """Per-class report, confusion PNG and metrics.json into `out` (videos whose class the model does not
     know are left out of the per-class table; they count as errors in top-1)."""
     known = m["labels"] >= 0
-    preds = m["probs"].argmax(1)
+    preds = head.predictions(m["probs"])
     rows, cm, text = classification_report(m["labels"][known], preds[known], names)
     result.update(per_class=rows, report=text, confusion=cm.tolist(), out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)

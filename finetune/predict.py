@@ -59,6 +59,7 @@ class Predictor:
     ) -> None:
         from finetune.evaluate import sampling_for
         from finetune.export import load_finetuned, model_extra
+        from finetune.heads import head_of
         from pretrain.models.io import input_geometry
 
         self.model_dir = Path(model_dir)
@@ -67,6 +68,7 @@ class Predictor:
         self.extra = model_extra(self.model_dir)
         self.spec = sampling_for(self.model, self.extra, clips, crops, stride)
         self.frames, self.size = input_geometry(self.model.cfg)
+        self.head = head_of(self.extra)
         cfg = self.model.cfg
         self.labels: list[str] = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
 
@@ -96,14 +98,15 @@ class Predictor:
             x = clips_NCTHW.to(self.device)
             if features:
                 return self.model.forward_features(x).float()
-            return self.model(x).float().softmax(-1)
+            return self.head.clip_scores(self.model(x))
 
     def _forward(self, videos: Sequence[torch.Tensor], features: bool) -> list[torch.Tensor]:
         """One forward over the views of every video (the batch); per-video means, in order."""
         if not videos:
             return []
         out = self.clip_outputs(torch.cat(list(videos)), features)
-        return [part.mean(0).cpu() for part in out.split([len(v) for v in videos])]
+        combine = (lambda part: part.mean(0)) if features else self.head.combine_views
+        return [combine(part).cpu() for part in out.split([len(v) for v in videos])]
 
     def probabilities(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Class probabilities per video [K]: softmax per view, averaged over the video's views (as evaluate)."""
@@ -115,12 +118,7 @@ class Predictor:
 
     def top(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
         """[{"label", "score", "index"}, ...], best first; `k` clipped to [1, number of classes]."""
-        k = max(1, min(int(k), len(self.labels)))
-        top = probs.topk(k)
-        return [
-            {"label": self.labels[i], "score": round(float(p), 6), "index": int(i)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]
+        return self.head.top(probs, self.labels, k)
 
     def describe(self) -> dict[str, Any]:
         """Labels, input geometry and sampling, architecture and training facts (a server's /metadata)."""

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_shards.format import load_manifest
 from data_shards.loader import SamplingSpec, VideoLoader
-from finetune.augment import mix_batch, soft_targets
+from finetune.augment import mix_batch
 from finetune.config import FinetuneConfig, classifier_config
+from finetune.heads import DEFAULT_HEAD, HEADS
 from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
 from pretrain.data import ShardData
@@ -77,6 +77,9 @@ class ClassificationTask(ShardData, Task):
         self.best_top1, self.best_step, self.bad_evals = -1.0, -1, 0
         self.init_report: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        self.head = HEADS[
+            DEFAULT_HEAD
+        ]  # one label per clip: the loss, scores and metrics (finetune/heads.py)
 
     # -- engine hooks ------------------------------------------------------------------------------
     def setup(self, ctx: TaskContext) -> None:
@@ -155,7 +158,7 @@ class ClassificationTask(ShardData, Task):
         unmixed. Labels are head indices (`head_labels`)."""
         video = batch["video"].to(self.device, self.dtype)
         labels = self.head_labels(batch["label"].to(self.device))
-        targets = soft_targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
+        targets = self.head.targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
         video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.rng)
         return model(video).float(), targets, labels, video, lam
 
@@ -164,10 +167,10 @@ class ClassificationTask(ShardData, Task):
         return labels
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        """Soft-target cross-entropy (smoothing, Mixup/CutMix); `acc` only on unmixed batches (NaN otherwise)."""
+        """The head's loss (smoothing, Mixup/CutMix); `acc` only on unmixed batches (NaN otherwise)."""
         logits, targets, labels, _, lam = self.forward(model, batch)
-        loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        acc = (logits.argmax(-1) == labels).float().mean() if lam == 1.0 else logits.new_tensor(float("nan"))
+        loss = self.head.loss(logits, targets)
+        acc = self.head.accuracy(logits, labels) if lam == 1.0 else logits.new_tensor(float("nan"))
         return StepOutput(loss, {"acc": acc.detach()})
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -175,8 +178,10 @@ class ClassificationTask(ShardData, Task):
         from finetune.evaluate import collect_scores, gather_scores, summarize
 
         mapped = ({**b, "label": self.head_labels(b["label"])} for b in batches)
-        keys, probs, labels = gather_scores(*collect_scores(model, mapped, self.device, self.dtype))
-        m = summarize(keys, probs, labels)
+        keys, probs, labels = gather_scores(
+            *collect_scores(model, mapped, self.device, self.dtype, self.head)
+        )
+        m = summarize(keys, probs, labels, self.head)
         return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "videos": float(m["n"])}
 
     def after_evaluate(self, model: nn.Module, metrics: dict[str, float], step: int) -> EvalOutcome:
@@ -306,6 +311,7 @@ class ClassificationTask(ShardData, Task):
         """What evaluate/predict need to sample clips like training did (stored in config.json "extra")."""
         a, e = self.cfg.augment, self.cfg.eval
         return {
+            "head": self.head.kind,
             "sampling": {
                 "stride": a.stride,
                 "mean": list(IMAGENET_MEAN),

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data_shards.format import load_manifest
@@ -165,7 +164,7 @@ class ContinualTask(ClassificationTask):
         """Cross-entropy + the strategy's term: `penalty` (EWC/MAS, its gradient injected by the hooks) or
         `distill` (LwF). Both are logged; the penalty's value is added to the reported loss."""
         logits, targets, labels, video, lam = self.forward(model, batch)
-        ce = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        ce = self.head.loss(logits, targets)
         nan = logits.new_tensor(float("nan"))
         metrics: dict[str, Any] = {"ce": ce.detach(), "penalty": nan, "distill": nan}
         loss = ce
@@ -179,7 +178,7 @@ class ContinualTask(ClassificationTask):
             value = torch.as_tensor(self.penalty.take(), device=logits.device, dtype=torch.float32)
             loss = loss + value.detach()  # the gradient arrived through the hooks
             metrics["penalty"] = value.detach()
-        acc = (logits.argmax(-1) == labels).float().mean() if lam == 1.0 else nan
+        acc = self.head.accuracy(logits, labels) if lam == 1.0 else nan
         return StepOutput(loss, {**metrics, "acc": acc.detach()})
 
     def registered_dir(self, model_dir: Path) -> Path:

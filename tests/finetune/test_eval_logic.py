@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.augment import mix_batch, soft_targets
+from finetune.augment import mix_batch
 from finetune.config import AugmentSection, FinetuneConfig
 from finetune.evaluate import average_per_video, classification_report, summarize
+from finetune.heads import SingleLabelHead
 from finetune.task import ClassificationTask
 from pretrain.engine import load_config
 
@@ -78,7 +79,7 @@ def test_classification_report_counts() -> None:
 def test_cutmix_cuts_the_same_box_from_every_frame() -> None:
     aug = AugmentSection(cutmix=1.0, mixup=0.0)
     video = torch.stack([torch.full((3, 4, 16, 16), float(i)) for i in range(4)])
-    targets = soft_targets(torch.tensor([0, 1, 2, 3]), 4, 0.0)
+    targets = SingleLabelHead().targets(torch.tensor([0, 1, 2, 3]), 4, 0.0)
     for seed in range(20):
         mixed, t, lam = mix_batch(video, targets, aug, np.random.default_rng(seed))
         changed = mixed != video  # [B, C, T, H, W]
@@ -93,7 +94,7 @@ def test_cutmix_cuts_the_same_box_from_every_frame() -> None:
 def test_mixup_blends_videos_and_targets() -> None:
     aug = AugmentSection(mixup=0.8)
     video = torch.randn(2, 3, 2, 8, 8)
-    targets = soft_targets(torch.tensor([0, 1]), 2, 0.1)
+    targets = SingleLabelHead().targets(torch.tensor([0, 1]), 2, 0.1)
     mixed, t, lam = mix_batch(video, targets, aug, np.random.default_rng(0))
     torch.testing.assert_close(mixed[0], lam * video[0] + (1 - lam) * video[1])
     torch.testing.assert_close(t.sum(1), torch.ones(2))
