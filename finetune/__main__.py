@@ -149,7 +149,7 @@ def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
 def _resolve(source: str, uri: str | None) -> Any:
     """A model directory for `--model` (a directory or a registry version); a bad one ends the command with
     the reason and exit code 2."""
-    from finetune.mlflow_model import resolve_model
+    from finetune.registry import resolve_model
 
     try:
         return resolve_model(source, uri)

@@ -1,11 +1,10 @@
-"""A fine-tuned model directory as an MLflow model (pyfunc flavor), the model registry, and the way back.
+"""A fine-tuned model directory as an MLflow model (pyfunc flavor) and its logging.
 
 `log_model` wraps a model directory in a pyfunc model (the directory is its artifact `model_dir`, the code of
 `finetune`/`pretrain`/`data_shards` rides along in `code/`, so the model loads wherever its requirements are
 installed), with a signature, an input example (a synthetic clip) and optional registration, so every
-fine-tune or continual experience that registers under one name adds a version.
-`resolve_model` turns what `serve` / `evaluate` are given — a directory, `models:/NAME/VERSION` or
-`models:/NAME@ALIAS` — into a local model directory plus where it came from.
+fine-tune or continual experience that registers under one name adds a version. Finding a model again (a
+directory or a registry version → a local model directory) is `finetune/registry.py`.
 
 The pyfunc's `predict` takes video bytes and/or paths: a DataFrame with a `video` (binary) or `path` (string)
 column, or a list of bytes / path strings; it returns one row per video: `label`, `score` (top-1), `top_k`
@@ -15,25 +14,18 @@ column, or a list of bytes / path strings; it returns one row per video: `label`
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault(
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-)  # before mlflow reads it: no bars in logs
 
 import mlflow
 import pandas as pd
 
 from finetune.predict import Predictor, VideoInputError
+from finetune.registry import MODEL_DIR_ARTIFACT, REGISTRY_PREFIX
 
-MODEL_DIR_ARTIFACT = "model_dir"
 LOGGED_MODEL_TAG = "tubelet.logged_model_id"  # on a registry version: the MLflow 3 logged model it holds
-REGISTRY_PREFIX = "models:/"
 DEFAULT_TOP_K = 5
 PREDICT_CHUNK = 8  # videos per forward inside one pyfunc call: bounds memory on big inputs
 _REQUIREMENTS = ("torch", "av", "numpy", "safetensors", "einops", "pyyaml", "pandas")
@@ -260,188 +252,3 @@ def _ensure_registered_model(client: Any, name: str) -> None:
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-
-
-# ------------------------------------------------------------------------------------------ resolving
-
-
-@dataclass
-class ResolvedModel:
-    """A local model directory and where it came from (a directory, or a registry version)."""
-
-    model_dir: Path
-    source: str
-    name: str | None = None
-    version: str | None = None
-    aliases: list[str] = field(default_factory=list)
-    run_id: str | None = None
-    tracking_uri: str | None = None  # the store holding `run_id` (and the registry version)
-
-    @property
-    def run(self) -> tuple[str, str] | None:
-        """(store URI, run id) of the training run, when known."""
-        return (self.tracking_uri, self.run_id) if self.run_id and self.tracking_uri else None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "model_dir": str(self.model_dir),
-            "registered_name": self.name,
-            "version": self.version,
-            "aliases": self.aliases,
-            "run_id": self.run_id,
-        }
-
-
-def resolve_model(source: str, uri: str | None = None, cache: str | Path | None = None) -> ResolvedModel:
-    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory. A registry version is
-    downloaded once into the model cache (`model_cache`; `cache` overrides its root) and reused: versions
-    never change. Errors name the source and what exists."""
-    if not source.startswith(REGISTRY_PREFIX):
-        path = Path(source)
-        if not (path / "config.json").is_file():
-            final = path.parent / "model"  # RUN/best without a best (no val split): name RUN/model
-            hint = (
-                f" ({final} is one: the run wrote no {path.name})"
-                if (final / "config.json").is_file()
-                else ""
-            )
-            raise FileNotFoundError(
-                f"{source}: not a model directory (no config.json){hint}; give RUN/best, RUN/model, an exported "
-                "directory, or models:/NAME/VERSION | models:/NAME@ALIAS"
-            )
-        run = run_of_dir(path)
-        return ResolvedModel(
-            path, source, run_id=run[1] if run else None, tracking_uri=run[0] if run else None
-        )
-    uri = registry_store(source, uri)
-    mv = _model_version(source, uri)
-    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache))
-    model_dir = _model_dir_of(local)
-    if model_dir is None:
-        raise ValueError(
-            f"{source} (version {mv.version}) is not a tubelet video classifier: its MLmodel has no "
-            f"{MODEL_DIR_ARTIFACT!r} artifact holding a model directory"
-        )
-    aliases = list(mv.aliases or [])
-    return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri)
-
-
-def registry_store(source: str, uri: str | None) -> str:
-    """The MLflow store to look `source` up in: `uri`, else $MLFLOW_TRACKING_URI, else MLflow's default
-    `./mlflow.db` when it exists. A local store that does not exist is an error, never created: looking a
-    model up must not leave an empty database behind."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        if not Path("mlflow.db").is_file():
-            raise ValueError(
-                f"{source}: no MLflow store to look it up in: set MLFLOW_TRACKING_URI or --tracking-uri "
-                "(there is no ./mlflow.db here)"
-            )
-        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
-    local = _local_store_path(uri)
-    if local is not None and not local.exists():
-        raise ValueError(f"{source}: no MLflow store at {local} (from {uri}); check the tracking URI")
-    return uri
-
-
-def _local_store_path(uri: str) -> Path | None:
-    """The file or folder a local store URI names (sqlite:///PATH, file:PATH, a bare path); None if remote."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if uri.startswith("file:"):
-        return Path(uri.removeprefix("file://").removeprefix("file:"))
-    return None if "://" in uri else Path(uri)
-
-
-def model_cache(uri: str, name: str, version: str, root: str | Path | None = None) -> Path:
-    """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
-    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version."""
-    import hashlib
-
-    if root is None:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = os.environ.get("TUBELET_CACHE") or str(Path(base) / "tubelet")
-    store = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return Path(root) / "models" / store / name / version
-
-
-def _download_version(mv: Any, uri: str, dst: Path) -> Path:
-    """The version's pyfunc model in `dst` (downloaded into a sibling folder, then renamed: a reader never
-    sees a half-written copy, and concurrent replicas downloading the same version both end with it)."""
-    import shutil
-
-    if (dst / "MLmodel").is_file():
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
-    try:
-        # by the version's storage location: a `models:/` URI would be resolved through the process-wide
-        # registry URI, not this store's
-        location = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(
-            mv.name, str(mv.version)
-        )
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=location, dst_path=str(tmp), tracking_uri=uri
-        )
-        try:
-            Path(local).rename(dst)
-        except OSError:  # another process finished the same version first
-            if not (dst / "MLmodel").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
-
-
-def check_source(source: str, uri: str | None = None) -> str:
-    """`source` checked without downloading anything (a directory with config.json, or a registry version
-    that exists); returns what it names, for a log line."""
-    if not source.startswith(REGISTRY_PREFIX):
-        return str(resolve_model(source).model_dir)
-    mv = _model_version(source, registry_store(source, uri))
-    return f"{source} (version {mv.version} of {mv.name}, run {mv.run_id})"
-
-
-def _model_dir_of(local: Path) -> Path | None:
-    """The tubelet model directory inside a downloaded pyfunc model (its `model_dir` artifact)."""
-    from mlflow.models import Model
-
-    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
-    rel = artifacts.get(MODEL_DIR_ARTIFACT, {}).get("path")
-    path = local / rel if rel else None
-    return path if path is not None and (path / "config.json").is_file() else None
-
-
-def _model_version(source: str, uri: str) -> Any:
-    """The registry entry `source` names (`models:/NAME/VERSION` or `models:/NAME@ALIAS`)."""
-    from mlflow.exceptions import MlflowException
-
-    rest = source[len(REGISTRY_PREFIX) :]
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    try:
-        if "@" in rest:
-            name, alias = rest.rsplit("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = rest.rpartition("/")
-        if not name or not version.isdigit():
-            raise ValueError(f"{source}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
-        return client.get_model_version(name, version)
-    except MlflowException as e:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise ValueError(
-            f"{source}: not in the model registry at {uri} ({e.message.splitlines()[0]}); registered models: "
-            f"{known or 'none'} (set MLFLOW_TRACKING_URI or --tracking-uri to the store that has it)"
-        ) from None
-
-
-def run_of_dir(model_dir: Path) -> tuple[str, str] | None:
-    """(store URI, run id) of the fine-tuning run a model directory belongs to (`RUN/best`, `RUN/model`:
-    `RUN/mlflow_run.json`), or None."""
-    from pretrain.engine.tracking import RUN_ID_FILE
-
-    f = Path(model_dir).resolve().parent / RUN_ID_FILE
-    if not f.is_file():
-        return None
-    info = json.loads(f.read_text())
-    return (info["uri"], info["run_id"]) if info.get("uri") and info.get("run_id") else None

@@ -173,7 +173,7 @@ class VideoClassifierServer:
     """One replica: a `Predictor` and two batch queues (predict, embed) with a batch-size histogram."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        from finetune.mlflow_model import resolve_model
+        from finetune.registry import resolve_model
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.cfg = cfg
@@ -277,7 +277,7 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     """Deploy and serve until SIGINT/SIGTERM (or `stop`), then take the app (and a local Ray) down."""
     from ray import serve as rs
 
-    from finetune.mlflow_model import REGISTRY_PREFIX, check_source, registry_store
+    from finetune.registry import REGISTRY_PREFIX, check_source, registry_store
 
     cfg.check()
     if cfg.model.startswith(REGISTRY_PREFIX):  # the replicas look it up in the store the driver found

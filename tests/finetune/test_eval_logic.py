@@ -158,7 +158,7 @@ def test_no_val_split_warns_once_naming_the_splits_and_the_missing_best(
 
 
 def test_evaluate_run_best_without_a_best_names_run_model(tmp_path: Path) -> None:
-    from finetune.mlflow_model import resolve_model
+    from finetune.registry import resolve_model
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")

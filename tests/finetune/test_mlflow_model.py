@@ -44,8 +44,8 @@ def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
 ) -> None:
     import mlflow
 
-    from finetune.mlflow_model import resolve_model
     from finetune.predict import Predictor
+    from finetune.registry import resolve_model
 
     clip = tmp_path / "clip.webm"
     clip.write_bytes(video_inputs["webm"])
@@ -70,7 +70,7 @@ def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
 
 
 def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path) -> None:
-    from finetune.mlflow_model import check_source, resolve_model
+    from finetune.registry import check_source, resolve_model
 
     with pytest.raises(
         ValueError,

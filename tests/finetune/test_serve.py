@@ -38,8 +38,8 @@ def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="module")
 def local(registry: Registry, tmp_path_factory: pytest.TempPathFactory):
     """The same registered version, loaded in this process: what the server must agree with."""
-    from finetune.mlflow_model import resolve_model
     from finetune.predict import Predictor
+    from finetune.registry import resolve_model
 
     src = resolve_model(f"models:/{registry.name}/1", registry.uri, tmp_path_factory.mktemp("v1"))
     return Predictor(src.model_dir)

@@ -61,7 +61,7 @@ def test_registry_lookup_without_a_store_creates_nothing(tmp_path: Path, raw_vid
 def test_registry_versions_are_downloaded_once_and_reported_by_name(
     registry: Registry, tmp_path: Path, model_cache: Path
 ) -> None:
-    from finetune.mlflow_model import resolve_model
+    from finetune.registry import resolve_model
 
     source = f"models:/{registry.name}/1"
     first = resolve_model(source, registry.uri, tmp_path)

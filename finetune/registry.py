@@ -1,0 +1,202 @@
+"""Finding a model: `resolve_model` turns what `serve` / `evaluate` / `predict` / `embed` are given — a
+directory, `models:/NAME/VERSION` or `models:/NAME@ALIAS` — into a local model directory plus where it came
+from. Registry versions are looked up in the store the user set (never created by a lookup), downloaded once
+into the model cache (`$TUBELET_CACHE`, default `~/.cache/tubelet/models/STORE/NAME/VERSION`) and reused.
+Every MLflow call goes through a client bound to that store: MLflow's process-wide URI is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pretrain.engine.tracking import RUN_ID_FILE  # (its import also quiets MLflow's progress bars)
+
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the tubelet model directory
+REGISTRY_PREFIX = "models:/"
+
+
+@dataclass
+class ResolvedModel:
+    """A local model directory and where it came from (a directory, or a registry version)."""
+
+    model_dir: Path
+    source: str
+    name: str | None = None
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    tracking_uri: str | None = None  # the store holding `run_id` (and the registry version)
+
+    @property
+    def run(self) -> tuple[str, str] | None:
+        """(store URI, run id) of the training run, when known."""
+        return (self.tracking_uri, self.run_id) if self.run_id and self.tracking_uri else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "model_dir": str(self.model_dir),
+            "registered_name": self.name,
+            "version": self.version,
+            "aliases": self.aliases,
+            "run_id": self.run_id,
+        }
+
+
+def resolve_model(source: str, uri: str | None = None, cache: str | Path | None = None) -> ResolvedModel:
+    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory. A registry version is
+    downloaded once into the model cache (`model_cache`; `cache` overrides its root) and reused: versions
+    never change. Errors name the source and what exists."""
+    if not source.startswith(REGISTRY_PREFIX):
+        path = Path(source)
+        if not (path / "config.json").is_file():
+            final = path.parent / "model"  # RUN/best without a best (no val split): name RUN/model
+            hint = (
+                f" ({final} is one: the run wrote no {path.name})"
+                if (final / "config.json").is_file()
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{source}: not a model directory (no config.json){hint}; give RUN/best, RUN/model, an exported "
+                "directory, or models:/NAME/VERSION | models:/NAME@ALIAS"
+            )
+        run = run_of_dir(path)
+        return ResolvedModel(
+            path, source, run_id=run[1] if run else None, tracking_uri=run[0] if run else None
+        )
+    uri = registry_store(source, uri)
+    mv = _model_version(source, uri)
+    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache))
+    model_dir = _model_dir_of(local)
+    if model_dir is None:
+        raise ValueError(
+            f"{source} (version {mv.version}) is not a tubelet video classifier: its MLmodel has no "
+            f"{MODEL_DIR_ARTIFACT!r} artifact holding a model directory"
+        )
+    aliases = list(mv.aliases or [])
+    return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri)
+
+
+def registry_store(source: str, uri: str | None) -> str:
+    """The MLflow store to look `source` up in: `uri`, else $MLFLOW_TRACKING_URI, else MLflow's default
+    `./mlflow.db` when it exists. A local store that does not exist is an error, never created: looking a
+    model up must not leave an empty database behind."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        if not Path("mlflow.db").is_file():
+            raise ValueError(
+                f"{source}: no MLflow store to look it up in: set MLFLOW_TRACKING_URI or --tracking-uri "
+                "(there is no ./mlflow.db here)"
+            )
+        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    local = _local_store_path(uri)
+    if local is not None and not local.exists():
+        raise ValueError(f"{source}: no MLflow store at {local} (from {uri}); check the tracking URI")
+    return uri
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store URI names (sqlite:///PATH, file:PATH, a bare path); None if remote."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None if "://" in uri else Path(uri)
+
+
+def model_cache(uri: str, name: str, version: str, root: str | Path | None = None) -> Path:
+    """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
+    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version."""
+    import hashlib
+
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = os.environ.get("TUBELET_CACHE") or str(Path(base) / "tubelet")
+    store = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path(root) / "models" / store / name / version
+
+
+def _download_version(mv: Any, uri: str, dst: Path) -> Path:
+    """The version's pyfunc model in `dst` (downloaded into a sibling folder, then renamed: a reader never
+    sees a half-written copy, and concurrent replicas downloading the same version both end with it)."""
+    import shutil
+
+    if (dst / "MLmodel").is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        # by the version's storage location: a `models:/` URI would be resolved through the process-wide
+        # registry URI, not this store's
+        location = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(
+            mv.name, str(mv.version)
+        )
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(tmp), tracking_uri=uri
+        )
+        try:
+            Path(local).rename(dst)
+        except OSError:  # another process finished the same version first
+            if not (dst / "MLmodel").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def check_source(source: str, uri: str | None = None) -> str:
+    """`source` checked without downloading anything (a directory with config.json, or a registry version
+    that exists); returns what it names, for a log line."""
+    if not source.startswith(REGISTRY_PREFIX):
+        return str(resolve_model(source).model_dir)
+    mv = _model_version(source, registry_store(source, uri))
+    return f"{source} (version {mv.version} of {mv.name}, run {mv.run_id})"
+
+
+def _model_dir_of(local: Path) -> Path | None:
+    """The tubelet model directory inside a downloaded pyfunc model (its `model_dir` artifact)."""
+    from mlflow.models import Model
+
+    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    rel = artifacts.get(MODEL_DIR_ARTIFACT, {}).get("path")
+    path = local / rel if rel else None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def _model_version(source: str, uri: str) -> Any:
+    """The registry entry `source` names (`models:/NAME/VERSION` or `models:/NAME@ALIAS`)."""
+    from mlflow.exceptions import MlflowException
+
+    rest = source[len(REGISTRY_PREFIX) :]
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    try:
+        if "@" in rest:
+            name, alias = rest.rsplit("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = rest.rpartition("/")
+        if not name or not version.isdigit():
+            raise ValueError(f"{source}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise ValueError(
+            f"{source}: not in the model registry at {uri} ({e.message.splitlines()[0]}); registered models: "
+            f"{known or 'none'} (set MLFLOW_TRACKING_URI or --tracking-uri to the store that has it)"
+        ) from None
+
+
+def run_of_dir(model_dir: Path) -> tuple[str, str] | None:
+    """(store URI, run id) of the fine-tuning run a model directory belongs to (`RUN/best`, `RUN/model`:
+    `RUN/mlflow_run.json`), or None."""
+    f = Path(model_dir).resolve().parent / RUN_ID_FILE
+    if not f.is_file():
+        return None
+    info = json.loads(f.read_text())
+    return (info["uri"], info["run_id"]) if info.get("uri") and info.get("run_id") else None
