@@ -20,7 +20,7 @@ from torch import nn
 
 from ._config import config_from_dict, config_to_dict
 from .classifier import VideoClassifier, VideoClassifierConfig
-from .io import architecture_of, load_state_dict_strict
+from .io import architecture_of, input_geometry, load_state_dict_strict
 from .mae import IMAGENET_MEAN, IMAGENET_STD, MAEConfig, MaskedVideoAutoencoder
 from .vit import VideoViT, VideoViTConfig
 
@@ -405,13 +405,76 @@ def config_from_hf_dir(hf_dir: str | Path) -> tuple[str, Any]:
 
 
 def to_hf(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write our model as an HF ``save_pretrained`` directory (config.json + model.safetensors); the config
-    also keeps ``tubelet_extra`` (our config and the model directory's ``extra``): ``from_hf`` restores them."""
+    """Write our model as an HF ``save_pretrained`` directory (config.json + model.safetensors + the processor's
+    preprocessor_config.json, see :func:`save_processor`); the config also keeps ``tubelet_extra`` (our config
+    and the model directory's ``extra``): ``from_hf`` restores them."""
     out = Path(out_dir)
+    cfg = getattr(model, "_orig_mod", model).cfg
     hf_model = to_hf_model(model)
-    setattr(hf_model.config, TUBELET_KEY, tubelet_extra(getattr(model, "_orig_mod", model).cfg, extra))
+    setattr(hf_model.config, TUBELET_KEY, tubelet_extra(cfg, extra))
     hf_model.save_pretrained(str(out), safe_serialization=True)
+    save_processor(cfg, out, extra)
     return out
+
+
+HF_PROCESSOR_NAME = "preprocessor_config.json"  # transformers' IMAGE_PROCESSOR_NAME
+
+
+def processor_kwargs(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``VideoMAEImageProcessor`` settings equivalent to our eval view of one clip: frames and size of the
+    model (``input_geometry``), mean/std of the model directory's ``extra.sampling`` (ImageNet's when absent,
+    as ``finetune.evaluate.sampling_for``), shorter side resized to size then a center size × size crop,
+    bilinear (antialiased when shrinking, as ours), uint8 / 255."""
+    frames, size = input_geometry(cfg)
+    sampling = (extra or {}).get("sampling") or {}
+    return dict(
+        num_frames=frames,
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=2,  # PIL.Image.BILINEAR
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[float(v) for v in sampling.get("mean", IMAGENET_MEAN)],
+        image_std=[float(v) for v in sampling.get("std", IMAGENET_STD)],
+    )
+
+
+def save_processor(cfg: Any, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path | None:
+    """Write ``preprocessor_config.json`` (``VideoMAEImageProcessor``, :func:`processor_kwargs`) so that
+    ``pipeline("video-classification", model=DIR)`` and ``AutoImageProcessor.from_pretrained(DIR)`` work with
+    no extra arguments (``AutoVideoProcessor`` reads the same file when torchvision is installed). None for a
+    model whose input is not RGB (HF's processors assume 3 channels).
+
+    What HF's processing cannot reproduce of our eval sampling (``data_shards.loader.sampling``):
+
+    * temporal: we take ``frames`` frames ``stride`` apart from ``test_clips`` windows spread uniformly over
+      the video (one window: centred) and average the softmax over the windows; the pipeline with this image
+      processor decodes (PyAV) the FIRST ``num_frames x frame_sampling_rate`` frames (rate 1 by default: the
+      first ``num_frames`` consecutive frames) and runs one clip. With torchvision installed, transformers
+      builds ``VideoMAEVideoProcessor`` from this same file and the pipeline uses it instead: it decodes with
+      torchcodec (then needed; not installed nor tested here) and samples ``num_frames`` frames uniformly
+      over the whole video (for a video of exactly ``num_frames`` frames: all of them). The same frames
+      are seen only when the video is exactly ``frames`` frames long and the stride is 1 (the pipeline takes
+      a file or URL, not frames: for our sampling feed the frames ``predict`` takes to the processor and the
+      model, or use ``python -m finetune predict``);
+    * spatial: ``test_crops`` 3 (both ends and centre of the long side, averaged) becomes the centre crop
+      only; for one crop, ours crops the centred min(H, W) square and resizes it (torch, uint8, antialiased
+      bilinear) while HF resizes the shorter side (PIL bilinear, long side truncated) and then crops, so
+      pixels differ by interpolation rounding and, on non-square videos, by a sub-pixel crop offset;
+    * decoding: ours converts YUV 4:2:0 → RGB (bilinear chroma, BT.601 limited range) in torch; the
+      pipeline uses FFmpeg's ``rgb24`` conversion (swscale), which rounds differently.
+    """
+    out = Path(out_dir)
+    if int(getattr(getattr(cfg, "encoder", cfg), "in_chans", 3)) != 3:
+        (out / HF_PROCESSOR_NAME).unlink(missing_ok=True)  # not a stale one from an earlier export either
+        return None
+    from transformers import VideoMAEImageProcessorPil  # the PIL backend: no torchvision needed to write it
+
+    VideoMAEImageProcessorPil(**processor_kwargs(cfg, extra)).save_pretrained(str(out))
+    return out / HF_PROCESSOR_NAME
 
 
 # ---------------------------------------------------------------------------------------------------

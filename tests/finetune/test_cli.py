@@ -33,7 +33,10 @@ def test_lora_from_mae_dir_then_export_evaluate_predict(
 
     out, hf = tmp_path / "exported", tmp_path / "hf"
     ok(run_cli(["export", str(run), str(out), "--hf", str(hf)]))
-    from transformers import VideoMAEForVideoClassification
+    from transformers import AutoImageProcessor, VideoMAEForVideoClassification
+
+    processor = AutoImageProcessor.from_pretrained(str(hf))  # the pipeline's processor: see test_hf_pipeline
+    assert (processor.num_frames, processor.crop_size["height"]) == (8, 32)
 
     from finetune.export import load_finetuned
     from pretrain.models import load_model

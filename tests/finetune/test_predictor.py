@@ -87,7 +87,7 @@ def test_hf_round_trip_keeps_the_config_and_the_sampling(
 ) -> None:
     """export --hf → convert from-hf: the same architecture config (fc_norm_eps HF hard-codes, preset) and
     extra.sampling, so predict answers the same without --stride/--clips; a pretrained MAE's to-hf → from-hf
-    keeps decoder_final_norm_eps and preset."""
+    keeps decoder_final_norm_eps and preset (and gets the HF processor config too)."""
     import json
 
     from finetune.export import export_hf
@@ -110,6 +110,8 @@ def test_hf_round_trip_keeps_the_config_and_the_sampling(
     assert Predictor(hf).spec == a.spec  # the HF directory itself predicts with the exported sampling
 
     assert convert(["to-hf", str(mae_dir), str(tmp_path / "mae_hf")]) == 0
+    processor = json.loads((tmp_path / "mae_hf" / "preprocessor_config.json").read_text())
+    assert processor["num_frames"] == 8 and processor["crop_size"] == {"height": 32, "width": 32}
     assert convert(["from-hf", str(tmp_path / "mae_hf"), str(tmp_path / "mae_back")]) == 0
     before, after = meta(mae_dir), meta(tmp_path / "mae_back")
     assert after["config"] == before["config"] and after["preset"] == before["preset"] == "tiny"
