@@ -64,15 +64,15 @@ class ContinualTask(ClassificationTask):
         self.plan, self.k, self.memory, self.previous = plan, k, memory, previous
         self.rules = cfg.continual.rules
         names = load_manifest(plan[k].shards).classes or []
-        self.head = head_classes(cfg, plan, k)
+        self.classes = head_classes(cfg, plan, k)  # global class ids, in head order
         base = classifier_config(cfg)
         clf_cfg = dataclasses.replace(
-            base, num_classes=len(self.head), class_names=[names[c] for c in self.head]
+            base, num_classes=len(self.classes), class_names=[names[c] for c in self.classes]
         )
         super().__init__(cfg, clf_cfg)
         self.cfg: ContinualConfig = cfg
         self.label_map = torch.full((len(names),), -1, dtype=torch.int64)
-        self.label_map[self.head] = torch.arange(len(self.head))
+        self.label_map[self.classes] = torch.arange(len(self.classes))
         self.penalty: QuadraticPenalty | None = None
         self.teacher: nn.Module | None = None
 
@@ -154,7 +154,7 @@ class ContinualTask(ClassificationTask):
         d = self.cfg.data
         if not d.val_split or d.val_split not in load_manifest(self.plan[self.k].shards).splits:
             return None
-        select = {} if self.cfg.continual.domains else {"labels": self.head}
+        select = {} if self.cfg.continual.domains else {"labels": self.classes}
         return make_loader(
             d, d.val_split, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size, **select
         )
@@ -187,5 +187,5 @@ class ContinualTask(ClassificationTask):
 
     def model_extra(self) -> dict[str, Any]:
         extra = super().model_extra()
-        extra["continual"] = {"strategy": self.rules.name, "experience": self.k, "classes": self.head}
+        extra["continual"] = {"strategy": self.rules.name, "experience": self.k, "classes": self.classes}
         return extra
