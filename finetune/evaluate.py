@@ -166,27 +166,6 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: st
 # ---------------------------------------------------------------------------------------- model dirs
 
 
-def sampling_for(
-    model: nn.Module, extra: dict[str, Any], clips: int | None, crops: int | None, stride: int | None
-) -> Any:
-    """The eval SamplingSpec of a model directory: its frames/size, training stride and normalisation."""
-    from data_shards.loader import SamplingSpec
-    from pretrain.models.io import input_geometry
-
-    s = extra.get("sampling", {})
-    frames, size = input_geometry(model.cfg)
-    return SamplingSpec(
-        frames=frames,
-        stride=stride or int(s.get("stride", 4)),
-        size=size,
-        train=False,
-        eval_clips=clips or int(s.get("test_clips", 1)),
-        eval_crops=crops or int(s.get("test_crops", 1)),
-        mean=tuple(s.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(s.get("std", (0.229, 0.224, 0.225))),
-    )
-
-
 def label_mapping(
     model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any
 ) -> torch.Tensor | None:
@@ -230,6 +209,7 @@ def evaluate_model_dir(
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
     from finetune.export import load_finetuned, model_extra
+    from finetune.predict import sampling_for
     from pretrain.engine.dist import join_process_group
 
     group = join_process_group()

@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from finetune.predict import Predictor, VideoInputError
+from finetune.predict import Predictor, VideoInputError, sampling_for
 from finetune.registry import MODEL_DIR_ARTIFACT, REGISTRY_PREFIX
 
 LOGGED_MODEL_TAG = "tubelet.logged_model_id"  # on a registry version: the MLflow 3 logged model it holds
@@ -133,7 +133,6 @@ def signature() -> Any:
 def example_clip(model_dir: Path) -> bytes:
     """A small synthetic H.264 clip long enough for the model's sampling: the logged input example."""
     from data_shards.synth import SynthSpec, encode_clip, render_clip
-    from finetune.evaluate import sampling_for
     from finetune.export import load_finetuned, model_extra
     from pretrain.models.io import input_geometry
 

@@ -2,8 +2,8 @@
 
 The model code stays architecture-only (DESIGN principle 3). Every method here
 (1) freezes / unfreezes parameters, (2) optionally adds modules and hooks, (3) knows how to undo itself
-for export. What to apply is the config's `finetune` section (`finetune.config.FinetuneSection`); the
-method list is `METHODS` below. Methods:
+for export. What to apply is the config's `finetune` section (`FinetuneSection`, below); the
+methods are the `@method`-registered functions of `METHODS`. Methods:
 
     full      every parameter trains
     linear    linear probe: only `head` trains; `fc_norm` stays frozen. Starting from a pretraining (MAE)
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,25 +39,11 @@ from torch import nn
 
 from pretrain.engine import require, resume_key
 
-# The one list of methods: name → (mergeable into plain weights on export, what it trains).
-METHODS: dict[str, tuple[bool, str]] = {
-    "full": (True, "every parameter"),
-    "linear": (True, "the head on a frozen encoder (linear probe)"),
-    "partial": (True, "the last `partial_blocks` blocks + fc_norm + head"),
-    "bitfit": (True, "every bias + head"),
-    "lora": (True, "peft LoRA on the chosen layers + head"),
-    "peft": (True, "another peft tuner (`peft_type`) + head"),
-    "adapter": (False, "AdaptFormer bottlenecks beside each MLP + head"),
-    "prompt": (False, "visual prompt tokens + head"),
-}
-METHOD_NAMES = tuple(METHODS)
-MERGEABLE = tuple(name for name, (mergeable, _) in METHODS.items() if mergeable)
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")  # the first ones are the default ([qkv, proj])
-# CNN backbones (video ResNets, CNN+RNN): every method that needs no token sequence, LoRA on the convolutions
-# ("conv", see _lora_conv) and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights are not modules
-# peft can wrap.
-CNN_METHODS = ("full", "linear", "partial", "bitfit", "lora", "peft")
+# CNN backbones (video ResNets, CNN+RNN): every method that needs no token sequence (CNN_METHODS, below), LoRA
+# on the convolutions ("conv", see _lora_conv) and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights
+# are not modules peft can wrap.
 CNN_LORA_TARGET_NAMES = ("conv", "proj")
 SIDECAR_NAME = "peft_sidecar.safetensors"
 SIDECAR_CONFIG = "peft.json"
@@ -316,33 +303,89 @@ def _partial_keep(model: nn.Module, spec: FinetuneSection, head: Any) -> Any:
     return keep
 
 
+Keep = Callable[[str], bool]  # parameter name → whether it trains
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method: what it trains, whether it folds into plain weights at export, whether it needs the
+    ViT's token sequence, and `apply(model, spec, head)`: adds its modules and hooks to the model, returns which
+    parameters train (`head` says whether a name is the classification head, fc_norm as configured)."""
+
+    name: str
+    trains: str
+    mergeable: bool
+    needs_tokens: bool
+    apply: Callable[[nn.Module, FinetuneSection, Keep], Keep]
+
+
+METHODS: dict[str, Method] = {}  # the registry: `@method` below adds each one
+
+
+def method(name: str, trains: str, *, mergeable: bool = True, needs_tokens: bool = False) -> Any:
+    """Register the decorated `apply` function as method `name` (a new method is one decorated function)."""
+
+    def register(apply: Callable[[nn.Module, FinetuneSection, Keep], Keep]) -> Any:
+        METHODS[name] = Method(name, trains, mergeable, needs_tokens, apply)
+        return apply
+
+    return register
+
+
+@method("full", "every parameter")
+def _full(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    return lambda n: True
+
+
+@method("linear", "the head on a frozen encoder (linear probe)")
+def _linear(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    return lambda n: n.startswith("head.")
+
+
+@method("partial", "the last `partial_blocks` blocks (CNNs: stages) + fc_norm + head")
+def _partial(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    return _partial_keep(model, spec, head)
+
+
+@method("bitfit", "every bias + head")
+def _bitfit(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    return lambda n: head(n) or n.endswith(("bias", ".q_bias", ".v_bias"))
+
+
+@method("lora", "peft LoRA on the chosen layers + head")
+@method("peft", "another peft tuner (`peft_type`) + head")
+def _peft_tuner(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    _apply_peft(model, spec)
+    return lambda n: head(n) or _is_peft_param(n)
+
+
+@method("adapter", "AdaptFormer bottlenecks beside each MLP + head", mergeable=False, needs_tokens=True)
+def _adapter(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    apply_adapters(model, spec.adapter_width, spec.adapter_scale)
+    return lambda n: head(n) or ".adapter." in n
+
+
+@method("prompt", "visual prompt tokens + head", mergeable=False, needs_tokens=True)
+def _prompt(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
+    apply_prompts(model, spec.prompt_tokens, spec.prompt_deep)
+    return lambda n: head(n) or n.startswith("prompt.")
+
+
+METHOD_NAMES = tuple(METHODS)
+MERGEABLE = tuple(name for name, m in METHODS.items() if m.mergeable)
+CNN_METHODS = tuple(name for name, m in METHODS.items() if not m.needs_tokens)
+
+
 def apply_method(model: nn.Module, spec: FinetuneSection) -> dict[str, Any]:
     """Apply `spec.method` to a classifier (ViT or CNN) in place; returns `trainable_summary(model)`."""
-    m = spec.method
-    head = lambda n: _head(n, spec.train_fc_norm)  # noqa: E731
-    if m not in METHODS:
-        raise ValueError(f"finetune.method={m!r}: choose one of {list(METHOD_NAMES)}")
-    if is_cnn(model) and m not in CNN_METHODS:
+    m = METHODS.get(spec.method)
+    if m is None:
+        raise ValueError(f"finetune.method={spec.method!r}: choose one of {list(METHOD_NAMES)}")
+    if is_cnn(model) and m.needs_tokens:
         raise ValueError(
-            f"finetune.method={m} needs the ViT's token sequence; CNN backbones take {list(CNN_METHODS)}"
+            f"finetune.method={m.name} needs the ViT's token sequence; CNN backbones take {list(CNN_METHODS)}"
         )
-    if m == "full":
-        _set_trainable(model, lambda n: True)
-    elif m == "linear":
-        _set_trainable(model, lambda n: n.startswith("head."))
-    elif m == "partial":
-        _set_trainable(model, _partial_keep(model, spec, head))
-    elif m == "bitfit":
-        _set_trainable(model, lambda n: head(n) or n.endswith(("bias", ".q_bias", ".v_bias")))
-    elif m in ("lora", "peft"):
-        _apply_peft(model, spec)
-        _set_trainable(model, lambda n: head(n) or _is_peft_param(n))
-    elif m == "adapter":
-        apply_adapters(model, spec.adapter_width, spec.adapter_scale)
-        _set_trainable(model, lambda n: head(n) or ".adapter." in n)
-    elif m == "prompt":
-        apply_prompts(model, spec.prompt_tokens, spec.prompt_deep)
-        _set_trainable(model, lambda n: head(n) or n.startswith("prompt."))
+    _set_trainable(model, m.apply(model, spec, lambda n: _head(n, spec.train_fc_norm)))
     freeze_norm_statistics(model)
     return trainable_summary(model)
 

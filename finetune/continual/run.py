@@ -177,8 +177,8 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
     """EWC/MAS after experience k, from its exported model: every rank on its share of the experience's
     training videos (eval sampling, one clip each), summed over ranks; online (decay × the previous one)."""
     from data_shards.loader import build_loader
-    from finetune.evaluate import sampling_for
     from finetune.export import load_finetuned, model_extra
+    from finetune.predict import sampling_for
 
     proc = launched()
     device, world = proc.device, proc.world_size

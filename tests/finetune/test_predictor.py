@@ -27,8 +27,8 @@ def test_bad_input_is_refused_with_its_reason(predictor: Predictor, video_inputs
 
 
 def test_views_follow_the_exported_eval_sampling(predictor: Predictor, video_inputs: dict) -> None:
-    from finetune.evaluate import sampling_for
     from finetune.export import model_extra
+    from finetune.predict import sampling_for
 
     assert predictor.spec == sampling_for(predictor.model, model_extra(predictor.model_dir), None, None, None)
     views = predictor.decode(video_inputs["webm"])
