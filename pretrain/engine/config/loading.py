@@ -76,7 +76,7 @@ _SCALARS: dict[type, tuple[str, Any]] = {
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and gently convert: int→float, list→tuple) `value` against type hint `tp`."""
+    """Check (and gently convert: int→float, int→str, list→tuple) `value` against type hint `tp`."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -95,6 +95,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         _expect(isinstance(value, dict), key, "a mapping", value)
         return dict(value)
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a name YAML reads as a number: model.preset=18 is the preset "18"
     if tp in _SCALARS:
         what, ok = _SCALARS[tp]
         _expect(ok(value), key, what, value)
