@@ -36,7 +36,8 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
-    for arg in args:
+    # str last: it takes an int as a name, so in `str | int` an int stays an int
+    for arg in sorted(args, key=lambda a: a is str):
         if arg is type(None):
             continue
         try:
