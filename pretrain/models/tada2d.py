@@ -4,9 +4,12 @@ Frames are folded into the batch (``(b t) c h w``) and every layer is a 2-D laye
 names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``...), except that the 3×3 block
 convolutions are :class:`TAdaConv2d` (their shared kernel at ``<name>.conv.weight``, their route at
 ``<name>.route.*``): both 3×3 convs of a basic block, the 3×3 conv of a bottleneck (the paper's choice for
-ResNet-50). At initialisation every calibration is 1, so a TAda2D is exactly its 2-D ResNet applied to each
-frame; ImageNet 2-D weights load with ``torchvision_io.tada2d_from_resnet_state_dict``. Time is only modelled
-by the calibrations (no temporal downsampling); the features are the average over time and space.
+ResNet-50). As in the paper's TAda2D block, each TAda conv's norm is followed by a temporal feature aggregation:
+``bn(y) + agg(avgpool_t(y))`` (average over ``temporal_aggregation`` neighbouring frames, ``agg`` a norm whose
+scale and shift start at zero). At initialisation every calibration is 1 and every aggregation 0, so a TAda2D
+is exactly its 2-D ResNet applied to each frame; ImageNet 2-D weights load with
+``torchvision_io.tada2d_from_resnet_state_dict``. Time is modelled by the calibrations and the aggregations
+(no temporal downsampling); the features are the average over time and space.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -40,6 +44,7 @@ class TAda2DConfig:
     zero_init_residual: bool = False  # zero each block's last norm (torchvision's option)
     route_reduction: int = 4  # route hidden width = c_in // route_reduction (at least 4)
     route_kernel: int = 3  # temporal kernel of the route's 1-D convs (odd)
+    temporal_aggregation: int = 3  # frames averaged by the aggregation after each TAda conv (odd); 0 = none
     preset: str | None = None  # informational: which TADA2D_PRESETS entry this came from
 
     def __post_init__(self) -> None:
@@ -50,6 +55,10 @@ class TAda2DConfig:
             raise ValueError(
                 f"route_reduction={self.route_reduction} must be >= 1 and route_kernel={self.route_kernel} odd"
             )
+        if self.temporal_aggregation < 0 or (
+            self.temporal_aggregation and self.temporal_aggregation % 2 == 0
+        ):
+            raise ValueError(f"temporal_aggregation={self.temporal_aggregation} must be odd, or 0 (none)")
 
     @property
     def expansion(self) -> int:
@@ -96,9 +105,11 @@ class TAdaBasicBlock(nn.Module):
         )
         self.conv1 = tada(c_in, planes, 3, stride)
         self.bn1 = norm(planes)
+        self.agg1 = TemporalAggregation(planes, cfg.temporal_aggregation, norm)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = tada(planes, planes, 3, 1)
         self.bn2 = norm(planes)
+        self.agg2 = TemporalAggregation(planes, cfg.temporal_aggregation, norm)
         self.downsample = _downsample(c_in, planes, stride, norm)
 
     def last_norm(self) -> nn.Module:
@@ -106,8 +117,10 @@ class TAdaBasicBlock(nn.Module):
 
     def forward(self, x_NCHW: torch.Tensor, frames: int) -> torch.Tensor:
         residual = x_NCHW if self.downsample is None else self.downsample(x_NCHW)
-        y = self.relu(self.bn1(self.conv1(x_NCHW, frames)))
-        return self.relu(self.bn2(self.conv2(y, frames)) + residual)
+        y = self.conv1(x_NCHW, frames)
+        y = self.relu(self.bn1(y) + self.agg1(y, frames))
+        y = self.conv2(y, frames)
+        return self.relu(self.bn2(y) + self.agg2(y, frames) + residual)
 
 
 class TAdaBottleneck(nn.Module):
@@ -123,6 +136,7 @@ class TAdaBottleneck(nn.Module):
         self.bn1 = norm(planes)
         self.conv2 = TAdaConv2d(planes, planes, 3, stride, route_norm, cfg.route_reduction, cfg.route_kernel)
         self.bn2 = norm(planes)
+        self.agg2 = TemporalAggregation(planes, cfg.temporal_aggregation, norm)
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = norm(out)
         self.relu = nn.ReLU(inplace=True)
@@ -134,8 +148,32 @@ class TAdaBottleneck(nn.Module):
     def forward(self, x_NCHW: torch.Tensor, frames: int) -> torch.Tensor:
         residual = x_NCHW if self.downsample is None else self.downsample(x_NCHW)
         y = self.relu(self.bn1(self.conv1(x_NCHW)))
-        y = self.relu(self.bn2(self.conv2(y, frames)))
+        y = self.conv2(y, frames)
+        y = self.relu(self.bn2(y) + self.agg2(y, frames))
         return self.relu(self.bn3(self.conv3(y)) + residual)
+
+
+class TemporalAggregation(nn.Module):
+    """``(y_NCHW, frames) -> norm(avgpool_t(y))``: each frame's average with its neighbours (zero padding at the
+    clip's ends, as ``AvgPool3d``), through a norm whose scale and shift start at 0 (the block starts as 2-D).
+    With ``kernel=0`` it is absent (returns 0)."""
+
+    def __init__(self, channels: int, kernel: int, norm: partial[nn.Module]) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.norm = norm(channels) if kernel else None
+
+    def reset_parameters(self) -> None:
+        if self.norm is not None:
+            nn.init.zeros_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
+
+    def forward(self, y_NCHW: torch.Tensor, frames: int) -> torch.Tensor | float:
+        if self.norm is None:
+            return 0.0
+        y_BCTHW = rearrange(y_NCHW, "(b t) c h w -> b c t h w", t=frames)
+        pooled = F.avg_pool3d(y_BCTHW, (self.kernel, 1, 1), stride=1, padding=(self.kernel // 2, 0, 0))
+        return self.norm(rearrange(pooled, "b c t h w -> (b t) c h w"))
 
 
 def _downsample(c_in: int, c_out: int, stride: int, norm: partial[nn.Module]) -> nn.Sequential | None:
@@ -165,6 +203,9 @@ class TAda2D(nn.Module):
             blocks += [block(c_in, planes, 1, norm, cfg) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.ModuleList(blocks))
         init_conv_net(self)  # Conv2d (the TAda kernels included) and 2-D norms; the routes keep their init
+        for m in self.modules():
+            if isinstance(m, TemporalAggregation):
+                m.reset_parameters()
         if cfg.zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (TAdaBasicBlock, TAdaBottleneck)):

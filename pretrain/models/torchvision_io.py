@@ -101,8 +101,9 @@ def tada2d_from_resnet_state_dict(
     of ``model`` (a ``TAda2D``, or a classifier holding one as ``encoder``), and the keys left at their init.
 
     Every 2-D key maps by name, except a TAda conv's kernel: ``layer1.0.conv1.weight`` becomes
-    ``layer1.0.conv1.conv.weight``. What stays at its init is the routes (their calibration is 1, so the
-    loaded TAda2D computes the 2-D ResNet on every frame) and a classifier's head. Keys and shapes are checked.
+    ``layer1.0.conv1.conv.weight``. What stays at its init is the routes (calibration 1), the temporal
+    aggregations (0), so the loaded TAda2D computes the 2-D ResNet on every frame, and a classifier's head.
+    Keys and shapes are checked.
     """
     own = model.state_dict()
     prefix = "encoder." if any(k.startswith("encoder.") for k in own) else ""
@@ -124,10 +125,14 @@ def tada2d_from_resnet_state_dict(
         if v.shape != own[k].shape
     ]
     left = sorted(set(own) - set(out))
-    missing = [k for k in left if ".route." not in k and not k.startswith("head.")]
+    missing = [k for k in left if not _new_in_tada2d(k)]
     if missing or unexpected or shapes:
         raise ValueError(
             f"2-D ResNet weights do not match the TAda2D: missing keys {missing}; unexpected keys {unexpected}; "
             f"shape mismatches {shapes}"
         )
     return {**own, **out}, left
+
+
+def _new_in_tada2d(key: str) -> bool:
+    return ".route." in key or ".agg" in key or key.startswith("head.")

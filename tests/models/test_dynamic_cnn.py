@@ -34,6 +34,7 @@ from pretrain.models import (
 from pretrain.models.cnn_rnn import FrameResNet
 from pretrain.models.dynamic_conv import KernelMixtureConv3d, SelectiveKernelConv3d, TAdaConv2d
 from pretrain.models.io import read_model_config
+from pretrain.models.tada2d import TemporalAggregation
 
 BN1 = nn.BatchNorm1d
 DYNAMIC = [
@@ -157,13 +158,26 @@ def test_selective_kernel_weighs_its_temporal_sizes_per_sample_and_channel() -> 
     torch.testing.assert_close(sk(x), want)
 
 
+def test_temporal_aggregation_averages_neighbouring_frames() -> None:
+    agg = TemporalAggregation(4, 3, lambda c: nn.Identity())
+    y = torch.randn(2 * 5, 4, 3, 3)  # 2 clips × 5 frames
+    out = agg(y, 5)
+    torch.testing.assert_close(out[2], (y[1] + y[2] + y[3]) / 3)
+    torch.testing.assert_close(out[5], (y[5] + y[6]) / 3)  # clip 1's first frame: zero padding, no leak
+    assert TemporalAggregation(4, 0, BN1)(y, 5) == 0.0
+    plain = TAda2D(TAda2DConfig.from_preset("tiny", temporal_aggregation=0))
+    assert not any(".agg" in n for n, _ in plain.named_parameters())
+    assert plain(torch.randn(1, 3, 8, 32, 32)).shape == (1, 64)
+
+
 # -- TAda2D: presets, 2-D weights ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("preset", "params", "resnet"),
     # the 2-D part is torchvision's resnet18 / resnet50 without fc (11,176,512 / 23,508,032); the rest: routes
-    [("tiny", 168_302, None), ("18", 14_083_440, 11_176_512), ("50", 26_658_320, 23_508_032)],
+    # and the temporal aggregations' norms
+    [("tiny", 168_974, None), ("18", 14_091_120, 11_176_512), ("50", 26_665_872, 23_508_032)],
 )
 def test_tada2d_presets(preset: str, params: int, resnet: int | None) -> None:
     cfg = backbone_config("tada2d", preset)
@@ -175,7 +189,10 @@ def test_tada2d_presets(preset: str, params: int, resnet: int | None) -> None:
             cfg.feature_dim,
         )
     if resnet is not None:
-        assert sum(p.numel() for n, p in model.named_parameters() if ".route." not in n) == resnet
+        assert (
+            sum(p.numel() for n, p in model.named_parameters() if ".route." not in n and ".agg" not in n)
+            == resnet
+        )
     r2plus1d = count_backbone_parameters(backbone_config("r2plus1d", "tiny"))
     if preset == "tiny":  # the demo's scale: comparable to R(2+1)D-tiny
         assert (cfg.num_frames, cfg.img_size) == (8, 32) and 0.8 * r2plus1d <= params <= 1.2 * r2plus1d
@@ -200,7 +217,8 @@ def test_tada2d_at_init_is_its_2d_resnet_on_every_frame() -> None:
     assert torch.equal(
         state["encoder.layer1.0.conv1.conv.weight"], resnet.state_dict()["layer1.0.conv1.weight"]
     )
-    assert left and all(".route." in k or k.startswith("head.") for k in left)
+    assert left and all(".route." in k or ".agg" in k or k.startswith("head.") for k in left)
+    assert any(".agg1.norm." in k for k in left)
     model.load_state_dict(state)
     model.eval()
     x = torch.randn(2, 3, 4, 32, 32)
@@ -269,6 +287,8 @@ def test_dynamic_configs_errors_and_hooks() -> None:
         VideoResNetConfig(dynamic_temperature=0.0)
     with pytest.raises(ValueError, match="block='wide'"):
         TAda2DConfig(block="wide")
+    with pytest.raises(ValueError, match="temporal_aggregation=2"):
+        TAda2DConfig(temporal_aggregation=2)
     with pytest.raises(KeyError, match=r"unknown preset '101'"):
         backbone_config("tada2d", "101")
     model = tiny("tada2d")
