@@ -196,3 +196,19 @@ def test_two_rank_zero2_fine_tune_and_exact_resume_of_tada2d(tmp_path: Path, sha
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
     a, b = load_finetuned(straight / "model").state_dict(), load_finetuned(resumed / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # route batch-norm statistics included
+
+
+def test_two_rank_zero2_fine_tune_of_a_kernel_mixture_r2plus1d(tmp_path: Path, shards: Path) -> None:
+    run = tmp_path / "km"
+    extra = [
+        "model.dynamic=kernel_mixture",
+        "deepspeed.zero_stage=2",
+        "train.micro_batch_size=2",
+        "train.steps=3",
+    ]
+    ok(run_ranks(args(run, shards, "r2plus1d", *extra, "eval.val_clips=1"), 2))
+    m = load_finetuned(run / "model")
+    assert m.cfg.encoder.dynamic == "kernel_mixture" and m.encoder.layer1[0].conv1[0][0].weight.shape[0] == 4
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert next(r for r in rows if "val/videos" in r)["val/videos"] == 4  # gathered over the ranks
