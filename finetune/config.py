@@ -19,7 +19,8 @@ from pretrain.models import BackboneClassifierConfig, VideoClassifierConfig, Vid
 from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.sources import Source, read_source
 
-BACKBONE_NAMES = ("vit", "r2plus1d", "r3d", "mc3", "cnn_rnn")
+BACKBONE_NAMES = ("vit", "r2plus1d", "r3d", "mc3", "cnn_rnn", "tada2d")
+DYNAMIC_BACKBONES = ("r2plus1d", "r3d", "mc3")  # the video ResNets take model.dynamic
 # What `optim.lr: auto` / `optim.layer_decay: auto` become, per backbone family (measured on the demo set,
 # tests/bench/bench_finetune.py): a transformer fine-tunes at 1e-3 with layer decay 0.75; the CNNs train
 # from scratch or fine-tune every layer at one, higher rate (at 1e-3 / 0.75 their stems starve).
@@ -58,10 +59,11 @@ class FinetuneOptim(OptimConfig):
 class ClassifierSection(ModelSection):
     """The classifier: a backbone + a linear head. An `init` brings its architecture; `preset`, geometry and
     `encoder` overrides apply to scratch runs. ViT-only: drop_path_rate, attn_impl, use_mean_pooling,
-    activation_checkpointing, patch/tubelet size. cnn_rnn-only: rnn, bidirectional, temporal_pool."""
+    activation_checkpointing, patch/tubelet size. cnn_rnn-only: rnn, bidirectional, temporal_pool.
+    r2plus1d / r3d / mc3 only: dynamic (their block convs; `model.encoder.dynamic_kernels` etc. tune it)."""
 
     backbone: Literal[BACKBONE_NAMES] = resume_key("vit")  # type: ignore[valid-type]
-    preset: str = resume_key("tiny")  # scratch only; CNNs: tiny | 18 (cnn_rnn: tiny | resnet18)
+    preset: str = resume_key("tiny")  # scratch only; CNNs: tiny | 18 (cnn_rnn: tiny | resnet18; tada2d: +50)
     drop_path_rate: float = resume_key(0.1)
     num_classes: int | None = resume_key(None)  # None: the shard manifest's classes
     use_mean_pooling: bool = resume_key(True)
@@ -69,6 +71,7 @@ class ClassifierSection(ModelSection):
     rnn: Literal["gru", "lstm"] | None = resume_key(None)  # None: the preset's (GRU)
     bidirectional: bool | None = resume_key(None)
     temporal_pool: Literal["mean", "last"] | None = resume_key(None)  # over the RNN's outputs
+    dynamic: Literal["none", "kernel_mixture", "selective_kernel"] | None = resume_key(None)  # None: static
 
     def check(self) -> None:
         super().check()
@@ -82,6 +85,11 @@ class ClassifierSection(ModelSection):
             self.backbone == "cnn_rnn" or not rnn_keys,
             f"model.{rnn_keys[0] if rnn_keys else ''} applies to model.backbone=cnn_rnn only",
         )
+        require(
+            self.dynamic is None or self.backbone in DYNAMIC_BACKBONES,
+            f"model.dynamic applies to model.backbone in {list(DYNAMIC_BACKBONES)} (tada2d is dynamic by "
+            f"construction), not {self.backbone}",
+        )
 
     def cnn_overrides(self) -> dict[str, Any]:
         """The CNN backbone's config overrides: `model.encoder`, geometry, and the RNN keys."""
@@ -92,6 +100,7 @@ class ClassifierSection(ModelSection):
             ("rnn", "rnn"),
             ("bidirectional", "bidirectional"),
             ("temporal_pool", "pool"),
+            ("dynamic", "dynamic"),
         ):
             if getattr(self, key) is not None:
                 over[field_name] = getattr(self, key)

@@ -41,10 +41,12 @@ from pretrain.engine import require, resume_key
 
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 LORA_TARGET_NAMES = (*LORA_TARGETS, "patch_embed")  # the first ones are the default ([qkv, proj])
-# CNN backbones (video ResNets, CNN+RNN): every method that needs no token sequence (CNN_METHODS, below), LoRA
-# on the convolutions ("conv", see _lora_conv) and on cnn_rnn's Linear into the RNN ("proj"); GRU/LSTM weights
-# are not modules peft can wrap.
-CNN_LORA_TARGET_NAMES = ("conv", "proj")
+# CNN backbones (video ResNets, CNN+RNN, TAda2D): every method that needs no token sequence (CNN_METHODS,
+# below), LoRA on the convolutions ("conv", see _lora_conv: TAda2D's shared kernels and selective-kernel
+# branches included), on cnn_rnn's Linear into the RNN ("proj") and on the dynamic layers' route / attention
+# MLPs ("dynamic"). GRU/LSTM weights and a kernel mixture's K-kernel bank are parameter tensors, not modules
+# peft can wrap.
+CNN_LORA_TARGET_NAMES = ("conv", "proj", "dynamic")
 SIDECAR_NAME = "peft_sidecar.safetensors"
 SIDECAR_CONFIG = "peft.json"
 
@@ -60,7 +62,8 @@ class FinetuneSection:
     lora_alpha: float = resume_key(16.0)
     lora_dropout: float = resume_key(0.0)
     # ViT: among qkv, proj, fc1, fc2 (every block), patch_embed (the tubelet Conv3d); None = [qkv, proj].
-    # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN); None = [conv]
+    # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN), dynamic (the
+    # Linear / Conv1d layers of TAda routes and kernel-mixture / selective-kernel attentions); None = [conv]
     lora_targets: list[str] | None = field(default=None, metadata={"resume": True})
     peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
     peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
@@ -154,24 +157,45 @@ def lora_targets(spec: FinetuneSection, model: nn.Module) -> list[str]:
 
 def _target_regex(model: nn.Module, targets: list[str]) -> str:
     """A full-match regex over module names. ViT: block layers by short name, `patch_embed` = the tubelet
-    Conv3d. CNN: `conv` = every Conv2d/Conv3d of the backbone, `proj` = cnn_rnn's Linear into the RNN."""
+    Conv3d. CNN: `conv` = every Conv2d/Conv3d of the backbone, `proj` = cnn_rnn's Linear into the RNN,
+    `dynamic` = the Linear / Conv1d layers inside route / attention modules (`DynamicRoute`)."""
     allowed = CNN_LORA_TARGET_NAMES if is_cnn(model) else LORA_TARGET_NAMES
     unknown = sorted(set(targets) - set(allowed))
     if unknown or not targets:
         raise ValueError(f"finetune.lora_targets {targets}: choose among {list(allowed)}")
     if is_cnn(model):
+        routes = _dynamic_layers(model) if "dynamic" in targets else set()
         names = [
             n
             for n, mod in model.named_modules()
             if n.startswith("encoder.")
-            and (("conv" in targets and _lora_conv(mod)) or ("proj" in targets and n == "encoder.proj"))
+            and (
+                ("conv" in targets and _lora_conv(mod))
+                or ("proj" in targets and n == "encoder.proj")
+                or n in routes
+            )
         ]
+        if not names:
+            raise ValueError(f"finetune.lora_targets {targets}: no such layer in this {type(model).__name__}")
         return "|".join(re.escape(n) for n in names)
     alts = "|".join(re.escape(LORA_TARGETS[t]) for t in targets if t in LORA_TARGETS)
     pats = [rf"encoder\.blocks\.\d+\.({alts})"] if alts else []  # never the head
     if "patch_embed" in targets:
         pats.append(r"encoder\.patch_embed\.proj")
     return "|".join(f"(?:{p})" for p in pats)
+
+
+def _dynamic_layers(model: nn.Module) -> set[str]:
+    """Names of the Linear / Conv1d layers inside the dynamic convolutions' route / attention modules."""
+    from pretrain.models.dynamic_conv import DynamicRoute
+
+    return {
+        f"{name}.{sub}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, DynamicRoute)
+        for sub, layer in mod.named_modules()
+        if isinstance(layer, (nn.Linear, nn.Conv1d))
+    }
 
 
 def _lora_conv(module: nn.Module) -> bool:

@@ -25,9 +25,11 @@ from .flops import (
 from .io import load_model, save_model
 from .mae import MAE_DECODERS, MAEConfig, MAEOutput, MaskedVideoAutoencoder, reconstruct_video
 from .masking import make_mask, random_mask, running_cell_mask, tube_mask
+from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
 from .torchvision_io import (
     classifier_from_torchvision,
     from_torchvision_state_dict,
+    tada2d_from_resnet_state_dict,
     to_torchvision_state_dict,
 )
 from .video_resnet import VIDEO_RESNET_PRESETS, VideoResNet, VideoResNetConfig
@@ -38,6 +40,7 @@ __all__ = [
     "CNN_RNN_PRESETS",
     "MAE_DECODERS",
     "PRESETS",
+    "TADA2D_PRESETS",
     "VIDEO_RESNET_PRESETS",
     "Attention",
     "BackboneClassifier",
@@ -47,6 +50,8 @@ __all__ = [
     "MAEConfig",
     "MAEOutput",
     "MaskedVideoAutoencoder",
+    "TAda2D",
+    "TAda2DConfig",
     "VideoClassifier",
     "VideoClassifierConfig",
     "VideoResNet",
@@ -75,6 +80,7 @@ __all__ = [
     "resolve_attn_impl",
     "running_cell_mask",
     "save_model",
+    "tada2d_from_resnet_state_dict",
     "to_torchvision_state_dict",
     "training_flops_per_clip",
     "tube_mask",

@@ -21,9 +21,9 @@ def group_count(channels: int, max_groups: int) -> int:
 
 
 def norm_layer(kind: str, channels: int, dims: int, max_groups: int = 32) -> nn.Module:
-    """BatchNorm{2,3}d (torchvision's choice) or GroupNorm (rank-independent statistics, no running stats)."""
+    """BatchNorm{1,2,3}d (torchvision's choice) or GroupNorm (rank-independent statistics, no running stats)."""
     if kind == "batch":
-        return nn.BatchNorm3d(channels) if dims == 3 else nn.BatchNorm2d(channels)
+        return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](channels)
     if kind == "group":
         return nn.GroupNorm(group_count(channels, max_groups), channels)
     raise ValueError(f"norm={kind!r}: use one of {NORMS}")

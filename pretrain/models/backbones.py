@@ -18,9 +18,10 @@ from torch import nn
 from ._cnn import stage_layer_index
 from ._config import config_from_dict
 from .cnn_rnn import CNN_RNN_PRESETS, CnnRnn, CnnRnnConfig
+from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
 from .video_resnet import VIDEO_RESNET_ARCHS, VIDEO_RESNET_PRESETS, VideoResNet, VideoResNetConfig
 
-BackboneConfig = VideoResNetConfig | CnnRnnConfig
+BackboneConfig = VideoResNetConfig | CnnRnnConfig | TAda2DConfig
 
 # backbone name -> (config class, module class, preset names, default preset)
 BACKBONES: dict[str, tuple[type, type[nn.Module], tuple[str, ...], str]] = {
@@ -33,6 +34,7 @@ BACKBONES: dict[str, tuple[type, type[nn.Module], tuple[str, ...], str]] = {
     for arch in VIDEO_RESNET_ARCHS
 }
 BACKBONES["cnn_rnn"] = (CnnRnnConfig, CnnRnn, tuple(CNN_RNN_PRESETS), "resnet18")
+BACKBONES["tada2d"] = (TAda2DConfig, TAda2D, tuple(TADA2D_PRESETS), "18")
 
 
 def _check_backbone(name: str) -> None:
@@ -57,15 +59,18 @@ def backbone_config(backbone: str, preset: str | None = None, **overrides: Any) 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """The backbone module a config describes."""
-    return VideoResNet(cfg) if isinstance(cfg, VideoResNetConfig) else CnnRnn(cfg)
+    for cfg_cls, module_cls, _, _ in BACKBONES.values():
+        if type(cfg) is cfg_cls:
+            return module_cls(cfg)
+    raise TypeError(f"no backbone takes a {type(cfg).__name__}")
 
 
 @dataclass
 class BackboneClassifierConfig:
     """``backbone`` picks the family; ``encoder`` is its config (a dict is parsed; None = default preset)."""
 
-    backbone: str = "r2plus1d"  # r2plus1d | r3d | mc3 | cnn_rnn
-    encoder: VideoResNetConfig | CnnRnnConfig | None = None
+    backbone: str = "r2plus1d"  # r2plus1d | r3d | mc3 | cnn_rnn | tada2d
+    encoder: VideoResNetConfig | CnnRnnConfig | TAda2DConfig | None = None
     num_classes: int = 400
     head_dropout: float = 0.0
     init_std: float = 0.01  # head weights ~ N(0, init_std²), zero bias (torchvision's video ResNet init)

@@ -4,7 +4,8 @@ Convention (the one ``torch.utils.flop_counter`` and the MFU literature use): a 
 costs 2·m·k·n FLOPs (multiply + add); counted are all Linear layers, the tubelet Conv3d, and the two
 attention matmuls QKᵀ and AV. Norms, softmax, GELU, biases and the loss are ignored (<1% at ViT sizes).
 A conv costs 2·C_in·C_out·prod(kernel)·prod(output size); a GRU/LSTM step costs its input and recurrent
-matmuls (3 or 4 gates). Training = 3 × forward (backward costs two matmuls per forward matmul), without
+matmuls (3 or 4 gates). Dynamic convolutions add their route / attention MLPs and (kernel mixture) the mixing
+of the K kernels per clip; pooling, softmax and the calibration's elementwise products are ignored. Training = 3 × forward (backward costs two matmuls per forward matmul), without
 activation recompute.
 
 ``FlopCounterMode`` on CPU counts GRUs (they decompose into mm/addmm) but reports 0 for an LSTM, which
@@ -19,7 +20,9 @@ import math
 from .backbones import BackboneClassifierConfig
 from .classifier import VideoClassifierConfig
 from .cnn_rnn import CnnRnnConfig
+from .dynamic_conv import mixture_width, route_width, select_width
 from .mae import MAEConfig
+from .tada2d import TAda2DConfig
 from .video_resnet import VideoResNetConfig, block_mid_channels
 from .vit import VideoViTConfig
 
@@ -87,20 +90,52 @@ class _ConvTally:
         return out
 
 
+def _block_conv(
+    tally: _ConvTally,
+    cfg: VideoResNetConfig,
+    shape: tuple[int, ...],
+    c_in: int,
+    c_out: int,
+    k: tuple[int, ...],
+    s: tuple[int, ...],
+    p: tuple[int, ...],
+) -> tuple[int, ...]:
+    """One block conv of a video ResNet, plain or dynamic (``cfg.dynamic``):
+
+    kernel_mixture: the conv + mixing the K kernels (π_BK @ W_K·, 2·K·|W| per clip) + the attention MLP;
+    selective_kernel (temporal extent > 1): one conv per temporal size + the selection MLP (fc, select)."""
+    if cfg.dynamic == "selective_kernel" and k[0] > 1:
+        d = select_width(c_out, cfg.dynamic_reduction)
+        tally.flops += 2 * c_out * d + 2 * d * len(cfg.sk_kernels) * c_out
+        outs = [tally.conv(shape, c_in, c_out, (kt, *k[1:]), s, (kt // 2, *p[1:])) for kt in cfg.sk_kernels]
+        return outs[0]
+    out = tally.conv(shape, c_in, c_out, k, s, p)
+    if cfg.dynamic == "kernel_mixture":
+        n_k, h = cfg.dynamic_kernels, mixture_width(c_in, cfg.dynamic_reduction)
+        tally.flops += 2 * n_k * c_out * c_in * math.prod(k) + 2 * c_in * h + 2 * h * n_k
+    return out
+
+
 def _video_block(
-    tally: _ConvTally, thw: tuple[int, ...], c_in: int, planes: int, kind: str, stride: int
+    tally: _ConvTally,
+    cfg: VideoResNetConfig,
+    thw: tuple[int, ...],
+    c_in: int,
+    planes: int,
+    kind: str,
+    stride: int,
 ) -> tuple[int, ...]:
     mid = block_mid_channels(c_in, planes)
     out = thw
     for i, (a, b) in enumerate(((c_in, planes), (planes, planes))):
         st = stride if i == 0 else 1
         if kind == "3d":
-            out = tally.conv(out, a, b, (3, 3, 3), (st, st, st), (1, 1, 1))
+            out = _block_conv(tally, cfg, out, a, b, (3, 3, 3), (st, st, st), (1, 1, 1))
         elif kind == "2d":
-            out = tally.conv(out, a, b, (1, 3, 3), (1, st, st), (0, 1, 1))
+            out = _block_conv(tally, cfg, out, a, b, (1, 3, 3), (1, st, st), (0, 1, 1))
         else:
-            out = tally.conv(out, a, mid, (1, 3, 3), (1, st, st), (0, 1, 1))
-            out = tally.conv(out, mid, b, (3, 1, 1), (st, 1, 1), (1, 0, 0))
+            out = _block_conv(tally, cfg, out, a, mid, (1, 3, 3), (1, st, st), (0, 1, 1))
+            out = _block_conv(tally, cfg, out, mid, b, (3, 1, 1), (st, 1, 1), (1, 0, 0))
     if stride != 1 or c_in != planes:
         ds = (1, stride, stride) if kind == "2d" else (stride,) * 3
         tally.conv(thw, c_in, planes, (1, 1, 1), ds, (0, 0, 0))
@@ -121,7 +156,7 @@ def video_resnet_forward_flops(cfg: VideoResNetConfig) -> int:
     for i, (planes, depth) in enumerate(zip(cfg.widths, cfg.depths)):
         for j in range(depth):
             stride = 2 if i > 0 and j == 0 else 1
-            thw = _video_block(tally, thw, c_in, planes, cfg.conv_kind(i), stride)
+            thw = _video_block(tally, cfg, thw, c_in, planes, cfg.conv_kind(i), stride)
             c_in = planes
     return tally.flops
 
@@ -141,6 +176,38 @@ def frame_resnet_forward_flops(cfg: CnnRnnConfig) -> int:
                 tally.conv(hw, c_in, planes, (1, 1), (s, s), (0, 0))
             hw, c_in = out, planes
     return tally.flops
+
+
+def _tada_route_flops(cfg: TAda2DConfig, c_in: int, c_out: int) -> int:
+    """One TAda route over a clip: the context Linear once, the two temporal 1-D convs at every frame."""
+    h, k, t = route_width(c_in, cfg.route_reduction), cfg.route_kernel, cfg.num_frames
+    return 2 * c_in * c_in + 2 * t * k * h * (c_in + c_out)
+
+
+def tada2d_forward_flops(cfg: TAda2DConfig) -> int:
+    """Forward FLOPs of one clip through TAda2D: its 2-D convs on every frame + the routes (max pool and the
+    calibration's elementwise product ignored)."""
+    tally = _ConvTally()
+    hw = tally.conv((cfg.img_size,) * 2, cfg.in_chans, cfg.widths[0], (7, 7), (2, 2), (3, 3))
+    hw = tuple(_out_len(n, 3, 2, 1) for n in hw)  # max pool
+    routes, c_in = 0, cfg.widths[0]
+    for i, (planes, depth) in enumerate(zip(cfg.widths, cfg.depths)):
+        for j in range(depth):
+            s = 2 if i > 0 and j == 0 else 1
+            c_out = planes * cfg.expansion
+            if cfg.block == "bottleneck":
+                out = tally.conv(hw, c_in, planes, (1, 1), (1, 1), (0, 0))
+                out = tally.conv(out, planes, planes, (3, 3), (s, s), (1, 1))
+                out = tally.conv(out, planes, c_out, (1, 1), (1, 1), (0, 0))
+                routes += _tada_route_flops(cfg, planes, planes)
+            else:
+                out = tally.conv(hw, c_in, planes, (3, 3), (s, s), (1, 1))
+                out = tally.conv(out, planes, planes, (3, 3), (1, 1), (1, 1))
+                routes += _tada_route_flops(cfg, c_in, planes) + _tada_route_flops(cfg, planes, planes)
+            if s != 1 or c_in != c_out:
+                tally.conv(hw, c_in, c_out, (1, 1), (s, s), (0, 0))
+            hw, c_in = out, c_out
+    return cfg.num_frames * tally.flops + routes
 
 
 def rnn_forward_flops(cfg: CnnRnnConfig) -> int:
@@ -170,10 +237,12 @@ def vit_encoder_forward_flops(enc: VideoViTConfig) -> int:
     )
 
 
-def backbone_forward_flops(cfg: VideoResNetConfig | CnnRnnConfig | VideoViTConfig) -> int:
+def backbone_forward_flops(cfg: VideoResNetConfig | CnnRnnConfig | TAda2DConfig | VideoViTConfig) -> int:
     """Forward FLOPs of one clip through any backbone, dispatched on its config type."""
     if isinstance(cfg, VideoResNetConfig):
         return video_resnet_forward_flops(cfg)
+    if isinstance(cfg, TAda2DConfig):
+        return tada2d_forward_flops(cfg)
     if isinstance(cfg, CnnRnnConfig):
         return cnn_rnn_forward_flops(cfg)
     if isinstance(cfg, VideoViTConfig):

@@ -20,6 +20,7 @@ from .backbones import BackboneClassifier, BackboneClassifierConfig
 from .classifier import VideoClassifier, VideoClassifierConfig
 from .cnn_rnn import CnnRnn, CnnRnnConfig
 from .mae import MAEConfig, MaskedVideoAutoencoder
+from .tada2d import TAda2D, TAda2DConfig
 from .video_resnet import VideoResNet, VideoResNetConfig
 from .vit import VideoViT, VideoViTConfig
 
@@ -36,6 +37,7 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type, str]] = {
     "BackboneClassifier": (BackboneClassifier, BackboneClassifierConfig, "classification"),
     "VideoResNet": (VideoResNet, VideoResNetConfig, "encoder"),
     "CnnRnn": (CnnRnn, CnnRnnConfig, "encoder"),
+    "TAda2D": (TAda2D, TAda2DConfig, "encoder"),
 }
 
 

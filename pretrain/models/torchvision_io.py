@@ -92,3 +92,47 @@ def classifier_from_torchvision(
     converted = from_torchvision_state_dict(state_dict, backbone, cfg)
     model.load_state_dict(converted, strict=not isinstance(cfg.encoder, CnnRnnConfig))
     return model
+
+
+def tada2d_from_resnet_state_dict(
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A 2-D ResNet's weights (torchvision ``resnet18`` / ``resnet50`` names, ``fc`` dropped) as a state dict
+    of ``model`` (a ``TAda2D``, or a classifier holding one as ``encoder``), and the keys left at their init.
+
+    Every 2-D key maps by name, except a TAda conv's kernel: ``layer1.0.conv1.weight`` becomes
+    ``layer1.0.conv1.conv.weight``. What stays at its init is the routes (calibration 1), the temporal
+    aggregations (0), so the loaded TAda2D computes the 2-D ResNet on every frame, and a classifier's head.
+    Keys and shapes are checked.
+    """
+    own = model.state_dict()
+    prefix = "encoder." if any(k.startswith("encoder.") for k in own) else ""
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        if key.startswith("fc."):
+            continue
+        name = f"{prefix}{key}"
+        tada = name.removesuffix(".weight") + ".conv.weight"
+        target = tada if tada in own and name not in own else name
+        if target in own:
+            out[target] = value
+        else:
+            unexpected.append(key)
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in out.items()
+        if v.shape != own[k].shape
+    ]
+    left = sorted(set(own) - set(out))
+    missing = [k for k in left if not _new_in_tada2d(k)]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"2-D ResNet weights do not match the TAda2D: missing keys {missing}; unexpected keys {unexpected}; "
+            f"shape mismatches {shapes}"
+        )
+    return {**own, **out}, left
+
+
+def _new_in_tada2d(key: str) -> bool:
+    return ".route." in key or ".agg" in key or key.startswith("head.")

@@ -10,6 +10,7 @@ pool: ``forward_features(video_BCTHW) -> feat_BD``; the head lives in ``Backbone
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from ._cnn import check_resnet_fields, check_video_input, init_conv_net, norm_layer, stage_layer_index
+from .dynamic_conv import DYNAMIC_KINDS, KernelMixtureConv3d, SelectiveKernelConv3d
 
 VIDEO_RESNET_ARCHS = ("r3d", "mc3", "r2plus1d")
 
@@ -38,6 +40,15 @@ class VideoResNetConfig:
     norm: str = "batch"  # batch (torchvision) | group (per-sample statistics: no running stats to sync)
     norm_groups: int = 32  # with norm=group: the largest divisor of each width not above this
     zero_init_residual: bool = False  # zero the last norm of every block (each block starts as identity)
+    # Dynamic block convolutions (dynamic_conv.py); the stem and the 1×1×1 downsamples stay static.
+    # kernel_mixture: every block conv mixes dynamic_kernels kernels per clip (softmax(MLP(GAP) / temperature));
+    # selective_kernel: every block conv with a temporal extent (3) becomes branches of temporal sizes
+    # sk_kernels fused by a per-channel softmax attention (MC3: stage 1 only; its later stages are 1×3×3).
+    dynamic: str = "none"  # none | kernel_mixture | selective_kernel
+    dynamic_kernels: int = 4
+    dynamic_temperature: float = 1.0
+    dynamic_reduction: int = 4  # hidden width of the attention MLPs: channels // reduction
+    sk_kernels: tuple[int, ...] = (3, 5)
     preset: str | None = None  # informational: which VIDEO_RESNET_PRESETS entry this came from
 
     def __post_init__(self) -> None:
@@ -46,6 +57,15 @@ class VideoResNetConfig:
         check_resnet_fields(self)
         if self.stem_mid_channels < 1:
             raise ValueError(f"stem_mid_channels={self.stem_mid_channels} must be >= 1")
+        if self.dynamic not in DYNAMIC_KINDS:
+            raise ValueError(f"dynamic={self.dynamic!r}: use one of {DYNAMIC_KINDS}")
+        if self.dynamic_kernels < 1 or self.dynamic_reduction < 1 or self.dynamic_temperature <= 0:
+            raise ValueError(
+                f"dynamic_kernels={self.dynamic_kernels} and dynamic_reduction={self.dynamic_reduction} must be "
+                f">= 1, dynamic_temperature={self.dynamic_temperature} > 0"
+            )
+        if not self.sk_kernels or any(k < 1 or k % 2 == 0 for k in self.sk_kernels):
+            raise ValueError(f"sk_kernels={self.sk_kernels} must be odd temporal sizes (e.g. (3, 5))")
 
     @property
     def feature_dim(self) -> int:
@@ -101,32 +121,74 @@ def block_mid_channels(c_in: int, planes: int) -> int:
     return (c_in * planes * 27) // (c_in * 9 + 3 * planes)
 
 
+ConvFactory = Callable[
+    [int, int, tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]], nn.Module
+]
+
+
+def block_conv_factory(cfg: VideoResNetConfig) -> ConvFactory:
+    """``(c_in, c_out, kernel, stride, padding) -> module`` for the blocks' convs: a plain Conv3d, or the
+    dynamic layer ``cfg.dynamic`` names (selective kernel only where the kernel has a temporal extent)."""
+
+    def make(c_in: int, c_out: int, k: tuple, s: tuple, p: tuple) -> nn.Module:
+        if cfg.dynamic == "kernel_mixture":
+            return KernelMixtureConv3d(
+                c_in, c_out, k, s, p, cfg.dynamic_kernels, cfg.dynamic_temperature, cfg.dynamic_reduction
+            )
+        if cfg.dynamic == "selective_kernel" and k[0] > 1:
+            return SelectiveKernelConv3d(c_in, c_out, k, s, p, cfg.sk_kernels, cfg.dynamic_reduction)
+        return nn.Conv3d(c_in, c_out, k, stride=s, padding=p, bias=False)
+
+    return make
+
+
 def spatiotemporal_conv(
-    kind: str, c_in: int, c_out: int, mid: int, stride: int, norm: partial[nn.Module]
+    kind: str,
+    c_in: int,
+    c_out: int,
+    mid: int,
+    stride: int,
+    norm: partial[nn.Module],
+    conv: ConvFactory | None = None,
 ) -> nn.Module:
-    """A block's 3×3×3-like conv: a Conv3d, or (2+1)D as Sequential(1×3×3, norm, ReLU, 3×1×1)."""
+    """A block's 3×3×3-like conv: a Conv3d, or (2+1)D as Sequential(1×3×3, norm, ReLU, 3×1×1).
+
+    ``conv`` builds each convolution (default: a plain Conv3d; see :func:`block_conv_factory`)."""
+    conv = conv or (lambda a, b, k, s, p: nn.Conv3d(a, b, k, stride=s, padding=p, bias=False))
     if kind == "3d":
-        return nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        return conv(c_in, c_out, (3, 3, 3), (stride,) * 3, (1, 1, 1))
     if kind == "2d":
-        return nn.Conv3d(c_in, c_out, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+        return conv(c_in, c_out, (1, 3, 3), (1, stride, stride), (0, 1, 1))
     return nn.Sequential(
-        nn.Conv3d(c_in, mid, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
+        conv(c_in, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1)),
         norm(mid),
         nn.ReLU(inplace=True),
-        nn.Conv3d(mid, c_out, (3, 1, 1), stride=(stride, 1, 1), padding=(1, 0, 0), bias=False),
+        conv(mid, c_out, (3, 1, 1), (stride, 1, 1), (1, 0, 0)),
     )
 
 
 class BasicBlock3d(nn.Module):
     """Two spatiotemporal convs with a residual; ``downsample`` (1×1×1 conv + norm) when the shape changes."""
 
-    def __init__(self, c_in: int, planes: int, kind: str, stride: int, norm: partial[nn.Module]) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        planes: int,
+        kind: str,
+        stride: int,
+        norm: partial[nn.Module],
+        conv: ConvFactory | None = None,
+    ) -> None:
         super().__init__()
         mid = block_mid_channels(c_in, planes)
         self.conv1 = nn.Sequential(
-            spatiotemporal_conv(kind, c_in, planes, mid, stride, norm), norm(planes), nn.ReLU(inplace=True)
+            spatiotemporal_conv(kind, c_in, planes, mid, stride, norm, conv),
+            norm(planes),
+            nn.ReLU(inplace=True),
         )
-        self.conv2 = nn.Sequential(spatiotemporal_conv(kind, planes, planes, mid, 1, norm), norm(planes))
+        self.conv2 = nn.Sequential(
+            spatiotemporal_conv(kind, planes, planes, mid, 1, norm, conv), norm(planes)
+        )
         self.downsample: nn.Sequential | None = None
         if stride != 1 or c_in != planes:
             ds_stride = (1, stride, stride) if kind == "2d" else (stride, stride, stride)
@@ -168,11 +230,11 @@ class VideoResNet(nn.Module):
         self.cfg = cfg
         norm = partial(norm_layer, cfg.norm, dims=3, max_groups=cfg.norm_groups)
         self.stem = make_stem(cfg, norm)
-        c_in = cfg.widths[0]
+        c_in, conv = cfg.widths[0], block_conv_factory(cfg)
         for i, (planes, depth) in enumerate(zip(cfg.widths, cfg.depths)):
             kind, stride = cfg.conv_kind(i), 1 if i == 0 else 2
-            blocks = [BasicBlock3d(c_in, planes, kind, stride, norm)]
-            blocks += [BasicBlock3d(planes, planes, kind, 1, norm) for _ in range(depth - 1)]
+            blocks = [BasicBlock3d(c_in, planes, kind, stride, norm, conv)]
+            blocks += [BasicBlock3d(planes, planes, kind, 1, norm, conv) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             c_in = planes
         self.avgpool = nn.AdaptiveAvgPool3d(1)

@@ -85,6 +85,16 @@ def test_unknown_key_suggests_the_right_one() -> None:
         load("model.encoder.depht=3")
 
 
+def test_a_number_given_for_a_name_is_the_name() -> None:
+    """YAML reads `18` as an int; a string field (a preset name) takes it as "18", and in `str | int` an
+    int stays an int."""
+    cfg = load("model.activation_checkpointing=2", "tracking.experiment=123")
+    assert (cfg.model.activation_checkpointing, cfg.tracking.experiment) == (2, "123")
+    assert load("model.activation_checkpointing=all").model.activation_checkpointing == "all"
+    with pytest.raises(ConfigError, match=r"model\.preset: unknown preset '18'"):  # a name, not a type error
+        load("model.preset=18")
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -98,7 +98,7 @@ def test_lora_cnn_exports_merged_and_hf_export_is_refused(tmp_path: Path) -> Non
         (["model.backbone=r2plus1d", "model.preset=huge"], r"model\.preset: .*unknown preset 'huge'"),
         (
             ["model.backbone=r2plus1d", "finetune.method=lora", "finetune.lora_targets=[qkv]"],
-            r"choose among \['conv', 'proj'\]",
+            r"choose among \['conv', 'proj', 'dynamic'\]",
         ),
         (["model.backbone=resnet"], r"model\.backbone: 'resnet' is not one of"),
     ],

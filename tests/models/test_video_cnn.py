@@ -78,7 +78,7 @@ def test_tiny_presets_are_at_the_tiny_vit_scale(backbone: str) -> None:
 
 
 def test_presets_and_param_table() -> None:
-    assert set(BACKBONES) == set(CNN_BACKBONES)
+    assert set(BACKBONES) == {*CNN_BACKBONES, "tada2d"}  # tada2d: tests/models/test_dynamic_cnn.py
     assert backbone_config("r3d", "tiny") == VIDEO_RESNET_PRESETS["r3d-tiny"]
     assert backbone_config("r3d", "r3d-18", num_frames=8).num_frames == 8
     assert backbone_config("cnn_rnn") == CNN_RNN_PRESETS["resnet18"]

@@ -36,7 +36,8 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
-    for arg in args:
+    # str last: it takes an int as a name, so in `str | int` an int stays an int
+    for arg in sorted(args, key=lambda a: a is str):
         if arg is type(None):
             continue
         try:
@@ -76,7 +77,7 @@ _SCALARS: dict[type, tuple[str, Any]] = {
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and gently convert: int→float, list→tuple) `value` against type hint `tp`."""
+    """Check (and gently convert: int→float, int→str, list→tuple) `value` against type hint `tp`."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -95,6 +96,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         _expect(isinstance(value, dict), key, "a mapping", value)
         return dict(value)
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a name YAML reads as a number: model.preset=18 is the preset "18"
     if tp in _SCALARS:
         what, ok = _SCALARS[tp]
         _expect(ok(value), key, what, value)
