@@ -181,6 +181,7 @@ def test_cli_fine_tune_then_predict(
     assert len(json.loads(r.stdout.splitlines()[-1])["top"]) == 4
 
 
+@pytest.mark.slow  # the default run keeps the R(2+1)D 2-rank exact resume (test_backbones)
 def test_two_rank_zero2_fine_tune_and_exact_resume_of_tada2d(tmp_path: Path, shards: Path) -> None:
     common = ["deepspeed.zero_stage=2", "train.micro_batch_size=2", "train.steps=4", "data.val_split=null"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -198,6 +199,7 @@ def test_two_rank_zero2_fine_tune_and_exact_resume_of_tada2d(tmp_path: Path, sha
     assert all(torch.equal(a[k], b[k]) for k in a)  # route batch-norm statistics included
 
 
+@pytest.mark.slow  # the default run keeps the R(2+1)D 2-rank exact resume (test_backbones)
 def test_two_rank_zero2_fine_tune_of_a_kernel_mixture_r2plus1d(tmp_path: Path, shards: Path) -> None:
     run = tmp_path / "km"
     extra = [
