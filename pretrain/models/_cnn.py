@@ -49,6 +49,25 @@ def stage_layer_index(name: str, stages: Sequence[tuple[str, ...]]) -> int:
     return len(stages)
 
 
+class StagedNet:
+    """The engine's optimizer hooks of a network cut into stages (``stage_prefixes()``, input to output, names
+    relative to the module): one layer id per stage for layer-wise LR decay, one more for whatever follows
+    (a head), and no weight-decay exemption beyond the engine's rule for 1-D parameters (norms, biases)."""
+
+    def stage_prefixes(self) -> list[tuple[str, ...]]:
+        raise NotImplementedError
+
+    @property
+    def num_layers_for_lr_decay(self) -> int:
+        return len(self.stage_prefixes()) + 1
+
+    def layer_index(self, param_name: str) -> int:
+        return stage_layer_index(param_name, self.stage_prefixes())
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
 def check_resnet_fields(cfg: Any) -> None:
     """Validation shared by the CNN configs (widths/depths/norm/geometry)."""
     widths, depths = tuple(cfg.widths), tuple(cfg.depths)

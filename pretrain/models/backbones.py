@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._cnn import stage_layer_index
+from ._cnn import StagedNet
 from ._config import config_from_dict
 from .cnn_rnn import CNN_RNN_PRESETS, CnnRnn, CnnRnnConfig
 from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
@@ -117,7 +117,7 @@ class BackboneClassifierConfig:
         )
 
 
-class BackboneClassifier(nn.Module):
+class BackboneClassifier(StagedNet, nn.Module):
     """``forward(video_BCTHW) -> logits_BK``: backbone ``encoder``, dropout, linear ``head``."""
 
     def __init__(self, cfg: BackboneClassifierConfig) -> None:
@@ -138,13 +138,6 @@ class BackboneClassifier(nn.Module):
         """Backbone stages, input to output (the head not included): partial fine-tuning trains the last N
         (``name.startswith(prefixes)``) plus ``head.``."""
         return [tuple(f"encoder.{p}" for p in stage) for stage in self.encoder.stage_prefixes()]
-
-    @property
-    def num_layers_for_lr_decay(self) -> int:
-        return len(self.stage_prefixes()) + 1  # the head is the last layer id
-
-    def layer_index(self, param_name: str) -> int:
-        return stage_layer_index(param_name, self.stage_prefixes())
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}

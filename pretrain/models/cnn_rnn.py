@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._cnn import check_resnet_fields, check_video_input, init_conv_net, norm_layer, stage_layer_index
+from ._cnn import StagedNet, check_resnet_fields, check_video_input, init_conv_net, norm_layer
 
 RNN_KINDS = ("gru", "lstm")
 POOLINGS = ("mean", "last")
@@ -151,7 +151,7 @@ class FrameResNet(nn.Module):
         return rearrange(self.avgpool(x), "n d 1 1 -> n d")
 
 
-class CnnRnn(nn.Module):
+class CnnRnn(StagedNet, nn.Module):
     """CNN+RNN backbone: ``forward_features(video_BCTHW) -> feat_BD`` with D = hidden × directions."""
 
     def __init__(self, cfg: CnnRnnConfig) -> None:
@@ -178,16 +178,6 @@ class CnnRnn(nn.Module):
         """Parameter-name prefixes of each stage, input to output: stem, layer1..S, temporal (proj + rnn)."""
         layers = [(f"cnn.layer{i + 1}.",) for i in range(self.cfg.num_stages)]
         return [("cnn.conv1.", "cnn.bn1."), *layers, ("proj.", "rnn.")]
-
-    @property
-    def num_layers_for_lr_decay(self) -> int:
-        return self.cfg.num_stages + 3  # stem, layer1..S, temporal, then whatever follows (a head)
-
-    def layer_index(self, param_name: str) -> int:
-        return stage_layer_index(param_name, self.stage_prefixes())
-
-    def no_weight_decay(self) -> set[str]:
-        return set()  # norms and biases are 1-D: the engine's 1-D rule covers them
 
     # -- forward ------------------------------------------------------------------------------------
     def forward_sequence(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

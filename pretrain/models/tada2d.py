@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._cnn import check_resnet_fields, check_video_input, init_conv_net, norm_layer, stage_layer_index
+from ._cnn import StagedNet, check_resnet_fields, check_video_input, init_conv_net, norm_layer
 from .dynamic_conv import TAdaConv2d
 
 BLOCKS = ("basic", "bottleneck")
@@ -182,7 +182,7 @@ def _downsample(c_in: int, c_out: int, stride: int, norm: partial[nn.Module]) ->
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
 
 
-class TAda2D(nn.Module):
+class TAda2D(StagedNet, nn.Module):
     """TAda2D backbone: ``forward_features(video_BCTHW) -> feat_BD`` (average over time and space)."""
 
     def __init__(self, cfg: TAda2DConfig) -> None:
@@ -219,16 +219,6 @@ class TAda2D(nn.Module):
     def stage_prefixes(self) -> list[tuple[str, ...]]:
         """Parameter-name prefixes of each stage, input to output: stem (conv1, bn1), layer1..S."""
         return [("conv1.", "bn1.")] + [(f"layer{i + 1}.",) for i in range(self.cfg.num_stages)]
-
-    @property
-    def num_layers_for_lr_decay(self) -> int:
-        return self.cfg.num_stages + 2  # stem, layer1..S, then whatever follows (a head)
-
-    def layer_index(self, param_name: str) -> int:
-        return stage_layer_index(param_name, self.stage_prefixes())
-
-    def no_weight_decay(self) -> set[str]:
-        return set()  # norms and biases are 1-D: the engine's 1-D rule covers them
 
     # -- forward ------------------------------------------------------------------------------------
     def forward_maps(self, video_BCTHW: torch.Tensor) -> torch.Tensor:

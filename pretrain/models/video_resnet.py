@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._cnn import check_resnet_fields, check_video_input, init_conv_net, norm_layer, stage_layer_index
+from ._cnn import StagedNet, check_resnet_fields, check_video_input, init_conv_net, norm_layer
 from .dynamic_conv import DYNAMIC_KINDS, KernelMixtureConv3d, SelectiveKernelConv3d
 
 VIDEO_RESNET_ARCHS = ("r3d", "mc3", "r2plus1d")
@@ -222,7 +222,7 @@ def make_stem(cfg: VideoResNetConfig, norm: partial[nn.Module]) -> nn.Sequential
     )
 
 
-class VideoResNet(nn.Module):
+class VideoResNet(StagedNet, nn.Module):
     """Video ResNet backbone: ``forward_features(video_BCTHW) -> feat_BD`` (global average pool of the last stage)."""
 
     def __init__(self, cfg: VideoResNetConfig) -> None:
@@ -255,16 +255,6 @@ class VideoResNet(nn.Module):
     def stage_prefixes(self) -> list[tuple[str, ...]]:
         """Parameter-name prefixes of each stage, input to output: stem, layer1, ..."""
         return [("stem.",)] + [(f"layer{i + 1}.",) for i in range(self.cfg.num_stages)]
-
-    @property
-    def num_layers_for_lr_decay(self) -> int:
-        return self.cfg.num_stages + 2  # stem, layer1..S, then whatever follows (a head)
-
-    def layer_index(self, param_name: str) -> int:
-        return stage_layer_index(param_name, self.stage_prefixes())
-
-    def no_weight_decay(self) -> set[str]:
-        return set()  # norms are 1-D and convs have no bias: the engine's 1-D rule covers them
 
     # -- forward ------------------------------------------------------------------------------------
     def forward_maps(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
