@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.heads import DEFAULT_HEAD, HEADS, Head, head_of
+from finetune.heads import DEFAULT_HEAD, HEADS, Head
 
 # ------------------------------------------------------------------------------------------- scoring
 
@@ -208,17 +208,14 @@ def evaluate_model_dir(
     restricts the split to those classes (shard label ids)."""
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
-    from finetune.export import load_finetuned, model_extra
-    from finetune.predict import sampling_for
+    from finetune.model_dir import open_model_dir
     from pretrain.engine.dist import join_process_group
 
     group = join_process_group()
     rank, world = group.rank, group.world_size
     dev = torch.device(device)
-    model = load_finetuned(model_dir).to(dev)
-    extra = model_extra(model_dir)
-    spec = sampling_for(model, extra, clips, crops, stride)
-    head = head_of(extra)
+    opened = open_model_dir(model_dir, device=dev, clips=clips, crops=crops, stride=stride)
+    model, extra, spec, head = opened.model, opened.extra, opened.spec, opened.head
     manifest = load_manifest(shards)
     mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir)
     names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
@@ -339,7 +336,7 @@ def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) ->
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from finetune.export import model_extra
+    from finetune.model_dir import model_extra
 
     split, out = result["split"], Path(result["out_dir"])
     prefix = metric_prefix(model, split)

@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from finetune.predict import Predictor, VideoInputError, sampling_for
+from finetune.predict import Predictor, VideoInputError
 from finetune.registry import MODEL_DIR_ARTIFACT, REGISTRY_PREFIX
 
 LOGGED_MODEL_TAG = "tubelet.logged_model_id"  # on a registry version: the MLflow 3 logged model it holds
@@ -133,12 +133,10 @@ def signature() -> Any:
 def example_clip(model_dir: Path) -> bytes:
     """A small synthetic H.264 clip long enough for the model's sampling: the logged input example."""
     from data_shards.synth import SynthSpec, encode_clip, render_clip
-    from finetune.export import load_finetuned, model_extra
-    from pretrain.models.io import input_geometry
+    from finetune.model_dir import open_model_dir
 
-    model = load_finetuned(model_dir)
-    frames, size = input_geometry(model.cfg)
-    stride = sampling_for(model, model_extra(model_dir), None, None, None).stride
+    opened = open_model_dir(model_dir)
+    (frames, size), stride = opened.geometry, opened.spec.stride
     spec = SynthSpec(videos=1, frames=frames * stride, size=size, codec="h264", seed=0)
     clip, _ = render_clip(0, spec)
     with tempfile.TemporaryDirectory() as tmp:

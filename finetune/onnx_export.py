@@ -35,7 +35,7 @@ def _require(module: str) -> Any:
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
     """`model_dir` → ONNX (dynamo exporter, opset 18, dynamic batch), by default `model_dir/model.onnx`."""
-    from finetune.export import load_finetuned
+    from finetune.model_dir import load_finetuned
     from pretrain.models.attention import Attention
     from pretrain.models.io import input_geometry
 
@@ -67,7 +67,7 @@ def check_parity(
 ) -> dict[str, Any]:
     """Run `onnx_path` in onnxruntime and the model in PyTorch on the same random clips at each batch size:
     {"max_abs_diff": {batch: diff}, "dynamic_batch": the input's batch axis is symbolic, "ok": ...}."""
-    from finetune.export import load_finetuned
+    from finetune.model_dir import load_finetuned
     from pretrain.models.io import input_geometry
 
     ort = _require("onnxruntime")

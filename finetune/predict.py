@@ -3,7 +3,7 @@ and the MLflow pyfunc model.
 
 `Predictor` = model directory → decoded views → class probabilities / clip embeddings. Decoding and sampling
 are the loader's own functions (`data_shards.loader.pyav.decode_views`: demux → `plan_video` → decode →
-`views_from_frames`) with the eval `SamplingSpec` of the model (`sampling_for`, below: the model's
+`views_from_frames`) with the eval `SamplingSpec` of the model (`finetune.model_dir.sampling_for`: the model's
 frames/size, the training stride and mean/std, the test clips × crops recorded at export), so a file is seen
 exactly as a test-split clip is. Bytes are decoded from memory: nothing is written to disk.
 """
@@ -57,19 +57,18 @@ class Predictor:
         stride: int | None = None,
         device: str = "cpu",
     ) -> None:
-        from finetune.export import load_finetuned, model_extra
-        from finetune.heads import head_of
-        from pretrain.models.io import input_geometry
+        from finetune.model_dir import open_model_dir
 
-        self.model_dir = Path(model_dir)
         self.device = torch.device(device)
-        self.model = load_finetuned(self.model_dir, map_location=str(self.device))
-        self.extra = model_extra(self.model_dir)
-        self.spec = sampling_for(self.model, self.extra, clips, crops, stride)
-        self.frames, self.size = input_geometry(self.model.cfg)
-        self.head = head_of(self.extra)
-        cfg = self.model.cfg
-        self.labels: list[str] = list(cfg.class_names or [str(i) for i in range(cfg.num_classes)])
+        opened = open_model_dir(model_dir, device=self.device, clips=clips, crops=crops, stride=stride)
+        self.model_dir, self.model, self.extra, self.head = (
+            opened.path,
+            opened.model,
+            opened.extra,
+            opened.head,
+        )
+        self.spec, self.labels = opened.spec, opened.labels
+        self.frames, self.size = opened.geometry
 
     @property
     def views_per_video(self) -> int:
@@ -141,30 +140,6 @@ class Predictor:
             "finetune": self.extra.get("finetune", {}),
             "step": self.extra.get("step"),
         }
-
-
-def sampling_for(
-    model: torch.nn.Module, extra: dict[str, Any], clips: int | None, crops: int | None, stride: int | None
-) -> Any:
-    """The eval SamplingSpec of a model directory, resolved once for every inference path (evaluate, predict,
-    serve, embed, the pyfunc model): its frames/size, training stride and normalisation, the exported test
-    views unless `clips` / `crops` / `stride` say otherwise."""
-    from data_shards.loader import SamplingSpec
-    from pretrain.models.io import input_geometry
-
-    s = extra.get("sampling", {})
-    frames, size = input_geometry(model.cfg)
-    defaults = SamplingSpec(frames=frames, size=size)  # a directory without sampling: the loader's defaults
-    return SamplingSpec(
-        frames=frames,
-        stride=stride or int(s.get("stride", 4)),
-        size=size,
-        train=False,
-        eval_clips=clips or int(s.get("test_clips", 1)),
-        eval_crops=crops or int(s.get("test_crops", 1)),
-        mean=tuple(s.get("mean", defaults.mean)),
-        std=tuple(s.get("std", defaults.std)),
-    )
 
 
 def expand_inputs(items: Sequence[str]) -> list[str]:

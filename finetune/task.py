@@ -36,7 +36,6 @@ from pretrain.models import (
     classifier_training_flops_per_clip,
 )
 from pretrain.models.io import build_model, input_geometry, write_run_model
-from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.sources import Source, load_source
 
 INIT_REPORT = "init_report.json"
@@ -145,8 +144,6 @@ class ClassificationTask(ShardData, Task):
             train=train,
             eval_clips=e.val_clips,
             eval_crops=e.val_crops,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             scales=tuple(a.scales),
             flip=a.flip,
         )
@@ -301,7 +298,7 @@ class ClassificationTask(ShardData, Task):
         self.rng = np.random.default_rng([self.seed, self.rank, 0x319, step])
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
-        from finetune.export import export_model_dir
+        from finetune.model_dir import export_model_dir
 
         return export_model_dir(
             model, self.clf_cfg, self.cfg.finetune, out_dir, {**extra, **self.model_extra()}
@@ -309,13 +306,13 @@ class ClassificationTask(ShardData, Task):
 
     def model_extra(self) -> dict[str, Any]:
         """What evaluate/predict need to sample clips like training did (stored in config.json "extra")."""
-        a, e = self.cfg.augment, self.cfg.eval
+        a, e, spec = self.cfg.augment, self.cfg.eval, self.sampling_spec(False)
         return {
             "head": self.head.kind,
             "sampling": {
                 "stride": a.stride,
-                "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD),
+                "mean": list(spec.mean),
+                "std": list(spec.std),
                 "test_clips": e.test_clips,
                 "test_crops": e.test_crops,
             },

@@ -177,13 +177,12 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
     """EWC/MAS after experience k, from its exported model: every rank on its share of the experience's
     training videos (eval sampling, one clip each), summed over ranks; online (decay × the previous one)."""
     from data_shards.loader import build_loader
-    from finetune.export import load_finetuned, model_extra
-    from finetune.predict import sampling_for
+    from finetune.model_dir import open_model_dir
 
     proc = launched()
     device, world = proc.device, proc.world_size
-    model_dir = root / f"experience_{k}" / "model"
-    model = load_finetuned(model_dir, map_location=str(device))
+    opened = open_model_dir(root / f"experience_{k}" / "model", device=device, clips=1, crops=1)
+    model = opened.model
     for p in model.parameters():
         p.requires_grad_(True)
     head = head_classes(cfg, plan, k)
@@ -193,7 +192,7 @@ def update_importance(cfg: ContinualConfig, plan: list[Experience], root: Path, 
         plan[k].shards,
         cfg.data.train_split,
         batch_size=1,
-        spec=sampling_for(model, model_extra(model_dir), 1, 1, None),
+        spec=opened.spec,
         backend=cfg.data.backend,
         rank=proc.rank,
         world_size=world,

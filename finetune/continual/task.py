@@ -81,7 +81,7 @@ class ContinualTask(ClassificationTask):
         super().setup(ctx)
         self.label_map = self.label_map.to(ctx.device)
         if self.rules.distills and self.previous is not None:
-            from finetune.export import load_finetuned
+            from finetune.model_dir import load_finetuned
 
             self.teacher = load_finetuned(self.previous / "model", map_location=str(ctx.device))
 
@@ -105,10 +105,7 @@ class ContinualTask(ClassificationTask):
         old_w, old_b = src.state_dict.get("head.weight"), src.state_dict.get("head.bias")
         grown = old_w is not None and old_w.shape[0] < model.head.weight.shape[0]
         if grown and not self.rules.per_experience:
-            n = old_w.shape[0]
-            with torch.no_grad():
-                model.head.weight[:n].copy_(old_w)
-                model.head.bias[:n].copy_(old_b)
+            n = model.keep_head_rows(old_w, old_b)
             report["head_reinitialised"] = [
                 f"head grown {n} → {model.head.weight.shape[0]} classes (old rows kept)"
             ]

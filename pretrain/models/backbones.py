@@ -17,6 +17,7 @@ from torch import nn
 
 from ._cnn import StagedNet
 from ._config import config_from_dict
+from ._head import LinearHead
 from .cnn_rnn import CNN_RNN_PRESETS, CnnRnn, CnnRnnConfig
 from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
 from .video_resnet import VIDEO_RESNET_ARCHS, VIDEO_RESNET_PRESETS, VideoResNet, VideoResNetConfig
@@ -117,7 +118,7 @@ class BackboneClassifierConfig:
         )
 
 
-class BackboneClassifier(StagedNet, nn.Module):
+class BackboneClassifier(StagedNet, LinearHead, nn.Module):
     """``forward(video_BCTHW) -> logits_BK``: backbone ``encoder``, dropout, linear ``head``."""
 
     def __init__(self, cfg: BackboneClassifierConfig) -> None:
@@ -146,9 +147,6 @@ class BackboneClassifier(StagedNet, nn.Module):
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Pooled clip features ``feat_BD`` (before dropout and head)."""
         return self.encoder.forward_features(video_BCTHW)
-
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_dropout(self.forward_features(video_BCTHW)))
 
 
 def count_backbone_parameters(cfg: BackboneConfig | BackboneClassifierConfig) -> int:

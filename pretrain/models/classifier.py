@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._head import LinearHead
 from .vit import VideoViT, VideoViTConfig, encoder_layer_index
 
 
@@ -37,7 +38,7 @@ class VideoClassifierConfig:
         return dataclasses.replace(self.encoder, final_norm=not self.use_mean_pooling)
 
 
-class VideoClassifier(nn.Module):
+class VideoClassifier(LinearHead, nn.Module):
     """``forward(video_BCTHW) -> logits_BK``."""
 
     def __init__(self, cfg: VideoClassifierConfig) -> None:
@@ -75,6 +76,3 @@ class VideoClassifier(nn.Module):
         if self.fc_norm is not None:
             return self.fc_norm(tokens_BND.mean(dim=1))
         return tokens_BND[:, 0]
-
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_dropout(self.forward_features(video_BCTHW)))

@@ -423,7 +423,7 @@ HF_PROCESSOR_NAME = "preprocessor_config.json"  # transformers' IMAGE_PROCESSOR_
 def processor_kwargs(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``VideoMAEImageProcessor`` settings equivalent to our eval view of one clip: frames and size of the
     model (``input_geometry``), mean/std of the model directory's ``extra.sampling`` (ImageNet's when absent,
-    as ``finetune.predict.sampling_for``), shorter side resized to size then a center size × size crop,
+    as ``finetune.model_dir.sampling_for``), shorter side resized to size then a center size × size crop,
     bilinear (antialiased when shrinking, as ours), uint8 / 255."""
     frames, size = input_geometry(cfg)
     sampling = (extra or {}).get("sampling") or {}

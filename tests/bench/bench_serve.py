@@ -35,7 +35,7 @@ def build_model(out: Path, preset: str, size: int, frames: int) -> Path:
     import torch
 
     from finetune.config import FinetuneSection
-    from finetune.export import export_model_dir
+    from finetune.model_dir import export_model_dir
     from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig
     from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 

@@ -117,7 +117,7 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     2 test clips x 1 crop (what a fine-tune of tiny_cpu.yaml exports)."""
     from data_shards.synth import MOTIONS
     from finetune.config import FinetuneSection
-    from finetune.export import export_model_dir
+    from finetune.model_dir import export_model_dir
     from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig
     from pretrain.models.mae import IMAGENET_MEAN, IMAGENET_STD
 

@@ -12,7 +12,8 @@ import torch
 from ft_helpers import REPO, ft_args, ok, run_cli, run_ranks
 
 from finetune.config import FinetuneConfig, FinetuneSection
-from finetune.export import export_hf, export_model_dir, load_finetuned
+from finetune.export import export_hf
+from finetune.model_dir import export_model_dir, load_finetuned
 from finetune.peft_methods import apply_method
 from pretrain.engine import ConfigError, load_config
 from pretrain.models import BackboneClassifier, BackboneClassifierConfig

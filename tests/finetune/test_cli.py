@@ -38,7 +38,7 @@ def test_lora_from_mae_dir_then_export_evaluate_predict(
     processor = AutoImageProcessor.from_pretrained(str(hf))  # the pipeline's processor: see test_hf_pipeline
     assert (processor.num_frames, processor.crop_size["height"]) == (8, 32)
 
-    from finetune.export import load_finetuned
+    from finetune.model_dir import load_finetuned
     from pretrain.models import load_model
 
     ours = load_model(out).eval()
@@ -150,7 +150,7 @@ def test_partial_fine_tune_resumed_on_another_world_size_keeps_its_frozen_weight
     r = run_ranks([*ft_args(run, shards, mae_dir, *common, "deepspeed.zero_stage=3"), "--resume", "auto"], 1)
     ok(r)
     assert "now 1 ranks, ZeRO-3" in r[0].stdout and "universal checkpoint" in r[0].stdout
-    from finetune.export import load_finetuned
+    from finetune.model_dir import load_finetuned
     from pretrain.models import load_model
 
     start, tuned = load_model(mae_dir).state_dict(), load_finetuned(run / "model").state_dict()

@@ -14,7 +14,7 @@ from ft_helpers import ft_args, ok, run_cli, run_ranks
 from test_backbones import TINY, trainable
 
 from finetune.config import FinetuneConfig, FinetuneSection, classifier_config
-from finetune.export import export_model_dir, load_finetuned
+from finetune.model_dir import export_model_dir, load_finetuned
 from finetune.peft_methods import apply_method
 from pretrain.engine import ConfigError, load_config
 from pretrain.models import BackboneClassifier, BackboneClassifierConfig

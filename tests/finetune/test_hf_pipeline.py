@@ -34,7 +34,7 @@ def _separated_model_dir(tiny_classifier: Path, clips: dict[str, Path], out: Pat
     exported with stride 1 and this file's mean/std (a trained-looking model: the four clips get four
     different labels)."""
     from finetune.config import FinetuneSection
-    from finetune.export import export_model_dir
+    from finetune.model_dir import export_model_dir
     from finetune.predict import Predictor
     from pretrain.models import load_model
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune.config import FinetuneSection
-from finetune.export import export_hf, export_model_dir, load_finetuned
+from finetune.export import export_hf
+from finetune.model_dir import export_model_dir, load_finetuned
 from finetune.peft_methods import SIDECAR_NAME, apply_method
 from pretrain.engine.config import EngineConfig
 from pretrain.engine.optim import build_optimizer

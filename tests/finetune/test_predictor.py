@@ -27,8 +27,7 @@ def test_bad_input_is_refused_with_its_reason(predictor: Predictor, video_inputs
 
 
 def test_views_follow_the_exported_eval_sampling(predictor: Predictor, video_inputs: dict) -> None:
-    from finetune.export import model_extra
-    from finetune.predict import sampling_for
+    from finetune.model_dir import model_extra, sampling_for
 
     assert predictor.spec == sampling_for(predictor.model, model_extra(predictor.model_dir), None, None, None)
     views = predictor.decode(video_inputs["webm"])
@@ -66,7 +65,7 @@ def test_top_k_is_clipped_to_the_classes(predictor: Predictor) -> None:
 
 def test_a_cnn_classifier_is_served_through_the_same_path(tmp_path: Path, video_inputs: dict) -> None:
     from finetune.config import FinetuneSection
-    from finetune.export import export_model_dir
+    from finetune.model_dir import export_model_dir
     from pretrain.models import BackboneClassifier, BackboneClassifierConfig
 
     cfg = BackboneClassifierConfig.from_preset("r3d", "tiny", num_classes=3, img_size=48, num_frames=4)
