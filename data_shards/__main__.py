@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_shards import storage
+
 
 def _synth(args: argparse.Namespace) -> int:
     from data_shards.synth import SynthSpec, write_synthetic_set
@@ -88,7 +90,12 @@ def _build(args: argparse.Namespace) -> int:
             keep_work=args.keep_work,
             quiet=args.quiet,
         )
-    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError, FormatError) as e:
+    except (
+        RuntimeError,
+        OSError,
+        ValueError,
+        FormatError,
+    ) as e:  # OSError: files, and storage (bucket, access)
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary(result))
@@ -200,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=loadtest.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except storage.StorageError as e:  # a bucket, URL scheme or credentials problem, from any subcommand
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from data_shards import storage
 from data_shards.execute import init_ray, run_tasks
 from data_shards.format import (
     MANIFEST_NAME,
@@ -37,6 +37,7 @@ from data_shards.format import (
 from data_shards.ingest import ACTIONS, IngestOptions
 from data_shards.inputs import FORMATS, WORK_DIR, InputItem, Reject, SourceOptions, read_inputs
 from data_shards.plan import Plan, ShardEntry, assign_shards, hash_split, plan_digest, plan_inputs
+from data_shards.storage import Location
 from data_shards.tasks import Validated, ValidateJob, validate_batch, write_shard_task
 
 
@@ -71,7 +72,7 @@ class BuildOptions:
 
 @dataclass
 class BuildResult:
-    out: Path
+    out: Location
     manifest: Manifest
     accepted: int
     rejected: int
@@ -87,7 +88,7 @@ def _options_digest(opts: BuildOptions) -> str:
 
 
 def _validate(
-    plan: Plan, opts: BuildOptions, work: Path, batch: int, quiet: bool
+    plan: Plan, opts: BuildOptions, work: Location, batch: int, quiet: bool
 ) -> tuple[list[ShardEntry], list[Reject]]:
     """Run validation on Ray; accepted samples become shard entries (with their metadata)."""
     jobs = [ValidateJob(p.key, p.item.path, p.item.start, p.item.end) for p in plan.samples]
@@ -95,7 +96,7 @@ def _validate(
     digest = _options_digest(opts)
     results: list[list[Validated]] = run_tasks(
         validate_batch,
-        [(c, opts.ingest, str(work), digest) for c in chunks],
+        [(c, opts.ingest, os.fspath(work), digest) for c in chunks],
         "validate",
         [len(c) for c in chunks],
         quiet,
@@ -115,22 +116,22 @@ def _validate(
     return accepted, rejects
 
 
-def _shard_is_current(out: Path, work: Path, name: str, plan: str) -> ShardInfo | None:
-    record_path = work / "shards" / f"{name}.json"
-    tar = out / name
-    if not (record_path.is_file() and tar.is_file()):
+def _shard_is_current(out: Location, work: Location, name: str, plan: str) -> ShardInfo | None:
+    record_path = storage.join(work, "shards", f"{name}.json")
+    tar = storage.join(out, name)
+    if not (storage.isfile(record_path) and storage.isfile(tar)):
         return None
-    record = json.loads(record_path.read_text())
+    record = storage.read_json(record_path)
     info = ShardInfo(**record["info"])
-    if record.get("plan") != plan or not (out / info.index).is_file():
+    if record.get("plan") != plan or not storage.isfile(storage.join(out, info.index)):
         return None
-    if tar.stat().st_size != info.bytes or sha256_file(tar) != info.sha256:
+    if storage.size(tar) != info.bytes or sha256_file(tar) != info.sha256:
         return None
     return info
 
 
 def _write(
-    shard_plan: dict[str, list[ShardEntry]], out: Path, work: Path, quiet: bool
+    shard_plan: dict[str, list[ShardEntry]], out: Location, work: Location, quiet: bool
 ) -> tuple[list[ShardInfo], int, int]:
     """Write the shards that are not already on disk as planned; (all infos in order, kept, written)."""
     kept: dict[str, ShardInfo] = {}
@@ -144,7 +145,7 @@ def _write(
             todo.append((name, entries, digest))
     written = run_tasks(
         write_shard_task,
-        [(str(out), name, entries, str(work), d) for name, entries, d in todo],
+        [(os.fspath(out), name, entries, os.fspath(work), d) for name, entries, d in todo],
         "write",
         [len(e) for _, e, _ in todo],
         quiet,
@@ -196,9 +197,10 @@ def build(
 ) -> BuildResult:
     """Run the whole job; returns what it did. Raises only for bad options or when nothing is accepted."""
     t0 = time.perf_counter()
-    out = Path(out)
-    work = out / WORK_DIR
-    (work / "shards").mkdir(parents=True, exist_ok=True)
+    out = storage.join(out)
+    storage.check_access(out)
+    work = storage.join(out, WORK_DIR)
+    storage.makedirs(storage.join(work, "shards"))
 
     inputs = read_inputs(source, opts.format, opts.source)
     plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
@@ -213,34 +215,36 @@ def build(
     manifest = _manifest(shards, accepted, plan.classes, opts, len(rejects))
     rejects.sort(key=lambda r: (r.where, r.reason))
     lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects)
-    atomic_write_bytes(out / REJECTS_NAME, lines.encode())
+    atomic_write_bytes(storage.join(out, REJECTS_NAME), lines.encode())
     if not accepted:
-        raise RuntimeError(f"no input was accepted ({len(rejects)} rejected; see {out / REJECTS_NAME})")
+        where = storage.join(out, REJECTS_NAME)
+        raise RuntimeError(f"no input was accepted ({len(rejects)} rejected; see {where})")
     manifest.save(out)
     if not keep_work:  # re-encoded bytes go; the small .json results stay for resume
-        for f in work.iterdir():
-            if f.is_file() and f.suffix != ".json":
-                f.unlink()
+        storage.remove_many(
+            storage.join(work, f) for f in storage.listdir(work) if f != "shards" and not f.endswith(".json")
+        )
     seconds = time.perf_counter() - t0
     notes = inputs.notes + plan.notes
     return BuildResult(out, manifest, len(accepted), len(rejects), kept, written, seconds, rejects, notes)
 
 
-def _remove_stale(out: Path, planned: set[str]) -> None:
+def _remove_stale(out: Location, planned: set[str]) -> None:
     """Shards from an earlier run with other inputs/options would otherwise look like part of the set."""
-    for f in out.iterdir():
-        stem = f.name[: -len(".idx")] + ".tar" if f.name.endswith(".idx") else f.name
+    for f in storage.listdir(out):
+        stem = f[: -len(".idx")] + ".tar" if f.endswith(".idx") else f
         try:
             parse_shard_name(stem)
         except FormatError:
+            if f.startswith(".") and f.endswith(".partial"):
+                storage.remove(storage.join(out, f))
             continue
         if stem not in planned:
-            f.unlink()
-    for f in out.glob(".*.partial"):
-        f.unlink()
-    for f in (out / WORK_DIR / "shards").glob("*.json"):
-        if f.name[: -len(".json")] not in planned:
-            f.unlink()
+            storage.remove(storage.join(out, f))
+    records = storage.join(out, WORK_DIR, "shards")
+    for f in storage.listdir(records):
+        if f.endswith(".json") and f[: -len(".json")] not in planned:
+            storage.remove(storage.join(records, f))
 
 
 def _split_table(result: BuildResult) -> list[str]:
@@ -281,7 +285,7 @@ def summary(result: BuildResult) -> str:
         lines.append(f"  classes ({len(m.classes)}): {', '.join(m.classes[:12])}{more}")
     lines += [f"  note: {n}" for n in result.notes]
     if result.rejected:
-        lines.append(f"  rejects: {result.out / REJECTS_NAME}")
+        lines.append(f"  rejects: {storage.join(result.out, REJECTS_NAME)}")
     return "\n".join(lines)
 
 

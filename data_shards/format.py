@@ -20,8 +20,9 @@ import re
 import struct
 import tarfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from data_shards import storage
 
 FORMAT_NAME = "tubelet-shards"
 FORMAT_VERSION = 1
@@ -192,7 +193,7 @@ def iter_tar_samples(tar_path: str | os.PathLike) -> Any:
     Members must be regular files grouped by key, as our writer makes them.
     """
     tar_path = os.fspath(tar_path)
-    with tarfile.open(tar_path, "r:") as tf:
+    with storage.open_read(tar_path) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
         key: str | None = None
         members: dict[str, bytes] = {}
         for info in tf:
@@ -221,7 +222,7 @@ def dali_index_lines(tar_path: str | os.PathLike) -> list[str]:
     """
     samples: list[list[str]] = []
     last_stem: str | None = None
-    with tarfile.open(os.fspath(tar_path), "r:") as tf:
+    with storage.open_read(tar_path) as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
         for info in tf:
             if not info.isfile():
                 continue
@@ -295,8 +296,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / MANIFEST_NAME
+    def save(self, folder: str | os.PathLike) -> str | os.PathLike:
+        path = storage.join(folder, MANIFEST_NAME)
         atomic_write_bytes(path, (json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
         return path
 
@@ -355,13 +356,15 @@ class Manifest:
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read and validate `folder/manifest.json`; errors name the file and the field."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(folder, MANIFEST_NAME)
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
         raise FormatError(
             f"{path}: no manifest (is {folder} a shard folder made by `python -m data_shards build`?)"
-        )
+        ) from None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from e
     return Manifest.from_json(data, where=str(path))
@@ -372,18 +375,12 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers never see half a file: temp name + fsync + rename locally, one PUT to an object store."""
+    storage.write_bytes(path, data)

@@ -6,11 +6,13 @@ The tar appears under its final name only when complete; its index is written af
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import webdataset as wds
 
+from data_shards import storage
 from data_shards.format import (
     Sample,
     ShardInfo,
@@ -22,9 +24,20 @@ from data_shards.format import (
 )
 
 
-def write_shard(tar_path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo:
-    """Write `samples` to `tar_path` atomically and index it; same samples give the same bytes."""
-    tar_path = Path(tar_path)
+def write_shard(tar_path: storage.Location, samples: Iterable[Sample]) -> ShardInfo:
+    """Write `samples` to `tar_path` atomically and index it; same samples give the same bytes. A URL
+    destination is written to a local temporary file first, then uploaded (tar, then its index)."""
+    if not storage.is_url(tar_path):
+        return _write_local(Path(tar_path), samples)
+    with tempfile.TemporaryDirectory(prefix="tubelet-shard-") as tmp:
+        local = Path(tmp) / storage.name(tar_path)
+        info = _write_local(local, samples)
+        storage.upload(local, tar_path)
+        storage.upload(local.with_name(info.index), storage.join(storage.parent(tar_path), info.index))
+    return info
+
+
+def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
     split, _ = parse_shard_name(tar_path.name)
     tmp = tar_path.with_name(f".{tar_path.name}.partial")
     count, codecs = 0, set()

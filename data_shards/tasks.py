@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from data_shards import storage
 from data_shards.format import Sample, ShardInfo, atomic_write_bytes
 from data_shards.ingest import Clip, IngestOptions, ingest_video
 from data_shards.plan import ShardEntry
@@ -64,11 +65,11 @@ def _fingerprint(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _cached(cache: Path, digest: str, fp: list[int] | None) -> Validated | None:
-    if not cache.is_file():
-        return None
+def _cached(cache: storage.Location, digest: str, fp: list[int] | None) -> Validated | None:
     try:
-        got = Validated.from_json(json.loads(cache.read_text()))
+        got = Validated.from_json(storage.read_json(cache))
+    except FileNotFoundError:
+        return None
     except (ValueError, TypeError):  # a cache from another version of this code: redo it
         return None
     return got if got.digest == digest and got.fingerprint == fp else None
@@ -77,7 +78,8 @@ def _cached(cache: Path, digest: str, fp: list[int] | None) -> Validated | None:
 def _validate_one(job: ValidateJob, opts: IngestOptions, work: str, digest: str) -> Validated:
     fp = _fingerprint(job.path)
     try:
-        got = ingest_video(job.path, opts, job.clip, workdir=work)
+        scratch = tempfile.gettempdir() if storage.is_url(work) else work  # re-encoding needs a local folder
+        got = ingest_video(job.path, opts, job.clip, workdir=scratch)
     except RejectError as e:
         return Validated(job.key, digest, fp, ok=False, reason=str(e), kind=e.kind)
     except Exception as e:  # a bug or an FFmpeg crash path we did not foresee: reject, name it, go on
@@ -85,7 +87,7 @@ def _validate_one(job: ValidateJob, opts: IngestOptions, work: str, digest: str)
             job.key, digest, fp, ok=False, reason=f"error: {type(e).__name__}: {e}", kind="error"
         )
     if got.meta["ingest"] != "kept":  # new bytes wait in the work folder for the shard writer
-        atomic_write_bytes(Path(work) / f"{job.key}.{got.ext}", got.data)
+        atomic_write_bytes(storage.join(work, f"{job.key}.{got.ext}"), got.data)
     return Validated(job.key, digest, fp, ok=True, ext=got.ext, meta=got.meta)
 
 
@@ -93,7 +95,7 @@ def validate_batch(jobs: list[ValidateJob], opts: IngestOptions, work: str, dige
     """Ray task body: validate each input (or reuse its cached result)."""
     out = []
     for job in jobs:
-        cache = Path(work) / f"{job.key}.json"
+        cache = storage.join(work, f"{job.key}.json")
         got = _cached(cache, digest, _fingerprint(job.path))
         if got is None:
             got = _validate_one(job, opts, work, digest)
@@ -104,8 +106,8 @@ def validate_batch(jobs: list[ValidateJob], opts: IngestOptions, work: str, dige
 
 def _video_bytes(entry: ShardEntry, work: str) -> bytes:
     kept = entry.meta["ingest"] == "kept"
-    src = entry.path if kept else str(Path(work) / f"{entry.key}.{entry.ext}")
-    data = Path(src).read_bytes()
+    src = entry.path if kept else storage.join(work, f"{entry.key}.{entry.ext}")
+    data = storage.read_bytes(src)
     if hashlib.sha256(data).hexdigest() != entry.meta["sha256"]:
         raise RuntimeError(f"{entry.path}: changed since it was validated; re-run the build")
     return data
@@ -117,7 +119,7 @@ def write_shard_task(out: str, name: str, entries: list[ShardEntry], work: str, 
         Sample(key=e.key, video=_video_bytes(e, work), video_ext=e.ext, label=e.label, meta=e.meta)
         for e in entries
     )
-    info = write_shard(Path(out) / name, samples)
+    info = write_shard(storage.join(out, name), samples)
     record = {"plan": plan, "info": asdict(info)}
-    atomic_write_bytes(Path(work) / "shards" / f"{name}.json", json.dumps(record).encode())
+    atomic_write_bytes(storage.join(work, "shards", f"{name}.json"), json.dumps(record).encode())
     return info

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from data_shards import storage
 from data_shards.format import (
     UNLABELED,
     FormatError,
@@ -81,7 +81,8 @@ def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], 
 
 def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
     """`verify`, with how many samples the manifest lists and how many decoded cleanly (`--decode`)."""
-    folder = Path(folder)
+    folder = storage.join(folder)
+    storage.check_access(folder)
     report = Report()
     problems, counts = report.problems, report.counts
     try:
@@ -94,20 +95,20 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
     listed = set()
     for shard in manifest.shards:
         listed |= {shard.path, shard.index}
-        tar = folder / shard.path
-        if not tar.is_file():
+        tar = storage.join(folder, shard.path)
+        if not storage.isfile(tar):
             problems.append(f"{shard.path}: missing")
             continue
-        if tar.stat().st_size != shard.bytes:
-            problems.append(f"{shard.path}: {tar.stat().st_size} bytes, manifest says {shard.bytes}")
+        if (n_bytes := storage.size(tar)) != shard.bytes:
+            problems.append(f"{shard.path}: {n_bytes} bytes, manifest says {shard.bytes}")
         if sha256_file(tar) != shard.sha256:
             problems.append(f"{shard.path}: sha256 does not match the manifest")
             continue
-        idx = folder / shard.index
+        idx = storage.join(folder, shard.index)
         try:
-            if not idx.is_file():
+            if not storage.isfile(idx):
                 problems.append(f"{shard.index}: missing DALI index")
-            elif idx.read_text().splitlines() != dali_index_lines(tar):
+            elif storage.read_text(idx).splitlines() != dali_index_lines(tar):
                 problems.append(f"{shard.index}: does not match {shard.path} (rebuild it)")
             n = 0
             for sample in iter_tar_samples(tar):
@@ -123,12 +124,12 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
             problems.append(
                 f"split {split}: {counts.get(split, 0)} samples in shards, manifest says {info.samples}"
             )
-    for f in sorted(folder.iterdir()):
-        name = f.name[: -len(".idx")] + ".tar" if f.name.endswith(".idx") else f.name
+    for f in storage.listdir(folder):
+        name = f[: -len(".idx")] + ".tar" if f.endswith(".idx") else f
         try:
             parse_shard_name(name)
         except FormatError:
             continue
-        if f.name not in listed:
-            problems.append(f"{f.name}: not listed in the manifest")
+        if f not in listed:
+            problems.append(f"{f}: not listed in the manifest")
     return report

@@ -1,7 +1,7 @@
 """Starting points: how a later stage sees an earlier one.
 
 `load_source(path)` reads a training run directory (its `model.json` + newest complete checkpoint,
-consolidated in fp32), a model directory, or a Hugging Face VideoMAE directory, each as (architecture,
+consolidated in fp32), a model directory, or a Hugging Face VideoMAE directory, local or at a URL, each as (architecture,
 config, weights in our parameter names); `read_source` is the same without the weights. It sits above the
 models (which know neither checkpoints nor runs) and the engine's checkpoint code.
 """
@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import torch
 
+from data_shards import storage
 from pretrain.engine import checkpoint as ckpt_io
+from pretrain.engine.remote import fetch_run
 from pretrain.models import VideoViTConfig
 from pretrain.models.hf import config_from_hf_dir, from_hf
 from pretrain.models.io import CONFIG_NAME, RUN_MODEL_NAME, load_model, read_model_config
@@ -39,6 +41,20 @@ class Source:
         return self.config if isinstance(self.config, VideoViTConfig) else self.config.encoder
 
 
+def local_source(path: str | Path) -> Path:
+    """A starting point as a local directory: itself, or for a URL a copy in the local cache (a model
+    directory whole; a run directory's small files and newest complete checkpoint)."""
+    if not storage.is_url(path):
+        return Path(path)
+    if storage.isfile(storage.join(path, CONFIG_NAME)):
+        return storage.local_copy(path, "models")
+    if storage.isfile(storage.join(path, RUN_MODEL_NAME)):
+        return fetch_run(str(path))
+    raise FileNotFoundError(
+        f"{path}: not a model directory ({CONFIG_NAME}) or a training run directory ({RUN_MODEL_NAME})"
+    )
+
+
 def source_kind(path: str | Path) -> SourceKind:
     """'run' (a training run: model.json + checkpoints/), 'model' (tubelet model dir) or 'hf' (HF VideoMAE)."""
     p = Path(path)
@@ -53,7 +69,8 @@ def source_kind(path: str | Path) -> SourceKind:
 
 
 def read_source(path: str | Path) -> Source:
-    """The starting point's architecture and config, without reading weights."""
+    """The starting point's architecture and config, without reading weights (a URL is fetched first)."""
+    path = local_source(path)
     kind = source_kind(path)
     if kind == "hf":
         arch, cfg = config_from_hf_dir(path)

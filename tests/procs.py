@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +31,16 @@ def base_env() -> dict[str, str]:
 
 
 def run_ranks(
-    python_args: list[str], world: int, *, timeout: int = 300, cwd: Path | None = None
+    python_args: list[str],
+    world: int,
+    *,
+    timeout: int = 300,
+    cwd: Path | None = None,
+    rank_env: Callable[[int], dict[str, str]] | None = None,
+    rank_cwd: Callable[[int], Path] | None = None,
 ) -> list[subprocess.CompletedProcess]:
-    """`python PYTHON_ARGS` once per rank with RANK/WORLD_SIZE/MASTER_* set (what torchrun does), all waited for."""
+    """`python PYTHON_ARGS` once per rank with RANK/WORLD_SIZE/MASTER_* set (what torchrun does), all waited for.
+    `rank_env` / `rank_cwd`: a rank's own variables and working directory (machines that share nothing)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -43,12 +51,13 @@ def run_ranks(
             WORLD_SIZE=str(world),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
+            **(rank_env(rank) if rank_env else {}),
         )
         procs.append(
             subprocess.Popen(
                 [PY, *python_args],
                 env=env,
-                cwd=cwd or REPO,
+                cwd=rank_cwd(rank) if rank_cwd else cwd or REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_shards", "pretrain", "finetune")
+# the bottom layer every package may import: where bytes live (local paths and URLs); it imports no project module
+BOTTOM = ("data_shards.storage",)
 
 
 def _modules(package: str) -> list[Path]:
@@ -18,13 +20,13 @@ def _modules(package: str) -> list[Path]:
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level package names `path` imports (absolute imports; relative ones stay inside the package)."""
+    """Modules (and names) `path` imports absolutely; relative imports stay inside the package."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import mod` names pkg.mod
     return out
 
 
@@ -49,6 +51,7 @@ def test_dependency_direction(where: str, forbidden: tuple[str, ...]) -> None:
         for p in sorted((REPO / where).rglob("*.py"))
         for m in _imports(p)
         if any(m == f or m.startswith(f + ".") for f in forbidden)
+        and not any(m == b or m.startswith(b + ".") for b in BOTTOM)
     ]
     assert not bad, "\n".join(bad)
 
@@ -83,6 +86,12 @@ def _module_graph() -> dict[str, set[str]]:
     return graph
 
 
+def test_the_bottom_layer_imports_no_project_module() -> None:
+    for module in BOTTOM:
+        path = REPO / (module.replace(".", "/") + ".py")
+        assert not {m for m in _imports(path) if m.split(".")[0] in PACKAGES}, f"{module} imports the project"
+
+
 def test_no_import_cycles() -> None:
     graph = _module_graph()
 
@@ -99,6 +108,36 @@ def test_no_import_cycles() -> None:
 
     cycles = sorted({" ↔ ".join(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
     assert not cycles, "modules that import each other (directly or through others):\n" + "\n".join(cycles)
+
+
+# finetune/ by job, lowest first: a module imports finetune modules of its own layer or below, never above
+# (ARCHITECTURE.md, "finetune/ by job"). A new module must be placed here.
+FINETUNE_LAYERS: dict[str, tuple[str, ...]] = {
+    "definitions": (
+        "config", "heads", "peft_methods", "augment", "registry",
+        "continual.config", "continual.strategies", "continual.memory", "continual.metrics", "continual.regularize",
+    ),
+    "artifacts": ("init", "model_dir", "export", "onnx_export"),
+    "inference": ("predict", "evaluate", "embed"),
+    "lifecycle": ("mlflow_model", "pyfunc_entry", "serve"),
+    "training": ("task", "continual.task", "continual.run"),
+    "cli": ("cli", "__main__"),
+}  # fmt: skip
+
+
+def test_finetune_layers() -> None:
+    level = {f"finetune.{m}": i for i, mods in enumerate(FINETUNE_LAYERS.values()) for m in mods}
+    names = list(FINETUNE_LAYERS)
+    graph = {m: deps for m, deps in _module_graph().items() if m.startswith("finetune.")}
+    unplaced = sorted(set(graph) - set(level) - {"finetune.continual"})
+    assert not unplaced, f"finetune modules without a layer in FINETUNE_LAYERS: {unplaced}"
+    upward = [
+        f"{m} ({names[level[m]]}) imports {d} ({names[level[d]]})"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if d in level and m in level and level[d] > level[m]
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def test_no_function_is_longer_than_80_lines() -> None:

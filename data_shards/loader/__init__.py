@@ -43,12 +43,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Collection, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_shards import format as fmt
+from data_shards import storage
 from data_shards.loader.base import LoaderError, VideoLoader
 from data_shards.loader.index import SampleRef, as_folders, list_split, select_samples
 from data_shards.loader.sampling import SamplingSpec
@@ -103,7 +103,9 @@ def _synthetic_refs(shards: Shards, split: str, options: dict[str, Any]) -> list
     from data_shards.loader.synthetic import synthetic_refs
 
     n, classes = options.get("num_samples"), options.get("num_classes")
-    manifests = [fmt.load_manifest(f) for f in as_folders(shards) if (Path(f) / fmt.MANIFEST_NAME).is_file()]
+    manifests = [
+        fmt.load_manifest(f) for f in as_folders(shards) if storage.isfile(storage.join(f, fmt.MANIFEST_NAME))
+    ]
     if manifests:
         n = n or sum(m.splits[split].samples for m in manifests if split in m.splits) or None
         classes = classes or manifests[0].num_classes

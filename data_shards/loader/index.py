@@ -19,9 +19,9 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 from data_shards import format as fmt
+from data_shards import storage
 
 log = logging.getLogger("data_shards.loader")
 
@@ -72,9 +72,7 @@ def _members(tar_path: Path, line: str) -> tuple[str, dict[str, tuple[int, int]]
     return key, members
 
 
-def _read_at(f: BinaryIO, offset: int, size: int, tar_path: Path, key: str) -> bytes:
-    f.seek(offset)
-    data = f.read(size)
+def _checked(data: bytes, size: int, tar_path: str, key: str) -> bytes:
     if len(data) != size:
         raise fmt.FormatError(f"{tar_path}: sample {key} runs past the end of the tar (truncated?)")
     return data
@@ -95,38 +93,43 @@ def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> tuple[int, int, int]
     return meta["frames"], meta["height"], meta["width"]
 
 
-def _parse_index(tar_path: Path, lines: list[str], first: int) -> list[SampleRef]:
+def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]:
     header = lines[0].split()
     if not header or header[0] != "v1.2":
         raise fmt.FormatError(f"{tar_path}: index is not DALI wds2idx v1.2 (header {lines[0]!r})")
-    refs: list[SampleRef] = []
+    parsed: list[tuple[str, dict[str, tuple[int, int]], str]] = []
     ignored: set[str] = set()
-    with open(tar_path, "rb") as f:
-        for line in lines[1:]:
-            if not line.split():
-                continue
-            key, members = _members(tar_path, line)
-            videos = [e for e in fmt.VIDEO_EXTS if e in members]
-            if len(videos) != 1:
-                raise fmt.FormatError(
-                    f"{tar_path}: sample {key!r} has {len(videos)} video members "
-                    f"({'/'.join(fmt.VIDEO_EXTS)}), members {sorted(members)}"
-                )
-            if fmt.LABEL_EXT not in members or members[fmt.LABEL_EXT][1] != 8:
-                raise fmt.FormatError(f"{tar_path}: sample {key!r} has no 8-byte .{fmt.LABEL_EXT} member")
-            if fmt.META_EXT not in members:
-                raise fmt.FormatError(
-                    f"{tar_path}: sample {key!r} has no .{fmt.META_EXT} member; {REBUILD_HINT}"
-                )
-            ignored |= set(members) - set(fmt.MEMBER_EXTS)
-            label = fmt.decode_label(_read_at(f, *members[fmt.LABEL_EXT], tar_path, key))
-            frames, h, w = _stored(tar_path, key, _read_at(f, *members[fmt.META_EXT], tar_path, key))
-            v_off, v_size = members[videos[0]]
-            refs.append(
-                SampleRef(
-                    first + len(refs), str(tar_path), key, videos[0], v_off, v_size, frames, h, w, label
-                )
+    for line in lines[1:]:
+        if not line.split():
+            continue
+        key, members = _members(tar_path, line)
+        videos = [e for e in fmt.VIDEO_EXTS if e in members]
+        if len(videos) != 1:
+            raise fmt.FormatError(
+                f"{tar_path}: sample {key!r} has {len(videos)} video members "
+                f"({'/'.join(fmt.VIDEO_EXTS)}), members {sorted(members)}"
             )
+        if fmt.LABEL_EXT not in members or members[fmt.LABEL_EXT][1] != 8:
+            raise fmt.FormatError(f"{tar_path}: sample {key!r} has no 8-byte .{fmt.LABEL_EXT} member")
+        if fmt.META_EXT not in members:
+            raise fmt.FormatError(f"{tar_path}: sample {key!r} has no .{fmt.META_EXT} member; {REBUILD_HINT}")
+        ignored |= set(members) - set(fmt.MEMBER_EXTS)
+        parsed.append((key, members, videos[0]))
+    # the label and metadata of every sample in one batch of reads (concurrent ranged GETs for a URL)
+    wanted = [members[ext] for _, members, _ in parsed for ext in (fmt.LABEL_EXT, fmt.META_EXT)]
+    small = storage.read_ranges(tar_path, [(off, off + size) for off, size in wanted])
+    refs: list[SampleRef] = []
+    for i, (key, members, video) in enumerate(parsed):
+        label_bytes = _checked(small[2 * i], members[fmt.LABEL_EXT][1], tar_path, key)
+        frames, h, w = _stored(
+            tar_path, key, _checked(small[2 * i + 1], members[fmt.META_EXT][1], tar_path, key)
+        )
+        v_off, v_size = members[video]
+        refs.append(
+            SampleRef(
+                first + i, tar_path, key, video, v_off, v_size, frames, h, w, fmt.decode_label(label_bytes)
+            )
+        )
     if ignored:
         log.warning("%s: ignoring unknown members %s (never read)", tar_path, sorted(ignored))
     return refs
@@ -134,7 +137,7 @@ def _parse_index(tar_path: Path, lines: list[str], first: int) -> list[SampleRef
 
 def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef], fmt.Manifest]:
     """All samples of `split` in one shard folder, in a stable order; errors name the shard."""
-    folder = Path(shards)
+    folder = storage.join(shards)
     manifest = fmt.load_manifest(folder)
     infos = sorted(manifest.shards_for(fmt.check_split(split)), key=lambda s: s.path)
     if not infos:
@@ -142,23 +145,23 @@ def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef]
         raise fmt.FormatError(f"{folder}: no shards for split {split!r} (manifest has {have})")
     refs: list[SampleRef] = []
     for info in infos:
-        tar = folder / info.path
-        if not tar.is_file():
+        tar = storage.join(folder, info.path)
+        if not storage.isfile(tar):
             raise fmt.FormatError(f"{tar}: listed in the manifest but missing")
-        idx = folder / (info.index or fmt.index_name(info.path))
-        lines = idx.read_text().splitlines() if idx.is_file() else fmt.dali_index_lines(tar)
-        part = _parse_index(tar, lines, len(refs))
+        idx = storage.join(folder, info.index or fmt.index_name(info.path))
+        lines = storage.read_text(idx).splitlines() if storage.isfile(idx) else fmt.dali_index_lines(tar)
+        part = _parse_index(os.fspath(tar), lines, len(refs))
         if info.samples and len(part) != info.samples:
             raise fmt.FormatError(f"{tar}: index lists {len(part)} samples, manifest says {info.samples}")
         refs.extend(part)
     return refs, manifest
 
 
-def as_folders(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """One folder or several (a list/tuple), as paths."""
+def as_folders(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[storage.Location]:
+    """One folder or several (a list/tuple): local paths as `Path`, URLs as strings."""
     if isinstance(shards, (str, os.PathLike)):
-        return [Path(shards)]
-    folders = [Path(s) for s in shards]
+        return [storage.join(shards)]
+    folders = [storage.join(s) for s in shards]
     if not folders:
         raise ValueError("shards: give at least one shard folder")
     return folders
@@ -224,7 +227,8 @@ def samples_digest(refs: list[SampleRef]) -> str:
 
 
 class ShardReader:
-    """mmap-backed reads of video members; safe to use after fork (maps are reopened per process)."""
+    """Reads of video members by their `.idx` byte range: an mmap of a local tar (reopened per process: safe
+    after fork), one ranged GET (retried on transient errors) for a shard at a URL."""
 
     def __init__(self) -> None:
         self._pid = os.getpid()
@@ -241,10 +245,14 @@ class ShardReader:
         return m
 
     def video_bytes(self, ref: SampleRef) -> bytes:
+        end = ref.video_offset + ref.video_size
+        if storage.is_url(ref.shard):
+            data = storage.read_bytes(ref.shard, ref.video_offset, end)
+            return _checked(data, ref.video_size, ref.shard, ref.key)
         m = self._map(ref.shard)
-        if ref.video_offset + ref.video_size > len(m):
+        if end > len(m):
             raise fmt.FormatError(f"{ref.shard}: sample {ref.key} runs past the end of the tar (truncated?)")
-        return m[ref.video_offset : ref.video_offset + ref.video_size]
+        return m[ref.video_offset : end]
 
     def __getstate__(self) -> dict:
         return {"_pid": -1, "_maps": {}}

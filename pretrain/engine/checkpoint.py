@@ -38,6 +38,7 @@ import torch
 
 from .config import ConfigError, signature_diff
 from .dist import barrier
+from .remote import RunMirror
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "complete"
@@ -118,8 +119,10 @@ def save(
     rank_state: dict[str, Any],
     marker: dict[str, Any],
     keep_last: int,
+    mirror: RunMirror | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory (complete on return)."""
+    """Collective: every rank calls it. Returns the checkpoint directory (complete on return; with a
+    `mirror`, complete in the store: every rank's files uploaded before rank 0 uploads the marker)."""
     root = checkpoints_dir(run_dir)
     tag = tag_for(step)
     ckpt = root / tag
@@ -128,7 +131,9 @@ def save(
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"tubelet": marker}, save_latest=False)
     torch.save(rank_state, ckpt / f"rank_{rank:05d}.pt")
-    barrier()  # every rank's files are on disk before the checkpoint counts
+    if mirror is not None:
+        mirror.push_rank_files(ckpt)
+    barrier()  # every rank's files are on disk (in the store) before the checkpoint counts
     if rank == 0:
         tmp = ckpt / f".{COMPLETE}.tmp"
         tmp.write_text(json.dumps({**marker, "step": step}, indent=1, sort_keys=True) + "\n")
@@ -137,6 +142,9 @@ def save(
         (root / f".{LATEST}.tmp").replace(root / LATEST)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        if mirror is not None:
+            mirror.push_marker(ckpt)
+            mirror.prune([p.name for p in complete_checkpoints(run_dir)])
     barrier()
     return ckpt
 
@@ -227,13 +235,14 @@ def plan_resume(
     return plan
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, run_dir: Path, shown_as: str | None = None) -> Path | None:
     """`auto`: newest complete checkpoint (or a fresh start); a path: that checkpoint; None: fresh, and a
-    run directory that already has checkpoints is refused (so a typo cannot overwrite a run)."""
+    run directory that already has checkpoints is refused (so a typo cannot overwrite a run). `shown_as`:
+    the run directory's name in messages (its URL when `run_dir` is a local staging copy)."""
     if resume in (None, "", "none", "never"):
         if latest_complete(run_dir) is not None:
             raise ConfigError(
-                f"{run_dir} already has checkpoints: pass --resume auto to continue that run, or set "
+                f"{shown_as or run_dir} already has checkpoints: pass --resume auto to continue that run, or set "
                 "train.run_dir to a new directory"
             )
         return None
@@ -275,7 +284,7 @@ def load_engine(engine: Any, ckpt: Path, universal: bool = False) -> None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
 
 
-def universal_checkpoint(ckpt: Path, rank: int) -> Path:
+def universal_checkpoint(ckpt: Path, rank: int, mirror: RunMirror | None = None) -> Path:
     """Collective: `ckpt/universal`, DeepSpeed's universal checkpoint of `ckpt` (each parameter's fp32
     weights and Adam moments whole), loadable on any number of ranks at ZeRO stage 1, 2 or 3. Rank 0 makes
     it once (kept with the checkpoint for a later restart; retention removes both)."""
@@ -292,9 +301,13 @@ def universal_checkpoint(ckpt: Path, rank: int) -> Path:
                 f"[tubelet] {ckpt.name}: universal checkpoint written in {time.perf_counter() - t0:.1f}s",
                 flush=True,
             )
+            if mirror is not None:
+                mirror.push_universal(ckpt)
     barrier()
     if failure is not None:
         raise failure
+    if mirror is not None and not (out / _UNIVERSAL_DONE).is_file():
+        mirror.pull_universal(ckpt)  # made by rank 0 on another machine
     if not (out / _UNIVERSAL_DONE).is_file():
         raise RuntimeError(f"{out}: rank 0 did not finish the universal checkpoint (see its log)")
     return out

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from data_shards import storage
+
 from . import checkpoint as ckpt_io
 from .config import (
     ConfigError,
@@ -48,6 +50,7 @@ from .dist import (
 )
 from .metrics import MetricsLogger, StepStats, peak_flops_per_device
 from .optim import VetoableAdamW, build_optimizer, lr_at, set_lr
+from .remote import RunMirror, env_rank
 from .state import TrainState, mix_seed
 from .task import Batch, StepOutput, Task, TaskContext
 from .tracking import Tracker
@@ -160,7 +163,10 @@ class Trainer:
         cfg.validate(env_world_size())  # every config error precedes the process group
         _check_task_config(task, cfg)
         self.task, self.cfg = task, cfg
-        self.run_dir = Path(cfg.train.run_dir)
+        self.mirror = RunMirror(cfg.train.run_dir, env_rank()) if storage.is_url(cfg.train.run_dir) else None
+        if self.mirror is not None:  # a URL run dir: this rank works in a local staging copy of it
+            self.mirror.pull(resume)
+        self.run_dir = self.mirror.local if self.mirror else Path(cfg.train.run_dir)
         self.signature = resume_signature(cfg)
         self.resume = self._plan_resume(resume)
         runtime = runtime or DeepSpeedRuntime()
@@ -340,13 +346,19 @@ class Trainer:
                 rank_state,
                 marker,
                 self.cfg.checkpoint.keep_last,
+                self.mirror,
             )
+            if self.mirror is not None and self.dist.is_main:
+                self.mirror.push_files()
         return self.last_checkpoint
 
     def close(self, status: str) -> None:
-        """End tracking (MLflow status FINISHED / KILLED / FAILED) and the progress bar."""
+        """End tracking (MLflow status FINISHED / KILLED / FAILED) and the progress bar; a URL run dir gets
+        rank 0's last files."""
         self.metrics.close()
         self.tracker.close(status)
+        if self.mirror is not None and self.dist.is_main:
+            self.mirror.push_files()
 
     # ----------------------------------------------------------------------------------------- parts
     def _batches(self) -> Iterator[Batch]:
@@ -451,6 +463,8 @@ class Trainer:
         barrier()
         model_dir = None
         if self.dist.is_main:
+            if self.mirror is not None:  # the other ranks' ZeRO partitions, for the consolidation
+                self.mirror.pull_checkpoint(self.last_checkpoint.name, every_rank=True)
             model_dir = ckpt_io.export(self.run_dir, self.run_dir / "model", self.task)
             self.task.log_model(model_dir, self.tracker)
             (self.run_dir / EXPORTED).write_text(
@@ -471,7 +485,7 @@ class Trainer:
 
     def _plan_resume(self, resume: str | None) -> ckpt_io.ResumePlan | None:
         """The checkpoint to continue from (refused when incompatible) and how (before any process group)."""
-        ckpt = ckpt_io.resolve_resume(resume, self.run_dir)
+        ckpt = ckpt_io.resolve_resume(resume, self.run_dir, self.cfg.train.run_dir)
         if ckpt is None:
             return None
         return ckpt_io.plan_resume(
@@ -499,7 +513,7 @@ class Trainer:
         plan = self.resume
         assert plan is not None
         if plan.universal:
-            ckpt_io.universal_checkpoint(plan.ckpt, self.dist.rank)
+            ckpt_io.universal_checkpoint(plan.ckpt, self.dist.rank, self.mirror)
         ckpt_io.load_engine(self.engine, plan.ckpt, universal=plan.universal)
         self.task.load_state_dict(saved["task"])
         self.train_loader.load_state_dict(saved["loader"])

@@ -40,11 +40,18 @@ def tiny_args(run_dir: Path, shards: Path | None, *extra: str) -> list[str]:
 
 
 def run_ranks(
-    args: list[str], world: int, *, module: str = "pretrain", timeout: int = 240, cwd: Path | None = None
+    args: list[str],
+    world: int,
+    *,
+    module: str = "pretrain",
+    timeout: int = 240,
+    cwd: Path | None = None,
+    **per_rank,
 ) -> list[subprocess.CompletedProcess]:
-    """`python -m MODULE ARGS` (or the test worker script with module="worker") once per rank."""
+    """`python -m MODULE ARGS` (or the test worker script with module="worker") once per rank; `per_rank`:
+    `rank_env` / `rank_cwd` (see procs.run_ranks)."""
     cmd = [str(WORKER), *args] if module == "worker" else ["-m", module, *args]
-    return procs.run_ranks(cmd, world, timeout=timeout, cwd=cwd)
+    return procs.run_ranks(cmd, world, timeout=timeout, cwd=cwd, **per_rank)
 
 
 def deepspeed_launch(args: list[str], world: int, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -44,7 +44,7 @@ def resume_section(factory: Any) -> Any:
 class TrainConfig:
     """Loop length and batch geometry. `global_batch_size` = micro × world size × grad accumulation."""
 
-    run_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.jsonl; the same path on every node
+    run_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.jsonl: a path every node sees, or a URL
     steps: int | None = None  # optimizer steps; exactly one of steps / epochs
     epochs: float | None = None
     stop_at: int | None = (

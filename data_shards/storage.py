@@ -1,0 +1,368 @@
+"""Where bytes live: one small module owns every location a user gives, a local path or a URL.
+
+Local paths behave as plain files always did (atomic writes by rename). A URL (`s3://bucket/prefix`,
+`gs://...`, any protocol fsspec knows and has its library for) goes through fsspec; `s3://` through s3fs,
+which reads the standard AWS configuration (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible
+stores, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, profiles). Why fsspec + s3fs: one
+maintained API for local files and every object store (GCS, Azure, HTTP come with their fsspec packages),
+concurrent ranged reads (`cat_ranges`), and it is already in the dependency tree (Ray, pyarrow, MLflow use it).
+
+An object store has no rename, but a PUT is atomic: an object appears under its key only complete, which
+is the same guarantee the local rename gives. A URL whose scheme is unknown, or whose library is not
+installed, is an error naming it, never a local folder called `s3:`.
+
+This is the bottom layer: it imports nothing from the project, and every package may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+Location = str | os.PathLike  # a local path or a URL
+T = TypeVar("T")
+
+# errors worth another try: the store or the network, not the request (throttling, 5xx, resets, timeouts)
+TRANSIENT_HINTS = (
+    "slowdown",
+    "throttl",
+    "timeout",
+    "timed out",
+    "reset",
+    "503",
+    "500",
+    "502",
+    "504",
+    "internal",
+)
+RETRIES = int(os.environ.get("TUBELET_STORAGE_RETRIES", "8"))
+stats = {"retries": 0}  # transient errors retried in this process (the loaders report it in their metrics)
+
+
+class StorageError(OSError):
+    """A location that cannot be used: an unsupported URL scheme, a missing library, a missing bucket."""
+
+
+def is_url(loc: Location) -> bool:
+    """`scheme://...` other than `file://` (a local path, even one with a colon, is not a URL)."""
+    text = os.fspath(loc)
+    return "://" in text and not text.startswith("file://") and text.split("://", 1)[0].isidentifier()
+
+
+def local_path(loc: Location) -> Path:
+    """The path of a local location (`file://` stripped); a URL is an error naming it."""
+    if is_url(loc):
+        raise StorageError(f"{loc}: a local path is needed here")
+    text = os.fspath(loc)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+@functools.cache
+def _filesystem(protocol: str) -> Any:
+    import fsspec
+
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        raise StorageError(
+            f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the box, "
+            "other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
+        ) from None
+    return cls()  # s3fs reads AWS_* from the environment, as boto does
+
+
+def filesystem(loc: Location) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of a URL."""
+    text = os.fspath(loc)
+    protocol, rest = text.split("://", 1)
+    if not rest.strip("/"):
+        raise StorageError(f"{text}: a URL needs a bucket (and usually a prefix)")
+    return _filesystem(protocol), rest.rstrip("/")
+
+
+def join(loc: Location, *parts: str) -> Location:
+    """`loc / part / ...`; a URL stays a string (Path would fold `s3://` into `s3:/`). An unsupported URL
+    scheme fails here, where a location first enters the code."""
+    if is_url(loc):
+        filesystem(loc)
+        return "/".join([os.fspath(loc).rstrip("/"), *(p.strip("/") for p in parts)])
+    return local_path(loc).joinpath(*parts)
+
+
+def name(loc: Location) -> str:
+    return os.fspath(loc).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(loc: Location) -> Location:
+    if is_url(loc):
+        return os.fspath(loc).rstrip("/").rsplit("/", 1)[0]
+    return local_path(loc).parent
+
+
+def retried(what: str, fn: Callable[[], T]) -> T:
+    """`fn()`, retried with exponential backoff and jitter on transient errors (counted in `stats`); a missing
+    object or a denied access fails at once, naming `what`."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
+            raise
+        except Exception as e:
+            if attempt == RETRIES or not _transient(e):
+                raise
+            stats["retries"] += 1
+            delay = min(30.0, 0.25 * 2**attempt) * (0.5 + random.random())
+            log.warning("%s: %s (try %d of %d, again in %.1f s)", what, e, attempt + 1, RETRIES, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(e).__name__} {e}".lower()
+    return any(h in text for h in TRANSIENT_HINTS) or "connect" in text
+
+
+def check_access(loc: Location) -> None:
+    """Fail before any work when a URL's bucket is missing or the credentials are refused (a store that would
+    create buckets on first write must not hide a typo). Local locations: nothing to check."""
+    if not is_url(loc):
+        return
+    fs, path = filesystem(loc)
+    bucket = path.split("/", 1)[0]
+    try:
+        if hasattr(fs, "call_s3"):
+            retried(os.fspath(loc), lambda: fs.call_s3("head_bucket", Bucket=bucket))
+        elif not retried(os.fspath(loc), lambda: fs.exists(bucket)):
+            raise FileNotFoundError(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{loc}: bucket {bucket!r} does not exist (create it first)") from None
+    except PermissionError as e:
+        raise StorageError(
+            f"{loc}: access denied ({e}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        ) from None
+
+
+# -- queries ---------------------------------------------------------------------------------------------
+def exists(loc: Location) -> bool:
+    if not is_url(loc):
+        return local_path(loc).exists()
+    fs, path = filesystem(loc)
+    return retried(os.fspath(loc), lambda: fs.exists(path))
+
+
+def isfile(loc: Location) -> bool:
+    if not is_url(loc):
+        return local_path(loc).is_file()
+    fs, path = filesystem(loc)
+    return retried(os.fspath(loc), lambda: fs.isfile(path))
+
+
+def isdir(loc: Location) -> bool:
+    """A local folder, or a URL prefix with at least one object under it."""
+    if not is_url(loc):
+        return local_path(loc).is_dir()
+    fs, path = filesystem(loc)
+    return retried(os.fspath(loc), lambda: fs.isdir(path))
+
+
+def listdir(loc: Location) -> list[str]:
+    """Names directly under `loc`, sorted ([] when it does not exist)."""
+    if not is_url(loc):
+        p = local_path(loc)
+        return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
+    fs, path = filesystem(loc)
+    try:
+        entries = retried(os.fspath(loc), lambda: fs.ls(path, detail=False, refresh=True))
+    except FileNotFoundError:
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path)
+
+
+def size(loc: Location) -> int:
+    if not is_url(loc):
+        return local_path(loc).stat().st_size
+    fs, path = filesystem(loc)
+    return int(retried(os.fspath(loc), lambda: fs.size(path)))
+
+
+# -- reads -----------------------------------------------------------------------------------------------
+def read_bytes(loc: Location, start: int | None = None, end: int | None = None) -> bytes:
+    """The object's bytes, or the range [start, end) (one ranged GET for a URL)."""
+    if not is_url(loc):
+        with open(local_path(loc), "rb") as f:
+            if start:
+                f.seek(start)
+            return f.read() if end is None else f.read(end - (start or 0))
+    fs, path = filesystem(loc)
+    return retried(os.fspath(loc), lambda: fs.cat_file(path, start=start, end=end))
+
+
+def read_ranges(loc: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Several [start, end) ranges of one object; concurrent ranged GETs for a URL."""
+    if not ranges:
+        return []
+    if not is_url(loc):
+        with open(local_path(loc), "rb") as f:
+            out = []
+            for a, b in ranges:
+                f.seek(a)
+                out.append(f.read(b - a))
+            return out
+    fs, path = filesystem(loc)
+    starts, ends = [a for a, _ in ranges], [b for _, b in ranges]
+    return retried(os.fspath(loc), lambda: fs.cat_ranges([path] * len(ranges), starts, ends))
+
+
+def open_read(loc: Location) -> Any:
+    """A binary file object to stream `loc` through (tarfile, hashing); use it as a context manager."""
+    if not is_url(loc):
+        return open(local_path(loc), "rb")
+    fs, path = filesystem(loc)
+    return retried(os.fspath(loc), lambda: fs.open(path, "rb", block_size=8 << 20))
+
+
+def read_text(loc: Location) -> str:
+    return read_bytes(loc).decode()
+
+
+def read_json(loc: Location) -> Any:
+    return json.loads(read_bytes(loc))
+
+
+# -- writes ----------------------------------------------------------------------------------------------
+def makedirs(loc: Location) -> None:
+    """A local folder (with parents); nothing for an object store (prefixes need no creation)."""
+    if not is_url(loc):
+        local_path(loc).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    """Atomic: the object / file appears complete or not at all (temp file + rename locally, one PUT remotely)."""
+    if is_url(loc):
+        fs, path = filesystem(loc)
+        retried(os.fspath(loc), lambda: fs.pipe_file(path, data))
+        return
+    path = local_path(loc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(loc: Location, text: str) -> None:
+    write_bytes(loc, text.encode())
+
+
+def upload(src: str | os.PathLike, loc: Location) -> None:
+    """A local file (or every file of a folder, recursively) to `loc`; each object appears complete."""
+    src = Path(src)
+    if src.is_dir():
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            upload(f, join(loc, *f.relative_to(src).parts))
+        return
+    if not is_url(loc):
+        dst = local_path(loc)
+        if dst.resolve() != src.resolve():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.partial")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        return
+    fs, path = filesystem(loc)
+    retried(os.fspath(loc), lambda: fs.put_file(str(src), path))
+
+
+def download(loc: Location, dst: str | os.PathLike) -> Path:
+    """`loc` (an object, or every object under a prefix) to the local `dst`; files appear complete."""
+    dst = Path(dst)
+    if not is_url(loc):
+        src = local_path(loc)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        return dst
+    fs, path = filesystem(loc)
+    if retried(os.fspath(loc), lambda: fs.isdir(path)):
+        for key in retried(os.fspath(loc), lambda: fs.find(path)):
+            download(f"{os.fspath(loc).split('://')[0]}://{key}", dst / key[len(path) + 1 :])
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    retried(os.fspath(loc), lambda: fs.get_file(path, str(tmp)))
+    os.replace(tmp, dst)
+    return dst
+
+
+def remove(loc: Location, recursive: bool = False) -> None:
+    """Delete a file / object (or a whole folder / prefix with `recursive`); missing is fine."""
+    if not is_url(loc):
+        p = local_path(loc)
+        if p.is_dir() and recursive:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(loc)
+    with contextlib.suppress(FileNotFoundError):
+        retried(os.fspath(loc), lambda: fs.rm(path, recursive=recursive))
+
+
+def remove_many(locs: Iterable[Location]) -> None:
+    for loc in locs:
+        remove(loc)
+
+
+def cache_root() -> Path:
+    """Local cache of things downloaded from URLs (`$TUBELET_CACHE`, default ~/.cache/tubelet)."""
+    return Path(os.environ.get("TUBELET_CACHE") or Path.home() / ".cache" / "tubelet")
+
+
+def local_copy(loc: Location, kind: str = "files") -> Path:
+    """A local path for `loc`: itself when local; for a URL a copy under `cache_root()/kind/`, downloaded
+    once (into a temporary folder, renamed when complete: an interrupted download is never used)."""
+    if not is_url(loc):
+        return local_path(loc)
+    text = os.fspath(loc).rstrip("/")
+    dst = cache_root() / kind / text.replace("://", "/")
+    if dst.exists():
+        return dst
+    tmp = Path(tempfile.mkdtemp(dir=_mkdir(dst.parent), prefix=f".{dst.name}."))
+    try:
+        download(text, tmp / "x")
+        os.replace(tmp / "x", dst)
+    except FileExistsError:  # another process finished first: theirs is as good
+        pass
+    except OSError as e:
+        if not dst.exists():
+            raise StorageError(f"{text}: could not download ({e})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

