@@ -25,7 +25,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -291,6 +291,18 @@ def upload(src: str | os.PathLike, loc: Location) -> None:
         return
     fs, path = filesystem(loc)
     retried(os.fspath(loc), lambda: fs.put_file(str(src), path))
+
+
+@contextlib.contextmanager
+def staged_dir(loc: Location) -> Iterator[Path]:
+    """A local folder to write a directory into: `loc` itself when local; for a URL a temporary folder,
+    uploaded to `loc` when the block ends without an error (nothing is uploaded from a failed write)."""
+    if not is_url(loc):
+        yield local_path(loc)
+        return
+    with tempfile.TemporaryDirectory(prefix="tubelet-out-") as tmp:
+        yield Path(tmp)
+        upload(tmp, loc)
 
 
 def download(loc: Location, dst: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_shards import storage
 from pretrain.engine import RunResult, export, load_config
 from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command, training_parser
 
@@ -283,8 +284,8 @@ def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m finetune export", description="fine-tuning run → model directory"
     )
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("run_dir", help="a fine-tuning run directory, local or a URL (s3://...)")
+    p.add_argument("out_dir", help="where the model directory goes, local or a URL")
     p.add_argument("--hf", type=Path, default=None, help="also write HF VideoMAEForVideoClassification here")
     p.add_argument(
         "--onnx", action="store_true", help="also write OUT_DIR/model.onnx, checked against onnxruntime"
@@ -295,22 +296,24 @@ def _export(argv: list[str]) -> int:
     from finetune.task import ClassificationTask
     from pretrain.engine.dist import prepare_env
     from pretrain.models.io import RUN_MODEL_NAME, read_model_config
+    from pretrain.sources import local_source
 
     prepare_env("cpu")
-    cfg = load_config(FinetuneConfig, a.run_dir / "config.yaml")
-    _, clf_cfg, _ = read_model_config(
-        a.run_dir / RUN_MODEL_NAME
-    )  # the run's architecture: the init is not read
-    out = export(a.run_dir, a.out_dir, ClassificationTask(cfg, clf_cfg))
-    print(f"[finetune] model directory: {out.resolve()}")
-    if a.hf is not None:
-        try:
-            hf = export_hf(out, a.hf)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"[finetune] HF VideoMAEForVideoClassification: {hf.resolve()}")
-    return _export_onnx(out) if a.onnx else 0
+    run = local_source(a.run_dir)
+    cfg = load_config(FinetuneConfig, run / "config.yaml")
+    _, clf_cfg, _ = read_model_config(run / RUN_MODEL_NAME)  # the run's architecture: the init is not read
+    with storage.staged_dir(a.out_dir) as local:  # a URL gets the finished directory (with model.onnx)
+        out = export(run, local, ClassificationTask(cfg, clf_cfg))
+        failed = _export_onnx(out) if a.onnx else 0
+        if a.hf is not None:
+            try:
+                hf = export_hf(out, a.hf)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"[finetune] HF VideoMAEForVideoClassification: {hf.resolve()}")
+    print(f"[finetune] model directory: {a.out_dir if storage.is_url(a.out_dir) else out.resolve()}")
+    return failed
 
 
 def _export_onnx(model_dir: Path) -> int:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_shards import storage
 from finetune.config import FinetuneSection
 from finetune.heads import Head, head_of
 from finetune.peft_methods import MERGEABLE, SIDECAR_CONFIG, SIDECAR_NAME, apply_method, plain_state_dict
@@ -53,8 +54,8 @@ def open_model_dir(
     stride: int | None = None,
 ) -> OpenModel:
     """The one model loader of evaluate, predict, serve, embed, continual and the MLflow model. `clips` /
-    `crops` / `stride` override the exported test sampling."""
-    p = Path(path)
+    `crops` / `stride` override the exported test sampling. A URL is fetched once into the local cache."""
+    p = storage.local_copy(path, "models")
     model = load_finetuned(p, map_location=str(device))
     extra = model_extra(p)
     cfg = model.cfg

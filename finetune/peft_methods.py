@@ -30,13 +30,13 @@ import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from data_shards import storage
 from pretrain.engine import require, resume_key
 
 LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -91,7 +91,7 @@ class FinetuneSection:
             f"one of {list(CNN_METHODS)}",
         )
         require(
-            self.init is None or Path(self.init).exists(),
+            self.init is None or storage.isdir(self.init),
             f"finetune.init={self.init}: no such directory (null = train from scratch)",
         )
 

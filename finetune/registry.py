@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 
+from data_shards import storage
 from pretrain.engine.tracking import RUN_ID_FILE  # (its import also quiets MLflow's progress bars)
 
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the tubelet model directory
@@ -51,9 +52,14 @@ class ResolvedModel:
 
 
 def resolve_model(source: str, uri: str | None = None, cache: str | Path | None = None) -> ResolvedModel:
-    """`DIR`, `models:/NAME/VERSION` or `models:/NAME@ALIAS` → a local model directory. A registry version is
+    """`DIR`, a URL of one (`s3://...`, fetched once into the cache), `models:/NAME/VERSION` or
+    `models:/NAME@ALIAS` → a local model directory. A registry version is
     downloaded once into the model cache (`model_cache`; `cache` overrides its root) and reused: versions
     never change. Errors name the source and what exists."""
+    if storage.is_url(source) and not source.startswith(REGISTRY_PREFIX):  # a model directory in a bucket
+        if not storage.isfile(storage.join(source, "config.json")):
+            raise FileNotFoundError(f"{source}: not a model directory (no config.json)")
+        return ResolvedModel(storage.local_copy(source, "models"), source)
     if not source.startswith(REGISTRY_PREFIX):
         path = Path(source)
         if not (path / "config.json").is_file():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pretrain.engine import export, load_config
 from pretrain.engine.cli import strip_launcher_args, train_command, training_parser
@@ -33,17 +32,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain export", description="checkpoint → model directory")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("run_dir", help="a run directory, local or a URL (s3://...)")
+    p.add_argument("out_dir", help="where the model directory goes, local or a URL")
     args = p.parse_args(argv)
     from pretrain.config import PretrainConfig
     from pretrain.engine.dist import prepare_env
+    from pretrain.sources import local_source
     from pretrain.task import MaskedVideoTask
 
     prepare_env("cpu")  # consolidation runs on CPU; DS_ACCELERATOR before deepspeed is imported
-    cfg = load_config(PretrainConfig, args.run_dir / "config.yaml")
-    out = export(args.run_dir, args.out_dir, MaskedVideoTask(cfg))
-    print(f"[tubelet] model directory: {out.resolve()} (load with pretrain.models.load_model)")
+    run = local_source(args.run_dir)
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+    out = export(run, args.out_dir, MaskedVideoTask(cfg))
+    shown = out if isinstance(out, str) else out.resolve()
+    print(f"[tubelet] model directory: {shown} (load with pretrain.models.load_model)")
     return 0
 
 

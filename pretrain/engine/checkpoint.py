@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_shards import storage
+
 from .config import ConfigError, signature_diff
 from .dist import barrier
-from .remote import RunMirror
+from .remote import RunMirror, fetch_run
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "complete"
@@ -431,9 +433,12 @@ def find_export_checkpoint(run_dir: Path) -> Path:
     return ckpt
 
 
-def export(run_dir: Path, out_dir: Path, task: Any) -> Path:
+def export(run_dir: Path | str, out_dir: Path | str, task: Any) -> Path | str:
     """Consolidate the newest complete checkpoint of `run_dir` into fp32 weights, load them into the task's
-    architecture (`build_model`: no starting weights are read) and let the task write its model directory."""
+    architecture (`build_model`: no starting weights are read) and let the task write its model directory.
+    Either may be a URL (the run is fetched into the cache; the directory is written locally, then uploaded)."""
+    if storage.is_url(run_dir):
+        run_dir = fetch_run(str(run_dir))
     ckpt = find_export_checkpoint(Path(run_dir))
     state = consolidated_state_dict(ckpt)
     model = task.build_model()
@@ -444,7 +449,9 @@ def export(run_dir: Path, out_dir: Path, task: Any) -> Path:
         )
     marker = read_marker(ckpt)
     extra = {"step": marker["step"], "samples": marker.get("samples"), "checkpoint": str(ckpt)}
-    return task.export(model, Path(out_dir), extra)
+    with storage.staged_dir(out_dir) as local:
+        written = task.export(model, local, extra)
+    return out_dir if storage.is_url(out_dir) else written
 
 
 __all__ = [

@@ -5,6 +5,7 @@ the store; `--resume auto` continues from the store bit-exactly; retention delet
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +87,42 @@ def test_a_fresh_run_is_refused_over_checkpoints_in_the_store(
     ok(run_ranks(args, 1, **_machines(tmp_path / "a")))
     r = run_ranks(args, 1, **_machines(tmp_path / "b"))[0]
     assert r.returncode != 0 and f"{url} already has checkpoints" in r.stdout, r.stdout[-2000:]
+
+
+def test_fine_tune_from_a_pretraining_run_in_the_bucket_export_and_predict_from_it(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole second stage with nothing local but a video to classify: init, shards, run directory and
+    model directory are URLs."""
+    from engine_helpers import PY, REPO, base_env
+
+    _use(s3, monkeypatch)
+    if not storage.isfile("s3://data/shards/manifest.json"):
+        storage.upload(shards, "s3://data/shards")
+    pre = "s3://runs/pre"
+    ok(
+        run_ranks(
+            tiny_args(pre, shards, "train.steps=3", "checkpoint.every=0"), 1, **_machines(tmp_path / "p")
+        )
+    )
+    ft = [
+        "--config", str(REPO / "finetune" / "configs" / "tiny_cpu.yaml"), "train.run_dir=s3://runs/ft",
+        "data.shards=s3://data/shards", "data.backend=pyav", "data.num_workers=0", f"finetune.init={pre}",
+        "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=4", "train.eval_every=0",
+        "optim.warmup_steps=1", "tracking.enabled=false",
+    ]  # fmt: skip
+    ok(run_ranks(ft, 1, module="finetune", **_machines(tmp_path / "f")))
+    assert storage.isfile("s3://runs/ft/model/config.json")  # the final model went to the bucket
+    env = {**base_env(), "TUBELET_CACHE": str(tmp_path / "c")}
+    ok(subprocess.run([PY, "-m", "finetune", "export", "s3://runs/ft", "s3://runs/exported"], env=env, cwd=tmp_path,
+                      capture_output=True, text=True, timeout=240))  # fmt: skip
+    assert storage.isfile("s3://runs/exported/model.safetensors")
+    video = tmp_path / "clip.mp4"
+    from data_shards import format as fmt
+
+    tar = next(p for p in sorted(shards.iterdir()) if p.name.startswith("train") and p.suffix == ".tar")
+    video.write_bytes(next(iter(fmt.iter_tar_samples(tar))).video)
+    r = subprocess.run([PY, "-m", "finetune", "predict", "--model", "s3://runs/exported", str(video), "--json"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)  # fmt: skip
+    ok(r)
+    assert json.loads(r.stdout.splitlines()[-1])["top"][0]["label"] in fmt.load_manifest(shards).classes
