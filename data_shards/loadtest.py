@@ -16,6 +16,7 @@ from typing import Any
 
 from data_shards.format import FormatError
 from data_shards.loader import BACKENDS, LoaderError, SamplingSpec, build_loader
+from data_shards.loader.cache import IO_STATS
 
 log = logging.getLogger("data_shards.loader")
 
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-skip-fraction", type=float, default=0.01)
+    parser.add_argument("--cache-dir", default=None, help="local cache of samples read from a URL")
+    parser.add_argument("--cache-bytes", type=int, default=0, help="the cache's bound in bytes")
     return parser
 
 
@@ -64,24 +67,12 @@ def run_loadtest(args: argparse.Namespace | None = None, **kwargs: Any) -> dict[
     backend, why, num_samples = "", "", 0
     duplicates = 0
     all_keys: set[str] = set()
+    io: dict[str, int] = dict.fromkeys(IO_STATS, 0)
     t0 = time.perf_counter()
     for epoch in range(a.epochs):
         epoch_keys: list[str] = []
         for rank in range(a.ranks):
-            loader = build_loader(
-                a.shards,
-                a.split,
-                batch_size=a.batch,
-                spec=spec,
-                backend=a.backend,
-                rank=rank,
-                world_size=a.ranks,
-                seed=a.seed,
-                device=a.device,
-                num_workers=a.workers,
-                max_skip_fraction=a.max_skip_fraction,
-                epoch=epoch,
-            )
+            loader = _loader(a, spec, rank, epoch)
             backend, why, num_samples = loader.backend, loader.reason, loader.num_samples
             for i, batch in enumerate(loader):
                 pad = batch.get("pad")
@@ -100,6 +91,7 @@ def run_loadtest(args: argparse.Namespace | None = None, **kwargs: Any) -> dict[
                 batches + s["batches"],
             )
             wait, busy = wait + s["decode_wait_s"], busy + s["iter_s"]
+            io = {k: io.get(k, 0) + s[k] for k in IO_STATS}
         duplicates += len(epoch_keys) - len(set(epoch_keys))
         all_keys |= set(epoch_keys)
     wall = time.perf_counter() - t0
@@ -119,7 +111,27 @@ def run_loadtest(args: argparse.Namespace | None = None, **kwargs: Any) -> dict[
         "clips_per_s": round(clips / busy, 2) if busy else 0.0,
         "decode_wait_fraction": round(wait / busy, 4) if busy else 0.0,
         "wall_s": round(wall, 3),
+        **io,
     }
+
+
+def _loader(a: argparse.Namespace, spec: SamplingSpec, rank: int, epoch: int) -> Any:
+    return build_loader(
+        a.shards,
+        a.split,
+        batch_size=a.batch,
+        spec=spec,
+        backend=a.backend,
+        rank=rank,
+        world_size=a.ranks,
+        seed=a.seed,
+        device=a.device,
+        num_workers=a.workers,
+        max_skip_fraction=a.max_skip_fraction,
+        epoch=epoch,
+        cache_dir=a.cache_dir,
+        cache_bytes=a.cache_bytes,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

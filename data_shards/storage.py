@@ -80,7 +80,12 @@ def _filesystem(protocol: str) -> Any:
             f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the box, "
             "other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
         ) from None
-    return cls()  # s3fs reads AWS_* from the environment, as boto does
+    # s3fs reads AWS_* from the environment, as boto does; fsspec's own instance cache would keep a client
+    # made for another environment (our cache is cleared with it: tests, forked workers)
+    return cls(skip_instance_cache=True)
+
+
+os.register_at_fork(after_in_child=_filesystem.cache_clear)  # a forked worker makes its own clients
 
 
 def filesystem(loc: Location) -> tuple[Any, str]:
@@ -190,6 +195,29 @@ def listdir(loc: Location) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path)
+
+
+def find(loc: Location) -> list[str]:
+    """Every file under `loc`, as paths relative to it ('/'-separated), sorted."""
+    if not is_url(loc):
+        root = local_path(loc)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fs, path = filesystem(loc)
+    keys = retried(os.fspath(loc), lambda: fs.find(path))
+    return sorted(k[len(path) + 1 :] for k in keys if k.startswith(path + "/"))
+
+
+def fingerprint(loc: Location) -> list[Any] | None:
+    """What says a file changed (size and modification time / ETag); None when it cannot be read."""
+    try:
+        if not is_url(loc):
+            st = os.stat(local_path(loc))
+            return [st.st_size, st.st_mtime_ns]
+        fs, path = filesystem(loc)
+        info = retried(os.fspath(loc), lambda: fs.info(path))
+        return [int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or "")]
+    except OSError:
+        return None
 
 
 def size(loc: Location) -> int:

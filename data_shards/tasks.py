@@ -9,11 +9,13 @@ is recorded so an identical shard on disk is kept untouched next time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from data_shards import storage
@@ -57,12 +59,8 @@ class Validated:
         return cls(**data)
 
 
-def _fingerprint(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+def _fingerprint(path: str) -> list[Any] | None:
+    return storage.fingerprint(path)
 
 
 def _cached(cache: storage.Location, digest: str, fp: list[int] | None) -> Validated | None:
@@ -75,11 +73,24 @@ def _cached(cache: storage.Location, digest: str, fp: list[int] | None) -> Valid
     return got if got.digest == digest and got.fingerprint == fp else None
 
 
+@contextlib.contextmanager
+def _local_input(path: str) -> Iterator[str]:
+    """A source video as a local file for probing and decoding: itself, or a temporary download of a URL."""
+    if not storage.is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tubelet-src-") as tmp:
+        local = Path(tmp) / storage.name(path)
+        storage.download(path, local)
+        yield str(local)
+
+
 def _validate_one(job: ValidateJob, opts: IngestOptions, work: str, digest: str) -> Validated:
     fp = _fingerprint(job.path)
     try:
         scratch = tempfile.gettempdir() if storage.is_url(work) else work  # re-encoding needs a local folder
-        got = ingest_video(job.path, opts, job.clip, workdir=scratch)
+        with _local_input(job.path) as local:
+            got = ingest_video(local, opts, job.clip, workdir=scratch)
     except RejectError as e:
         return Validated(job.key, digest, fp, ok=False, reason=str(e), kind=e.kind)
     except Exception as e:  # a bug or an FFmpeg crash path we did not foresee: reject, name it, go on

@@ -26,6 +26,8 @@ class DataSection:
     num_workers: int = 2
     max_skip_fraction: float = 0.01
     synthetic_size: int = 256  # clips per epoch for backend=synthetic
+    cache_dir: str | None = None  # shards at a URL: a local cache of the samples read (None: no cache)
+    cache_bytes: int = 20 * 2**30  # the cache's bound on disk (least recently used samples go first)
 
     def check(self) -> None:
         require(
@@ -34,6 +36,7 @@ class DataSection:
         )
         require(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction must be in [0, 1]")
         require(self.num_workers >= 0, "data.num_workers must be >= 0")
+        require(self.cache_bytes > 0, "data.cache_bytes must be > 0 (bytes)")
 
 
 @dataclass

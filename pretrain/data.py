@@ -47,6 +47,8 @@ def make_loader(
         drop_last=spec.train,
         max_skip_fraction=data.max_skip_fraction,
         epoch=epoch,
+        cache_dir=data.cache_dir,
+        cache_bytes=data.cache_bytes,
         **selection,
     )
     if data.backend == "synthetic" and data.shards is None:

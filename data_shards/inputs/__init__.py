@@ -13,11 +13,15 @@ Formats (`--format`, `auto` detects them where unambiguous):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_shards import storage
 from data_shards.format import FormatError
 
 VIDEO_SUFFIXES = frozenset(
@@ -121,7 +125,10 @@ def read_inputs(
     from data_shards.inputs import actions, folders, kinetics, ssv2, tables
     from data_shards.inputs.detect import detect_format
 
-    source, options = Path(source), options or SourceOptions()
+    options = options or SourceOptions()
+    if storage.is_url(source) or (options.videos and storage.is_url(options.videos)):
+        return _read_remote(source, format, options)
+    source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such manifest or folder")
     if format not in FORMATS:
@@ -149,3 +156,52 @@ def _folder(source: Path, fmt: str) -> Path:
     if not source.is_dir():
         raise FormatError(f"{source}: --format {fmt} reads a folder")
     return source
+
+
+ANNOTATION_SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
+
+
+def _read_remote(source: str | os.PathLike, format: str, options: SourceOptions) -> Inputs:
+    """A source (or `--videos`) at a URL: every reader works on a local view of the store -- annotation files
+    downloaded, videos as empty stand-ins with their names -- and the items come back with URLs as paths
+    (ids stay relative, so keys, splits and the manifest are those of a local build of the same files)."""
+    with tempfile.TemporaryDirectory(prefix="tubelet-inputs-") as tmp:
+        back: dict[str, str] = {}
+        local_source: str | os.PathLike = source
+        if storage.is_url(source):
+            is_file = storage.isfile(source)
+            root = _mirror(storage.parent(source) if is_file else source, Path(tmp) / "source", back)
+            local_source = root / storage.name(source) if is_file else root
+        if options.videos and storage.is_url(options.videos):
+            videos = _mirror(options.videos, Path(tmp) / "videos", back)
+            options = dataclasses.replace(options, videos=str(videos))
+        inputs = read_inputs(local_source, format, options)
+    remap = functools.partial(_to_url, back=back)
+    inputs.items = [dataclasses.replace(i, path=remap(i.path), where=remap(i.where)) for i in inputs.items]
+    inputs.rejects = [
+        dataclasses.replace(r, path=remap(r.path), where=remap(r.where)) for r in inputs.rejects
+    ]
+    return inputs
+
+
+def _mirror(url: str | os.PathLike, dst: Path, back: dict[str, str]) -> Path:
+    """`dst` made a local view of the prefix `url` (see `_read_remote`); `back` learns dst → url."""
+    keys = storage.find(url)
+    if not keys:
+        raise FileNotFoundError(f"{url}: no such manifest or folder (nothing under this prefix)")
+    for key in keys:
+        p = dst / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if key.lower().endswith(ANNOTATION_SUFFIXES):
+            storage.download(storage.join(url, key), p)
+        else:
+            p.touch()
+    back[str(dst)] = os.fspath(url).rstrip("/")
+    return dst
+
+
+def _to_url(text: str, back: dict[str, str]) -> str:
+    for local, url in back.items():
+        if text == local or text.startswith(local + "/"):
+            return url + text[len(local) :]
+    return text

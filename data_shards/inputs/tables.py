@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from data_shards import storage
 from data_shards.format import FormatError
 from data_shards.inputs import InputItem, Inputs, Reject, clip_id, parse_range
 
@@ -23,8 +24,11 @@ def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) 
     if not rel:
         rejects.append(Reject(where, "", "empty path"))
         return None
-    p = Path(rel)
-    path = str(p if p.is_absolute() else source.parent / p)
+    if storage.is_url(rel):  # a video in a bucket, listed by its URL: the URL is its stable id too
+        p, path = PurePosixPath(rel.split("://", 1)[1]), rel
+    else:
+        p = Path(rel)
+        path = str(p if p.is_absolute() else source.parent / p)
     try:
         start, end = _range_of(row)
     except ValueError as e:

@@ -50,6 +50,7 @@ import torch
 from data_shards import format as fmt
 from data_shards import storage
 from data_shards.loader.base import LoaderError, VideoLoader
+from data_shards.loader.cache import SampleCache
 from data_shards.loader.index import SampleRef, as_folders, list_split, select_samples
 from data_shards.loader.sampling import SamplingSpec
 
@@ -142,11 +143,14 @@ def build_loader(
     epoch: int = 0,
     keys: Collection[str] | None = None,
     labels: Collection[int] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_bytes: int = 0,
     **backend_options: Any,
 ) -> VideoLoader:
     """A loader over `split` of one shard folder or several (see the module docstring for the contract).
 
     keys/labels: only those samples (keys as `key`, or `shard:key` when a key is in several folders).
+    cache_dir / cache_bytes: a local cache, bounded in bytes, of samples read from shards at URLs.
     backend_options: `dali_device` ("cpu"/"mixed", forces it), `num_threads` (DALI), `num_classes` and
     `num_samples` (synthetic, when there is no manifest).
     """
@@ -164,6 +168,7 @@ def build_loader(
         drop_last=drop_last,
         max_skip_fraction=max_skip_fraction,
         epoch=epoch,
+        cache=SampleCache(cache_dir, cache_bytes) if cache_dir else None,
     )
     selected = keys is not None or labels is not None
     if backend == "synthetic":

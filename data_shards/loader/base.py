@@ -14,6 +14,7 @@ the epoch's order (`EpochPlan.start`): a state taken when every rank has taken t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 
+from data_shards import format as fmt
+from data_shards.loader.cache import IO_STATS, SampleCache
 from data_shards.loader.index import SampleRef, ShardReader, samples_digest
 from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, epoch_plan, plan_video, sample_rng
 
@@ -51,6 +54,7 @@ class Collected:
     pad: list[bool] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    io: dict[str, int] = field(default_factory=dict)  # object-storage counts (RemoteSamples.stats)
 
 
 class VideoLoader:
@@ -76,6 +80,8 @@ class VideoLoader:
         max_skip_fraction: float = 0.01,
         epoch: int = 0,
         reason: str = "",
+        cache: SampleCache | None = None,
+        prefetch_stride: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,7 +98,9 @@ class VideoLoader:
         self.drop_last = spec.train if drop_last is None else bool(drop_last)
         self.max_skip_fraction = max_skip_fraction
         self.reason = reason
-        self.reader = ShardReader()
+        self.reader = ShardReader(cache)
+        self.prefetch_stride = prefetch_stride  # the next plan batch this process decodes is b + stride
+        self._owner_pid = os.getpid()
         self._digest: str | None = None
         v = spec.views_per_video
         self.videos_per_batch = max(1, batch_size // v)
@@ -117,6 +125,7 @@ class VideoLoader:
             "skipped_keys": [],
             "decode_wait_s": 0.0,
             "iter_s": 0.0,
+            **dict.fromkeys(IO_STATS, 0),
         }
 
     # ---------------------------------------------------------------------------------------- contract
@@ -285,19 +294,39 @@ class VideoLoader:
         the backend's `decode`. Any failure leaves the sample out and is reported, never replaced."""
         idx, pad = plan.batch(b)
         out = Collected(b)
+        ahead = b + self.prefetch_stride
+        upcoming = plan.batch(ahead)[0].tolist() if ahead < plan.num_batches else []
+        self.reader.prefetch([self.refs[i] for i in idx.tolist() + upcoming])
         for i, p in zip(idx.tolist(), pad.tolist()):
             ref = self.refs[i]
             rng = sample_rng(self.seed, self._epoch, i) if self.spec.train else None
             try:
+                data = self.reader.video_bytes(ref)
+            except fmt.FormatError as e:  # a truncated tar: the sample is unreadable, like a corrupt one
+                out.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
+                continue
+            except OSError as e:  # the store after its retries: missing, denied, down -- stop, name it
+                raise LoaderError(
+                    f"{ref.shard}: cannot read sample {ref.key}: {type(e).__name__}: {e}"
+                ) from e
+            try:
                 vplan = plan_video(ref.frames, ref.height, ref.width, self.spec, rng)
-                decode(len(out.idx), ref, self.reader.video_bytes(ref), vplan)
-            except Exception as e:  # any read/container/decoder failure: counted, never replaced
+                decode(len(out.idx), ref, data, vplan)
+            except Exception as e:  # any container/decoder failure: counted, never replaced
                 out.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
                 continue
             out.idx.append(i)
             out.pad.append(p)
             out.labels.append(ref.label)
+        out.io = self.reader.remote.take_stats()
+        if os.getpid() == self._owner_pid:  # decoded in this process: count here; a worker ships `io`
+            self.add_io(out.io)
         return out
+
+    def add_io(self, io: dict[str, int]) -> None:
+        """Object-storage counts of a batch (gets, bytes, cache hits, retries) into `stats`."""
+        for k, v in io.items():
+            self.stats[k] = self.stats.get(k, 0) + v
 
     def batch_meta(self, got: Collected) -> Batch:
         """label/key/view/pad of a collected batch."""

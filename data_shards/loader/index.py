@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data_shards import format as fmt
 from data_shards import storage
+from data_shards.loader.cache import RemoteSamples, SampleCache
 
 log = logging.getLogger("data_shards.loader")
 
@@ -228,11 +229,13 @@ def samples_digest(refs: list[SampleRef]) -> str:
 
 class ShardReader:
     """Reads of video members by their `.idx` byte range: an mmap of a local tar (reopened per process: safe
-    after fork), one ranged GET (retried on transient errors) for a shard at a URL."""
+    after fork); for a shard at a URL a ranged GET (retried on transient errors), prefetched per batch and
+    optionally cached on local disk (`RemoteSamples`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: SampleCache | None = None) -> None:
         self._pid = os.getpid()
         self._maps: dict[str, mmap.mmap] = {}
+        self.remote = RemoteSamples(cache)
 
     def _map(self, shard: str) -> mmap.mmap:
         if self._pid != os.getpid():
@@ -244,10 +247,16 @@ class ShardReader:
             self._maps[shard] = m
         return m
 
+    def prefetch(self, refs: Sequence[SampleRef]) -> None:
+        """Start reading these samples' bytes (those at URLs; local ones are mapped, nothing to start)."""
+        items = [(r.shard, r.video_offset, r.video_size) for r in refs if storage.is_url(r.shard)]
+        if items:
+            self.remote.prefetch(items)
+
     def video_bytes(self, ref: SampleRef) -> bytes:
         end = ref.video_offset + ref.video_size
         if storage.is_url(ref.shard):
-            data = storage.read_bytes(ref.shard, ref.video_offset, end)
+            data = self.remote.read(ref.shard, ref.video_offset, ref.video_size)
             return _checked(data, ref.video_size, ref.shard, ref.key)
         m = self._map(ref.shard)
         if end > len(m):
@@ -255,4 +264,4 @@ class ShardReader:
         return m[ref.video_offset : end]
 
     def __getstate__(self) -> dict:
-        return {"_pid": -1, "_maps": {}}
+        return {"_pid": -1, "_maps": {}, "remote": self.remote}

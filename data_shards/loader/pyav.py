@@ -386,7 +386,7 @@ class _PlanBatches(Dataset):
     def __len__(self) -> int:
         return self.plan.num_batches
 
-    def __getitem__(self, b: int) -> tuple[int, Batch | None, list[tuple[str, str, str]]]:
+    def __getitem__(self, b: int) -> tuple[int, Batch | None, list[tuple[str, str, str]], dict[str, int]]:
         spec, v = self.loader.spec, self.loader.spec.views_per_video
         n = len(self.plan.batch(b)[0])
         # each video decodes straight into its rows of the batch; a failed one leaves its rows to the next
@@ -397,8 +397,8 @@ class _PlanBatches(Dataset):
 
         got = self.loader.collect(self.plan, b, decode)
         if not got.idx:
-            return b, None, got.skipped
-        return b, {"video": video[: len(got.idx) * v], **self.loader.batch_meta(got)}, got.skipped
+            return b, None, got.skipped, got.io
+        return b, {"video": video[: len(got.idx) * v], **self.loader.batch_meta(got)}, got.skipped, got.io
 
 
 def _identity(x: Any) -> Any:
@@ -413,7 +413,7 @@ class PyAVLoader(VideoLoader):
     backend = "pyav"
 
     def __init__(self, refs: list[SampleRef], *, num_workers: int = 2, **kw: Any) -> None:
-        super().__init__(refs, **kw)
+        super().__init__(refs, prefetch_stride=max(1, num_workers), **kw)  # workers take batches in turn
         self.num_workers = num_workers
 
     def _batches(self, plan: EpochPlan) -> Iterator[tuple[int, Batch | None, list]]:
@@ -430,6 +430,9 @@ class PyAVLoader(VideoLoader):
         )
         it = iter(dl)
         try:
-            yield from it
+            for b, batch, skipped, io in it:
+                if self.num_workers:  # decoded in a worker: its storage counts travel with the batch
+                    self.add_io(io)
+                yield b, batch, skipped
         finally:
             del it

@@ -116,9 +116,17 @@ class MetricsLogger:
             self.excluded += time.perf_counter() - t
 
     def log(
-        self, step: int, *, epoch: int, samples: int, nonfinite: int, grad_norm: float | None
+        self,
+        step: int,
+        *,
+        epoch: int,
+        samples: int,
+        nonfinite: int,
+        grad_norm: float | None,
+        data: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """The window's averages and throughput at `step`; starts a new window."""
+        """The window's averages and throughput at `step`; starts a new window. `data`: the loader's running
+        counts (skipped samples, object-storage reads, cache hits, retries), logged as `data/<name>`."""
         n = max(self.steps, 1)
         elapsed = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         clips_s = self.steps * self.global_batch / elapsed
@@ -138,6 +146,7 @@ class MetricsLogger:
             **{
                 f"train/{k}": total / count if count else math.nan for k, (total, count) in self.extra.items()
             },
+            **{f"data/{k}": float(v) for k, v in (data or {}).items()},
         }
         self.tracker.log_metrics(metrics, step)
         self.bar.set_postfix(

@@ -154,6 +154,10 @@ class _Step:
     batch: Batch
 
 
+# the loader counts logged as data/<name> (`VideoLoader.stats`: skipped samples, object-storage traffic)
+LOADER_COUNTS = ("skipped", "remote_gets", "remote_bytes", "cache_hits", "storage_retries")
+
+
 class Trainer:
     """Builds the run in `__init__`; `train()` runs it; `evaluate()`, `save()` and `close()` are its parts."""
 
@@ -446,8 +450,18 @@ class Trainer:
             s = self.state
             grad_norm = self.engine.get_global_grad_norm()
             self.metrics.log(
-                s.step, epoch=s.epoch, samples=s.samples, nonfinite=s.nonfinite, grad_norm=grad_norm
+                s.step,
+                epoch=s.epoch,
+                samples=s.samples,
+                nonfinite=s.nonfinite,
+                grad_norm=grad_norm,
+                data=self._loader_counts(),
             )
+
+    def _loader_counts(self) -> dict[str, float]:
+        """This rank's train-loader counts a run should see: skipped samples, and reads from object storage."""
+        stats = getattr(self.train_loader, "stats", None) or {}
+        return {k: float(stats[k]) for k in LOADER_COUNTS if k in stats}
 
     def _checkpoint(self, outcome: Outcome | None) -> None:
         """Save at this step unless it is already saved, or the run finished with `save_final` off."""

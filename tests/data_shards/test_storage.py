@@ -81,9 +81,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         yield env
 
 
-def _build(source: Path, out: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+def _build(
+    folder: Path, out: str, env: dict[str, str], cwd: Path, source: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PY, "-m", "data_shards", "build", str(source / "labels.csv"), "--out", out, "--shard-samples", "5",
+        [PY, "-m", "data_shards", "build", source or str(folder / "labels.csv"), "--out", out, "--shard-samples", "5",
          "--val-fraction", "0.25", "--workers", "1"],
         cwd=cwd, env={**base_env(), **env}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -110,6 +112,13 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     for n in names:
         assert storage.read_bytes(storage.join(url, n)) == (local / n).read_bytes(), n
     assert "shards" in storage.listdir(storage.join(url, ".work"))  # the resume cache lives in the bucket
+
+    # the videos and their manifest in the bucket too: the same shards again
+    storage.upload(synth_vp9, "s3://shards/src")
+    from_bucket = _build(synth_vp9, "s3://shards/from-src", s3, tmp_path, source="s3://shards/src/labels.csv")
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    for n in names:
+        assert storage.read_bytes(storage.join("s3://shards/from-src", n)) == (local / n).read_bytes(), n
 
     v = subprocess.run([PY, "-m", "data_shards", "verify", url, "--decode"], env={**base_env(), **s3},
                        capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -145,3 +154,45 @@ def test_a_missing_bucket_or_wrong_key_is_a_clear_error(
     v = subprocess.run([PY, "-m", "data_shards", "verify", "s3://shards/demo/v1"], env={**base_env(), **bad},
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert v.returncode == 2 and "access denied" in v.stderr and "Traceback" not in v.stderr, v.stderr[-2000:]
+
+
+@needs_weed
+def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object_stops_the_loader(
+    s3: dict[str, str], synth_vp9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_shards.loader import LoaderError, SamplingSpec, build_loader
+    from data_shards.loader.index import list_split
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    storage._filesystem.cache_clear()
+    url = "s3://shards/cached"
+    assert _build(synth_vp9, url, s3, tmp_path).returncode == 0
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".999999999.deadbeef.partial").write_bytes(b"left by a crashed run")
+    sizes = [r.video_size for r in list_split(url, "train").refs]
+    bound = sum(sizes) // 2  # room for about half the split: eviction must happen
+    spec = SamplingSpec(frames=4, stride=2, size=32, train=True)
+
+    def epoch(e: int):
+        loader = build_loader(url, "train", batch_size=2, spec=spec, backend="pyav", num_workers=2, epoch=e,
+                              cache_dir=cache, cache_bytes=bound)  # fmt: skip
+        keys = [k for b in loader for k in b["key"]]
+        return loader, keys
+
+    first, keys1 = epoch(0)
+    assert not (cache / ".999999999.deadbeef.partial").exists()  # a dead writer's leftover is cleared
+    assert first.stats["remote_gets"] == len(keys1) and first.stats["remote_bytes"] > 0
+    used = sum(f.stat().st_size for f in cache.iterdir())
+    assert 0 < used <= bound
+    again, keys2 = epoch(0)  # the same epoch again: the same samples, some from the cache
+    assert keys2 == keys1 and again.stats["cache_hits"] > 0
+    assert again.stats["remote_gets"] + again.stats["cache_hits"] == len(keys1)
+    assert sum(f.stat().st_size for f in cache.iterdir()) <= bound
+
+    listing_first = build_loader(url, "train", batch_size=2, spec=spec, backend="pyav", num_workers=0)
+    shard = listing_first.refs[0].shard
+    storage.remove(shard)  # the object goes away after the split was listed
+    with pytest.raises(LoaderError, match=shard.replace("/", ".")):
+        list(listing_first)

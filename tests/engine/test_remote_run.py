@@ -75,6 +75,8 @@ def test_two_ranks_train_from_a_bucket_checkpoint_into_it_and_resume_exactly(
     local = tmp_path / "fetched"
     storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
     assert losses(local) == losses(straight), "a resume from the store is not exact"
+    rows = [json.loads(x) for x in (local / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data/remote_gets"] > 0 and r["data/storage_retries"] == 0 for r in rows if "loss" in r)
     assert storage.isfile(storage.join(url, "config.yaml"))
 
 

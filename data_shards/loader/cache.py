@@ -1,0 +1,163 @@
+"""Samples read from object storage: concurrent prefetch and an optional local cache bounded in bytes.
+
+`RemoteSamples` is what `ShardReader` uses for shards at a URL. Each sample is one ranged GET of its video
+member (the `.idx` byte range), retried on transient errors by `storage.retried`. `prefetch(refs)` starts the
+GETs of a batch (and the next one) on a small thread pool, so a worker decodes while the network works.
+
+The cache (`data.cache_dir`, `data.cache_bytes`) keeps sample bytes as files named by a hash of (shard URL,
+offset, size), least recently used first out. Before a file is added, older ones are deleted until the new
+total fits the bound, counted from the directory itself (so several workers and ranks sharing it stay within
+it, up to the samples being written at that moment). Files are written under a temporary name holding the
+writer's pid and renamed when complete; temporaries of dead processes are removed when a cache opens, so a
+crashed run leaves nothing that breaks the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from data_shards import storage
+
+log = logging.getLogger("data_shards.loader")
+
+PREFETCH_THREADS = int(os.environ.get("TUBELET_PREFETCH_THREADS", "8"))
+MAX_PENDING = 256  # prefetched samples held at most (a batch or two)
+IO_STATS = ("remote_gets", "remote_bytes", "cache_hits", "storage_retries")
+
+
+class SampleCache:
+    """Sample bytes on local disk, LRU, at most `max_bytes` in total."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"data.cache_bytes must be > 0 with data.cache_dir set, got {max_bytes}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        for f in self.root.glob(".*.partial"):  # a crashed writer's leftovers
+            pid = f.name.split(".")[1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                f.unlink(missing_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / hashlib.sha1(key.encode()).hexdigest()
+
+    def get(self, key: str) -> bytes | None:
+        p = self._path(key)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        os.utime(p)  # most recently used
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._make_room(len(data))
+            p = self._path(key)
+            tmp = p.with_name(f".{os.getpid()}.{p.name}.partial")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+
+    def _make_room(self, incoming: int) -> None:
+        files = []
+        for e in os.scandir(self.root):
+            if e.is_file() and not e.name.startswith("."):
+                st = e.stat()
+                files.append((st.st_mtime_ns, st.st_size, e.path))
+        total = sum(s for _, s, _ in files)
+        for _, size, path in sorted(files):  # oldest use first
+            if total + incoming <= self.max_bytes:
+                break
+            Path(path).unlink(missing_ok=True)
+            total -= size
+
+    def size(self) -> int:
+        return sum(
+            e.stat().st_size for e in os.scandir(self.root) if e.is_file() and not e.name.startswith(".")
+        )
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not pickle (spawned workers)
+        return {"root": self.root, "max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root, self.max_bytes, self._lock = state["root"], state["max_bytes"], threading.Lock()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RemoteSamples:
+    """Video members of shards at URLs: cache, then prefetched GET, then a GET now. Counts what it did in
+    `stats` (gets, bytes, cache hits, retries) for the loader's metrics."""
+
+    def __init__(self, cache: SampleCache | None = None) -> None:
+        self.cache = cache
+        self.stats = dict.fromkeys(IO_STATS, 0)
+        self._pid = os.getpid()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: OrderedDict[tuple[str, int, int], Future] = OrderedDict()
+
+    def _fresh(self) -> None:
+        """After a fork (a DataLoader worker): the parent's threads do not exist here."""
+        if self._pid != os.getpid():
+            self._pid, self._pool, self._pending = os.getpid(), None, OrderedDict()
+
+    def _fetch(self, shard: str, start: int, size: int) -> bytes:
+        key = f"{shard}:{start}:{size}"
+        if self.cache is not None and (data := self.cache.get(key)) is not None:
+            self.stats["cache_hits"] += 1
+            return data
+        before = storage.stats["retries"]
+        data = storage.read_bytes(shard, start, start + size)
+        self.stats["storage_retries"] += storage.stats["retries"] - before
+        self.stats["remote_gets"] += 1
+        self.stats["remote_bytes"] += len(data)
+        if self.cache is not None and len(data) == size:
+            self.cache.put(key, data)
+        return data
+
+    def prefetch(self, items: list[tuple[str, int, int]]) -> None:
+        """Start fetching (shard, offset, size) items not already under way."""
+        self._fresh()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="tubelet-prefetch")
+        for item in items:
+            if item not in self._pending:
+                self._pending[item] = self._pool.submit(self._fetch, *item)
+        while len(self._pending) > MAX_PENDING:  # the oldest were never asked for (a skipped batch)
+            self._pending.popitem(last=False)[1].cancel()
+
+    def read(self, shard: str, start: int, size: int) -> bytes:
+        self._fresh()
+        fut = self._pending.pop((shard, start, size), None)
+        return fut.result() if fut is not None else self._fetch(shard, start, size)
+
+    def take_stats(self) -> dict[str, int]:
+        """The counts since the last call (reset): a worker hands them to the main process with its batch."""
+        out, self.stats = self.stats, dict.fromkeys(self.stats, 0)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "stats": dict.fromkeys(self.stats, 0), "_pid": -1, "_pool": None,
+                "_pending": OrderedDict()}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
