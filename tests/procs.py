@@ -5,11 +5,16 @@ Shared by the engine and fine-tuning suites (imported by path: `tests/` is not a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +90,39 @@ def ok(result: subprocess.CompletedProcess | list[subprocess.CompletedProcess]) 
         assert r.returncode == 0, (
             f"exit {r.returncode}\n{(r.stdout or '')[-4000:]}\n{(r.stderr or '')[-4000:]}"
         )
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-CPU `ray start --head` cluster on 127.0.0.1 with `env` (its workers inherit it); yields its
+    address and the environment a client needs. `--block` keeps the head in its own process group, so
+    stopping it touches nothing else (`ray stop` would kill this process's own Ray too)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
+    env = {**env, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
+    port = str(free_port())
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", port,
+         "--num-cpus", "1", "--include-dashboard", "false", "--temp-dir", ray_tmp],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(int(port))
+        yield f"127.0.0.1:{port}", env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -6,17 +6,16 @@ import csv
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from pathlib import Path
 
 import av
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/procs.py
+from procs import ray_head
 
 from data_shards import format as fmt
 from data_shards.__main__ import main as cli
@@ -25,22 +24,6 @@ from data_shards.ingest import IngestOptions
 from data_shards.verify import verify
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
@@ -272,23 +255,8 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
 
     build_args = ["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--quiet"]
     assert cli([*build_args, "--out", str(tmp_path / "l")]) == 0  # this process's own (local) Ray is up
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
-    port = str(_free_port())
-    # --block keeps the head in the foreground of its own process group, so stopping it touches nothing
-    # else (`ray stop` kills every Ray process on the machine, this test process's own Ray included).
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", port,
-         "--num-cpus", "1", "--include-dashboard", "false", "--temp-dir", ray_tmp],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    _wait_for_port(int(port))
-    try:
-        client = [sys.executable, "-m", "data_shards", *build_args, "--ray-address", f"127.0.0.1:{port}"]
+    with ray_head({**os.environ}) as (address, env):
+        client = [sys.executable, "-m", "data_shards", *build_args, "--ray-address", address]
         ok = subprocess.run(
             [*client, "--out", str(tmp_path / "c")],
             env={**env, "RAY_AUTH_MODE": "token"},
@@ -305,13 +273,6 @@ def test_build_on_a_ray_cluster_started_with_ray_start(synth_vp9: Path, tmp_path
             timeout=180,
         )
         assert no_token.returncode == 1 and "RAY_AUTH_MODE=token" in no_token.stderr
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert _shard_hashes(tmp_path / "c") == _shard_hashes(tmp_path / "l")
     assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) >= 1
     assert ray.get(ray.remote(lambda: 42).remote()) == 42

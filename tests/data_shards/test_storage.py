@@ -14,7 +14,7 @@ import pytest
 from data_shards import storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/procs.py, tests/s3server.py
-from procs import PY, base_env
+from procs import PY, base_env, ray_head
 from s3server import make_bucket, s3_server, weed_binary
 
 
@@ -196,3 +196,27 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
     storage.remove(shard)  # the object goes away after the split was listed
     with pytest.raises(LoaderError, match=shard.replace("/", ".")):
         list(listing_first)
+
+
+@needs_weed
+@pytest.mark.slow  # ~60 s: a Ray cluster starts and stops
+def test_a_ray_cluster_builds_from_the_bucket_into_it_with_no_shared_folder(
+    s3: dict[str, str], synth_vp9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's workers run in Ray's own session folders: inputs, shards and the resume cache are all
+    in the bucket; the result is the local build's, byte for byte."""
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    storage._filesystem.cache_clear()
+    storage.upload(synth_vp9, "s3://shards/cluster-src")
+    local = tmp_path / "local"
+    assert _build(synth_vp9, str(local), s3, tmp_path).returncode == 0
+    with ray_head({**base_env(), **s3}) as (address, env):
+        r = subprocess.run(
+            [PY, "-m", "data_shards", "build", "s3://shards/cluster-src/labels.csv", "--out", "s3://shards/cluster",
+             "--shard-samples", "5", "--val-fraction", "0.25", "--ray-address", address],
+            env={**env, "RAY_AUTH_MODE": "token"}, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n in sorted(p.name for p in local.iterdir() if not p.name.startswith(".")):
+        assert storage.read_bytes(storage.join("s3://shards/cluster", n)) == (local / n).read_bytes(), n
