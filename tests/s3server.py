@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,8 +44,15 @@ def _free_pair() -> int:
     raise RuntimeError("no free port pair for SeaweedFS")
 
 
+class S3Env(dict):
+    """The AWS_* environment of a running server, and `restart(down_s)`: stop it, wait, start it again on the
+    same ports and data (an outage clients must ride through)."""
+
+    restart: Callable[[float], None]
+
+
 @contextmanager
-def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
+def s3_server(workdir: Path) -> Iterator[S3Env]:
     """Run SeaweedFS with an S3 gateway; yields the AWS_* environment for clients (endpoint, key, region)."""
     weed = weed_binary()
     if weed is None:
@@ -69,21 +76,30 @@ def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
     cmd = [
         weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-        "-s3", f"-s3.port={s3}", f"-s3.config={ident}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+        "-s3", f"-s3.port={s3}", f"-s3.config={ident}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-volume.max=0", "-master.volumeSizeLimitMB=64",
     ]  # fmt: skip
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-    }
+    env = S3Env(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3}",
+        AWS_ACCESS_KEY_ID=KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_REGION="us-east-1",
+    )
+    log = open(workdir / "weed.log", "ab")  # noqa: SIM115 - closed in finally
+    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+
+    def restart(down_s: float) -> None:
+        _stop(procs[-1])
+        time.sleep(down_s)
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_ready(env, procs[-1], workdir)
+
+    env.restart = restart
     try:
-        _wait_ready(env, proc, workdir)
+        _wait_ready(env, procs[-1], workdir)
         yield env
     finally:
-        _stop(proc)
+        _stop(procs[-1])
         log.close()
 
 
@@ -98,7 +114,8 @@ def _wait_ready(env: dict[str, str], proc: subprocess.Popen, workdir: Path, time
         if proc.poll() is not None:
             raise RuntimeError(f"weed exited: {(workdir / 'weed.log').read_text()[-2000:]}")
         try:
-            client.create_bucket(Bucket="ready-probe")
+            if "ready-probe" not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket="ready-probe")
             client.put_object(Bucket="ready-probe", Key="x", Body=b"x")
             return
         except Exception as e:

@@ -128,3 +128,33 @@ def test_fine_tune_from_a_pretraining_run_in_the_bucket_export_and_predict_from_
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)  # fmt: skip
     ok(r)
     assert json.loads(r.stdout.splitlines()[-1])["top"][0]["label"] in fmt.load_manifest(shards).classes
+
+
+@pytest.mark.slow  # ~50 s: the S3 server goes down for a few seconds mid-epoch
+def test_training_rides_through_an_s3_outage_mid_epoch(
+    s3, shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store restarts while a run reads its shards: reads are retried with backoff (counted in the
+    metrics), the run finishes with every step, nothing is skipped."""
+    import subprocess
+    import time
+
+    from engine_helpers import PY, REPO, base_env
+
+    _use(s3, monkeypatch)
+    if not storage.isfile("s3://data/shards/manifest.json"):
+        storage.upload(shards, "s3://data/shards")
+    run = tmp_path / "run"
+    args = tiny_args(run, "s3://data/shards", "train.steps=40")  # type: ignore[arg-type]
+    proc = subprocess.Popen([PY, "-m", "pretrain", *args], env={**base_env(), "RANK": "0", "WORLD_SIZE": "1"},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    s3.restart(4.0)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["data/storage_retries"] > 0 and rows[-1]["data/skipped"] == 0
