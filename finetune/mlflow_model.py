@@ -230,12 +230,14 @@ def log_model(
     _ensure_registered_model(client, register_as)
     # the source is the logged model's artifact location, not `models:/<id>`: MLflow's sqlite registry looks a
     # `models:/` source up through the process-wide tracking URI (its own TODO), which may be another store;
-    # the logged model is named by a tag instead
+    # the logged model is named by a tag too. `model_id` is what lets a tracking server with proxied artifacts
+    # (`--artifacts-destination s3://...`) accept the source: it must lie inside that logged model's location
     version = client.create_model_version(
         register_as,
         source=logged.artifact_location,
         run_id=run_id,
         tags={LOGGED_MODEL_TAG: logged.model_id},
+        model_id=logged.model_id,
     )
     return LoggedVideoModel(logged.model_id, str(version.version))
 
