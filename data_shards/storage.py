@@ -17,7 +17,6 @@ This is the bottom layer: it imports nothing from the project, and every package
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -69,23 +68,40 @@ def local_path(loc: Location) -> Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
-@functools.cache
+_clients: dict[str, Any] = {}
+_inherited: list[Any] = []  # a forked child's copies of its parent's clients: kept, never closed (see below)
+
+
 def _filesystem(protocol: str) -> Any:
-    import fsspec
+    """One client per protocol and process. s3fs reads AWS_* from the environment, as boto does; fsspec's own
+    instance cache is bypassed so `reset_clients()` really starts over (tests, a changed environment)."""
+    if protocol not in _clients:
+        import fsspec
 
-    try:
-        cls = fsspec.get_filesystem_class(protocol)
-    except (ValueError, ImportError) as e:
-        raise StorageError(
-            f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the box, "
-            "other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
-        ) from None
-    # s3fs reads AWS_* from the environment, as boto does; fsspec's own instance cache would keep a client
-    # made for another environment (our cache is cleared with it: tests, forked workers)
-    return cls(skip_instance_cache=True)
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as e:
+            raise StorageError(
+                f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the "
+                "box, other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
+            ) from None
+        _clients[protocol] = cls(skip_instance_cache=True)
+    return _clients[protocol]
 
 
-os.register_at_fork(after_in_child=_filesystem.cache_clear)  # a forked worker makes its own clients
+def reset_clients() -> None:
+    """Forget this process's clients: the next call makes new ones from the current environment."""
+    _clients.clear()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's client shares its pooled connections (sockets) with this child; closing it here would
+    # close them under the parent, whose next request would hang until its read timeout. Keep it, unused.
+    _inherited.append(dict(_clients))
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def filesystem(loc: Location) -> tuple[Any, str]:
@@ -253,6 +269,20 @@ def read_ranges(loc: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]
     fs, path = filesystem(loc)
     starts, ends = [a for a, _ in ranges], [b for _, b in ranges]
     return retried(os.fspath(loc), lambda: fs.cat_ranges([path] * len(ranges), starts, ends))
+
+
+def read_many(items: Sequence[tuple[Location, int, int]]) -> list[bytes]:
+    """Byte ranges [start, end) of several objects in one call: concurrent ranged GETs on the client's own
+    event loop for URLs (one caller thread: the async client is not shared between threads)."""
+    if not items:
+        return []
+    if not any(is_url(loc) for loc, _, _ in items):
+        return [read_bytes(loc, a, b) for loc, a, b in items]
+    first = os.fspath(items[0][0])
+    fs, _ = filesystem(first)
+    paths = [filesystem(loc)[1] for loc, _, _ in items]
+    starts, ends = [a for _, a, _ in items], [b for _, _, b in items]
+    return retried(first, lambda: fs.cat_ranges(paths, starts, ends))
 
 
 def open_read(loc: Location) -> Any:

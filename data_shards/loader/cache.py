@@ -27,7 +27,6 @@ from data_shards import storage
 
 log = logging.getLogger("data_shards.loader")
 
-PREFETCH_THREADS = int(os.environ.get("TUBELET_PREFETCH_THREADS", "8"))
 MAX_PENDING = 256  # prefetched samples held at most (a batch or two)
 IO_STATS = ("remote_gets", "remote_bytes", "cache_hits", "storage_retries")
 
@@ -105,50 +104,65 @@ def _alive(pid: int) -> bool:
 
 
 class RemoteSamples:
-    """Video members of shards at URLs: cache, then prefetched GET, then a GET now. Counts what it did in
-    `stats` (gets, bytes, cache hits, retries) for the loader's metrics."""
+    """Video members of shards at URLs: cache, then prefetched GETs, then a GET now. A batch is prefetched
+    as one call on a background thread (concurrent ranged GETs on the client's event loop). Counts what it
+    did in `stats` (gets, bytes, cache hits, retries) for the loader's metrics."""
 
     def __init__(self, cache: SampleCache | None = None) -> None:
         self.cache = cache
         self.stats = dict.fromkeys(IO_STATS, 0)
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: OrderedDict[tuple[str, int, int], Future] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, int, int], tuple[Future, int]] = OrderedDict()
 
     def _fresh(self) -> None:
-        """After a fork (a DataLoader worker): the parent's threads do not exist here."""
+        """After a fork (a DataLoader worker): the parent's thread does not exist here."""
         if self._pid != os.getpid():
             self._pid, self._pool, self._pending = os.getpid(), None, OrderedDict()
 
-    def _fetch(self, shard: str, start: int, size: int) -> bytes:
-        key = f"{shard}:{start}:{size}"
-        if self.cache is not None and (data := self.cache.get(key)) is not None:
-            self.stats["cache_hits"] += 1
-            return data
-        before = storage.stats["retries"]
-        data = storage.read_bytes(shard, start, start + size)
-        self.stats["storage_retries"] += storage.stats["retries"] - before
-        self.stats["remote_gets"] += 1
-        self.stats["remote_bytes"] += len(data)
-        if self.cache is not None and len(data) == size:
-            self.cache.put(key, data)
-        return data
+    def _fetch_many(self, items: list[tuple[str, int, int]]) -> list[bytes]:
+        out: list[bytes | None] = [None] * len(items)
+        missing = []
+        for i, (shard, start, size) in enumerate(items):
+            if self.cache is not None and (data := self.cache.get(f"{shard}:{start}:{size}")) is not None:
+                self.stats["cache_hits"] += 1
+                out[i] = data
+            else:
+                missing.append(i)
+        if missing:
+            before = storage.stats["retries"]
+            got = storage.read_many([(items[i][0], items[i][1], items[i][1] + items[i][2]) for i in missing])
+            self.stats["storage_retries"] += storage.stats["retries"] - before
+            for i, data in zip(missing, got):
+                shard, start, size = items[i]
+                self.stats["remote_gets"] += 1
+                self.stats["remote_bytes"] += len(data)
+                if self.cache is not None and len(data) == size:
+                    self.cache.put(f"{shard}:{start}:{size}", data)
+                out[i] = data
+        return out  # type: ignore[return-value]
 
     def prefetch(self, items: list[tuple[str, int, int]]) -> None:
-        """Start fetching (shard, offset, size) items not already under way."""
+        """Start fetching (shard, offset, size) items not already under way, as one background call."""
         self._fresh()
+        new = [item for item in dict.fromkeys(items) if item not in self._pending]
+        if not new:
+            return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="tubelet-prefetch")
-        for item in items:
-            if item not in self._pending:
-                self._pending[item] = self._pool.submit(self._fetch, *item)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tubelet-prefetch")
+        fut = self._pool.submit(self._fetch_many, new)
+        for i, item in enumerate(new):
+            self._pending[item] = (fut, i)
         while len(self._pending) > MAX_PENDING:  # the oldest were never asked for (a skipped batch)
-            self._pending.popitem(last=False)[1].cancel()
+            self._pending.popitem(last=False)
 
     def read(self, shard: str, start: int, size: int) -> bytes:
         self._fresh()
-        fut = self._pending.pop((shard, start, size), None)
-        return fut.result() if fut is not None else self._fetch(shard, start, size)
+        pending = self._pending.pop((shard, start, size), None)
+        if pending is not None:
+            fut, i = pending
+            return fut.result()[i]
+        return self._fetch_many([(shard, start, size)])[0]
 
     def take_stats(self) -> dict[str, int]:
         """The counts since the last call (reset): a worker hands them to the main process with its batch."""

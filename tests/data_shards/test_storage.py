@@ -97,7 +97,7 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
 ) -> None:
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
-    storage._filesystem.cache_clear()  # the client reads the endpoint from the environment when made
+    storage.reset_clients()  # the client reads the endpoint from the environment when made
     url = "s3://shards/demo/v1"
     r = _build(synth_vp9, url, s3, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -165,7 +165,7 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
 
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
-    storage._filesystem.cache_clear()
+    storage.reset_clients()
     url = "s3://shards/cached"
     assert _build(synth_vp9, url, s3, tmp_path).returncode == 0
     cache = tmp_path / "cache"
@@ -207,7 +207,7 @@ def test_a_ray_cluster_builds_from_the_bucket_into_it_with_no_shared_folder(
     in the bucket; the result is the local build's, byte for byte."""
     for k, v in s3.items():
         monkeypatch.setenv(k, v)
-    storage._filesystem.cache_clear()
+    storage.reset_clients()
     storage.upload(synth_vp9, "s3://shards/cluster-src")
     local = tmp_path / "local"
     assert _build(synth_vp9, str(local), s3, tmp_path).returncode == 0

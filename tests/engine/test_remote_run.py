@@ -32,7 +32,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 def _use(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    storage._filesystem.cache_clear()
+    storage.reset_clients()
 
 
 def _machines(root: Path):

@@ -46,7 +46,7 @@ def test_runs_models_and_registry_versions_live_in_the_bucket(
             assert f"registered as {NAME} version 1" in run.stdout, run.stdout[-3000:]
             for k, v in s3.items():
                 monkeypatch.setenv(k, v)
-            storage._filesystem.cache_clear()
+            storage.reset_clients()
             keys = storage.find("s3://mlflow/artifacts")
             assert any(k.endswith("MLmodel") for k in keys) and any(
                 k.endswith("model.safetensors") for k in keys
