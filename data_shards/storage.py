@@ -268,21 +268,36 @@ def read_ranges(loc: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]
             return out
     fs, path = filesystem(loc)
     starts, ends = [a for a, _ in ranges], [b for _, b in ranges]
-    return retried(os.fspath(loc), lambda: fs.cat_ranges([path] * len(ranges), starts, ends))
+    return retried(
+        os.fspath(loc), lambda: fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
+    )
 
 
-def read_many(items: Sequence[tuple[Location, int, int]]) -> list[bytes]:
+def read_many(items: Sequence[tuple[Location, int, int]]) -> list[bytes | OSError]:
     """Byte ranges [start, end) of several objects in one call: concurrent ranged GETs on the client's own
-    event loop for URLs (one caller thread: the async client is not shared between threads)."""
-    if not items:
-        return []
+    event loop for URLs (one caller thread: the async client is not shared between threads). An item that
+    fails is retried alone; one that still fails is returned as its error, naming its URL, so the caller
+    reports the sample it belongs to, not its batch."""
     if not any(is_url(loc) for loc, _, _ in items):
         return [read_bytes(loc, a, b) for loc, a, b in items]
     first = os.fspath(items[0][0])
     fs, _ = filesystem(first)
     paths = [filesystem(loc)[1] for loc, _, _ in items]
     starts, ends = [a for _, a, _ in items], [b for _, _, b in items]
-    return retried(first, lambda: fs.cat_ranges(paths, starts, ends))
+    got = fs.cat_ranges(paths, starts, ends, on_error="return")
+    out: list[bytes | OSError] = []
+    for (loc, a, b), r in zip(items, got):
+        if isinstance(r, BaseException):
+            try:
+                r = read_bytes(loc, a, b)
+            except OSError as e:
+                r = (
+                    type(e)(f"{os.fspath(loc)}: {e}")
+                    if isinstance(e, (FileNotFoundError, PermissionError))
+                    else e
+                )
+        out.append(r)
+    return out
 
 
 def open_read(loc: Location) -> Any:

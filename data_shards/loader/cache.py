@@ -120,8 +120,9 @@ class RemoteSamples:
         if self._pid != os.getpid():
             self._pid, self._pool, self._pending = os.getpid(), None, OrderedDict()
 
-    def _fetch_many(self, items: list[tuple[str, int, int]]) -> list[bytes]:
-        out: list[bytes | None] = [None] * len(items)
+    def _fetch_many(self, items: list[tuple[str, int, int]]) -> list[bytes | OSError]:
+        """Each item's bytes, or the error reading it (raised by `read` for that item only)."""
+        out: list[bytes | OSError | None] = [None] * len(items)
         missing = []
         for i, (shard, start, size) in enumerate(items):
             if self.cache is not None and (data := self.cache.get(f"{shard}:{start}:{size}")) is not None:
@@ -135,6 +136,9 @@ class RemoteSamples:
             self.stats["storage_retries"] += storage.stats["retries"] - before
             for i, data in zip(missing, got):
                 shard, start, size = items[i]
+                if isinstance(data, OSError):
+                    out[i] = data
+                    continue
                 self.stats["remote_gets"] += 1
                 self.stats["remote_bytes"] += len(data)
                 if self.cache is not None and len(data) == size:
@@ -161,8 +165,12 @@ class RemoteSamples:
         pending = self._pending.pop((shard, start, size), None)
         if pending is not None:
             fut, i = pending
-            return fut.result()[i]
-        return self._fetch_many([(shard, start, size)])[0]
+            data = fut.result()[i]
+        else:
+            data = self._fetch_many([(shard, start, size)])[0]
+        if isinstance(data, OSError):
+            raise data
+        return data
 
     def take_stats(self) -> dict[str, int]:
         """The counts since the last call (reset): a worker hands them to the main process with its batch."""
