@@ -85,7 +85,10 @@ def _filesystem(protocol: str) -> Any:
                 f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the "
                 "box, other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
             ) from None
-        _clients[protocol] = cls(skip_instance_cache=True)
+        try:  # no listings cache: another machine's writes (a checkpoint, its universal copy) must show at once
+            _clients[protocol] = cls(skip_instance_cache=True, use_listings_cache=False)
+        except TypeError:
+            _clients[protocol] = cls(skip_instance_cache=True)
     return _clients[protocol]
 
 

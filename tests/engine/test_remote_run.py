@@ -158,3 +158,23 @@ def test_training_rides_through_an_s3_outage_mid_epoch(
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert rows[-1]["data/storage_retries"] > 0 and rows[-1]["data/skipped"] == 0
+
+
+@pytest.mark.slow  # ~70 s: two elastic resumes through the store
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_elastic_resume_from_the_store_on_another_number_of_machines(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: int, after: int
+) -> None:
+    """Stopped on `before` ranks, resumed on `after` fresh machines: the universal checkpoint is made by rank 0
+    and reaches the others through the store; every step of the run is logged once."""
+    _use(s3, monkeypatch)
+    url = f"s3://runs/elastic-{before}-{after}"
+    args = tiny_args(url, shards, "train.steps=6", "deepspeed.zero_stage=2", "train.global_batch_size=4",
+                     "train.micro_batch_size=2")  # type: ignore[arg-type]  # fmt: skip
+    ok(run_ranks([*args, "train.stop_at=3", "checkpoint.every=3"], before, **_machines(tmp_path / "a")))
+    resumed = run_ranks([*args, "--resume", "auto"], after, **_machines(tmp_path / "b"))
+    ok(resumed)
+    assert storage.isfile(storage.join(url, "checkpoints", "step_00000003", "universal", "converted"))
+    local = tmp_path / "fetched"
+    storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
+    assert [s for s, _ in losses(local)] == list(range(1, 7))
