@@ -78,6 +78,13 @@ def _filesystem(protocol: str) -> Any:
     if protocol not in _clients:
         import fsspec
 
+        for name in (
+            "botocore",
+            "aiobotocore",
+            "s3fs",
+        ):  # their INFO lines (credentials found, ...) are noise
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+
         try:
             cls = fsspec.get_filesystem_class(protocol)
         except (ValueError, ImportError) as e:
@@ -85,10 +92,14 @@ def _filesystem(protocol: str) -> Any:
                 f"{protocol}:// locations are not supported here ({e}); local paths and s3:// work out of the "
                 "box, other protocols need their fsspec package (gcsfs for gs://, adlfs for az://)"
             ) from None
+        options: dict[str, Any] = {"skip_instance_cache": True}
+        parent = next((c[protocol] for c in reversed(_inherited) if protocol in c), None)
+        if getattr(parent, "session", None) is not None:  # a forked worker: the parent's loaded botocore
+            options["session"] = parent.session  # session (service models, credentials), not its connections
         try:  # no listings cache: another machine's writes (a checkpoint, its universal copy) must show at once
-            _clients[protocol] = cls(skip_instance_cache=True, use_listings_cache=False)
+            _clients[protocol] = cls(use_listings_cache=False, **options)
         except TypeError:
-            _clients[protocol] = cls(skip_instance_cache=True)
+            _clients[protocol] = cls(**options)
     return _clients[protocol]
 
 

@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     def report_best(task: ClassificationTask, result: RunResult) -> None:
         best = result.run_dir / BEST_DIR
         if task.best_step >= 0 and best.is_dir():
-            print(
-                f"[finetune] best model (val top-1 {task.best_top1:.4f} at step {task.best_step}): {best.resolve()}"
-            )
+            where = f"{result.location}/{BEST_DIR}" if result.location else best.resolve()
+            print(f"[finetune] best model (val top-1 {task.best_top1:.4f} at step {task.best_step}): {where}")
 
     return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best)
 

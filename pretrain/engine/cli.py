@@ -100,7 +100,9 @@ def is_main_rank() -> bool:
 
 
 def _print_result(result: RunResult, tag: str) -> None:
-    def show(p: Path) -> str:
+    def show(p: Path) -> str:  # a URL run directory is shown by its URL, not this machine's staging copy
+        if result.location and p.is_relative_to(result.run_dir):
+            return "/".join([result.location, *p.relative_to(result.run_dir).parts])
         return str(p.resolve())
 
     state = {

@@ -85,6 +85,7 @@ class RunResult:
     model_dir: Path | None
     tracking: str
     nonfinite_steps: int
+    location: str | None = None  # the run directory's URL when `run_dir` is this machine's staging copy
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,7 @@ class Trainer:
             model_dir,
             self.tracker.describe(),
             self.state.nonfinite,
+            self.mirror.url if self.mirror else None,
         )
 
     def train_step(self, batches: Iterator[Batch]) -> _Step | None:
