@@ -98,7 +98,7 @@ def _evaluate(argv: list[str]) -> int:
     p.add_argument("--experiment", default="tubelet-eval", help="for models that belong to no MLflow run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    from finetune.evaluate import comparison_table
+    from finetune.reports import comparison_table
 
     uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     results = [_evaluate_one(model, a, uri) for model in a.model]
@@ -109,7 +109,8 @@ def _evaluate(argv: list[str]) -> int:
 
 def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
     """Evaluate one model (a directory or a registry version), print it, log it to its MLflow run."""
-    from finetune.evaluate import evaluate_model_dir, log_to_mlflow
+    from finetune.evaluate import evaluate_model_dir
+    from finetune.reports import log_to_mlflow
 
     src = _resolve(model, uri)
     r = evaluate_model_dir(

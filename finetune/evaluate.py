@@ -1,19 +1,17 @@
 """Multi-view evaluation: the head's clip scores → per video (by key, padding ignored) → gathered over ranks.
 
 `python -m finetune evaluate --model DIR [--model DIR2 ...] --shards S --split test` works on any model
-directory (fine-tuned, merged or with a sidecar; an exported HF classifier after conversion) and writes
-top-1 / top-5, a per-class classification report, a confusion-matrix PNG and a JSON summary, logs them to
-MLflow, and with several `--model`s prints a comparison table (e.g. linear probe vs fine-tuned).
+directory (fine-tuned, merged or with a sidecar; an exported HF classifier after conversion) and scores it
+here; what it leaves (per-class report, confusion PNG, `metrics.json`, MLflow logging, the comparison table of
+several `--model`s) is `reports.py`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -103,69 +101,6 @@ def summarize(
     }
 
 
-def classification_report(
-    labels: torch.Tensor, preds: torch.Tensor, class_names: list[str]
-) -> tuple[list[dict[str, Any]], np.ndarray, str]:
-    """Per-class precision / recall / F1 / support, the confusion matrix [true, pred], and a text table."""
-    k = len(class_names)
-    cm = np.zeros((k, k), dtype=np.int64)
-    for t, p in zip(labels.tolist(), preds.tolist()):
-        cm[t, p] += 1
-    rows = []
-    for i, name in enumerate(class_names):
-        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
-        prec = tp / predicted if predicted else 0.0
-        rec = tp / support if support else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        rows.append(
-            {
-                "class": name,
-                "precision": float(prec),
-                "recall": float(rec),
-                "f1": float(f1),
-                "support": int(support),
-            }
-        )
-    width = max(12, *(len(n) for n in class_names))
-    lines = [f"{'class':<{width}} precision  recall      f1  support"]
-    for r in rows:
-        lines.append(
-            f"{r['class']:<{width}} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:7.3f} {r['support']:8d}"
-        )
-    sup = cm.sum()
-    macro = {m: float(np.mean([r[m] for r in rows])) for m in ("precision", "recall", "f1")}
-    lines.append(
-        f"{'macro avg':<{width}} {macro['precision']:9.3f} {macro['recall']:7.3f} {macro['f1']:7.3f} {sup:8d}"
-    )
-    return rows, cm, "\n".join(lines)
-
-
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.6 * k))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), class_names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="black")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------- model dirs
-
-
 def label_mapping(
     model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any
 ) -> torch.Tensor | None:
@@ -250,116 +185,7 @@ def evaluate_model_dir(
     }
     if m["n"] and rank == 0:
         out = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
+        from finetune.reports import write_report
+
         write_report(result, m, list(names), out, f"{Path(model_dir).name} {split}", head)
     return result
-
-
-def write_report(
-    result: dict[str, Any],
-    m: dict[str, Any],
-    names: list[str],
-    out: Path,
-    title: str,
-    head: Head = HEADS[DEFAULT_HEAD],
-) -> None:
-    """Per-class report, confusion PNG and metrics.json into `out` (videos whose class the model does not
-    know are left out of the per-class table; they count as errors in top-1)."""
-    known = m["labels"] >= 0
-    preds = head.predictions(m["probs"])
-    rows, cm, text = classification_report(m["labels"][known], preds[known], names)
-    result.update(per_class=rows, report=text, confusion=cm.tolist(), out_dir=str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(cm, names, out / "confusion.png", f"{title} top-1 {m['top1']:.3f}")
-    (out / "report.txt").write_text(text + "\n")
-    (out / "metrics.json").write_text(
-        json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1) + "\n"
-    )
-
-
-def eval_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
-    """`{prefix}/top1`, `/top5`, `/n` and per-class `{prefix}/{precision,recall,f1}/{class}`."""
-    metrics = {
-        f"{prefix}/top1": result["top1"],
-        f"{prefix}/top5": result["top5"],
-        f"{prefix}/n": float(result["n"]),
-    }
-    for r in result.get("per_class", []):
-        for m in ("precision", "recall", "f1"):
-            metrics[f"{prefix}/{m}/{r['class']}"] = r[m]
-    return metrics
-
-
-def metric_prefix(model_dir: Path, split: str) -> str:
-    """`test` for the model a run reports (its best, or its only one); `test_final` for `RUN/model` when the
-    run also kept `RUN/best`, so evaluating both does not overwrite one with the other."""
-    has_best = (model_dir.parent / "best" / "config.json").is_file()
-    return f"{split}_final" if model_dir.name == "model" and has_best else split
-
-
-def log_to_mlflow(
-    result: dict[str, Any], experiment: str, uri: str | None, run: tuple[str, str] | None = None
-) -> str:
-    """Log a test evaluation: into the fine-tuning run the model belongs to (`run` = (store URI, run id), from
-    `RUN/mlflow_run.json` or the registry), as `test/*` metrics + report + confusion PNG, so the runs table
-    compares fine-tunes side by side; else into a new run named after the model (`RUN_NAME/best`)."""
-    model = Path(result["model_dir"])
-    if run is not None and (uri is None or uri == run[0]):
-        return _log_into_run(result, model, *run)
-    from pretrain.engine.config import TrackingConfig
-    from pretrain.engine.tracking import Tracker, default_uri
-
-    out = Path(result["out_dir"])
-    name = f"{model.resolve().parent.name}/{model.name}"
-    cfg = TrackingConfig(experiment=experiment, uri=uri or default_uri(model.resolve().parent), run_name=name)
-    tracker = Tracker(cfg, out, True)
-    tracker.log_params(
-        {
-            "model": result["model"],
-            "model_dir": result["model_dir"],
-            "split": result["split"],
-            "views": result["views"],
-            "method": result["method"],
-        }
-    )
-    tracker.log_metrics(eval_metrics(result, result["split"]), 0)
-    for f in ("confusion.png", "report.txt", "metrics.json"):
-        tracker.log_artifact(out / f, "eval")
-    tracker.close()
-    return tracker.describe()
-
-
-def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) -> str:
-    """Metrics at the model's training step, tags, and the report files under `eval/<model>_<split>/`."""
-    import time
-    import warnings
-
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    from finetune.model_dir import model_extra
-
-    split, out = result["split"], Path(result["out_dir"])
-    prefix = metric_prefix(model, split)
-    step = int(model_extra(model).get("step") or 0)
-    now = int(time.time() * 1000)
-    try:
-        client = MlflowClient(uri)
-        metrics = [Metric(k, float(v), now, step) for k, v in eval_metrics(result, prefix).items()]
-        tags = [RunTag(f"{prefix}.views", str(result["views"])), RunTag(f"{prefix}.model", str(model))]
-        client.log_batch(run_id, metrics=metrics, tags=tags)
-        for f in ("confusion.png", "report.txt", "metrics.json"):
-            client.log_artifact(run_id, str(out / f), f"eval/{model.name}_{split}")
-    except Exception as e:  # the evaluation itself is done and written; MLflow is best effort
-        warnings.warn(f"MLflow logging into run {run_id} at {uri} failed: {e}", stacklevel=2)
-        return f"MLflow: not logged ({type(e).__name__}); the report is in {out}"
-    return f"MLflow: {prefix}/* metrics and eval/{model.name}_{split}/ logged into the fine-tuning run {run_id} at {uri}"
-
-
-def comparison_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'model':<40} {'method':<8} {'views':<6} {'videos':>6} {'top-1':>7} {'top-5':>7}"]
-    for r in results:
-        name = str(r["model"])[-40:]
-        lines.append(
-            f"{name:<40} {r.get('method') or '-':<8} {r['views']:<6} {r['n']:>6d} {100 * r['top1']:6.1f}% {100 * r['top5']:6.1f}%"
-        )
-    return "\n".join(lines)

@@ -118,7 +118,7 @@ FINETUNE_LAYERS: dict[str, tuple[str, ...]] = {
         "continual.config", "continual.strategies", "continual.memory", "continual.metrics", "continual.regularize",
     ),
     "artifacts": ("init", "model_dir", "export", "onnx_export"),
-    "inference": ("predict", "evaluate", "embed"),
+    "inference": ("predict", "evaluate", "reports", "embed"),
     "lifecycle": ("mlflow_model", "pyfunc_entry", "serve"),
     "training": ("task", "continual.task", "continual.run"),
     "cli": ("cli", "__main__"),

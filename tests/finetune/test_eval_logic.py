@@ -11,8 +11,9 @@ import torch
 
 from finetune.augment import mix_batch
 from finetune.config import AugmentSection, FinetuneConfig
-from finetune.evaluate import average_per_video, classification_report, summarize
+from finetune.evaluate import average_per_video, summarize
 from finetune.heads import SingleLabelHead
+from finetune.reports import classification_report
 from finetune.task import ClassificationTask
 from pretrain.engine import load_config
 
