@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from data_shards import storage
 from pretrain.engine import ConfigError, EngineConfig, require, resume_key
 from pretrain.models import MAEConfig, VideoViTConfig
 
@@ -37,6 +38,8 @@ class DataSection:
         require(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction must be in [0, 1]")
         require(self.num_workers >= 0, "data.num_workers must be >= 0")
         require(self.cache_bytes > 0, "data.cache_bytes must be > 0 (bytes)")
+        if self.shards and self.backend != "synthetic":
+            storage.check_access(self.shards)  # a missing bucket or refused credentials: now, not in a loader
 
 
 @dataclass

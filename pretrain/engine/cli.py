@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from data_shards import storage
+
 from .config import ConfigError, EngineConfig, load_config
 from .dist import env_world_size, launched
 from .task import Task
@@ -52,6 +54,9 @@ def guarded(fn: Callable[[], R]) -> tuple[int, R | None]:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return EXIT_TRAINING_STOPPED, None
+    except storage.StorageError as e:  # a URL that cannot be used: a missing bucket, refused credentials
+        print(f"storage error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR, None
 
 
 def train_command(
