@@ -5,6 +5,7 @@ the store; `--resume auto` continues from the store bit-exactly; retention delet
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,37 @@ def test_elastic_resume_from_the_store_on_another_number_of_machines(
     local = tmp_path / "fetched"
     storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
     assert [s for s, _ in losses(local)] == list(range(1, 7))
+
+
+@pytest.mark.slow  # ~40 s
+def test_a_killed_run_resumes_from_the_newest_complete_checkpoint_in_the_store(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL mid-run (no chance to save): `--resume auto` on a fresh machine continues from the newest
+    checkpoint whose marker reached the store, and the run ends with every step logged."""
+    import signal
+    import subprocess
+    import time
+
+    from engine_helpers import PY, REPO, base_env
+
+    _use(s3, monkeypatch)
+    url = "s3://runs/killed"
+    args = tiny_args(url, shards, "train.steps=30", "checkpoint.every=4")  # type: ignore[arg-type]
+    env = {**base_env(), "RANK": "0", "WORLD_SIZE": "1", "TUBELET_CACHE": str(tmp_path / "a")}
+    proc = subprocess.Popen([PY, "-m", "pretrain", *args], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and not storage.isfile(
+        storage.join(url, "checkpoints", "step_00000008", "complete")
+    ):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [t for t in storage.listdir(storage.join(url, "checkpoints")) if t.startswith("step_")]
+    assert done and not storage.isfile(storage.join(url, "checkpoints", "step_00000030", "complete"))
+    ok(run_ranks([*args, "--resume", "auto"], 1, **_machines(tmp_path / "b")))
+    local = tmp_path / "fetched"
+    storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
+    steps = [s for s, _ in losses(local)]
+    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)  # steps after the last checkpoint run again
