@@ -213,3 +213,45 @@ def test_a_killed_run_resumes_from_the_newest_complete_checkpoint_in_the_store(
     storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
     steps = [s for s, _ in losses(local)]
     assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)  # steps after the last checkpoint run again
+
+
+@pytest.mark.slow  # ~60 s
+def test_torchrun_two_nodes_sharing_only_the_endpoint(
+    s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchrun --nnodes 2` on two loopback addresses, each node in its own empty working directory with its
+    own cache: shards and run directory in the bucket, paused and resumed, the same losses as one machine."""
+    import subprocess
+    import uuid
+
+    import loopback
+    from engine_helpers import PY, base_env, free_port
+    from procs import wait_all
+
+    _use(s3, monkeypatch)
+    if not storage.isfile("s3://data/shards/manifest.json"):
+        storage.upload(shards, "s3://data/shards")
+    common = [f"train.steps={STEPS}", "deepspeed.zero_stage=2"]
+    straight = tmp_path / "straight"
+    ok(run_ranks(tiny_args(straight, shards, *common), 2))
+    url, mark = "s3://runs/torchrun", uuid.uuid4().hex
+    args = tiny_args(url, "s3://data/shards", *common)  # type: ignore[arg-type]
+
+    def launch(extra: list[str], attempt: str) -> list[subprocess.CompletedProcess]:
+        torchrun, port, procs = Path(PY).with_name("torchrun"), free_port(), []
+        for node, addr in enumerate(loopback.HOSTS):
+            home = tmp_path / attempt / f"node{node}"
+            home.mkdir(parents=True)
+            cmd = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"{mark}{attempt}", "--local-addr", addr,
+                   "-m", "pretrain", *args, *extra]  # fmt: skip
+            env = {**base_env(), "TUBELET_CACHE": str(home / "cache")}
+            procs.append(subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        return wait_all(procs)
+
+    ok(launch(["train.stop_at=3", "checkpoint.every=3"], "first"))
+    ok(launch(["--resume", "auto"], "second"))
+    local = tmp_path / "fetched"
+    storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
+    assert losses(local) == losses(straight)
