@@ -15,13 +15,15 @@ Two sets, same classes (the direction / kind of motion), 400 videos each, 32 px,
 70 / 15 / 15:
 
 - `demo`: `synth` domain 0 (the demo's data), seed 0;
-- `shifted`: `synth --domain 2 --seed 1` ("stripes": diagonal two-colour stripes instead of the smooth pastel
-  background, darker shapes, 1.5× faster motion) — other clips (seed 1) in another look.
+- `shifted`: `synth --domain 3 --seed 1` ("sepia": brown-grey tones instead of colour, a coarser background
+  texture, 0.7× slower motion) — other clips (seed 1) in another look. (`--domain 2`, "stripes": high-contrast
+  shapes moving 1.5× faster, is easier than the demo set: the tiny ViT from scratch and pretrained both reached
+  100.0 % test top-1 on each of 3 seeds there, so it cannot tell the rows apart.)
 
 Protocol (transfer): the masked pretraining runs **once, on the demo set's train split only** (the demo's
 config: tiny MAE, 1500 steps × 32 clips, no labels). On each set every row is fine-tuned on that set's train
 split (best model by its val split) and tested on its test split, so on `shifted` the pretrained ViT transfers
-a representation learned on domain 0 to domain 2, while the scratch rows train on domain 2 directly. On the
+a representation learned on domain 0 to domain 3, while the scratch rows train on domain 3 directly. On the
 shifted set run the rows the comparison needs (`SHIFTED`: ViT scratch and pretrained full, R(2+1)D, TAda2D, the
 two dynamic R(2+1)D); the PEFT and CNN+GRU rows run on the demo set only.
 
@@ -249,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=400, help="videos per set")
     p.add_argument("--shards", type=Path, default=None, help="existing demo shard folder (train/val/test)")
     p.add_argument("--shifted-shards", type=Path, default=None, help="existing domain-shifted shard folder")
-    p.add_argument(
-        "--domain", type=int, default=2, help="synth --domain of the shifted set (default 2: stripes)"
-    )
+    p.add_argument("--domain", type=int, default=3, help="synth --domain of the shifted set (3: sepia)")
     p.add_argument("--sets", default="demo,shifted", help="comma-separated: demo, shifted")
     p.add_argument("--pretrain", type=Path, default=None, help="existing pretraining run dir")
     p.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         if (only is None or r[0] in only) and (w == "demo" or r[0] in SHIFTED)
     ]
 
-    shards = {"demo": a.shards or a.work / "shards", "shifted": a.shifted_shards or a.work / "shards_shifted"}
+    shards = {
+        "demo": a.shards or a.work / "shards",
+        "shifted": a.shifted_shards or a.work / f"shards_domain{a.domain}",
+    }
     make_shards(shards["demo"], a.work, a.videos, 0, 0)  # the pretraining reads the demo set in any case
     if "shifted" in sets:
         make_shards(shards["shifted"], a.work, a.videos, a.domain, 1)
