@@ -29,8 +29,9 @@ two dynamic R(2+1)D); the PEFT and CNN+GRU rows run on the demo set only.
 
 Full fine-tunes run with `--seeds` seeds each (small-budget training from scratch varies a lot between
 seeds), the PEFT methods with the first. Reported in one table: per set and row, the mean test top-1 and each
-seed's, total parameters, trainable %, and the fine-tune wall time per seed (one process: start-up, training,
-its val evaluations, export; the test evaluation not included). The pretraining's wall time is printed once: it
+seed's, total parameters, analytic forward MFLOPs per clip (backbone + head: the stable cost), trainable %, and
+the fine-tune wall time per seed (one process: start-up, training, its val evaluations, export; the test
+evaluation not included; on a shared machine it varies severalfold between identical runs). The pretraining's wall time is printed once: it
 is the pretrained rows' extra cost. Not in the default test run; about an hour on 2 cores:
 
     .venv/bin/python tests/bench/bench_finetune.py [--work /tmp/ftbench] [--steps 300] [--videos 400]
@@ -182,8 +183,19 @@ def make_shards(out: Path, work: Path, videos: int, domain: int, seed: int) -> N
         "--val-fraction", "0.15", "--test-fraction", "0.15", "--quiet"], work / f"build_{out.name}.log")  # fmt: skip
 
 
+def forward_mflops(model: Path) -> float:
+    """Analytic forward MFLOPs of one clip through a model directory's classifier (backbone + head)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from pretrain.models.flops import classifier_forward_flops_per_clip
+    from pretrain.models.io import read_model_config
+
+    return classifier_forward_flops_per_clip(read_model_config(model)[1]) / 1e6
+
+
 def finetune_row(a: argparse.Namespace, where: str, shards: Path, pre: Path, row: tuple) -> list[tuple]:
-    """Every seed of one row on one set -> (set, name, seed, trainable %, top-1, videos, wall s, parameters)."""
+    """Every seed of one row on one set -> (set, name, seed, trainable %, top-1, videos, wall s, parameters,
+    forward MFLOPs per clip)."""
     name, pretrained, method, extra = row
     out = []
     for seed in range(a.seeds if method == "full" else 1):
@@ -197,7 +209,19 @@ def finetune_row(a: argparse.Namespace, where: str, shards: Path, pre: Path, row
         res = evaluate(run / "model", shards)
         info = json.loads((run / "model" / "config.json").read_text())["extra"]["finetune"]
         total = round(info["trainable_params"] * 100 / info["trainable_pct"])
-        out.append((where, name, seed, info["trainable_pct"], res["top1"], res["n"], t, total))
+        out.append(
+            (
+                where,
+                name,
+                seed,
+                info["trainable_pct"],
+                res["top1"],
+                res["n"],
+                t,
+                total,
+                forward_mflops(run / "model"),
+            )
+        )
         print(f"{where:<8} {name:<20} seed {seed}  trainable {info['trainable_pct']:7.3f}%  "
               f"test top-1 {100 * res['top1']:5.1f}%  ({t:.0f} s)", flush=True)  # fmt: skip
     return out
@@ -211,7 +235,7 @@ def report(
           f"2 clips × 1 crop; demo = synth domain 0 seed 0, shifted = synth --domain {a.domain} --seed 1; "
           f"pretraining on the demo train split only: "
           + (f"{pretrain_s:.0f} s" if pretrain_s is not None else "reused"))  # fmt: skip
-    print(f"{'set':<8} {'run':<20} {'model':<30} {'params':>8} {'trainable':>10} {'top-1 mean':>10} "
+    print(f"{'set':<8} {'run':<20} {'model':<30} {'params':>8} {'MFLOPs':>6} {'trainable':>10} {'top-1 mean':>10} "
           f"{'per seed':>21} {'wall s/seed':>11} {'videos':>6}")  # fmt: skip
     mean: dict[tuple[str, str], float] = {}
     for where, name in dict.fromkeys((r[0], r[1]) for r in rows):
@@ -219,7 +243,7 @@ def report(
         mean[where, name] = statistics.mean(r[4] for r in mine)
         per_seed = " / ".join(f"{100 * r[4]:.1f}" for r in mine)
         wall = statistics.mean(r[6] for r in mine)
-        print(f"{where:<8} {name:<20} {LABELS[name]:<30} {mine[0][7]:>8,d} {mine[0][3]:9.3f}% "
+        print(f"{where:<8} {name:<20} {LABELS[name]:<30} {mine[0][7]:>8,d} {mine[0][8]:>6.1f} {mine[0][3]:9.3f}% "
               f"{100 * mean[where, name]:9.1f}% {per_seed:>21} {wall:>11.0f} {mine[0][5]:>6d}")  # fmt: skip
     return mean
 
