@@ -193,37 +193,33 @@ def forward_mflops(model: Path) -> float:
     return classifier_forward_flops_per_clip(read_model_config(model)[1]) / 1e6
 
 
-def finetune_row(a: argparse.Namespace, where: str, shards: Path, pre: Path, row: tuple) -> list[tuple]:
-    """Every seed of one row on one set -> (set, name, seed, trainable %, top-1, videos, wall s, parameters,
-    forward MFLOPs per clip)."""
+def finetune_run(a: argparse.Namespace, where: str, shards: Path, pre: Path, row: tuple, seed: int) -> tuple:
+    """One seed of one row on one set -> (set, name, seed, trainable %, top-1, videos, wall s, parameters,
+    forward MFLOPs per clip). A run dir holding `bench.json` from the same settings is read back, not rerun:
+    an interrupted benchmark resumes where it stopped."""
     name, pretrained, method, extra = row
-    out = []
-    for seed in range(a.seeds if method == "full" else 1):
-        run = a.work / "runs" / where / f"{name.replace('/', '_')}_s{seed}"
+    run = a.work / "runs" / where / f"{name.replace('/', '_')}_s{seed}"
+    cmd = [PY, "-m", "finetune", "--config", str(REPO / "finetune/configs/tiny_cpu.yaml"),
+           f"data.shards={shards}", f"train.run_dir={run}", f"finetune.init={pre if pretrained else 'null'}",
+           f"finetune.method={method}", f"train.steps={a.steps}", f"train.seed={seed}", "tracking.enabled=false",
+           *extra]  # fmt: skip
+    done = run / "bench.json"
+    if done.is_file() and json.loads(done.read_text())["cmd"] == cmd[1:]:
+        out = tuple(json.loads(done.read_text())["row"])
+        tag = "read back"
+    else:
         shutil.rmtree(run, ignore_errors=True)
         run.parent.mkdir(parents=True, exist_ok=True)
-        t = sh([PY, "-m", "finetune", "--config", str(REPO / "finetune/configs/tiny_cpu.yaml"),
-                f"data.shards={shards}", f"train.run_dir={run}", f"finetune.init={pre if pretrained else 'null'}",
-                f"finetune.method={method}", f"train.steps={a.steps}", f"train.seed={seed}",
-                "tracking.enabled=false", *extra], run.parent / f"{run.name}.log")  # fmt: skip
+        t = sh(cmd, run.parent / f"{run.name}.log")
         res = evaluate(run / "model", shards)
         info = json.loads((run / "model" / "config.json").read_text())["extra"]["finetune"]
         total = round(info["trainable_params"] * 100 / info["trainable_pct"])
-        out.append(
-            (
-                where,
-                name,
-                seed,
-                info["trainable_pct"],
-                res["top1"],
-                res["n"],
-                t,
-                total,
-                forward_mflops(run / "model"),
-            )
-        )
-        print(f"{where:<8} {name:<20} seed {seed}  trainable {info['trainable_pct']:7.3f}%  "
-              f"test top-1 {100 * res['top1']:5.1f}%  ({t:.0f} s)", flush=True)  # fmt: skip
+        pct, mflops = info["trainable_pct"], forward_mflops(run / "model")
+        out = (where, name, seed, pct, res["top1"], res["n"], t, total, mflops)
+        done.write_text(json.dumps({"cmd": cmd[1:], "row": out}))
+        tag = f"{t:.0f} s"
+    print(f"{where:<8} {name:<20} seed {seed}  trainable {out[3]:7.3f}%  test top-1 {100 * out[4]:5.1f}%  ({tag})",
+          flush=True)  # fmt: skip
     return out
 
 
@@ -288,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sets: unknown {sorted(unknown)}; choose from {SETS}")
     a.work.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
+    # seed-major: every row's seed 0 first (a stopped run has the whole comparison on one seed), then seed 1 ...
     plan = [
-        (w, r)
+        (w, r, seed)
         for w in sets
+        for seed in range(a.seeds)
         for r in RUNS
-        if (only is None or r[0] in only) and (w == "demo" or r[0] in SHIFTED)
+        if (only is None or r[0] in only)
+        and (w == "demo" or r[0] in SHIFTED)
+        and (seed == 0 or r[2] == "full")
     ]
 
     shards = {
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if "shifted" in sets:
         make_shards(shards["shifted"], a.work, a.videos, a.domain, 1)
     pre, pretrain_s = a.pretrain or a.work / "pretrain", None
-    if any(r[1] for _, r in plan) and not (pre / "checkpoints").is_dir():
+    if any(r[1] for _, r, _ in plan) and not (pre / "checkpoints").is_dir():
         steps = [f"train.steps={a.pretrain_steps}"] if a.pretrain_steps else []
         pretrain_s = sh([PY, "-m", "pretrain", "--config", str(REPO / "pretrain/configs/tiny_cpu.yaml"),
                          f"data.shards={shards['demo']}", f"train.run_dir={pre}", "train.visualize_every=0",
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretraining (demo set, train split): {pretrain_s:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    rows = [r for where, row in plan for r in finetune_row(a, where, shards[where], pre, row)]
+    rows = [finetune_run(a, where, shards[where], pre, row, seed) for where, row, seed in plan]
     mean = report(rows, a, pretrain_s)
     print(f"fine-tunes + evaluations: {time.perf_counter() - t0:.0f} s")
     print(summary(mean, a))
