@@ -32,7 +32,7 @@ seeds), the PEFT methods with the first. Reported in one table: per set and row,
 seed's, total parameters, analytic forward MFLOPs per clip (backbone + head: the stable cost), trainable %, and
 the fine-tune wall time per seed (one process: start-up, training, its val evaluations, export; the test
 evaluation not included; on a shared machine it varies severalfold between identical runs). The pretraining's wall time is printed once: it
-is the pretrained rows' extra cost. Not in the default test run; about an hour on 2 cores:
+is the pretrained rows' extra cost. Not in the default test run; 30–60 min on 2 cores (43 fine-tunes):
 
     .venv/bin/python tests/bench/bench_finetune.py [--work /tmp/ftbench] [--steps 300] [--videos 400]
     .venv/bin/python tests/bench/bench_finetune.py --shards S --pretrain RUN_DIR   # reuse existing ones
