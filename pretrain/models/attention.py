@@ -108,13 +108,16 @@ class Attention(nn.Module):
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, keep_last: int | None = None) -> torch.Tensor:
+        """``keep_last=M``: outputs for the last M tokens only (queries of those, keys/values of all)."""
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv_BN3D = F.linear(x_BND, self.qkv.weight, bias)
-        q_BHND, k_BHND, v_BHND = rearrange(
-            qkv_BN3D, "b n (three h d) -> three b h n d", three=3, h=self.num_heads
-        )
+        qkv_BN3HD = F.linear(x_BND, self.qkv.weight, bias).unflatten(-1, (3, self.num_heads, -1))
+        # split on the ``three`` axis in place: backward stacks the q/k/v gradients straight into the
+        # [B, N, 3, H, D] layout the Linear's backward reads (no extra permute copy)
+        q_BHND, k_BHND, v_BHND = (t_BNHD.transpose(1, 2) for t_BNHD in qkv_BN3HD.unbind(2))
+        if keep_last is not None:
+            q_BHND = q_BHND[:, :, q_BHND.shape[2] - keep_last :]
         out_BHND = attend(q_BHND, k_BHND, v_BHND, self.attn_impl)
         return self.proj(rearrange(out_BHND, "b h n d -> b n (h d)"))

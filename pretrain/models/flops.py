@@ -1,8 +1,8 @@
 """Analytic FLOPs of the masked autoencoder and of the classifiers, for throughput / MFU reporting.
 
 Convention (the one ``torch.utils.flop_counter`` and the MFU literature use): a matmul of [m,k]×[k,n]
-costs 2·m·k·n FLOPs (multiply + add); counted are all Linear layers, the tubelet Conv3d, and the two
-attention matmuls QKᵀ and AV. Norms, softmax, GELU, biases and the loss are ignored (<1% at ViT sizes).
+costs 2·m·k·n FLOPs (multiply + add); counted are all Linear layers, the tubelet embedding (a Conv3d; in
+the MAE a Linear on the visible tokens only) and the two attention matmuls QKᵀ and AV. Norms, softmax, GELU, biases and the loss are ignored (<1% at ViT sizes).
 A conv costs 2·C_in·C_out·prod(kernel)·prod(output size); a GRU/LSTM step costs its input and recurrent
 matmuls (3 or 4 gates). Dynamic convolutions add their route / attention MLPs and (kernel mixture) the mixing
 of the K kernels per clip; pooling, softmax and the calibration's elementwise products are ignored. Training = 3 × forward (backward costs two matmuls per forward matmul), without
@@ -27,7 +27,16 @@ from .video_resnet import VideoResNetConfig, block_mid_channels
 from .vit import VideoViTConfig
 
 
-def _blocks_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> int:
+def _blocks_flops(n_tokens: int, dim: int, hidden: int, depth: int, n_out: int | None = None) -> int:
+    """``depth`` blocks over ``n_tokens``; with ``n_out`` the last one computes only ``n_out`` outputs
+    (queries, projection and MLP of those rows; keys/values of all: the MAE decoder's last block)."""
+    if n_out is not None and depth:
+        last = (
+            2 * n_tokens * dim * 3 * dim
+            + 2 * n_out * dim * (dim + 2 * hidden)
+            + 2 * 2 * n_out * n_tokens * dim
+        )
+        return _blocks_flops(n_tokens, dim, hidden, depth - 1) + last
     linear = 2 * n_tokens * dim * (3 * dim + dim + 2 * hidden)  # qkv, proj, fc1, fc2
     attention = 2 * 2 * n_tokens * n_tokens * dim  # QKᵀ and AV over all heads
     return depth * (linear + attention)
@@ -36,7 +45,7 @@ def _blocks_flops(n_tokens: int, dim: int, hidden: int, depth: int) -> int:
 def forward_flops_per_clip(
     cfg: MAEConfig, mask_ratio: float = 0.9, decoder_keep_ratio: float | None = None
 ) -> int:
-    """Forward FLOPs of one clip: embedding (all tokens) + encoder (visible) + decoder + head.
+    """Forward FLOPs of one clip: embedding + encoder (visible tokens) + decoder + head.
 
     ``decoder_keep_ratio``: fraction of all tokens the decoder reconstructs with dual masking
     (VideoMAE V2 running cell: 0.5); None = every masked token (VideoMAE).
@@ -47,10 +56,11 @@ def forward_flops_per_clip(
     n_vis = n - n_masked
     n_pred = n_masked if decoder_keep_ratio is None else round(n * decoder_keep_ratio)
     dd = cfg.decoder_embed_dim
-    embed = 2 * n * enc.patch_dim * enc.embed_dim
+    embed = 2 * n_vis * enc.patch_dim * enc.embed_dim  # only the visible tokens are embedded
     encoder = _blocks_flops(n_vis, enc.embed_dim, enc.mlp_hidden_dim, enc.depth)
     to_decoder = 2 * n_vis * enc.embed_dim * dd
-    decoder = _blocks_flops(n_vis + n_pred, dd, int(dd * cfg.decoder_mlp_ratio), cfg.decoder_depth)
+    hidden = int(dd * cfg.decoder_mlp_ratio)
+    decoder = _blocks_flops(n_vis + n_pred, dd, hidden, cfg.decoder_depth, n_out=n_pred)
     head = 2 * n_pred * dd * enc.patch_dim
     return embed + encoder + to_decoder + decoder + head
 

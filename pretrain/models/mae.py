@@ -10,9 +10,11 @@ reconstructed tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -26,6 +28,7 @@ from .vit import (
     get_sinusoid_encoding_table,
     init_vit_weights,
     mask_to_ids,
+    patch_tokens,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,14 +133,32 @@ def _patch_stats(patches_BNPC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def compute_targets(video_BCTHW: torch.Tensor, cfg: MAEConfig) -> torch.Tensor:
-    """All-token targets ``[B, N, tubelet·p·p·C]`` (normalized per patch/channel if ``norm_pix_loss``)."""
+def patch_targets(patches_BMP: torch.Tensor, cfg: MAEConfig) -> torch.Tensor:
+    """Targets ``[B, M, tubelet·p·p·C]`` ``(p0 p1 p2) c`` of the tokens whose pixels are ``patches_BMP``
+    (``patch_tokens`` rows, ``(c p0 p1 p2)``, in the loader's normalized space): back to pixel space, then
+    (``norm_pix_loss``) normalized per patch and channel with the mean and unbiased std + 1e-6 (HF's)."""
+    b, m, _ = patches_BMP.shape
+    x_BMCP = patches_BMP.reshape(b, m, cfg.encoder.in_chans, -1)
+    if cfg.pixel_mean is not None:  # the same per-element affine map as _pixel_space
+        mean_C1 = torch.tensor(cfg.pixel_mean, dtype=x_BMCP.dtype, device=x_BMCP.device)[:, None]
+        std_C1 = torch.tensor(cfg.pixel_std, dtype=x_BMCP.dtype, device=x_BMCP.device)[:, None]
+        x_BMCP = x_BMCP * std_C1 + mean_C1
+    if cfg.norm_pix_loss:  # two passes over contiguous rows, in place on our own copy
+        x_BMCP = x_BMCP - x_BMCP.mean(dim=-1, keepdim=True)
+        n = x_BMCP.shape[-1]
+        std_BMC1 = torch.linalg.vector_norm(x_BMCP, dim=-1, keepdim=True) / math.sqrt(n - 1) + 1e-6
+        x_BMCP.div_(std_BMC1)
+    return x_BMCP.transpose(-1, -2).reshape(b, m, -1)
+
+
+@torch.no_grad()
+def compute_targets(
+    video_BCTHW: torch.Tensor, cfg: MAEConfig, ids_BM: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Targets ``[B, M, tubelet·p·p·C]`` of tokens ``ids_BM`` (all N tokens when None)."""
     enc = cfg.encoder
-    patches_BNPC = patchify(_pixel_space(video_BCTHW, cfg), enc.tubelet_size, enc.patch_size)
-    if cfg.norm_pix_loss:
-        mean, std = _patch_stats(patches_BNPC)
-        patches_BNPC = (patches_BNPC - mean) / std
-    return rearrange(patches_BNPC, "b n p c -> b n (p c)")
+    patches_BNP = patch_tokens(video_BCTHW, enc.tubelet_size, enc.patch_size)
+    return patch_targets(patches_BNP if ids_BM is None else gather_tokens(patches_BNP, ids_BM), cfg)
 
 
 class MAEDecoder(nn.Module):
@@ -159,9 +180,11 @@ class MAEDecoder(nn.Module):
         self.head = nn.Linear(cfg.decoder_embed_dim, cfg.encoder.patch_dim)
 
     def forward(self, tokens_BND: torch.Tensor, num_pred: int) -> torch.Tensor:
-        for block in self.blocks:
-            tokens_BND = block(tokens_BND)
-        return self.head(self.norm(tokens_BND[:, -num_pred:]))
+        """Predictions for the last ``num_pred`` tokens; the last block computes only those rows."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            tokens_BND = block(tokens_BND, keep_last=num_pred) if i == last else block(tokens_BND)
+        return self.head(self.norm(tokens_BND[:, tokens_BND.shape[1] - num_pred :]))
 
 
 class MaskedVideoAutoencoder(nn.Module):
@@ -202,8 +225,13 @@ class MaskedVideoAutoencoder(nn.Module):
         decoder_mask_BN: torch.Tensor | None = None,
     ) -> MAEOutput:
         visible_ids_BK, masked_ids_BM = mask_to_ids(mask_BN)
-        tokens_BND = self.encoder.embed(video_BCTHW)
-        latent_BKD = self.encoder.forward_blocks(gather_tokens(tokens_BND, visible_ids_BK))
+        enc = self.cfg.encoder
+        self.encoder.check_input(video_BCTHW)
+        # one copy of the clip as token rows: the visible ones are embedded (a Linear on 10 % of the
+        # tokens instead of a Conv3d over the clip), the reconstructed ones become the targets
+        patches_BNP = patch_tokens(video_BCTHW, enc.tubelet_size, enc.patch_size)
+        tokens_BKD = self.encoder.embed_patches(gather_tokens(patches_BNP, visible_ids_BK), visible_ids_BK)
+        latent_BKD = self.encoder.forward_blocks(tokens_BKD)
         latent_BKd = self.encoder_to_decoder(latent_BKD)
 
         if decoder_mask_BN is None:
@@ -213,16 +241,20 @@ class MaskedVideoAutoencoder(nn.Module):
                 raise ValueError("decoder_mask_BN must have the same shape as mask_BN")
             # ids of the decoded tokens (True ones), ascending: reuse mask_to_ids on the complement.
             _, pred_ids_BM = mask_to_ids(decoder_mask_BN)
-        batch = video_BCTHW.shape[0]
-        pos_BNd = self.decoder_pos_embed.to(latent_BKd.dtype).expand(batch, -1, -1)
-        x_vis = latent_BKd + gather_tokens(pos_BNd, visible_ids_BK)
-        x_pred = self.mask_token.to(latent_BKd.dtype) + gather_tokens(pos_BNd, pred_ids_BM)
+        pos_1Nd = self.decoder_pos_embed.to(latent_BKd.dtype)
+        x_vis = latent_BKd + gather_tokens(pos_1Nd, visible_ids_BK)
+        x_pred = self.mask_token.to(latent_BKd.dtype) + gather_tokens(pos_1Nd, pred_ids_BM)
         pred_BMP = self.decoder(torch.cat([x_vis, x_pred], dim=1), pred_ids_BM.shape[1])
 
-        target_BMP = gather_tokens(compute_targets(video_BCTHW, self.cfg), pred_ids_BM).to(pred_BMP.dtype)
-        weight_BM = torch.gather(mask_BN, 1, pred_ids_BM).to(pred_BMP.dtype)
-        err_BM = (pred_BMP - target_BMP).pow(2).mean(dim=-1)
-        loss = (err_BM * weight_BM).sum() / weight_BM.sum().clamp_min(1.0)
+        # targets of the reconstructed tokens only; the loss is MSE over the hidden ones among them
+        target_BMP = patch_targets(gather_tokens(patches_BNP, pred_ids_BM), self.cfg).to(pred_BMP.dtype)
+        if decoder_mask_BN is None:  # every reconstructed token is hidden: plain MSE, one fused kernel
+            weight_BM = torch.ones(pred_ids_BM.shape, dtype=pred_BMP.dtype, device=pred_BMP.device)
+            loss = F.mse_loss(pred_BMP, target_BMP)
+        else:
+            weight_BM = torch.gather(mask_BN, 1, pred_ids_BM).to(pred_BMP.dtype)
+            err_BM = (pred_BMP - target_BMP).pow(2).mean(dim=-1)
+            loss = (err_BM * weight_BM).sum() / weight_BM.sum().clamp_min(1.0)
         return MAEOutput(loss, pred_BMP, target_BMP, mask_BN, pred_ids_BM, weight_BM)
 
 

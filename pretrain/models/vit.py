@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -170,8 +171,12 @@ class Block(nn.Module):
             self.gamma_1 = None
             self.gamma_2 = None
 
-    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        y = self.attn(self.norm1(x_BND))
+    def forward(self, x_BND: torch.Tensor, keep_last: int | None = None) -> torch.Tensor:
+        """``keep_last=M``: return only the last M tokens' outputs (they still attend to every token),
+        and skip the other tokens' query, projection and MLP work (the MAE decoder's last block)."""
+        y = self.attn(self.norm1(x_BND), keep_last)
+        if keep_last is not None:
+            x_BND = x_BND[:, x_BND.shape[1] - keep_last :]
         x_BND = x_BND + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x_BND))
         return x_BND + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
@@ -206,6 +211,14 @@ class TubeletEmbed(nn.Module):
     def forward(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
         return rearrange(self.proj(x_BCTHW), "b d t h w -> b (t h w) d")
 
+    def embed_patches(self, patches_BKP: torch.Tensor) -> torch.Tensor:
+        """The same map on patches already cut out (``patch_tokens`` rows, ``(c t p p)``): a Linear.
+
+        Equal to the Conv3d on those tokens (up to float summation order); the masked autoencoder embeds
+        only the visible tokens this way instead of convolving the whole clip.
+        """
+        return F.linear(patches_BKP, self.proj.weight.flatten(1), self.proj.bias)
+
 
 def init_vit_weights(module: nn.Module) -> None:
     """VideoMAE init: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
@@ -219,8 +232,22 @@ def init_vit_weights(module: nn.Module) -> None:
 
 
 def gather_tokens(tokens_BND: torch.Tensor, ids_BK: torch.Tensor) -> torch.Tensor:
-    """Select tokens ``ids_BK`` per sample (a differentiable gather)."""
-    return torch.gather(tokens_BND, 1, ids_BK.unsqueeze(-1).expand(-1, -1, tokens_BND.shape[-1]))
+    """Select tokens ``ids_BK`` per sample (differentiable). ``tokens`` may be ``[1, N, D]``: one table
+    (positions) shared by the batch. Whole rows are copied (``index_select``), not element by element."""
+    b, k = ids_BK.shape
+    n, d = tokens_BND.shape[1], tokens_BND.shape[2]
+    if tokens_BND.shape[0] == 1:
+        return tokens_BND[0].index_select(0, ids_BK.flatten()).view(b, k, d)
+    flat_ids = (ids_BK + torch.arange(b, device=ids_BK.device)[:, None] * n).flatten()
+    return tokens_BND.reshape(b * n, d).index_select(0, flat_ids).view(b, k, d)
+
+
+def patch_tokens(video_BCTHW: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """The clip cut into its N tokens' pixels: ``[B, N, C·tubelet·p·p]`` laid out ``(c p0 p1 p2)`` (the
+    Conv3d weight's order), tokens in (t, h, w) order. One copy of the clip."""
+    return rearrange(
+        video_BCTHW, "b c (t p0) (h p1) (w p2) -> b (t h w) (c p0 p1 p2)", p0=tubelet, p1=patch, p2=patch
+    )
 
 
 def mask_to_ids(mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,10 +258,10 @@ def mask_to_ids(mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if mask_BN.dtype != torch.bool or mask_BN.ndim != 2:
         raise ValueError(f"mask must be a bool tensor [B, N], got {mask_BN.dtype} {tuple(mask_BN.shape)}")
-    counts_B = mask_BN.sum(1)
-    n_masked = int(counts_B[0])
-    if bool((counts_B != n_masked).any()):
-        raise ValueError(f"every sample must mask the same number of tokens, got counts {counts_B.tolist()}")
+    counts = mask_BN.sum(1).tolist()  # the one host sync of a step
+    n_masked = counts[0] if counts else 0
+    if any(n != n_masked for n in counts):
+        raise ValueError(f"every sample must mask the same number of tokens, got counts {counts}")
     order_BN = torch.argsort(mask_BN.to(torch.int8), dim=1, stable=True)
     n_visible = mask_BN.shape[1] - n_masked
     return order_BN[:, :n_visible], order_BN[:, n_visible:]
@@ -310,17 +337,30 @@ class VideoViT(nn.Module):
         tokens_BND = self.patch_embed(x_BCTHW)
         return tokens_BND + self.pos_embed.to(dtype=tokens_BND.dtype)
 
+    def embed_patches(self, patches_BKP: torch.Tensor, ids_BK: torch.Tensor) -> torch.Tensor:
+        """Tokens plus positions for the tokens ``ids_BK`` whose pixels are ``patches_BKP``
+        (``patch_tokens`` rows): the same map as ``embed`` followed by a selection, computed on those
+        tokens only (the tubelet Conv3d as a Linear; equal up to float summation order)."""
+        tokens_BKD = self.patch_embed.embed_patches(patches_BKP.to(self.patch_embed.proj.weight.dtype))
+        return tokens_BKD + gather_tokens(self.pos_embed.to(dtype=tokens_BKD.dtype), ids_BK)
+
+    def embed_visible(self, x_BCTHW: torch.Tensor, visible_ids_BK: torch.Tensor) -> torch.Tensor:
+        """``embed`` followed by the selection of ``visible_ids_BK``, computed on those tokens only."""
+        self.check_input(x_BCTHW)
+        c = self.cfg
+        patches_BNP = patch_tokens(x_BCTHW, c.tubelet_size, c.patch_size)
+        return self.embed_patches(gather_tokens(patches_BNP, visible_ids_BK), visible_ids_BK)
+
     def forward_blocks(self, tokens_BND: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             tokens_BND = block(tokens_BND)
         return self.norm(tokens_BND)
 
     def forward(self, x_BCTHW: torch.Tensor, mask_BN: torch.Tensor | None = None) -> torch.Tensor:
-        tokens_BND = self.embed(x_BCTHW)
-        if mask_BN is not None:
-            visible_ids_BK, _ = mask_to_ids(mask_BN)
-            tokens_BND = gather_tokens(tokens_BND, visible_ids_BK)
-        return self.forward_blocks(tokens_BND)
+        if mask_BN is None:
+            return self.forward_blocks(self.embed(x_BCTHW))
+        visible_ids_BK, _ = mask_to_ids(mask_BN)
+        return self.forward_blocks(self.embed_visible(x_BCTHW, visible_ids_BK))
 
 
 def count_parameters(model_or_cfg: nn.Module | VideoViTConfig, trainable_only: bool = False) -> int:

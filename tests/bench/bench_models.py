@@ -1,16 +1,26 @@
-"""Forward+backward time of tubelet's MaskedVideoAutoencoder vs transformers' VideoMAEForPreTraining.
+"""Forward+backward time and peak memory of tubelet's MaskedVideoAutoencoder vs transformers' VideoMAEForPreTraining.
 
-Same config, same weights (exported with ``to_hf_model``), same batch and mask, same process; the two
-models alternate and the median of ``--iters`` timed steps is reported. Not part of the default test run:
+Same config, same weights (exported with ``to_hf_model``), same batch and tube mask, same process and the same
+torch thread count for both; the fp32 losses must agree (1e-3) or the run stops. Each round alternates the two
+models ``--iters`` times and gives one ratio (median HF step time / median ours); the reported ratio is the
+median of ``--rounds`` rounds. The same ratio in process CPU time is printed too: on a machine shared with
+other jobs it moves far less than wall time (with ``--threads 1`` it is the work each step does; with more
+threads it includes OpenMP threads spinning at barriers). Peak memory: the growth of the process's peak resident set during one
+step (activations, gradients, temporaries) from the model without gradients, median of 3 steps per model
+(glibc is made to return every block >= 64 KiB to the system on free, so the resident set follows the live
+tensors). Not part of the default test run:
 
-    .venv/bin/python tests/bench/bench_models.py [--preset vit-s --frames 8 --size 112 --batch 2]
+    .venv/bin/python tests/bench/bench_models.py [--preset vit-s,vit-b --frames 16 --size 112 --batch 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -18,20 +28,42 @@ from pretrain.models import MAEConfig, MaskedVideoAutoencoder, make_mask
 from pretrain.models.hf import to_hf_model
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="vit-s")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--mask-ratio", type=float, default=0.9)
-    p.add_argument("--iters", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def _rss_kib() -> tuple[int, int]:
+    """(current, peak) resident set of this process in KiB."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
 
-    cfg = MAEConfig.from_preset(args.preset, num_frames=args.frames, img_size=args.size)
+
+def _track_frees() -> bool:
+    """glibc: serve every allocation ≥ 64 KiB by mmap, so a freed tensor leaves the resident set."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
+def step_peak_mib(model: torch.nn.Module, step: Callable[[], float]) -> float:
+    """Peak resident growth of one call of ``step`` from the model without gradients (weights + inputs
+    resident): activations, gradients and temporaries. Linux: the peak is reset through clear_refs."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before, _ = _rss_kib()
+    step()
+    _, peak = _rss_kib()
+    return (peak - before) / 1024
+
+
+def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
+    """Print one preset's line; return (time ratio HF/ours, memory ratio HF/ours)."""
+    torch.manual_seed(0)
+    cfg = MAEConfig.from_preset(preset, num_frames=args.frames, img_size=args.size)
     cfg.decoder_final_norm_eps = 1e-5  # HF's fixed value, so the two models compute the same function
     ours = MaskedVideoAutoencoder(cfg).train()
     hf = to_hf_model(ours).train()
@@ -57,19 +89,56 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"bench_models: losses differ (ours {l_ours:.6f}, hf {l_hf:.6f}): not the same model"
         )
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
-    for _ in range(args.iters):
-        for name, fn in (("ours", step_ours), ("hf", step_hf)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    ours_ms = statistics.median(times["ours"]) * 1e3
-    hf_ms = statistics.median(times["hf"]) * 1e3
+    steps = (("ours", step_ours), ("hf", step_hf))
+    ratios, cpu_ratios, medians = [], [], {"ours": [], "hf": []}
+    for _ in range(args.rounds):
+        times: dict[str, list[float]] = {"ours": [], "hf": []}
+        cpu: dict[str, list[float]] = {"ours": [], "hf": []}
+        for _ in range(args.iters):
+            for name, fn in steps:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        for name in times:
+            medians[name].append(statistics.median(times[name]) * 1e3)
+        ratios.append(medians["hf"][-1] / medians["ours"][-1])
+        cpu_ratios.append(statistics.median(cpu["hf"]) / statistics.median(cpu["ours"]))
+    models = {"ours": ours, "hf": hf}
+    mem = {name: statistics.median(step_peak_mib(models[name], fn) for _ in range(3)) for name, fn in steps}
+    ratio, mem_ratio = statistics.median(ratios), mem["hf"] / max(mem["ours"], 1e-9)
     print(
-        f"bench_models: ours {ours_ms:.1f} ms, hf {hf_ms:.1f} ms, ratio hf/ours {hf_ms / ours_ms:.2f} (target >1) "
-        f"[{args.preset} {args.frames}x{args.size} batch {args.batch} mask {args.mask_ratio}, "
-        f"hf attn={hf.config._attn_implementation}, {args.threads} threads, median of {args.iters}]"
+        f"bench_models: ours {statistics.median(medians['ours']):.1f} ms, hf {statistics.median(medians['hf']):.1f} ms, "
+        f"ratio hf/ours {ratio:.2f} (rounds {' '.join(f'{r:.2f}' for r in ratios)}; target >= 1.25), "
+        f"in CPU time {statistics.median(cpu_ratios):.2f} (rounds {' '.join(f'{r:.2f}' for r in cpu_ratios)}); "
+        f"step peak memory ours {mem['ours']:.1f} MiB, hf {mem['hf']:.1f} MiB, ratio hf/ours {mem_ratio:.2f} "
+        f"(target >= 1) [{preset} {args.frames}x{args.size} batch {args.batch} tube mask {args.mask_ratio}, "
+        f"loss ours {l_ours:.6f} hf {l_hf:.6f}, hf attn={hf.config._attn_implementation}, "
+        f"{torch.get_num_threads()} threads both, median of {args.rounds} rounds x {args.iters}]",
+        flush=True,
     )
+    return ratio, mem_ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="vit-s,vit-b", help="comma-separated presets")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--mask-ratio", type=float, default=0.9)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not _track_frees():
+        print("bench_models: mallopt unavailable: memory figures include freed blocks glibc kept")
+    summary = []
+    for preset in args.preset.split(","):
+        ratio, mem_ratio = bench_preset(args, preset)
+        summary.append(f"{preset}={ratio:.2f} mem_{preset}={mem_ratio:.2f}")
+    print(f"SUMMARY bench_models {args.frames}x{args.size} batch {args.batch}: " + " ".join(summary))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pretrain.models import (
     training_flops_per_clip,
 )
 from pretrain.models.mae import compute_targets, patchify, replace_encoder
+from pretrain.models.vit import gather_tokens, mask_to_ids
 
 
 def setup(seed: int = 0, **enc):
@@ -105,3 +106,54 @@ def test_reconstruct_video_round_trips_with_perfect_prediction() -> None:
     torch.testing.assert_close(frames.reconstruction, pixels.clamp(0, 1), atol=1e-4, rtol=1e-4)
     grey = (frames.masked == 0.5).all(1)  # hidden tubes are grey in the masked view
     assert grey.float().mean().item() == pytest.approx(0.75, abs=0.01)
+
+
+def test_fast_paths_compute_the_reference_function() -> None:
+    """Issue 28: the step embeds only the visible tokens (a Linear, not the Conv3d over the clip), builds the
+    targets of the reconstructed tokens only and runs the decoder's last block on those rows only; each equals
+    the straightforward computation (all tokens through the Conv3d, every target, every row, then select)."""
+    cfg, model, x, mask = setup(attn_impl="math")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # non-trivial biases, norms and mask token
+    vis, hidden = mask_to_ids(mask)
+    enc = model.encoder
+    full_BND = enc.embed(x)  # Conv3d over the whole clip
+    fast_BKD = enc.embed_visible(x, vis)
+    torch.testing.assert_close(fast_BKD, gather_tokens(full_BND, vis), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        compute_targets(x, cfg, hidden), gather_tokens(compute_targets(x, cfg), hidden), atol=1e-5, rtol=1e-5
+    )
+    tokens_BND = torch.randn(3, 20, cfg.decoder_embed_dim)
+    block = model.decoder.blocks[-1]
+    torch.testing.assert_close(
+        block(tokens_BND, keep_last=7), block(tokens_BND)[:, -7:], atol=1e-5, rtol=1e-5
+    )
+    # the whole step against the reference written out with the slow pieces
+    out = model(x, mask)
+    latent = model.encoder_to_decoder(enc.forward_blocks(gather_tokens(full_BND, vis)))
+    pos = model.decoder_pos_embed.expand(3, -1, -1)
+    dec_in = torch.cat([latent + gather_tokens(pos, vis), model.mask_token + gather_tokens(pos, hidden)], 1)
+    for b in model.decoder.blocks:
+        dec_in = b(dec_in)
+    pred = model.decoder.head(model.decoder.norm(dec_in[:, -hidden.shape[1] :]))
+    target = gather_tokens(compute_targets(x, cfg), hidden)
+    torch.testing.assert_close(out.pred, pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ((pred - target) ** 2).mean(), atol=1e-6, rtol=1e-5)
+    # gradients too: the Linear embedding's weight gradient is the Conv3d's
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ((pred - target) ** 2).mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gather_tokens_shared_table_and_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1, 10, 4, generator=g)
+    ids = torch.tensor([[0, 3, 9], [1, 2, 3]])
+    ref = torch.gather(table.expand(2, -1, -1), 1, ids[..., None].expand(-1, -1, 4))
+    assert torch.equal(gather_tokens(table, ids), ref)
+    tokens = torch.randn(2, 10, 4, generator=g)
+    assert torch.equal(gather_tokens(tokens, ids), torch.gather(tokens, 1, ids[..., None].expand(-1, -1, 4)))
