@@ -156,8 +156,18 @@ class ClassificationTask(ShardData, Task):
         video = batch["video"].to(self.device, self.dtype)
         labels = self.head_labels(batch["label"].to(self.device))
         targets = self.head.targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
-        video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.rng)
+        video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.mix_rng(batch))
         return model(video).float(), targets, labels, video, lam
+
+    def mix_rng(self, batch: dict[str, Any]) -> np.random.Generator:
+        """Mixup/CutMix draws of a micro-batch, keyed by (seed, epoch, global index of its first sample, size):
+        the loader deals the same micro-batches to 2 ranks as to 1 rank's 2 accumulation steps (and after an
+        elastic resume), so they mix the same pairs with the same λ. Batches without "index" (a custom
+        loader) draw from the per-rank stream `self.rng` (checkpointed; `reseed` on a world-size change)."""
+        if "index" not in batch or "epoch" not in batch or len(batch["index"]) == 0:
+            return self.rng
+        first = (int(batch["epoch"][0]), int(batch["index"][0]), len(batch["index"]))
+        return np.random.default_rng([self.seed, 0x319, *first])
 
     def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Shard labels → head indices (the identity here; continual learning's head covers fewer classes)."""

@@ -59,8 +59,8 @@ class Collected:
 
 class VideoLoader:
     """One epoch of batches per iteration: {"video": float32 [B, C, T, H, W], "label": int64 [B],
-    "key": list[str]}, plus "view" (int64 [B]) in eval and "pad" (bool [B], padding duplicates) when
-    drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
+    "key": list[str], "index": int64 [B] (global sample index), "epoch": int64 [B], "view": int64 [B]
+    (clip number within its video)}, plus "pad" (bool [B], padding duplicates) when drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
     consecutive, so a batch holds batch_size // V whole videos."""
 
     backend: str = "base"
@@ -333,14 +333,17 @@ class VideoLoader:
         return self._batch_meta(got.idx, got.pad, got.labels)
 
     def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
-        """label/key/view/pad for videos `idx` (V consecutive clips each)."""
+        """label/key/index/epoch/view/pad for videos `idx` (V consecutive clips each). `index` (the global
+        sample index), `epoch` and `view` key a task's own per-sample random draws (masks, mixup), so they
+        do not depend on the rank or micro-batch a clip lands in."""
         v = self.spec.views_per_video
         out: Batch = {
             "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(v),
             "key": [self.refs[i].key for i in idx for _ in range(v)],
+            "index": torch.tensor(idx, dtype=torch.int64).repeat_interleave(v),
+            "epoch": torch.full((len(idx) * v,), self._epoch, dtype=torch.int64),
+            "view": torch.arange(v, dtype=torch.int64).repeat(len(idx)),
         }
-        if not self.spec.train:
-            out["view"] = torch.arange(v, dtype=torch.int64).repeat(len(idx))
         if not self.drop_last:
             out["pad"] = torch.tensor(pad, dtype=torch.bool).repeat_interleave(v)
         return out
