@@ -31,6 +31,7 @@ def make_loader(
     batch_size: int,
     *,
     epoch: int = 0,
+    batches_per_step: int = 1,
     **selection: Any,
 ) -> VideoLoader:
     """This rank's loader over `split` (train: shuffled, remainder dropped; eval: every sample once,
@@ -49,6 +50,7 @@ def make_loader(
         epoch=epoch,
         cache_dir=data.cache_dir,
         cache_bytes=data.cache_bytes,
+        batches_per_step=batches_per_step,
         **selection,
     )
     if data.backend == "synthetic" and data.shards is None:
@@ -77,9 +79,11 @@ class ShardData:
         raise NotImplementedError
 
     def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
-        d = self.cfg.data
+        d, t = self.cfg.data, self.cfg.train
+        accum = max(1, t.global_batch_size // (t.micro_batch_size * ctx.world_size))
+        spec = self.sampling_spec(True)
         return make_loader(
-            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
+            d, d.train_split, spec, ctx, t.micro_batch_size, epoch=epoch, batches_per_step=accum
         )
 
     def val_loader(self, ctx: TaskContext) -> VideoLoader | None:

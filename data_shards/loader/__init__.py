@@ -150,12 +150,14 @@ def build_loader(
     labels: Collection[int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_bytes: int = 0,
+    batches_per_step: int = 1,
     **backend_options: Any,
 ) -> VideoLoader:
     """A loader over `split` of one shard folder or several (see the module docstring for the contract).
 
     keys/labels: only those samples (keys as `key`, or `shard:key` when a key is in several folders).
     cache_dir / cache_bytes: a local cache, bounded in bytes, of samples read from shards at URLs.
+    batches_per_step: a step's accumulation steps; drop_last keeps whole steps (`epoch_plan`).
     backend_options: `dali_device` ("cpu"/"mixed", forces it), `num_threads` (DALI), `num_classes` and
     `num_samples` (synthetic, when there is no manifest).
     """
@@ -174,6 +176,7 @@ def build_loader(
         max_skip_fraction=max_skip_fraction,
         epoch=epoch,
         cache=SampleCache(cache_dir, cache_bytes) if cache_dir else None,
+        batches_per_step=batches_per_step,
     )
     selected = keys is not None or labels is not None
     if backend == "synthetic":

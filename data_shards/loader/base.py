@@ -82,6 +82,7 @@ class VideoLoader:
         reason: str = "",
         cache: SampleCache | None = None,
         prefetch_stride: int = 1,
+        batches_per_step: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,6 +101,7 @@ class VideoLoader:
         self.reason = reason
         self.reader = ShardReader(cache)
         self.prefetch_stride = prefetch_stride  # the next plan batch this process decodes is b + stride
+        self.batches_per_step = max(1, int(batches_per_step))  # drop_last keeps whole steps (epoch_plan)
         self._owner_pid = os.getpid()
         self._digest: str | None = None
         v = spec.views_per_video
@@ -160,6 +162,7 @@ class VideoLoader:
             drop_last=self.drop_last,
             videos_per_batch=self.videos_per_batch,
             start=start,
+            batches_per_step=self.batches_per_step,
         )
 
     @property

@@ -129,11 +129,13 @@ def epoch_plan(
     drop_last: bool,
     videos_per_batch: int,
     start: int = 0,
+    batches_per_step: int = 1,
 ) -> EpochPlan:
     """Deterministic order for (seed, epoch), identical on every rank, then split across ranks.
 
-    drop_last=True: every rank gets floor(N / (world x batch)) full batches (the samples left over are the
-    tail of the shuffled order, so they change every epoch).
+    drop_last=True: every rank gets the same number of full batches, a multiple of `batches_per_step` (the
+    gradient-accumulation steps of a training step), so an epoch is whole global batches whatever splits them
+    (the samples left over are the tail of the shuffled order, so they change every epoch).
     drop_last=False: the order is padded with its own first samples up to a multiple of world (marked
     `pad`), every rank gets ceil(N / world) samples and a partial last batch.
     The order is cut into batches of `videos_per_batch` consecutive samples, dealt to the ranks in turn
@@ -154,7 +156,8 @@ def epoch_plan(
     rest = order[min(start, num_samples) :]
     pad = np.zeros(len(rest), dtype=bool)
     if drop_last:
-        usable = (len(rest) // world_size) * world_size
+        unit = world_size * videos_per_batch * max(1, batches_per_step)
+        usable = (len(rest) // unit) * unit
         rest, pad = rest[:usable], pad[:usable]
     else:
         extra = -len(rest) % world_size

@@ -225,3 +225,13 @@ def test_batches_carry_the_keys_of_their_draws() -> None:
     assert batch["index"].tolist() == [i for i in first for _ in range(2)]
     assert batch["epoch"].tolist() == [3] * 4 and batch["view"].tolist() == [0, 1, 0, 1]
     assert batch["key"] == [f"synthetic-{i:08d}" for i in batch["index"].tolist()]
+
+
+def test_an_epoch_is_whole_global_batches_however_they_are_split() -> None:
+    """drop_last keeps a multiple of the step (world x batch x accumulation steps): 1 rank x 2 accumulation
+    steps and 2 ranks end the epoch at the same sample, so no step mixes two epochs on one layout only."""
+    kw = dict(seed=1, epoch=0, shuffle=True, drop_last=True, videos_per_batch=4)
+    one = epoch_plan(20, rank=0, world_size=1, batches_per_step=2, **kw)  # type: ignore[arg-type]
+    two = [epoch_plan(20, rank=r, world_size=2, **kw) for r in range(2)]  # type: ignore[arg-type]
+    assert one.num_batches == 4 and [p.num_batches for p in two] == [2, 2]
+    assert sorted(one.indices.tolist()) == sorted(i for p in two for i in p.indices.tolist())
