@@ -13,6 +13,15 @@ from pretrain.config import DataSection
 from pretrain.engine import TaskContext
 
 
+def micro_batch_key(batch: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(epoch, global index of the first sample, clips) of a loader batch: what keys a task's per-micro-batch
+    draws (Mixup/CutMix, dropout, drop-path). The loader deals the same micro-batches to 2 ranks as to 1 rank's
+    2 accumulation steps, so the key does not depend on the layout. None for a batch without sample keys."""
+    if "index" not in batch or "epoch" not in batch or len(batch["index"]) == 0:
+        return None
+    return int(batch["epoch"][0]), int(batch["index"][0]), len(batch["index"])
+
+
 def has_split(data: DataSection, split: str | None) -> bool:
     """Whether `split` exists and has samples (always, for the synthetic backend without shards)."""
     if not split:

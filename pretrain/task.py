@@ -6,6 +6,7 @@ sections; the engine never sees them, it only calls the `Task` hooks below.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,8 +17,8 @@ from torch import nn
 
 from data_shards.loader import SamplingSpec
 from pretrain.config import PretrainConfig
-from pretrain.data import ShardData
-from pretrain.engine import StepOutput, Task, TaskContext, mix_seed
+from pretrain.data import ShardData, micro_batch_key
+from pretrain.engine import StepOutput, Task, TaskContext, keyed_rng, mix_seed
 from pretrain.models import (
     MaskedVideoAutoencoder,
     apply_activation_checkpointing,
@@ -115,7 +116,9 @@ class MaskedVideoTask(ShardData, Task):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         video_BCTHW = batch["video"].to(self.device, self.dtype)
         mask_BN, dec_BN = self.batch_masks(batch, 0, self.generator)
-        out = model(video_BCTHW, mask_BN, dec_BN)
+        key = micro_batch_key(batch)  # drop-path keyed by the micro-batch (the masks by the clip)
+        with keyed_rng(mix_seed(self.seed, 0xD7, *key), self.device) if key else contextlib.nullcontext():
+            out = model(video_BCTHW, mask_BN, dec_BN)
         return StepOutput(out.loss, {})
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -1,12 +1,15 @@
 """One trajectory whatever splits the global batch (real DeepSpeed, gloo, CPU, real shards): every per-sample
 random draw (crop, scale, flip, temporal jitter, MAE mask) is keyed by (seed, epoch, global sample index,
-view) and the loader deals the same micro-batches to 2 ranks as to 1 rank's 2 accumulation steps, so the
-losses agree up to float reduction order, and an elastic 2 → 1 resume continues the uninterrupted run.
+view), drop-path by the micro-batch, and the loader deals the same micro-batches to 2 ranks as to 1 rank's 2
+accumulation steps, so the losses agree up to float reduction order, and an elastic 2 → 1 resume continues
+the uninterrupted run.
 
-Measured (tiny MAE, fp32, ZeRO-2, 16 clips, global batch 8, micro-batch 4; 2026-12-04): 2 ranks vs 1 rank x
-2 accumulation steps: 5e-8 relative over 4 steps (before per-sample masks and the dealt micro-batches:
-7e-4 from step 1); 2 ranks stopped at step 2 and resumed on 1 rank: 3e-7 relative to the uninterrupted
-2-rank run over steps 3-8 (before: 1.4e-2)."""
+Measured (tiny MAE, drop-path 0.2, fp32, ZeRO-2, 16 clips, global batch 8, micro-batch 4; 2026-12-04):
+2 ranks vs 1 rank x 2 accumulation steps: 0 (bit-identical losses) over 4 steps; 2 ranks stopped at step 2
+and resumed on 1 rank: 0 against the uninterrupted 2-rank run over steps 3-8. Before (per-rank mask
+generators, every world-th sample per rank; drop-path 0): 1.7e-2 relative over 4 steps, and 1.7e-2 after the
+elastic resume. The tolerance asserted is 1e-5 relative: summing two micro-batches' gradients is exact in
+either order, more ranks or accumulation steps may round differently."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def _args(run_dir: Path, shards: Path, steps: int, *extra: str) -> list[str]:
         f"train.steps={steps}",
         f"train.global_batch_size={GLOBAL}",
         f"train.micro_batch_size={MICRO}",  # 2 ranks: no accumulation; 1 rank: 2 accumulation steps
+        "model.drop_path_rate=0.2",  # drop-path draws keyed by the micro-batch too
         *extra,
     )
 
@@ -111,3 +115,22 @@ def test_batches_without_keys_draw_from_the_task_generator() -> None:
     a = task.batch_masks(batch, 0, torch.Generator().manual_seed(1))[0]
     assert torch.equal(a, task.batch_masks(batch, 0, torch.Generator().manual_seed(1))[0])
     assert a.shape == (3, 64)
+
+
+def test_keyed_rng_draws_from_its_key_and_restores_the_stream() -> None:
+    import torch
+
+    from pretrain.engine import keyed_rng
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with keyed_rng(11, cpu):
+        a = torch.rand(4)
+    with keyed_rng(11, cpu):
+        b = torch.rand(4)
+    with keyed_rng(12, cpu):
+        c = torch.rand(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.rand(3), expected)  # the global stream did not move
