@@ -8,6 +8,7 @@ best model kept and early stopping, export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable
@@ -25,8 +26,8 @@ from finetune.config import FinetuneConfig, classifier_config
 from finetune.heads import DEFAULT_HEAD, HEADS
 from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
-from pretrain.data import ShardData
-from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext
+from pretrain.data import ShardData, micro_batch_key
+from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext, keyed_rng, mix_seed
 from pretrain.engine.tracking import Tracker
 from pretrain.models import (
     BackboneClassifierConfig,
@@ -156,8 +157,19 @@ class ClassificationTask(ShardData, Task):
         video = batch["video"].to(self.device, self.dtype)
         labels = self.head_labels(batch["label"].to(self.device))
         targets = self.head.targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
-        video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.rng)
-        return model(video).float(), targets, labels, video, lam
+        video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.mix_rng(batch))
+        key = micro_batch_key(batch)  # dropout / drop-path keyed by the micro-batch, like the mix
+        with keyed_rng(mix_seed(self.seed, 0xD7, *key), self.device) if key else contextlib.nullcontext():
+            logits = model(video).float()
+        return logits, targets, labels, video, lam
+
+    def mix_rng(self, batch: dict[str, Any]) -> np.random.Generator:
+        """Mixup/CutMix draws of a micro-batch, keyed by (seed, epoch, global index of its first sample, size):
+        the loader deals the same micro-batches to 2 ranks as to 1 rank's 2 accumulation steps (and after an
+        elastic resume), so they mix the same pairs with the same λ. Batches without "index" (a custom
+        loader) draw from the per-rank stream `self.rng` (checkpointed; `reseed` on a world-size change)."""
+        key = micro_batch_key(batch)
+        return self.rng if key is None else np.random.default_rng([self.seed, 0x319, *key])
 
     def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Shard labels → head indices (the identity here; continual learning's head covers fewer classes)."""

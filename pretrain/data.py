@@ -13,6 +13,15 @@ from pretrain.config import DataSection
 from pretrain.engine import TaskContext
 
 
+def micro_batch_key(batch: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(epoch, global index of the first sample, clips) of a loader batch: what keys a task's per-micro-batch
+    draws (Mixup/CutMix, dropout, drop-path). The loader deals the same micro-batches to 2 ranks as to 1 rank's
+    2 accumulation steps, so the key does not depend on the layout. None for a batch without sample keys."""
+    if "index" not in batch or "epoch" not in batch or len(batch["index"]) == 0:
+        return None
+    return int(batch["epoch"][0]), int(batch["index"][0]), len(batch["index"])
+
+
 def has_split(data: DataSection, split: str | None) -> bool:
     """Whether `split` exists and has samples (always, for the synthetic backend without shards)."""
     if not split:
@@ -31,6 +40,7 @@ def make_loader(
     batch_size: int,
     *,
     epoch: int = 0,
+    batches_per_step: int = 1,
     **selection: Any,
 ) -> VideoLoader:
     """This rank's loader over `split` (train: shuffled, remainder dropped; eval: every sample once,
@@ -49,6 +59,7 @@ def make_loader(
         epoch=epoch,
         cache_dir=data.cache_dir,
         cache_bytes=data.cache_bytes,
+        batches_per_step=batches_per_step,
         **selection,
     )
     if data.backend == "synthetic" and data.shards is None:
@@ -77,9 +88,11 @@ class ShardData:
         raise NotImplementedError
 
     def train_loader(self, ctx: TaskContext, epoch: int) -> VideoLoader:
-        d = self.cfg.data
+        d, t = self.cfg.data, self.cfg.train
+        accum = max(1, t.global_batch_size // (t.micro_batch_size * ctx.world_size))
+        spec = self.sampling_spec(True)
         return make_loader(
-            d, d.train_split, self.sampling_spec(True), ctx, self.cfg.train.micro_batch_size, epoch=epoch
+            d, d.train_split, spec, ctx, t.micro_batch_size, epoch=epoch, batches_per_step=accum
         )
 
     def val_loader(self, ctx: TaskContext) -> VideoLoader | None:

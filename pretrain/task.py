@@ -6,6 +6,7 @@ sections; the engine never sees them, it only calls the `Task` hooks below.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,11 +17,12 @@ from torch import nn
 
 from data_shards.loader import SamplingSpec
 from pretrain.config import PretrainConfig
-from pretrain.data import ShardData
-from pretrain.engine import StepOutput, Task, TaskContext, mix_seed
+from pretrain.data import ShardData, micro_batch_key
+from pretrain.engine import StepOutput, Task, TaskContext, keyed_rng, mix_seed
 from pretrain.models import (
     MaskedVideoAutoencoder,
     apply_activation_checkpointing,
+    keyed_mask,
     make_mask,
     reconstruct_video,
     save_model,
@@ -30,7 +32,11 @@ from pretrain.models.io import write_run_model
 
 
 class MaskedVideoTask(ShardData, Task):
-    """VideoMAE pretraining: masks from an explicit per-rank generator (checkpointed), norm-pix MSE."""
+    """VideoMAE pretraining: per-sample masks keyed by (seed, epoch, sample index, view), norm-pix MSE.
+
+    A clip's mask is a function of its key only (`keyed_masks`), so 2 ranks, 1 rank with 2 accumulation
+    steps, 2 nodes and an elastic resume draw the same masks. Batches without "index" (a custom loader)
+    fall back to the per-rank generator `self.generator` (checkpointed; `reseed` after a world-size change)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -85,19 +91,45 @@ class MaskedVideoTask(ShardData, Task):
             dec_mask = make_mask(m.decoder_kind, batch, self.grid, m.decoder_ratio, generator).to(self.device)
         return enc_mask, dec_mask
 
+    def keyed_masks(self, batch: dict[str, Any], purpose: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder (and decoder) masks, one per clip, each from its own key (seed, purpose, epoch, global
+        sample index, view): independent of the rank, micro-batch and resume point the clip comes in."""
+        m = self.cfg.mask
+        keys = zip(batch["epoch"].tolist(), batch["index"].tolist(), batch["view"].tolist())
+        base = [mix_seed(self.seed, _MASK_SALT, purpose, e, i, v) for e, i, v in keys]
+        enc_mask = keyed_mask(m.kind, [mix_seed(b, 0) for b in base], self.grid, m.ratio).to(self.device)
+        dec_mask = None
+        if m.decoder_kind != "none":
+            seeds = [mix_seed(b, 1) for b in base]
+            dec_mask = keyed_mask(m.decoder_kind, seeds, self.grid, m.decoder_ratio).to(self.device)
+        return enc_mask, dec_mask
+
+    def batch_masks(
+        self, batch: dict[str, Any], purpose: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`keyed_masks` when the batch carries sample keys (every loader of `data_shards`), else drawn
+        from `generator`."""
+        if all(k in batch for k in ("index", "epoch", "view")):
+            return self.keyed_masks(batch, purpose)
+        return self.masks(int(batch["video"].shape[0]), generator)
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         video_BCTHW = batch["video"].to(self.device, self.dtype)
-        mask_BN, dec_BN = self.masks(video_BCTHW.shape[0], self.generator)
-        out = model(video_BCTHW, mask_BN, dec_BN)
+        mask_BN, dec_BN = self.batch_masks(batch, 0, self.generator)
+        key = micro_batch_key(batch)  # drop-path keyed by the micro-batch (the masks by the clip)
+        with keyed_rng(mix_seed(self.seed, 0xD7, *key), self.device) if key else contextlib.nullcontext():
+            out = model(video_BCTHW, mask_BN, dec_BN)
         return StepOutput(out.loss, {})
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Mean reconstruction loss over the val clips (padding duplicates excluded), fixed masks."""
+        """Mean reconstruction loss over the val clips (padding duplicates excluded), fixed masks: each clip's
+        from (seed, its sample index, view), the same at every evaluation and on any number of ranks."""
         gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, 1))
         total, count = 0.0, 0
         for batch in batches:
             video = batch["video"].to(self.device, self.dtype)
-            mask, dec = self.masks(video.shape[0], gen)
+            fixed = {**batch, "epoch": torch.zeros_like(batch["index"])} if "index" in batch else batch
+            mask, dec = self.batch_masks(fixed, 1, gen)
             out = model(video, mask, dec)
             err_BM = (out.pred.float() - out.target.float()).pow(2).mean(-1)
             w_BM = out.loss_weight.float()
@@ -145,6 +177,9 @@ class MaskedVideoTask(ShardData, Task):
 
     def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
         return save_model(model, out_dir, extra)
+
+
+_MASK_SALT = 0x3A5C  # keyed masks' own stream: (seed, salt, purpose, epoch, index, view)
 
 
 class OutputFields(dict):

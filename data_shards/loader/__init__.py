@@ -3,24 +3,29 @@
     loader = build_loader("shards/", "train", batch_size=8, spec=SamplingSpec(frames=16, stride=4))
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for batch in loader:            # {"video": float32 [B, 3, T, S, S], "label": int64 [B], "key": [str]}
+        for batch in loader:            # {"video": float32 [B, 3, T, S, S], "label": int64 [B], "key": [str],
+            ...                         #  "index", "epoch", "view": int64 [B]}
             ...
         ckpt["loader"] = loader.state_dict()   # load_state_dict(...) on resume continues mid-epoch
 
 Batches: B counts *clips*. A decoded video yields V clips, consecutive in the batch: K =
 `clips_per_video` independently augmented views of one temporal window in train (VideoMAE V2 repeated
-augmentation), N x M (`eval_clips` x `eval_crops`) views in eval, with "view" (int64 [B], index
-clip * M + crop) so evaluation can average per video. A batch holds batch_size // V whole videos.
+augmentation), N x M (`eval_clips` x `eval_crops`) views in eval, with "view" (int64 [B]: the train view
+0..K-1, the eval index clip * M + crop) so evaluation can average per video. "index" (int64 [B], the global
+sample index) and "epoch" (int64 [B]) let a task key its own per-sample draws (masks, mixup) by
+(seed, epoch, index, view) like the loader's. A batch holds batch_size // V whole videos.
 
 Order: a permutation of the whole split per (seed, epoch) (train; eval keeps shard order), identical on
-every rank, then rank r takes every world_size-th sample. Remainder: `drop_last` (default: True for
-train) gives each rank floor(N / world) samples and only full batches -- the dropped tail changes with
-the shuffle every epoch; drop_last=False pads the order with its first samples so all ranks get
-ceil(N / world), marked in "pad" (bool [B]) for evaluation to ignore, and keeps a partial last batch.
+every rank, then cut into batches of consecutive samples dealt to the ranks in turn (rank r takes batches
+r, r + world, ...): a micro-batch holds the same samples on 2 ranks as in one of 2 accumulation steps on 1
+rank. Remainder: `drop_last` (default: True for train) gives each rank the same number of full batches --
+the dropped tail changes with the shuffle every epoch; drop_last=False pads the order with its first samples
+so all ranks get ceil(N / world), marked in "pad" (bool [B]) for evaluation to ignore, and keeps a partial
+last batch (the last round of batches is cut into `world` equal parts).
 
 Resume: `state_dict()` = {version, backend, epoch, position, seed, num_samples, drop_last, shuffle,
 samples_digest, skipped, world_size, videos_per_batch}. `position` is global: the samples of the epoch's
-order all ranks together have taken (a prefix of the order, since rank r takes every world-th sample), so
+order all ranks together have taken (a prefix of the order, since the ranks take batches in turn), so
 a state taken at a training step boundary continues the epoch on *any* number of ranks and batch size: the
 rest of the order is re-split over the new ranks, no sample repeated or left out. Everything random is a
 pure function of (seed, epoch, sample index), so on the same ranks and batch size the next iteration after
@@ -145,12 +150,14 @@ def build_loader(
     labels: Collection[int] | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_bytes: int = 0,
+    batches_per_step: int = 1,
     **backend_options: Any,
 ) -> VideoLoader:
     """A loader over `split` of one shard folder or several (see the module docstring for the contract).
 
     keys/labels: only those samples (keys as `key`, or `shard:key` when a key is in several folders).
     cache_dir / cache_bytes: a local cache, bounded in bytes, of samples read from shards at URLs.
+    batches_per_step: a step's accumulation steps; drop_last keeps whole steps (`epoch_plan`).
     backend_options: `dali_device` ("cpu"/"mixed", forces it), `num_threads` (DALI), `num_classes` and
     `num_samples` (synthetic, when there is no manifest).
     """
@@ -169,6 +176,7 @@ def build_loader(
         max_skip_fraction=max_skip_fraction,
         epoch=epoch,
         cache=SampleCache(cache_dir, cache_bytes) if cache_dir else None,
+        batches_per_step=batches_per_step,
     )
     selected = keys is not None or labels is not None
     if backend == "synthetic":

@@ -59,8 +59,8 @@ class Collected:
 
 class VideoLoader:
     """One epoch of batches per iteration: {"video": float32 [B, C, T, H, W], "label": int64 [B],
-    "key": list[str]}, plus "view" (int64 [B]) in eval and "pad" (bool [B], padding duplicates) when
-    drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
+    "key": list[str], "index": int64 [B] (global sample index), "epoch": int64 [B], "view": int64 [B]
+    (clip number within its video)}, plus "pad" (bool [B], padding duplicates) when drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
     consecutive, so a batch holds batch_size // V whole videos."""
 
     backend: str = "base"
@@ -82,6 +82,7 @@ class VideoLoader:
         reason: str = "",
         cache: SampleCache | None = None,
         prefetch_stride: int = 1,
+        batches_per_step: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -100,6 +101,7 @@ class VideoLoader:
         self.reason = reason
         self.reader = ShardReader(cache)
         self.prefetch_stride = prefetch_stride  # the next plan batch this process decodes is b + stride
+        self.batches_per_step = max(1, int(batches_per_step))  # drop_last keeps whole steps (epoch_plan)
         self._owner_pid = os.getpid()
         self._digest: str | None = None
         v = spec.views_per_video
@@ -160,6 +162,7 @@ class VideoLoader:
             drop_last=self.drop_last,
             videos_per_batch=self.videos_per_batch,
             start=start,
+            batches_per_step=self.batches_per_step,
         )
 
     @property
@@ -333,14 +336,17 @@ class VideoLoader:
         return self._batch_meta(got.idx, got.pad, got.labels)
 
     def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
-        """label/key/view/pad for videos `idx` (V consecutive clips each)."""
+        """label/key/index/epoch/view/pad for videos `idx` (V consecutive clips each). `index` (the global
+        sample index), `epoch` and `view` key a task's own per-sample random draws (masks, mixup), so they
+        do not depend on the rank or micro-batch a clip lands in."""
         v = self.spec.views_per_video
         out: Batch = {
             "label": torch.tensor(labels, dtype=torch.int64).repeat_interleave(v),
             "key": [self.refs[i].key for i in idx for _ in range(v)],
+            "index": torch.tensor(idx, dtype=torch.int64).repeat_interleave(v),
+            "epoch": torch.full((len(idx) * v,), self._epoch, dtype=torch.int64),
+            "view": torch.arange(v, dtype=torch.int64).repeat(len(idx)),
         }
-        if not self.spec.train:
-            out["view"] = torch.arange(v, dtype=torch.int64).repeat(len(idx))
         if not self.drop_last:
             out["pad"] = torch.tensor(pad, dtype=torch.bool).repeat_interleave(v)
         return out

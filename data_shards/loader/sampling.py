@@ -129,17 +129,22 @@ def epoch_plan(
     drop_last: bool,
     videos_per_batch: int,
     start: int = 0,
+    batches_per_step: int = 1,
 ) -> EpochPlan:
     """Deterministic order for (seed, epoch), identical on every rank, then split across ranks.
 
-    drop_last=True: every rank gets floor(N / world) samples (the N % world left over are the tail of the
-    shuffled order, so they change every epoch) and only full batches.
+    drop_last=True: every rank gets the same number of full batches, a multiple of `batches_per_step` (the
+    gradient-accumulation steps of a training step), so an epoch is whole global batches whatever splits them
+    (the samples left over are the tail of the shuffled order, so they change every epoch).
     drop_last=False: the order is padded with its own first samples up to a multiple of world (marked
     `pad`), every rank gets ceil(N / world) samples and a partial last batch.
-    Rank r takes every world-th sample starting at r, so the samples all ranks have taken after the same
-    number of batches are a prefix of the order. `start` skips that prefix (a resume, possibly on another
-    number of ranks) and splits the rest the same way: on the same world size, at a batch boundary, the plan
-    is the tail of the full epoch's plan, batch for batch.
+    The order is cut into batches of `videos_per_batch` consecutive samples, dealt to the ranks in turn
+    (rank r takes batches r, r + world, ...; a partial last round is cut into `world` equal parts), so
+    the samples all ranks have taken after the same number of batches are a prefix of the order, and a
+    micro-batch holds the same samples whether the ranks or the accumulation steps split a step: 2 ranks x
+    micro 4 and 1 rank x micro 4 x 2 accumulation steps read the same micro-batches. `start` skips that
+    prefix (a resume, possibly on another number of ranks) and splits the rest the same way: on the same
+    world size, at a batch boundary, the plan is the tail of the full epoch's plan, batch for batch.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -151,19 +156,30 @@ def epoch_plan(
     rest = order[min(start, num_samples) :]
     pad = np.zeros(len(rest), dtype=bool)
     if drop_last:
-        usable = (len(rest) // world_size) * world_size
+        unit = world_size * videos_per_batch * max(1, batches_per_step)
+        usable = (len(rest) // unit) * unit
         rest, pad = rest[:usable], pad[:usable]
     else:
         extra = -len(rest) % world_size
         rest = np.concatenate([rest, order[np.arange(extra) % num_samples]])
         pad = np.concatenate([pad, np.ones(extra, dtype=bool)])
-    mine, mine_pad = rest[rank::world_size], pad[rank::world_size]
-    if drop_last:
-        nb = len(mine) // videos_per_batch
-        mine, mine_pad = mine[: nb * videos_per_batch], mine_pad[: nb * videos_per_batch]
-    else:
-        nb = math.ceil(len(mine) / videos_per_batch)
-    return EpochPlan(mine, mine_pad, videos_per_batch, nb, start)
+    mine = _deal(len(rest), rank, world_size, videos_per_batch, keep_partial=not drop_last)
+    nb = math.ceil(len(mine) / videos_per_batch)
+    return EpochPlan(rest[mine], pad[mine], videos_per_batch, nb, start)
+
+
+def _deal(n: int, rank: int, world_size: int, per_batch: int, *, keep_partial: bool) -> np.ndarray:
+    """Positions in [0, n) of rank `rank`'s samples: whole rounds of `world_size` batches of `per_batch`
+    consecutive positions, batch r of each round to rank r; the partial last round (n is a multiple of
+    `world_size` there) in `world_size` equal consecutive parts when `keep_partial`, else dropped."""
+    rounds, rnd = divmod(n, world_size * per_batch)
+    full = np.arange(rounds * world_size * per_batch, dtype=np.int64).reshape(rounds, world_size, per_batch)
+    mine = full[:, rank].reshape(-1)
+    if keep_partial and rnd:
+        share = rnd // world_size
+        lo = rounds * world_size * per_batch + rank * share
+        mine = np.concatenate([mine, np.arange(lo, lo + share, dtype=np.int64)])
+    return mine
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

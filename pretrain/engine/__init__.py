@@ -8,7 +8,7 @@ checkpoints, tracking and export. Layout: `trainer.py` (the loop), `task.py` (th
 
 from .checkpoint import export
 from .config import ConfigError, EngineConfig, load_config, require, resume_key, resume_section
-from .state import TrainState, mix_seed
+from .state import TrainState, keyed_rng, mix_seed
 from .task import Batch, EvalOutcome, Loader, StepOutput, Task, TaskContext
 from .trainer import Outcome, RunResult, Trainer, TrainingStopped, run
 
@@ -27,6 +27,7 @@ __all__ = [
     "Trainer",
     "TrainingStopped",
     "export",
+    "keyed_rng",
     "load_config",
     "mix_seed",
     "require",

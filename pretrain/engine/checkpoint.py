@@ -15,8 +15,10 @@ A directory without `complete` is an interrupted save and is never resumed from.
 Resuming (`plan_resume`): the same world size, ZeRO stage and micro-batch continue bit-exactly (DeepSpeed's
 own files, every rank's RNG and loader state). Another world size or ZeRO stage (1-3) goes through
 DeepSpeed's universal checkpoint (each parameter's fp32 weights and Adam moments whole, re-partitioned on
-load) and the loader's global position: the same model, optimizer state and sample order, but not the same
-bits (per-rank random streams restart, gradients are reduced in another order).
+load) and the loader's global position: the same model, optimizer state, sample order, micro-batches (at the
+same micro-batch size) and per-sample draws (crops, masks, mixup, dropout: keyed by seed, epoch and sample index),
+but not the same bits (gradients are reduced in another order; per-rank streams, which only batches without
+sample keys draw from, restart).
 """
 
 from __future__ import annotations
@@ -205,7 +207,10 @@ class ResumePlan:
         )
         why = ["gradients are reduced in another order"]
         if not self.same_ranks:
-            why.insert(0, "per-rank random streams restart from (seed, rank, step)")
+            why.insert(
+                0,
+                "per-rank random streams restart from (seed, rank, step): only batches without sample keys use them",
+            )
         return (
             f"{where}: written by {was}, now {now}; model and optimizer state through {how}; the data continues "
             f"at the saved global sample position of the epoch (no sample repeated or skipped): sample-exact, "

@@ -24,7 +24,7 @@ from .flops import (
 )
 from .io import load_model, save_model
 from .mae import MAE_DECODERS, MAEConfig, MAEOutput, MaskedVideoAutoencoder, reconstruct_video
-from .masking import make_mask, random_mask, running_cell_mask, tube_mask
+from .masking import keyed_mask, make_mask, random_mask, running_cell_mask, tube_mask
 from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
 from .torchvision_io import (
     classifier_from_torchvision,
@@ -72,6 +72,7 @@ __all__ = [
     "count_parameters",
     "forward_flops_per_clip",
     "from_torchvision_state_dict",
+    "keyed_mask",
     "load_model",
     "make_mask",
     "param_count_table",

@@ -8,6 +8,8 @@ True = the decoder reconstructs that token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import rearrange, repeat
 
@@ -76,3 +78,18 @@ def make_mask(kind: str, batch: int, grid: Grid, ratio: float, generator: torch.
     if kind not in fns:
         raise ValueError(f"unknown mask kind {kind!r}; choose from {MASK_KINDS}")
     return fns[kind](batch, tuple(grid), ratio, generator)
+
+
+def keyed_mask(kind: str, seeds: Sequence[int], grid: Grid, ratio: float) -> torch.Tensor:
+    """One mask per seed, bool ``[len(seeds), N]``: row b is ``make_mask(kind, 1, ...)`` drawn from a
+    generator seeded with ``seeds[b]``, so a sample's mask depends on its own key only, never on the batch,
+    rank or micro-batch it lands in. One ``torch.Generator`` re-seeded per row: ~0.1 ms a clip on a CPU core
+    (tube mask; a random mask over 8x14x14 tokens ~0.6 ms, close to what one batched draw costs per clip)."""
+    gen = torch.Generator()
+    rows = []
+    for seed in seeds:
+        gen.manual_seed(int(seed))
+        rows.append(make_mask(kind, 1, grid, ratio, gen))
+    if not rows:
+        return torch.zeros(0, grid[0] * grid[1] * grid[2], dtype=torch.bool)
+    return torch.cat(rows)

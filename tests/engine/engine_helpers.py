@@ -71,3 +71,9 @@ def deepspeed_launch(args: list[str], world: int, timeout: int = 300) -> subproc
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def relative_gap(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> float:
+    """The largest |a - b| / |b| of two loss curves over the same steps."""
+    assert [s for s, _ in a] == [s for s, _ in b], (a, b)
+    return max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(a, b))

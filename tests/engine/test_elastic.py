@@ -1,7 +1,9 @@
 """Elastic resume with real DeepSpeed (gloo, CPU) on real shards: a run stopped on one number of ranks and
 ZeRO stage continues on another from the same weights and Adam moments (DeepSpeed's universal
 checkpoint), and the epoch goes on at its global sample position: every sample of the interrupted epoch is
-seen exactly once, in the epoch's order, step by step."""
+seen exactly once, in the epoch's order, step by step. Here the micro-batch size changes with the world size
+too; at the same micro-batch size an elastic 2 → 1 resume follows the uninterrupted run's losses exactly (masks,
+crops and micro-batches keyed by sample, not by rank): tests/engine/test_same_trajectory.py."""
 
 from __future__ import annotations
 

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import PY, REPO, base_env, deepspeed_launch, free_port, losses, ok, run_ranks, tiny_args
+from engine_helpers import (
+    PY,
+    REPO,
+    base_env,
+    deepspeed_launch,
+    free_port,
+    losses,
+    ok,
+    relative_gap,
+    run_ranks,
+    tiny_args,
+)
 from safetensors.torch import load_file
 
 from pretrain.models import MaskedVideoAutoencoder, load_model
@@ -40,6 +51,10 @@ def _resume_case(tmp_path, shards, world: int, stage: int, launcher: str) -> Non
     assert [s for s, _ in a] == list(range(1, STEPS + 1))
     assert a == b, f"resume is not exact:\n{a}\n{b}"
     assert a[-1][1] < a[0][1]  # and it learns
+    if world == 1 and launcher == "env":  # 1 rank x 2 accumulation steps = 2 ranks: one trajectory
+        two = tmp_path / "two_ranks"
+        ok(run_ranks(tiny_args(two, shards, *common), 2))
+        assert relative_gap(losses(two), a) <= 1e-5, (losses(two), a)  # measured: 0 (bit-identical)
 
 
 @pytest.mark.parametrize(

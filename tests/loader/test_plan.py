@@ -198,3 +198,40 @@ def test_auto_selection(vp9_set: Path, h264_set: Path, caplog: pytest.LogCapture
     assert "auto chose dali-cpu" in text and "auto chose pyav" in text and "h264" in text
     # the CLI's format is "%(levelname)s %(name)s: %(message)s": a message must not repeat the name
     assert caplog.records and not [r for r in caplog.records if r.name in r.getMessage()]
+
+
+@pytest.mark.parametrize(("world", "vpb"), [(2, 4), (3, 2), (4, 1)])
+def test_ranks_and_accumulation_steps_read_the_same_micro_batches(world: int, vpb: int) -> None:
+    """The order is dealt in batches: rank r's b-th batch is batch b * world + r of 1 rank with the same batch
+    size (its accumulation steps), so a micro-batch holds the same samples however a step is split."""
+    kw = dict(seed=4, epoch=2, shuffle=True, drop_last=True, videos_per_batch=vpb)
+    one = epoch_plan(30, rank=0, world_size=1, **kw)  # type: ignore[arg-type]
+    for rank in range(world):
+        plan = epoch_plan(30, rank=rank, world_size=world, **kw)  # type: ignore[arg-type]
+        assert plan.num_batches == 30 // (world * vpb)
+        for b in range(plan.num_batches):
+            assert plan.batch(b)[0].tolist() == one.batch(b * world + rank)[0].tolist()
+
+
+def test_batches_carry_the_keys_of_their_draws() -> None:
+    """index / epoch / view: what a task keys its own per-sample draws by (masks, mixup)."""
+    spec = SamplingSpec(frames=2, stride=1, size=8, clips_per_video=2)
+    loader = build_loader(
+        "/nonexistent", "train", batch_size=4, spec=spec, backend="synthetic", num_samples=8,
+        rank=1, world_size=2, seed=7, epoch=3,
+    )  # fmt: skip
+    batch = next(iter(loader))
+    first = loader.plan().batch(0)[0].tolist()
+    assert batch["index"].tolist() == [i for i in first for _ in range(2)]
+    assert batch["epoch"].tolist() == [3] * 4 and batch["view"].tolist() == [0, 1, 0, 1]
+    assert batch["key"] == [f"synthetic-{i:08d}" for i in batch["index"].tolist()]
+
+
+def test_an_epoch_is_whole_global_batches_however_they_are_split() -> None:
+    """drop_last keeps a multiple of the step (world x batch x accumulation steps): 1 rank x 2 accumulation
+    steps and 2 ranks end the epoch at the same sample, so no step mixes two epochs on one layout only."""
+    kw = dict(seed=1, epoch=0, shuffle=True, drop_last=True, videos_per_batch=4)
+    one = epoch_plan(20, rank=0, world_size=1, batches_per_step=2, **kw)  # type: ignore[arg-type]
+    two = [epoch_plan(20, rank=r, world_size=2, **kw) for r in range(2)]  # type: ignore[arg-type]
+    assert one.num_batches == 4 and [p.num_batches for p in two] == [2, 2]
+    assert sorted(one.indices.tolist()) == sorted(i for p in two for i in p.indices.tolist())
