@@ -133,11 +133,13 @@ def _lora_aware_qkv(attn: nn.Module) -> None:
     """
     from pretrain.models.attention import attend
 
-    def forward(self: nn.Module, x_BND: torch.Tensor) -> torch.Tensor:
+    def forward(self: nn.Module, x_BND: torch.Tensor, keep_last: int | None = None) -> torch.Tensor:
         qkv_BN3D = self.qkv(x_BND)
         if self.q_bias is not None:
             qkv_BN3D = qkv_BN3D + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = rearrange(qkv_BN3D, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if keep_last is not None:  # as Attention.forward: outputs for the last tokens only
+            q = q[:, :, q.shape[2] - keep_last :]
         return self.proj(rearrange(attend(q, k, v, self.attn_impl), "b h n d -> b n (h d)"))
 
     attn.forward = types.MethodType(forward, attn)
