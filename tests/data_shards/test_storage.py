@@ -81,6 +81,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
         yield env
 
 
+def _use(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process's storage clients at the test server (a client reads the endpoint when made)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    storage.reset_clients()
+
+
 def _build(
     folder: Path, out: str, env: dict[str, str], cwd: Path, source: str | None = None
 ) -> subprocess.CompletedProcess:
@@ -95,9 +102,7 @@ def _build(
 def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     s3: dict[str, str], synth_vp9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k, v in s3.items():
-        monkeypatch.setenv(k, v)
-    storage.reset_clients()  # the client reads the endpoint from the environment when made
+    _use(s3, monkeypatch)
     url = "s3://shards/demo/v1"
     r = _build(synth_vp9, url, s3, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -163,9 +168,7 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
     from data_shards.loader import LoaderError, SamplingSpec, build_loader
     from data_shards.loader.index import list_split
 
-    for k, v in s3.items():
-        monkeypatch.setenv(k, v)
-    storage.reset_clients()
+    _use(s3, monkeypatch)
     url = "s3://shards/cached"
     assert _build(synth_vp9, url, s3, tmp_path).returncode == 0
     cache = tmp_path / "cache"
@@ -205,9 +208,7 @@ def test_a_ray_cluster_builds_from_the_bucket_into_it_with_no_shared_folder(
 ) -> None:
     """The cluster's workers run in Ray's own session folders: inputs, shards and the resume cache are all
     in the bucket; the result is the local build's, byte for byte."""
-    for k, v in s3.items():
-        monkeypatch.setenv(k, v)
-    storage.reset_clients()
+    _use(s3, monkeypatch)
     storage.upload(synth_vp9, "s3://shards/cluster-src")
     local = tmp_path / "local"
     assert _build(synth_vp9, str(local), s3, tmp_path).returncode == 0
