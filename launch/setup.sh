@@ -34,6 +34,10 @@ if [ "$torch_spec" != system ]; then
   quiet_pip install "$torch_spec"
 fi
 quiet_pip install -e ".[$extras]"
+# boto3 at the release of the botocore aiobotocore pinned (they are released in lockstep): MLflow's S3
+# artifact store needs it, and a plain `boto3` requirement sends pip's resolver backtracking through s3fs
+botocore="$(.venv/bin/python -c 'import botocore; print(botocore.__version__)')"
+quiet_pip install "boto3==$botocore"
 if [ "$cuda" = 12 ]; then
   "${pip[@]}" uninstall -y nvidia-dali-cuda130 >/dev/null 2>&1 || true
   quiet_pip install -e ".[$extras,cuda12]"
