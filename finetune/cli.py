@@ -7,6 +7,8 @@ python -m finetune export runs/ft OUT_DIR [--hf OUT_HF]
 python -m finetune continual --config finetune/configs/tiny_cpu_continual.yaml data.shards=S [--resume auto]
 python -m finetune serve --model runs/ft/best|models:/NAME/VERSION|models:/NAME@ALIAS [--port 8000]
 python -m finetune embed --model runs/ft/best --shards S --split test --out emb.parquet [--query a.mp4]
+python -m finetune update --config finetune/configs/tiny_cpu_update.yaml model=NAME videos=NEW/labels.csv
+python -m finetune rollback NAME [--tracking-uri URI]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         "continual": _continual,
         "serve": _serve,
         "embed": _embed,
+        "update": _update,
+        "rollback": _rollback,
     }
     if argv[:1] and argv[0] in sub:
         command = sub[argv[0]]
@@ -278,6 +282,29 @@ def _continual(argv: list[str]) -> int:
     from finetune.continual.run import main as continual_main
 
     return continual_main(argv)
+
+
+def _update(argv: list[str]) -> int:
+    from finetune.update.round import main as update_main
+
+    return update_main(argv)
+
+
+def _rollback(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m finetune rollback",
+        description="move the registered model's 'champion' alias back to the champion before it",
+    )
+    p.add_argument("name", help="the registered model")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
+    a = p.parse_args(argv)
+    from finetune.registry import registry_store
+    from finetune.update.promote import rollback
+
+    uri = registry_store(f"models:/{a.name}@champion", a.tracking_uri)
+    old, new = rollback(uri, a.name)
+    print(f"[rollback] {a.name}: champion {old} -> {new} (a server following @champion reloads it)")
+    return 0
 
 
 def _export(argv: list[str]) -> int:

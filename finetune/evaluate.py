@@ -102,15 +102,16 @@ def summarize(
 
 
 def label_mapping(
-    model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any
+    model_names: list[str] | None, shard_names: list[str] | None, model_dir: Any, strict: bool = True
 ) -> torch.Tensor | None:
     """Shard label → the model's head index: None when they are the same classes in the same order; a map
     when the model knows a subset (continual learning: the classes seen so far; -1 = not in the head, always
-    counted wrong). Classes the shards do not have are an error naming both lists."""
+    counted wrong). Classes the shards do not have are an error naming both lists, unless not `strict` (the
+    update loop: a model that learned more classes since an older shard set was built)."""
     if not model_names or not shard_names or list(model_names) == list(shard_names):
         return None
     unknown = sorted(set(model_names) - set(shard_names))
-    if unknown:
+    if unknown and strict:
         raise ValueError(
             f"{model_dir} was trained on classes {model_names}, the shards have {shard_names} (missing "
             f"{unknown}): evaluate it on shards built with its classes (data_shards build --classes ...)"
@@ -138,9 +139,10 @@ def evaluate_model_dir(
     out_dir: str | Path | None = None,
     device: str = "cpu",
     labels: list[int] | None = None,
+    strict_classes: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one model directory on a shard split (collective when several ranks run it); `labels`
-    restricts the split to those classes (shard label ids)."""
+    restricts the split to those classes (shard label ids); `strict_classes` (see `label_mapping`)."""
     from data_shards.format import load_manifest
     from data_shards.loader import build_loader
     from finetune.model_dir import open_model_dir
@@ -152,7 +154,7 @@ def evaluate_model_dir(
     opened = open_model_dir(model_dir, device=dev, clips=clips, crops=crops, stride=stride)
     model, extra, spec, head = opened.model, opened.extra, opened.spec, opened.head
     manifest = load_manifest(shards)
-    mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir)
+    mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir, strict_classes)
     names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
     views = spec.views_per_video
     loader = build_loader(
