@@ -177,3 +177,53 @@ def test_a_concurrent_round_is_refused(tmp_path: Path) -> None:
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "round": "old"}))
     with round_lock(tmp_path / "w", "m", "next") as held:
         assert json.loads(held.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.slow  # ~70 s: two ranks, killed and resumed
+def test_a_round_killed_mid_fine_tune_resumes(tmp_path: Path) -> None:
+    """SIGKILL to the whole round (driver, torchrun, both ranks) after the fine-tune's first checkpoint: the
+    same command with --resume auto takes over the stale lock, skips the steps done (no second build) and
+    continues the fine-tune from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from ft_helpers import PY, base_env
+
+    work, uri = tmp_path / "work", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps = (
+        '["train.steps=120","train.global_batch_size=8","train.micro_batch_size=4","continual.replay_batch_size=2",'
+        '"continual.memory_size=16","data.backend=pyav","data.num_workers=0","optim.lr=2e-4","checkpoint.every=10"]'
+    )
+    args = [
+        "-m", "finetune", "update", "--config", str(UPDATE), "model=killed", f"videos={batch(tmp_path / 'b', 3)}",
+        f"work_dir={work}", f"tracking_uri={uri}", "round=r", "init=scratch", "gate.min_top1=0",
+        f"finetune.overrides={steps}", "finetune.ranks=2",
+    ]  # fmt: skip
+    proc = subprocess.Popen([PY, *args], env=base_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    marker = work / "rounds" / "r" / "train" / "checkpoints" / "step_00000010" / "complete"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.3)
+    assert proc.poll() is None, "the round ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (work / "rounds" / "r" / "report.json").exists()
+    state = json.loads((work / "rounds" / "r" / "state.json").read_text())
+    assert state["done"] == ["champion", "build"]
+
+    r = run_cli([*args[2:]], timeout=400)  # without --resume: refused, naming the way on
+    assert r.returncode == 2 and "--resume auto" in r.stderr
+    r = run_cli([*args[2:], "--resume", "auto"], timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "r: build" not in r.stdout and "r: train" in r.stdout
+    steps_logged = [
+        json.loads(x)["step"]
+        for x in (work / "rounds" / "r" / "train" / "metrics.jsonl").open()
+        if '"loss"' in x
+    ]
+    assert steps_logged[-1] == 120
+    report = json.loads((work / "rounds" / "r" / "report.json").read_text())
+    assert report["promoted"] and report["challenger_version"] == "1"
