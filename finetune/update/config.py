@@ -65,7 +65,9 @@ class UpdateConfig:
     work_dir: str = "runs/update"  # local: round state, the lock, the fine-tune runs
     shards_root: str | None = None  # where shard sets go (local or URL); default WORK_DIR/shards
     round: str | None = None  # the round's name; default: a hash of the batch's location
-    init: str | None = None  # the first round's starting point (no champion yet): a model/run/HF dir, or scratch
+    init: str | None = (
+        None  # the first round's starting point (no champion yet): a model/run/HF dir, or scratch
+    )
     tracking_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite:///WORK_DIR/mlflow.db
     experiment: str = "tubelet-update"
     lock_wait_s: float = 0.0  # a concurrent round: wait this long for the lock, then refuse
