@@ -25,6 +25,7 @@ def _synth(args: argparse.Namespace) -> int:
             codec=args.codec,
             seed=args.seed,
             domain=args.domain,
+            shuffle_labels=args.shuffle_labels,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -32,7 +33,7 @@ def _synth(args: argparse.Namespace) -> int:
     csv_path = write_synthetic_set(args.out, spec)
     print(
         f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
-        f"domain {spec.domain}) and {csv_path}"
+        f"domain {spec.domain}{', labels shuffled' if spec.shuffle_labels else ''}) and {csv_path}"
     )
     return 0
 
@@ -131,6 +132,11 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     looks = ", ".join(f"{i} {name}" for i, name in enumerate(DOMAINS))
     p.add_argument("--domain", type=int, default=0, help=f"look of the clips, same classes ({looks})")
+    p.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="write the labels in a seeded random order (a mislabelled batch, to see a quality gate refuse it)",
+    )
     p.set_defaults(func=_synth)
 
 

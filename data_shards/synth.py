@@ -53,6 +53,7 @@ class SynthSpec:
     codec: str = "h264"
     seed: int = 0
     domain: int = 0
+    shuffle_labels: bool = False  # the label column permuted (seeded): a mislabelled batch
 
     def __post_init__(self) -> None:
         if not 0 <= self.domain < len(DOMAINS):
@@ -203,6 +204,9 @@ def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
         rel = f"videos/{prefix}{i:06d}_{motion}.{ext}"
         encode_clip(frames, out / rel, spec.codec, spec.fps)
         rows.append((rel, motion))
+    if spec.shuffle_labels:
+        order = np.random.default_rng([spec.seed, 0x5A1]).permutation(len(rows))
+        rows = [(rel, rows[j][1]) for (rel, _), j in zip(rows, order)]
     csv_path = out / "labels.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -3,7 +3,7 @@
 # (CPU, synthetic data, local Ray, local MLflow store), end to end:
 #   synth -> shards -> pretrain -> fine-tune (scratch baseline, full, LoRA; each registered in MLflow)
 #   -> test evaluation (into each fine-tune's MLflow run) -> predict -> continual learning (naive vs replay)
-#   -> serve the best over HTTP (Ray Serve)
+#   -> serve over HTTP (Ray Serve) while the update loop runs three rounds (promote, promote, refuse)
 #   bash launch/demo.sh            writes everything under ./demo (DEMO_DIR to change it; DEMO_PORT: 8000)
 # Re-running resumes: shards and finished runs are kept (delete ./demo for a fresh start).
 set -euo pipefail
@@ -62,30 +62,40 @@ for strategy in naive replay; do
     continual.memory_size=32 train.run_dir="$R/continual_$strategy" --resume auto | grep -E "^\[continual\]|after "
 done
 
-step "9/9 serve: alias 'champion' = the registered version with the best test top-1, on Ray Serve over HTTP"
-$py - "$MODEL_NAME" <<'PY'
-import sys
-from mlflow import MlflowClient
-name, c = sys.argv[1], MlflowClient()
-versions = c.search_model_versions(f"name='{name}'")
-best = max(versions, key=lambda v: c.get_run(v.run_id).data.metrics.get("test/top1", -1.0))
-c.set_registered_model_alias(name, "champion", best.version)
-print(f"models:/{name}@champion -> version {best.version} (run {c.get_run(best.run_id).info.run_name}, "
-      f"test top-1 {c.get_run(best.run_id).data.metrics.get('test/top1', float('nan')):.3f})")
-PY
+step "9/9 serve the champion, then the update loop: three batches of new videos, each a round (fine-tune @champion, gate, promote or refuse) while the server follows @champion"
+B="$demo/incoming"
+[ -f "$B/b1/labels.csv" ] || $py -m data_shards synth --out "$B/b1" --videos 120 --classes 4 --frames 24 --size 32 --codec vp9 --seed 11
+[ -f "$B/b2/labels.csv" ] || $py -m data_shards synth --out "$B/b2" --videos 120 --classes 4 --frames 24 --size 32 --codec vp9 --seed 12 --domain 1
+[ -f "$B/b3/labels.csv" ] || $py -m data_shards synth --out "$B/b3" --videos 120 --classes 4 --frames 24 --size 32 --codec vp9 --seed 13 --shuffle-labels
+update() {  # one round; the report table and the decision
+  $py -m finetune update --config finetune/configs/update.yaml model="$MODEL_NAME" work_dir="$demo/update" "$@" \
+    --resume auto 2>&1 | grep -E '^\[update\] (round |batch|PROMOTED|REFUSED)|^  '
+}
+echo "-- round 1: new videos of the training look; no champion yet: starts from the full fine-tune's best model"
+update round=round1 videos="$B/b1/labels.csv" init="$R/ft_full/best"
 port="${DEMO_PORT:-8000}"
-$py -m finetune serve --model "models:/$MODEL_NAME@champion" --port "$port" > "$demo/serve.log" 2>&1 &
+$py -m finetune serve --model "models:/$MODEL_NAME@champion" --port "$port" --reload-interval 2 > "$demo/serve.log" 2>&1 &
 server=$!
+trap 'touch "$demo/client.stop"; kill -INT "$server" 2> /dev/null || true' EXIT  # a failed round stops them too
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
 clip="$demo/videos/videos/${clips[0]}"
 echo "\$ curl --data-binary @$(basename "$clip") 'http://127.0.0.1:$port/predict?top_k=2'"
 curl -s -w '  (HTTP %{http_code})\n' --data-binary @"$clip" "http://127.0.0.1:$port/predict?top_k=2"
 echo "\$ curl --data-binary @broken.mp4 http://127.0.0.1:$port/predict"
 curl -s -w '  (HTTP %{http_code})\n' --data-binary @"$demo/broken.mp4" "http://127.0.0.1:$port/predict"
-echo "\$ curl -F file=@$(basename "$clip") http://127.0.0.1:$port/predict      (the server goes on after a bad file)"
-curl -s -w '  (HTTP %{http_code})\n' -F "file=@$clip" "http://127.0.0.1:$port/predict"
+rm -f "$demo/client.stop"
+$py launch/demo_client.py "http://127.0.0.1:$port" "$clip" "$demo/client.stop" &
+client=$!
+echo "-- round 2: a new look (domain 1: dark background), the same classes; the server keeps answering"
+update round=round2 videos="$B/b2/labels.csv"
+echo "-- round 3: a batch whose labels were shuffled by mistake"
+update round=round3 videos="$B/b3/labels.csv"
+sleep 4  # one reload interval and a little: the server has seen the final @champion
+touch "$demo/client.stop"
+wait "$client" || echo "(the client saw failed requests: see above)"
 kill -INT "$server"
 wait "$server" || true
+trap - EXIT
 
 step "summary"
 $py - "$demo" <<'PY'
@@ -112,4 +122,5 @@ echo
 echo "MLflow: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000:"
 echo "        experiment tubelet-demo compares the runs' test/top1; Models shows $MODEL_NAME and its versions)"
 echo "Serve:  $py -m finetune serve --model models:/$MODEL_NAME@champion   (curl --data-binary @clip.mp4 :8000/predict)"
+echo "Update: reports in $demo/update/rounds/*/report.json; $py -m finetune rollback $MODEL_NAME moves @champion back"
 echo "done in $((SECONDS - start)) s; everything is under $demo"
