@@ -172,14 +172,33 @@ def _predict(argv: list[str]) -> int:
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
+    _limit_args(p)
     a = p.parse_intermixed_args(argv)
     from finetune.predict import expand_inputs, predict_files, print_predictions
 
     videos = expand_inputs(a.videos)
     model = _resolve(a.model, a.tracking_uri).model_dir
-    results = predict_files(model, videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride)
+    results = predict_files(
+        model, videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride, limits=_limits(a)
+    )
     failed = print_predictions(results, a.json)
     return 1 if failed else 0
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    """What one file may make the decoder do (refused from its headers, before decoding a frame)."""
+    p.add_argument(
+        "--max-pixels", type=int, default=3840 * 2160, help="per frame (default 4K UHD); 0 = no limit"
+    )
+    p.add_argument(
+        "--max-decode-seconds", type=float, default=3600.0, help="video duration (default 1 h); 0 = no limit"
+    )
+
+
+def _limits(a: argparse.Namespace) -> Any:
+    from data_shards.loader.pyav import DecodeLimits
+
+    return DecodeLimits(a.max_pixels or None, a.max_decode_seconds or None)
 
 
 def _positive_int(text: str) -> int:
@@ -209,6 +228,25 @@ def _serve(argv: list[str]) -> int:
         "--ray-address", default=None, help="HOST:PORT of an existing Ray cluster (default: local)"
     )
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
+    _limit_args(p)
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("TUBELET_SERVE_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on every endpoint but /health "
+        "(default: $TUBELET_SERVE_TOKEN; prefer the variable: arguments show in ps)",
+    )
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=10.0,
+        help="seconds between checks of a models:/NAME@ALIAS source; a moved alias is loaded and swapped in "
+        "(0 = never)",
+    )
+    p.add_argument("--capture", default=None, help="DIR or URL: store accepted uploads with their prediction")
+    p.add_argument("--capture-rate", type=float, default=1.0, help="fraction of accepted uploads captured")
+    p.add_argument(
+        "--capture-max-bytes", type=int, default=1 << 30, help="stop capturing past this many video bytes"
+    )
     a = p.parse_args(argv)
     from finetune.serve import ServeConfig, run
     from pretrain.engine import ConfigError

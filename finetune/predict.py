@@ -18,11 +18,14 @@ from typing import Any
 
 import torch
 
+from data_shards.loader.pyav import DecodeLimits
+
 # HTTP status a server answers for each kind of bad input (the reason is also the JSON error code)
 INPUT_ERROR_STATUS = {
     "bad_request": 400,
     "empty": 400,
     "too_large": 413,
+    "too_long": 422,
     "not_a_video": 415,
     "no_video_stream": 422,
     "truncated": 422,
@@ -56,9 +59,11 @@ class Predictor:
         crops: int | None = None,
         stride: int | None = None,
         device: str = "cpu",
+        limits: DecodeLimits | None = None,
     ) -> None:
         from finetune.model_dir import open_model_dir
 
+        self.limits = limits if limits is not None else DecodeLimits()
         self.device = torch.device(device)
         opened = open_model_dir(model_dir, device=self.device, clips=clips, crops=crops, stride=stride)
         self.model_dir, self.model, self.extra, self.head = (
@@ -76,7 +81,8 @@ class Predictor:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """A video file's bytes → its eval views `views_VCTHW` (float, normalized). Raises `VideoInputError`
-        for empty input, non-videos, files without a video stream, truncated or undecodable ones."""
+        for empty input, non-videos, files without a video stream, truncated or undecodable ones, and files
+        over `limits` (frame pixels, duration): refused from the headers, before any frame is decoded."""
         import av
 
         from data_shards.loader.pyav import VideoDecodeError, decode_views
@@ -84,7 +90,7 @@ class Predictor:
         if not data:
             raise VideoInputError("empty", "empty input: send the bytes of a video file")
         try:
-            return decode_views(data, self.spec, None, strict=True)
+            return decode_views(data, self.spec, None, strict=True, limits=self.limits)
         except VideoDecodeError as e:
             raise VideoInputError(e.reason, str(e)) from None
         except av.FFmpegError as e:
@@ -139,6 +145,7 @@ class Predictor:
             },
             "finetune": self.extra.get("finetune", {}),
             "step": self.extra.get("step"),
+            "limits": {"max_pixels": self.limits.max_pixels, "max_decode_seconds": self.limits.max_seconds},
         }
 
 
@@ -177,9 +184,10 @@ def predict_files(
     clips: int | None = None,
     crops: int | None = None,
     stride: int | None = None,
+    limits: DecodeLimits | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One result per file, in order: {"video", "top": [{"label", "score", "index"}...]} or {"video", "error"}."""
-    predictor = Predictor(model_dir, clips=clips, crops=crops, stride=stride)
+    predictor = Predictor(model_dir, clips=clips, crops=crops, stride=stride, limits=limits)
     for video in videos:
         try:
             views = predictor.decode(Path(video).read_bytes())

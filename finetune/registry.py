@@ -206,3 +206,21 @@ def run_of_dir(model_dir: Path) -> tuple[str, str] | None:
         return None
     info = json.loads(f.read_text())
     return (info["uri"], info["run_id"]) if info.get("uri") and info.get("run_id") else None
+
+
+def alias_of(source: str) -> tuple[str, str] | None:
+    """(name, alias) of a `models:/NAME@ALIAS` source, else None (a fixed version or a directory)."""
+    if not source.startswith(REGISTRY_PREFIX) or "@" not in source:
+        return None
+    name, alias = source[len(REGISTRY_PREFIX) :].rsplit("@", 1)
+    return name, alias
+
+
+def alias_version(name: str, alias: str, uri: str) -> str | None:
+    """The version `alias` points at now; None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None

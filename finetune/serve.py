@@ -22,12 +22,14 @@ into the model cache (`~/.cache/tubelet/models`, `$TUBELET_CACHE`) and shared by
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations (Request) at
 # runtime, and Serve's ingress rebinds the methods where string annotations no longer resolve.
 import asyncio
+import hmac
 import logging
 import os
 import signal
 import threading
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from fastapi.responses import JSONResponse
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 from ray import serve
 
+from data_shards.loader.pyav import DecodeLimits
 from finetune.predict import Predictor, VideoInputError
 from pretrain.engine import ConfigError
 
@@ -63,6 +66,13 @@ class ServeConfig:
     crops: int | None = None
     ray_address: str | None = None
     tracking_uri: str | None = None  # for models:/ sources; None: $MLFLOW_TRACKING_URI
+    max_pixels: int | None = 3840 * 2160  # per frame of an upload (0/None: no limit)
+    max_decode_seconds: float | None = 3600.0  # duration of an upload (0/None: no limit)
+    auth_token: str | None = None  # bearer token required on every endpoint but /health
+    reload_interval: float = 10.0  # seconds between checks of a models:/NAME@ALIAS source (0: never)
+    capture: str | None = None  # DIR or URL: accepted uploads kept with their prediction
+    capture_rate: float = 1.0
+    capture_max_bytes: int = 1 << 30
 
     def check(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -85,6 +95,22 @@ class ServeConfig:
         )
         need(self.crops in (None, 1, 3), f"--crops must be 1 or 3, got {self.crops}")
         need(self.clips is None or self.clips >= 1, f"--clips must be >= 1, got {self.clips}")
+        need((self.max_pixels or 0) >= 0, f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
+        need(
+            (self.max_decode_seconds or 0) >= 0,
+            f"--max-decode-seconds must be >= 0 (0: no limit), got {self.max_decode_seconds}",
+        )
+        need(
+            self.reload_interval >= 0,
+            f"--reload-interval must be >= 0 (0: never), got {self.reload_interval}",
+        )
+        need(0 <= self.capture_rate <= 1, f"--capture-rate must be in [0, 1], got {self.capture_rate}")
+        need(self.capture_max_bytes > 0, f"--capture-max-bytes must be > 0, got {self.capture_max_bytes}")
+        need(self.auth_token is None or len(self.auth_token) >= 16, "--auth-token must be >= 16 characters")
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_pixels or None, self.max_decode_seconds or None)
 
     @property
     def ongoing(self) -> int:
@@ -95,8 +121,23 @@ class ServeConfig:
         return int(self.max_upload_mb * 2**20)
 
 
-def error_response(reason: str, detail: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": reason, "detail": detail}, status_code=status)
+def error_response(
+    reason: str, detail: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": reason, "detail": detail}, status_code=status, headers=headers)
+
+
+class Unauthorized(Exception):
+    """No bearer token, or not the server's."""
+
+
+def authorize(request: Request, token: str | None) -> None:
+    """`Authorization: Bearer TOKEN` when the server has a token; compared in constant time."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized()
 
 
 async def read_video(request: Request, limit: int) -> bytes:
@@ -161,40 +202,117 @@ async def _bad_input(request: Request, e: VideoInputError) -> JSONResponse:
     return error_response(e.reason, str(e), e.status)
 
 
+@app.exception_handler(Unauthorized)
+async def _unauthorized(request: Request, e: Unauthorized) -> JSONResponse:
+    detail = "this server needs 'Authorization: Bearer TOKEN' (the token given to serve --auth-token)"
+    return error_response("unauthorized", detail, 401, {"WWW-Authenticate": "Bearer"})
+
+
 @app.exception_handler(Exception)
 async def _internal(request: Request, e: Exception) -> JSONResponse:
     """Our fault, not the client's: 500 with the exception named; the replica goes on serving."""
     return error_response("internal", f"{type(e).__name__}: {e}", 500)
 
 
+def by_predictor(items: list[tuple[Predictor, torch.Tensor]], features: bool) -> list[torch.Tensor]:
+    """One forward per model in the batch (two only right after a reload), results in request order."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    for predictor in {id(p): p for p, _ in items}.values():
+        idx = [i for i, (p, _) in enumerate(items) if p is predictor]
+        views = [items[i][1] for i in idx]
+        results = predictor.embeddings(views) if features else predictor.probabilities(views)
+        for i, r in zip(idx, results):
+            out[i] = r
+    return out
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a replica serves right now: a request reads it once, so a reload never mixes two models."""
+
+    source: Any  # registry.ResolvedModel
+    predictor: Predictor
+
+
 @serve.deployment(name="VideoClassifier")
 @serve.ingress(app)
 class VideoClassifierServer:
-    """One replica: a `Predictor` and two batch queues (predict, embed) with a batch-size histogram."""
+    """One replica: the served model (swapped in place when a followed alias moves), two batch queues
+    (predict, embed) with a batch-size histogram, and the optional capture writer."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        from finetune.registry import resolve_model
+        from finetune.capture import Capture
+        from finetune.registry import alias_of, resolve_model
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.cfg = cfg
-        self.source = resolve_model(cfg.model, cfg.tracking_uri)
-        self.predictor = Predictor(self.source.model_dir, clips=cfg.clips, crops=cfg.crops)
+        source = resolve_model(cfg.model, cfg.tracking_uri)
+        self.served = Served(source, self._predictor(source))
         self.batches: dict[str, Counter[int]] = {"predict": Counter(), "embed": Counter()}
         for queue in (self.predict_batch, self.embed_batch):
             queue.set_max_batch_size(cfg.max_batch_size)
             queue.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.capture = (
+            Capture(cfg.capture, replica, cfg.capture_rate, cfg.capture_max_bytes) if cfg.capture else None
+        )
+        self.reload: dict[str, Any] | None = None
+        if alias_of(cfg.model) and cfg.reload_interval > 0:
+            self.reload = {"following": cfg.model, "interval_s": cfg.reload_interval, "loads": 0,
+                           "last_error": None, "checked_at": None}  # fmt: skip
+            threading.Thread(target=self._follow, name="follow-alias", daemon=True).start()
+
+    def _predictor(self, source: Any) -> Predictor:
+        c = self.cfg
+        return Predictor(source.model_dir, clips=c.clips, crops=c.crops, limits=c.limits)
+
+    def _follow(self) -> None:
+        """Poll the alias; load a version it moved to beside the served one, then swap. A version that fails
+        to load leaves the old one serving, and is not retried until the alias moves again."""
+        from finetune.registry import alias_of, alias_version, resolve_model
+
+        assert self.reload is not None
+        log = logging.getLogger("ray.serve")
+        name, alias = alias_of(self.cfg.model) or ("", "")
+        failed: str | None = None
+        while True:
+            time.sleep(self.cfg.reload_interval)
+            try:
+                version = alias_version(name, alias, self.cfg.tracking_uri or "")
+            except Exception as e:  # the store is down: keep serving, say so
+                self.reload["last_error"] = f"alias lookup failed: {type(e).__name__}: {e}"
+                continue
+            self.reload["checked_at"] = time.time()
+            if version is None or version in (self.served.source.version, failed):
+                continue
+            try:
+                src = resolve_model(f"models:/{name}/{version}", self.cfg.tracking_uri)
+                self.served = Served(replace(src, source=self.cfg.model), self._predictor(src))
+            except Exception as e:
+                failed = version
+                self.reload["last_error"] = f"version {version} did not load ({type(e).__name__}: {e})"
+                log.warning("%s: %s; version %s goes on serving", self.cfg.model, self.reload["last_error"],
+                            self.served.source.version)  # fmt: skip
+                continue
+            failed, self.reload["last_error"] = None, None
+            self.reload["loads"] += 1
+            log.warning("%s moved: now serving version %s", self.cfg.model, version)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/metadata")
-    async def metadata(self) -> dict[str, Any]:
-        c = self.cfg
+    async def metadata(self, request: Request) -> dict[str, Any]:
+        authorize(request, self.cfg.auth_token)
+        c, served = self.cfg, self.served
         replica = serve.get_replica_context().replica_id.unique_id
         return {
-            **self.predictor.describe(),
-            "model": self.source.describe(),
+            **served.predictor.describe(),
+            "model": served.source.describe(),
+            "auth": c.auth_token is not None,
+            "reload": self.reload,
+            "capture": self.capture.describe() if self.capture else None,
             "serving": {
                 "replicas": c.replicas,
                 "replica": replica,
@@ -211,29 +329,35 @@ class VideoClassifierServer:
 
     @app.post("/predict")
     async def predict(self, request: Request) -> list[dict[str, Any]]:
+        authorize(request, self.cfg.auth_token)
         k = top_k_param(request)
-        views = await self._views(request)
-        probs = await self.predict_batch(views)
-        return [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs, k)]
+        served = self.served
+        data = await read_video(request, self.cfg.upload_limit)
+        views = await asyncio.to_thread(served.predictor.decode, data)  # decoding off the event loop
+        probs = await self.predict_batch((served.predictor, views))
+        top = served.predictor.top(probs, k)
+        if self.capture is not None:
+            self.capture.offer(data, top[0], served.source.version)
+        return [{"label": t["label"], "score": t["score"]} for t in top]
 
     @app.post("/embed")
     async def embed(self, request: Request) -> dict[str, Any]:
-        emb = await self.embed_batch(await self._views(request))
+        authorize(request, self.cfg.auth_token)
+        served = self.served
+        data = await read_video(request, self.cfg.upload_limit)
+        views = await asyncio.to_thread(served.predictor.decode, data)
+        emb = await self.embed_batch((served.predictor, views))
         return {"embedding": [round(float(x), 6) for x in emb.tolist()], "dim": int(emb.numel())}
 
-    async def _views(self, request: Request) -> torch.Tensor:
-        data = await read_video(request, self.cfg.upload_limit)
-        return await asyncio.to_thread(self.predictor.decode, data)  # decoding off the event loop
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from the config in __init__
-    async def predict_batch(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.batches["predict"][len(views)] += 1
-        return await asyncio.to_thread(self.predictor.probabilities, views)
+    async def predict_batch(self, items: list[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
+        self.batches["predict"][len(items)] += 1
+        return await asyncio.to_thread(by_predictor, items, False)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def embed_batch(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.batches["embed"][len(views)] += 1
-        return await asyncio.to_thread(self.predictor.embeddings, views)
+    async def embed_batch(self, items: list[tuple[Predictor, torch.Tensor]]) -> list[torch.Tensor]:
+        self.batches["embed"][len(items)] += 1
+        return await asyncio.to_thread(by_predictor, items, True)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -283,6 +407,10 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     if cfg.model.startswith(REGISTRY_PREFIX):  # the replicas look it up in the store the driver found
         cfg.tracking_uri = registry_store(cfg.model, cfg.tracking_uri)
     what = check_source(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth_token is None:
+        print(
+            f"[serve] warning: listening on {cfg.host} without --auth-token: anyone who reaches it can use it"
+        )
     start_ray(cfg.ray_address)
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -119,7 +119,7 @@ FINETUNE_LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "artifacts": ("init", "model_dir", "export", "onnx_export"),
     "inference": ("predict", "evaluate", "reports", "embed"),
-    "lifecycle": ("mlflow_model", "pyfunc_entry", "serve"),
+    "lifecycle": ("mlflow_model", "pyfunc_entry", "capture", "serve"),
     "training": ("task", "continual.task", "continual.run"),
     "update": (
         "update.config", "update.catalog", "update.gate", "update.lock", "update.promote", "update.train",

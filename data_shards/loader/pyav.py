@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -117,6 +117,30 @@ def _open_error(data: bytes, e: av.FFmpegError) -> VideoDecodeError:
     return VideoDecodeError("not_a_video", f"not a video file FFmpeg can read ({what})")
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one untrusted file may make the decoder do, checked before any frame is decoded: the frame size
+    from the stream header (before demuxing), the duration from the demuxed timestamps. None: no limit."""
+
+    max_pixels: int | None = 3840 * 2160  # per frame: 4K UHD
+    max_seconds: float | None = 3600.0
+
+    def check_frame(self, width: int, height: int) -> None:
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise VideoDecodeError(
+                "too_large",
+                f"frames of {width}x{height} = {width * height} pixels are over the limit of {self.max_pixels} "
+                "pixels per frame (--max-pixels)",
+            )
+
+    def check_duration(self, seconds: float) -> None:
+        if self.max_seconds is not None and seconds > self.max_seconds:
+            raise VideoDecodeError(
+                "too_long",
+                f"a video of {seconds:.0f} s is over the limit of {self.max_seconds:g} s (--max-decode-seconds)",
+            )
+
+
 class _Packets:
     """A video demuxed once, in memory: packets for decoding (and, for raw files, their count and the
     frame size for planning).
@@ -125,9 +149,9 @@ class _Packets:
     keyframe before the first wanted frame and tell the decoder to drop non-reference frames nobody
     asked for."""
 
-    def __init__(self, data: bytes, strict: bool = False) -> None:
+    def __init__(self, data: bytes, strict: bool = False, limits: DecodeLimits | None = None) -> None:
         """`strict` (input the shard builder did not validate): also refuse still images and files with fewer
-        packets (or seconds) than their container declares."""
+        packets (or seconds) than their container declares; `limits`: refuse what is too big to decode."""
         try:
             self.container = av.open(io.BytesIO(data))
         except av.FFmpegError as e:
@@ -143,6 +167,8 @@ class _Packets:
             self._refuse_still_image()
         ctx = self.stream.codec_context
         self.height, self.width = ctx.height, ctx.width
+        if limits is not None:
+            self._guarded(lambda: limits.check_frame(self.width, self.height))
         try:
             self.packets = [p for p in self.container.demux(self.stream) if p.size]
         except av.FFmpegError as e:
@@ -161,10 +187,27 @@ class _Packets:
             )
         if strict:
             self._check_complete(pts)
+        if limits is not None:
+            self._guarded(lambda: limits.check_duration(self.seconds(pts)))
         # presentation index per packet; None when timestamps cannot give one (decode everything, count)
         self.index_of_pts: dict[int, int] | None = None
         if None not in pts and len(set(pts)) == len(pts):
             self.index_of_pts = {t: i for i, t in enumerate(sorted(pts))}
+
+    def _guarded(self, check: Callable[[], None]) -> None:
+        try:
+            check()
+        except VideoDecodeError:
+            self.close()
+            raise
+
+    def seconds(self, pts: list[int | None]) -> float:
+        """The demuxed duration: the span of the timestamps, else the packet count at the stream's rate."""
+        known = [t for t in pts if t is not None]
+        if len(known) >= 2 and self.stream.time_base:
+            return float((max(known) - min(known)) * self.stream.time_base)
+        rate = float(self.stream.average_rate or self.stream.guessed_rate or 25)
+        return self.frames / rate
 
     def _refuse_still_image(self) -> None:
         from data_shards.probe import still_image
@@ -358,12 +401,13 @@ def decode_views(
     rng: np.random.Generator | None,
     out: torch.Tensor | None = None,
     strict: bool = False,
+    limits: DecodeLimits | None = None,
 ) -> torch.Tensor:
     """A raw video file's bytes (no stored metadata: predict) -> float [V, 3, T, S, S]: demux, plan from
     the packet count, decode once, cut V views. Failures raise `VideoDecodeError`; `strict` (input the shard
     builder did not validate, e.g. an upload) also refuses still images and files shorter than their
-    container declares."""
-    with _Packets(data, strict) as video:
+    container declares; `limits` refuses frames too large or videos too long before decoding any frame."""
+    with _Packets(data, strict, limits) as video:
         vplan = plan_video(video.frames, video.height, video.width, spec, rng)
         return _views(video, vplan, spec, out)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import mlflow
 
+from finetune.registry import alias_version
+
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 HISTORY_TAG = "tubelet.champion_history"
 ROUND_TAG = "tubelet.update.round"
@@ -21,16 +23,6 @@ ROUND_TAG = "tubelet.update.round"
 
 def client_for(uri: str) -> Any:
     return mlflow.MlflowClient(uri, registry_uri=uri)
-
-
-def alias_version(client: Any, name: str, alias: str) -> str | None:
-    """The version `alias` points at; None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
 
 
 def round_version(client: Any, name: str, round_name: str) -> str | None:
@@ -75,7 +67,7 @@ def history(client: Any, name: str) -> list[str]:
 def promote(uri: str, name: str, version: str) -> str | None:
     """`champion` ← `version`, `previous` ← the old champion (returned); idempotent."""
     client = client_for(uri)
-    old = alias_version(client, name, CHAMPION)
+    old = alias_version(name, CHAMPION, uri)
     if old == version:
         return _previous_of(client, name, version)
     if old is not None:
@@ -96,7 +88,7 @@ def _previous_of(client: Any, name: str, version: str) -> str | None:
 def rollback(uri: str, name: str) -> tuple[str, str]:
     """`champion` back to the version before it; returns (from, to). Refused when there is none."""
     client = client_for(uri)
-    current = alias_version(client, name, CHAMPION)
+    current = alias_version(name, CHAMPION, uri)
     if current is None:
         raise ValueError(f"{name} has no 'champion' alias in {uri}: nothing to roll back")
     past = history(client, name)

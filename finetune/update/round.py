@@ -87,12 +87,12 @@ class Round:
 
     # -- steps ----------------------------------------------------------------------------------------
     def step_champion(self) -> None:
-        from finetune.registry import resolve_model
-        from finetune.update.promote import CHAMPION, alias_version, client_for
+        from finetune.registry import alias_version, resolve_model
+        from finetune.update.promote import CHAMPION
 
         s, cfg = self.state, self.cfg
         s.run_id = self.tracker().run_id
-        s.champion = alias_version(client_for(s.store), cfg.model, CHAMPION)
+        s.champion = alias_version(cfg.model, CHAMPION, s.store)
         if s.champion is not None:
             resolved = resolve_model(f"models:/{cfg.model}/{s.champion}", s.store)
             shutil.rmtree(self.champion_dir, ignore_errors=True)
@@ -224,14 +224,15 @@ class Round:
         s.decision = decision.to_json()
 
     def step_register(self) -> None:
-        from finetune.update.promote import CHAMPION, alias_version, client_for, promote, register
+        from finetune.registry import alias_version
+        from finetune.update.promote import CHAMPION, promote, register
 
         s, cfg = self.state, self.cfg
         self.next_lineage().save(self.model_dir)
         train_run = json.loads((self.dir / "train" / "mlflow_run.json").read_text())["run_id"]
         s.version = register(self.model_dir, s.store, train_run, cfg.model, s.round)
         promote_it = bool(s.decision and s.decision["promote"])
-        now = alias_version(client_for(s.store), cfg.model, CHAMPION)
+        now = alias_version(cfg.model, CHAMPION, s.store)
         if promote_it and now not in (s.champion, s.version):
             promote_it = False  # another round promoted meanwhile: this one compared against a stale champion
             assert s.decision is not None
