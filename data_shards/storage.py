@@ -171,6 +171,17 @@ def _transient(e: BaseException) -> bool:
     return any(h in text for h in TRANSIENT_HINTS) or "connect" in text
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (a lock or a cache entry it left is stale if not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_access(loc: Location) -> None:
     """Fail before any work when a URL's bucket is missing or the credentials are refused (a store that would
     create buckets on first write must not hide a typo). Local locations: nothing to check."""

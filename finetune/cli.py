@@ -9,6 +9,7 @@ python -m finetune serve --model runs/ft/best|models:/NAME/VERSION|models:/NAME@
 python -m finetune embed --model runs/ft/best --shards S --split test --out emb.parquet [--query a.mp4]
 python -m finetune update --config finetune/configs/tiny_cpu_update.yaml model=NAME videos=NEW/labels.csv
 python -m finetune rollback NAME [--tracking-uri URI]
+python -m finetune tune --config finetune/configs/tiny_cpu.yaml --space finetune/configs/tune_space.yaml data.shards=S
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _serve,
         "embed": _embed,
         "update": _update,
+        "tune": _tune,
         "rollback": _rollback,
     }
     if argv[:1] and argv[0] in sub:
@@ -326,6 +328,12 @@ def _update(argv: list[str]) -> int:
     from finetune.update.round import main as update_main
 
     return update_main(argv)
+
+
+def _tune(argv: list[str]) -> int:
+    from finetune.tune.study import main as tune_main
+
+    return tune_main(argv)
 
 
 def _rollback(argv: list[str]) -> int:

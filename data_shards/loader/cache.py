@@ -43,7 +43,7 @@ class SampleCache:
         self._lock = threading.Lock()
         for f in self.root.glob(".*.partial"):  # a crashed writer's leftovers
             pid = f.name.split(".")[1]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not (pid.isdigit() and storage.pid_alive(int(pid))):
                 f.unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -91,16 +91,6 @@ class SampleCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.root, self.max_bytes, self._lock = state["root"], state["max_bytes"], threading.Lock()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RemoteSamples:

@@ -15,19 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_shards import storage
+
 
 class RoundBusy(RuntimeError):
     """Another round of the same model holds the lock."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _try_take(path: Path, holder: dict) -> bool:
@@ -45,7 +37,7 @@ def _stale(path: Path) -> bool:
         held = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return False  # being written right now
-    return held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1)))
+    return held.get("host") == socket.gethostname() and not storage.pid_alive(int(held.get("pid", -1)))
 
 
 @contextlib.contextmanager

@@ -437,6 +437,9 @@ def main(argv: list[str]) -> int:
     except RoundBusy as e:
         print(f"busy: {e}", file=sys.stderr)
         return EXIT_BUSY
+    except RuntimeError as e:  # a step failed (the fine-tune, the build): the round stays resumable
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report["path"] = str(Path(cfg.work_dir) / "rounds" / report["round"] / REPORT_FILE)
     print_report(report)
     return 0

@@ -134,6 +134,7 @@ def test_class_incremental_replay_end_to_end(tmp_path: Path, cl_shards: Path) ->
     }
 
 
+@pytest.mark.slow  # 31 s (the default suite budget); exact resume stays in the default run through test_training
 def test_resume_in_the_middle_of_an_experience_is_bit_identical(tmp_path: Path, cl_shards: Path) -> None:
     common = ["tracking.enabled=false", "train.steps=4"]
     straight, paused = tmp_path / "straight", tmp_path / "paused"
@@ -183,6 +184,7 @@ def test_two_rank_zero2_replay_through_the_deepspeed_launcher(tmp_path: Path, cl
     assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["zero_optimization"]["stage"] == 2
 
 
+@pytest.mark.slow  # 18 s (the default suite budget); the EWC penalty gradient stays in test_continual_units
 def test_ewc_penalty_under_zero3_equals_zero2(tmp_path: Path, cl_shards: Path) -> None:
     """The penalty's gradient is injected per module while ZeRO-3 has it gathered: same losses as ZeRO-2."""
     runs = {}

@@ -1,0 +1,98 @@
+"""`python -m finetune tune`: a search space is checked before any trial starts (errors name the key), and a
+small ASHA study on local Ray runs real fine-tunes as nested MLflow runs, stops the weak ones early, writes the
+best recipe, the trials table and the plots, registers the best model, and resumes without rerunning a trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from ft_helpers import REPO, ft_args, run_cli
+
+TINY = REPO / "finetune" / "configs" / "tiny_cpu.yaml"
+
+
+def space_file(tmp_path: Path, space: dict, **study: object) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({"study": {"num_samples": 2, **study}, "space": space}))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("space", "study", "message"),
+    [
+        ({"optim.lrr": {"choice": [0.1]}}, {}, "space.optim.lrr"),
+        ({"finetune.method": {"choice": []}}, {}, "space.finetune.method.choice is empty"),
+        ({"optim.lr": {"loguniform": [0.0, 0.1]}}, {}, "bounds must be > 0 in log space"),
+        ({"optim.lr": {"uniform": [0.1, 0.01]}}, {}, "low 0.1 must be below high 0.01"),
+        ({"finetune.method": {"choice": ["full", "nope"]}}, {}, "space.finetune.method='nope'"),
+        ({"optim.lr": {"between": [1, 2]}}, {}, "space.optim.lr: give one of"),
+        ({"optim.lr": {"choice": [0.1]}}, {"schedulr": "asha"}, "study.schedulr"),
+        ({"optim.lr": {"choice": [0.1]}}, {"num_samples": 0}, "study.num_samples must be >= 1"),
+    ],
+)
+def test_a_bad_space_fails_before_any_trial_naming_the_key(
+    tmp_path: Path, shards: Path, space: dict, study: dict, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    from finetune.tune.study import main
+
+    args = ["--config", str(TINY), "--space", str(space_file(tmp_path, space, **study)),
+            "--dir", str(tmp_path / "study"), f"data.shards={shards}"]  # fmt: skip
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()  # checked before the study folder, Ray or any trial
+
+
+def test_the_command_line_names_a_bad_key(tmp_path: Path, shards: Path) -> None:
+    space = space_file(tmp_path, {"optim.lrr": {"choice": [0.1]}})
+    r = run_cli(["tune", "--config", str(TINY), "--space", str(space), f"data.shards={shards}"])
+    assert r.returncode == 2 and "config error: space.optim.lrr" in r.stderr, r.stderr[-2000:]
+
+
+def test_an_asha_study_stops_weak_trials_and_resumes_without_rerunning(
+    tmp_path: Path, motion_shards: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = space_file(
+        tmp_path,
+        {"optim.lr": {"grid": [1.0e-6, 3.0e-3, 1.0e-5, 2.0e-3]}},
+        num_samples=1, max_concurrent_trials=2, metric="val/loss", mode="min", grace_period=1,
+        reduction_factor=2, register_as="tuned",
+    )  # fmt: skip
+    base = ft_args(tmp_path / "unused", motion_shards, None, "train.steps=12", "train.eval_every=3",
+                   "train.global_batch_size=8", "train.micro_batch_size=8", "optim.warmup_steps=1")  # fmt: skip
+    base = [a for a in base if not a.startswith(("train.run_dir=", "tracking.enabled=", "--config"))][1:]
+    args = ["tune", "--config", str(TINY), "--space", str(space), "--dir", str(tmp_path / "study"),
+            f"tracking.uri={uri}", *base]  # fmt: skip
+    r = run_cli(args, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    rows = list(csv.DictReader((tmp_path / "study" / "trials.csv").open()))
+    assert len(rows) == 4 and {x["status"] for x in rows} <= {"finished", "stopped early"}
+    assert any(x["status"] == "stopped early" for x in rows), rows
+    assert any(x["status"] == "finished" for x in rows), rows
+    best = yaml.safe_load((tmp_path / "study" / "best.yaml").read_text())
+    winner = min(rows, key=lambda x: float(x["best_val_loss"]))
+    assert best["optim"]["lr"] == float(winner["optim.lr"]) and best["train"]["steps"] == 12
+    assert (tmp_path / "study" / "curves.png").is_file() and (tmp_path / "study" / "params.png").is_file()
+
+    c = MlflowClient(uri, registry_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("tubelet-demo").experiment_id])
+    parent = json.loads((tmp_path / "study" / "study.json").read_text())["run_id"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(children) == 4 and {x.data.tags["tubelet.tune.status"] for x in children} == {
+        x["status"] for x in rows
+    }
+    assert c.get_run(parent).info.status == "FINISHED"
+    assert [v.version for v in c.search_model_versions("name='tuned'")] in (["1"], [1])  # the best model
+
+    # the same command again with --resume auto: every trial is done, none runs again
+    logs = sorted((tmp_path / "study" / "ray").rglob("finetune.log"))
+    sizes = [p.stat().st_size for p in logs]
+    r = run_cli([*args, "--resume", "auto"], timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [p.stat().st_size for p in logs] == sizes
