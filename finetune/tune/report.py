@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.tune.space import SearchSpace
-from finetune.tune.trial import RUN_DIR, TrialPlan
+from finetune.tune.trial import RUN_DIR, TrialPlan, trial_folder
 
 TRIALS_CSV, CURVES_PNG, PARAMS_PNG = "trials.csv", "curves.png", "params.png"
 
 
-def trial_rows(grid: Any, space: SearchSpace, max_t: int) -> list[dict[str, Any]]:
+def trial_rows(grid: Any, space: SearchSpace, plan: TrialPlan, max_t: int) -> list[dict[str, Any]]:
     """One row per trial: its parameters, best and last metric, evaluations, steps, how it ended."""
     key, best = space.study.metric.replace("/", "_"), max if space.study.mode == "max" else min
     rows = []
@@ -24,14 +24,14 @@ def trial_rows(grid: Any, space: SearchSpace, max_t: int) -> list[dict[str, Any]
         evals = len(values)
         status = "error" if r.error else ("finished" if evals >= max_t else "stopped early")
         rows.append({
-            "trial": Path(r.path).name,
+            "trial": str(r.metrics.get("trial_id", Path(r.path).name)),
             "status": status,
             "evaluations": evals,
             "steps": int(df["step"].max()) if evals else 0,
             f"best_{key}": best(values) if values else float("nan"),
             f"last_{key}": values[-1] if values else float("nan"),
             **{d.key: r.config.get(d.key) for d in space.dimensions},
-            "path": r.path,
+            "path": str(trial_folder(plan, str(r.metrics.get("trial_id", "")))),
             "curve": list(zip([int(s) for s in df["step"]], values)) if evals else [],
         })  # fmt: skip
     return rows
@@ -117,7 +117,7 @@ def write_results(
     from mlflow import MlflowClient
 
     key = space.study.metric.replace("/", "_")
-    rows = trial_rows(grid, space, max_t)
+    rows = trial_rows(grid, space, plan, max_t)
     write_csv(rows, root / TRIALS_CSV)
     curves, params_png = plot(rows, space, root)
     scored = [r for r in rows if r[f"best_{key}"] == r[f"best_{key}"]]

@@ -128,7 +128,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         (k, v) for k, v in os.environ.items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TQDM_DISABLE")
     )
     plan = TrialPlan(
-        config, tuple(args.overrides), uri, base.tracking.experiment, run_id, space.study.metric, env
+        config, tuple(args.overrides), uri, base.tracking.experiment, run_id, space.study.metric, str(root), env
     )
     if not ray.is_initialized():
         ray.init(address=args.ray_address, num_cpus=None if args.ray_address else os.cpu_count(),

@@ -37,12 +37,17 @@ class TrialPlan:
     experiment: str
     parent_run_id: str | None
     metric: str  # as the engine logs it, e.g. val/top1
+    study_dir: str  # trials live in STUDY/trials/<trial id>: beside the study, not in Ray's session folder
     env: tuple[tuple[str, str], ...] = ()
 
     @property
     def metric_key(self) -> str:
         """The name Tune sees (Tune splits nested names at '/')."""
         return self.metric.replace("/", "_")
+
+
+def trial_folder(plan: TrialPlan, trial_id: str) -> Path:
+    return Path(plan.study_dir) / "trials" / trial_id
 
 
 def value_text(v: Any) -> str:
@@ -129,7 +134,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan, pbt: bool = False) -> Non
     from ray import tune
 
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir = trial_folder(plan, ctx.get_trial_id())
     run_dir = trial_dir / RUN_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     if pbt:

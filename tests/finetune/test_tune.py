@@ -91,8 +91,50 @@ def test_an_asha_study_stops_weak_trials_and_resumes_without_rerunning(
     assert [v.version for v in c.search_model_versions("name='tuned'")] in (["1"], [1])  # the best model
 
     # the same command again with --resume auto: every trial is done, none runs again
-    logs = sorted((tmp_path / "study" / "ray").rglob("finetune.log"))
+    logs = sorted((tmp_path / "study" / "trials").rglob("finetune.log"))
+    assert len(logs) == 4
     sizes = [p.stat().st_size for p in logs]
     r = run_cli([*args, "--resume", "auto"], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [p.stat().st_size for p in logs] == sizes
+
+
+@pytest.mark.slow  # ~90 s
+def test_a_killed_study_resumes_without_rerunning_finished_trials(
+    tmp_path: Path, motion_shards: Path
+) -> None:
+    """SIGKILL to the driver (and its local Ray) once a trial has finished and the others have not: the same
+    command with --resume auto finishes the study; the finished trial is not trained again."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from ft_helpers import PY, base_env
+
+    space = space_file(tmp_path, {"optim.lr": {"grid": [1.0e-4, 3.0e-4, 1.0e-3, 2.0e-3]}},
+                       num_samples=1, max_concurrent_trials=1, scheduler="fifo")  # fmt: skip
+    base = ft_args(tmp_path / "unused", motion_shards, None, "train.steps=40", "train.eval_every=10",
+                   "train.global_batch_size=8", "train.micro_batch_size=8", "optim.warmup_steps=1")  # fmt: skip
+    base = [a for a in base if not a.startswith(("train.run_dir=", "tracking.enabled=", "--config"))][1:]
+    study = tmp_path / "study"
+    args = ["tune", "--config", str(TINY), "--space", str(space), "--dir", str(study),
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *base]  # fmt: skip
+    proc = subprocess.Popen([PY, "-m", "finetune", *args], env=base_env(), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(study.glob("trials/*/run/exported.json")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(study.glob("trials/*/run/exported.json"))
+    assert len(done) == 1 and not (study / "trials.csv").exists()
+    metrics = done[0].parent / "metrics.jsonl"
+    trained = metrics.read_text().count('"loss"')
+    r = run_cli([*args, "--resume", "auto"], timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rows = list(csv.DictReader((study / "trials.csv").open()))
+    assert len(rows) == 4 and all(x["status"] == "finished" for x in rows), rows
+    # not trained again (Tune may restart it when its end was not yet in the experiment state: the run then
+    # says it has finished and reports its evaluations again)
+    assert metrics.read_text().count('"loss"') == trained
