@@ -241,6 +241,9 @@ class ClassificationTask(ShardData, Task):
 
     def tracking_params(self) -> dict[str, Any]:
         s, r = self.summary, self.init_report
+        saved = self.run_dir / INIT_REPORT
+        if not r and saved.is_file():  # a resumed run loads no init: the report of its first start
+            r = json.loads(saved.read_text())
         out: dict[str, Any] = {
             "finetune.trainable_params": s.get("trainable"),
             "finetune.total_params": s.get("total"),

@@ -48,6 +48,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def plot(rows: list[dict[str, Any]], space: SearchSpace, root: Path) -> tuple[Path, Path]:
     """Validation curves of every trial; each parameter against the trial's best metric."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,12 +71,15 @@ def plot(rows: list[dict[str, Any]], space: SearchSpace, root: Path) -> tuple[Pa
     dims = space.dimensions
     fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3), squeeze=False)
     for ax, d in zip(axes[0], dims):
-        xs = [r[d.key] for r in rows]
-        ys = [r[f"best_{key}"] for r in rows]
+        scored = [r for r in rows if r[f"best_{key}"] == r[f"best_{key}"]]  # trials that reported (not NaN)
+        xs = [r[d.key] for r in scored]
+        ys = [r[f"best_{key}"] for r in scored]
         ax.scatter([str(x) if d.kind in ("choice", "grid") else x for x in xs], ys)
         ax.set_xscale("log" if d.kind == "loguniform" else "linear")
         ax.set_xlabel(d.key)
         ax.set_ylabel(f"best {space.study.metric}")
+        ax.tick_params(labelsize=7, which="both")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(root / PARAMS_PNG, dpi=100)
     plt.close(fig)
@@ -88,13 +92,14 @@ def _short(v: Any) -> str:
 
 def best_yaml(plan: TrialPlan, params: dict[str, Any], root: Path) -> Path:
     """The winning recipe as a config file that runs as it is (its own run directory, no study run)."""
-    from finetune.config import FinetuneConfig
     from finetune.tune.trial import value_text
     from pretrain.engine import load_config
     from pretrain.engine.config import to_yaml
 
     cfg = load_config(
-        FinetuneConfig, plan.config, [*plan.overrides, *(f"{k}={value_text(v)}" for k, v in params.items())]
+        plan.config_class,
+        plan.config,
+        [*plan.overrides, *(f"{k}={value_text(v)}" for k, v in params.items())],
     )
     cfg.train.run_dir = str(root / "best_recipe_run")
     cfg.tracking.parent_run_id = None
@@ -163,6 +168,10 @@ def _register(best: dict[str, Any], space: SearchSpace, plan: TrialPlan, client:
 
     run_dir = Path(best["path"]) / RUN_DIR
     model_dir = run_dir / "best" if (run_dir / "best" / "config.json").is_file() else run_dir / "model"
+    if (run_dir / "continual.json").is_file():  # a continual trial: its last experience's model
+        n = len(json.loads((run_dir / "continual.json").read_text())["experiences"])
+        model_dir = run_dir / f"experience_{n - 1}" / "model"
+        run = json.loads((model_dir.parent / "mlflow_run.json").read_text())["run_id"]
     exp = client.get_run(run).info.experiment_id
     logged = log_model(
         model_dir, uri=plan.uri, run_id=run, experiment_id=exp, name="tune_best", register_as=name

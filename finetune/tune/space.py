@@ -5,7 +5,7 @@
       max_concurrent_trials: 2
       scheduler: asha            # asha (early stopping) | pbt (perturbs lr / weight decay) | fifo (none)
       search: random             # random | optuna (TPE; the `tune` extra)
-      metric: val/top1           # any value the engine logs at an evaluation
+      metric: val/top1           # any value a run logs at an evaluation (continual: continual/average_accuracy)
       mode: max
       grace_period: 1            # evaluations before ASHA may stop a trial
       reduction_factor: 2
@@ -42,7 +42,7 @@ class StudySection:
     max_concurrent_trials: int = 2
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     search: Literal["random", "optuna"] = "random"
-    metric: str = "val/top1"
+    metric: str | None = None  # default: val/top1 (continual/average_accuracy for a continual config)
     mode: Literal["max", "min"] = "max"
     grace_period: int = 1
     reduction_factor: int = 2

@@ -17,14 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from finetune.tune.space import SearchSpace, check_against, load_space
-from finetune.tune.trial import TrialPlan, run_trial
+from finetune.tune.trial import TrialPlan, config_class, run_trial
 from pretrain.engine import ConfigError, load_config
 
 STUDY_FILE, BEST_YAML = "study.json", "best.yaml"
 
 
-def _max_evaluations(cfg: Any) -> int:
-    """Evaluations of a whole trial (ASHA's max_t), from the base config."""
+def _max_evaluations(cfg: Any, continual: bool) -> int:
+    """Evaluations of a whole trial (ASHA's max_t), from the base config: a continual run reports once per
+    experience, a fine-tune at every `train.eval_every` steps."""
+    if continual:
+        from finetune.continual.config import plan_experiences
+
+        cfg.validate()
+        return len(plan_experiences(cfg))
     every = cfg.train.eval_every
     if not every:
         raise ConfigError("train.eval_every must be > 0: a trial reports its metric at each evaluation")
@@ -69,6 +75,14 @@ def searcher(space: SearchSpace) -> Any:
     return OptunaSearch(metric=metric_key(space), mode=s.mode, seed=s.seed)
 
 
+def is_continual(config: str) -> bool:
+    """A config with a `continual` section makes every trial a `finetune continual` run."""
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    return isinstance(data, dict) and "continual" in data
+
+
 def metric_key(space: SearchSpace) -> str:
     return space.study.metric.replace("/", "_")
 
@@ -98,15 +112,18 @@ def parent_run(root: Path, uri: str, experiment: str, name: str, params: dict[st
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Check everything, then fit (or restore and finish) the study; write its results."""
-    from finetune.config import FinetuneConfig
     from finetune.tune.report import write_results
     from pretrain.engine.tracking import resolve_uri
 
     space = load_space(args.space)
     config = str(Path(args.config).resolve())
-    base = load_config(FinetuneConfig, config, args.overrides)
-    check_against(space, FinetuneConfig, config, args.overrides)
-    max_t = _max_evaluations(base)
+    continual = is_continual(config)
+    if space.study.metric is None:
+        space.study.metric = "continual/average_accuracy" if continual else "val/top1"
+    cls = config_class(continual)
+    base = load_config(cls, config, args.overrides)
+    check_against(space, cls, config, args.overrides)
+    max_t = _max_evaluations(base, continual)
     import ray
     from ray import tune
 
@@ -128,7 +145,15 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         (k, v) for k, v in os.environ.items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TQDM_DISABLE")
     )
     plan = TrialPlan(
-        config, tuple(args.overrides), uri, base.tracking.experiment, run_id, space.study.metric, str(root), env
+        config,
+        tuple(args.overrides),
+        uri,
+        base.tracking.experiment,
+        run_id,
+        space.study.metric,
+        str(root),
+        env,
+        continual,
     )
     if not ray.is_initialized():
         ray.init(address=args.ray_address, num_cpus=None if args.ray_address else os.cpu_count(),
@@ -174,6 +199,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # no trial reported the metric: the trial logs say why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"[tune] best trial {result['best']['trial']}: {result['metric']} {result['best']['value']:.4f} "
           f"with {result['best']['params']}")  # fmt: skip
     print(f"[tune] {result['best_yaml']}  {result['trials_csv']}  {result['curves']}")

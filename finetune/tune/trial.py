@@ -39,11 +39,28 @@ class TrialPlan:
     metric: str  # as the engine logs it, e.g. val/top1
     study_dir: str  # trials live in STUDY/trials/<trial id>: beside the study, not in Ray's session folder
     env: tuple[tuple[str, str], ...] = ()
+    continual: bool = False  # trials are `finetune continual` runs (the metric: continual/average_accuracy)
+
+    @property
+    def command(self) -> list[str]:
+        return ["-m", "finetune", "continual"] if self.continual else ["-m", "finetune"]
+
+    @property
+    def config_class(self) -> type:
+        return config_class(self.continual)
 
     @property
     def metric_key(self) -> str:
         """The name Tune sees (Tune splits nested names at '/')."""
         return self.metric.replace("/", "_")
+
+
+def config_class(continual: bool) -> type:
+    """What a trial's config file is: a fine-tuning config, or a continual one."""
+    from finetune.config import FinetuneConfig
+    from finetune.continual.config import ContinualConfig
+
+    return ContinualConfig if continual else FinetuneConfig
 
 
 def trial_folder(plan: TrialPlan, trial_id: str) -> Path:
@@ -149,7 +166,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan, pbt: bool = False) -> Non
     env = {**os.environ, **dict(plan.env)}
     with open(trial_dir / LOG_FILE, "a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+            [sys.executable, *plan.command, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=_die_with_parent,
         )  # fmt: skip
     try:

@@ -138,3 +138,30 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(
     # not trained again (Tune may restart it when its end was not yet in the experiment state: the run then
     # says it has finished and reports its evaluations again)
     assert metrics.read_text().count('"loss"') == trained
+
+
+@pytest.mark.slow  # ~40 s
+def test_a_study_over_continual_runs_uses_average_accuracy(tmp_path: Path) -> None:
+    """A continual config makes every trial a `finetune continual` run, compared on its average accuracy."""
+    from test_continual import CONFIG, balanced_shards, cl_args
+
+    shards = balanced_shards(tmp_path / "shards")
+    space = space_file(tmp_path, {"continual.strategy": {"grid": ["naive", "replay"]}}, scheduler="fifo")
+    over = [
+        a
+        for a in cl_args(tmp_path / "unused", shards, "naive")[3:]
+        if not a.startswith(("train.run_dir=", "continual.strategy="))
+    ]
+    r = run_cli(["tune", "--config", str(CONFIG), "--space", str(space), "--dir", str(tmp_path / "study"),
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *over], timeout=600)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rows = list(csv.DictReader((tmp_path / "study" / "trials.csv").open()))
+    assert [x["continual.strategy"] for x in rows] == ["naive", "replay"]
+    assert all(x["status"] == "finished" and x["evaluations"] == "2" for x in rows), rows
+    assert "best_continual_average_accuracy" in rows[0]
+    for x in rows:
+        result = json.loads(
+            (tmp_path / "study" / "trials" / x["trial"] / "run" / "continual.json").read_text()
+        )
+        assert result["strategy"] == x["continual.strategy"]
+        assert float(x["last_continual_average_accuracy"]) == pytest.approx(result["average_accuracy"])
