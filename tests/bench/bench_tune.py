@@ -1,6 +1,6 @@
 """ASHA vs random search with the same trials: how much compute does early stopping save?
 
-    .venv/bin/python tests/bench/bench_tune.py [--shards S] [--init PRETRAINED] [--trials 8] [--steps 150]
+    .venv/bin/python tests/bench/bench_tune.py [--shards S] [--init PRETRAINED] [--trials 12] [--steps 300]
 
 Both studies run the same trials — a grid of `--trials` learning rates, log-spaced over [1e-4, 1e-2], on the
 demo's fine-tune (`finetune/configs/tiny_cpu.yaml`, from `--init` or from scratch) — through
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/tubelet_tunebench"))
     p.add_argument("--shards", type=Path, default=None, help="an existing demo shard folder (train/val/test)")
     p.add_argument("--init", type=Path, default=None, help="a pretrained model dir (default: from scratch)")
-    p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--steps", type=int, default=300, help="per trial (the demo fine-tune's budget)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA's (keeps the top 1/rf at each rung)")

@@ -146,7 +146,9 @@ def test_a_study_over_continual_runs_uses_average_accuracy(tmp_path: Path) -> No
     from test_continual import CONFIG, balanced_shards, cl_args
 
     shards = balanced_shards(tmp_path / "shards")
-    space = space_file(tmp_path, {"continual.strategy": {"grid": ["naive", "replay"]}}, scheduler="fifo")
+    space = space_file(
+        tmp_path, {"continual.strategy": {"grid": ["naive", "replay"]}}, num_samples=1, scheduler="fifo"
+    )
     over = [
         a
         for a in cl_args(tmp_path / "unused", shards, "naive")[3:]
