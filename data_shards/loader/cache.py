@@ -14,11 +14,14 @@ crashed run leaves nothing that breaks the next.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,18 @@ log = logging.getLogger("data_shards.loader")
 
 MAX_PENDING = 256  # prefetched samples held at most (a batch or two)
 IO_STATS = ("remote_gets", "remote_bytes", "cache_hits", "storage_retries")
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An advisory lock every process sharing the cache folder takes to make room and write: without it two
+    DataLoader workers could each find room for their sample and together pass the bound."""
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class SampleCache:
@@ -61,7 +76,7 @@ class SampleCache:
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
-        with self._lock:
+        with self._lock, _exclusive(self.root / ".lock"):  # threads here, worker processes across
             self._make_room(len(data))
             p = self._path(key)
             tmp = p.with_name(f".{os.getpid()}.{p.name}.partial")

@@ -99,6 +99,23 @@ def _build(
 
 
 @needs_weed
+@pytest.mark.slow  # 15 s more of building (the default suite budget)
+def test_sources_in_a_bucket_build_the_same_shards(
+    s3: dict[str, str], synth_vp9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The videos and their manifest in the bucket too: the same shards as a local build of the local files."""
+    _use(s3, monkeypatch)
+    local = tmp_path / "local"
+    assert _build(synth_vp9, str(local), s3, tmp_path).returncode == 0
+    storage.upload(synth_vp9, "s3://shards/src")
+    from_bucket = _build(synth_vp9, "s3://shards/from-src", s3, tmp_path, source="s3://shards/src/labels.csv")
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    names = [n for n in storage.listdir("s3://shards/from-src") if not n.startswith(".")]
+    assert names == sorted(p.name for p in local.iterdir() if not p.name.startswith("."))
+    for n in names:
+        assert storage.read_bytes(storage.join("s3://shards/from-src", n)) == (local / n).read_bytes(), n
+
+
 def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     s3: dict[str, str], synth_vp9: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,13 +134,6 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     for n in names:
         assert storage.read_bytes(storage.join(url, n)) == (local / n).read_bytes(), n
     assert "shards" in storage.listdir(storage.join(url, ".work"))  # the resume cache lives in the bucket
-
-    # the videos and their manifest in the bucket too: the same shards again
-    storage.upload(synth_vp9, "s3://shards/src")
-    from_bucket = _build(synth_vp9, "s3://shards/from-src", s3, tmp_path, source="s3://shards/src/labels.csv")
-    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
-    for n in names:
-        assert storage.read_bytes(storage.join("s3://shards/from-src", n)) == (local / n).read_bytes(), n
 
     v = subprocess.run([PY, "-m", "data_shards", "verify", url, "--decode"], env={**base_env(), **s3},
                        capture_output=True, text=True, timeout=300)  # fmt: skip

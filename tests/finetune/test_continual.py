@@ -156,6 +156,7 @@ def test_resume_in_the_middle_of_an_experience_is_bit_identical(tmp_path: Path, 
     assert r.returncode == 2 and "--resume auto" in r.stderr
 
 
+@pytest.mark.slow  # 17 s (the default suite budget); 2-rank replay runs in test_update's slow round too
 def test_two_rank_zero2_replay_through_the_deepspeed_launcher(tmp_path: Path, cl_shards: Path) -> None:
     run = tmp_path / "ds"
     ds = Path(PY).with_name("deepspeed")
