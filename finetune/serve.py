@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -68,7 +68,7 @@ class ServeConfig:
     tracking_uri: str | None = None  # for models:/ sources; None: $MLFLOW_TRACKING_URI
     max_pixels: int | None = 3840 * 2160  # per frame of an upload (0/None: no limit)
     max_decode_seconds: float | None = 3600.0  # duration of an upload (0/None: no limit)
-    auth_token: str | None = None  # bearer token required on every endpoint but /health
+    auth_token: str | None = field(default=None, repr=False)  # bearer token: every endpoint but /health
     reload_interval: float = 10.0  # seconds between checks of a models:/NAME@ALIAS source (0: never)
     capture: str | None = None  # DIR or URL: accepted uploads kept with their prediction
     capture_rate: float = 1.0

@@ -89,7 +89,7 @@ def test_a_token_is_required_everywhere_but_health(live: Live, video_inputs: dic
     r = requests.post(f"{live.base}/predict", data=video_inputs["mp4"], headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.json()[0]["label"]
     meta = metadata(live)
-    assert meta["auth"] is True and TOKEN not in r.text + str(meta)
+    assert meta["auth"] is True and TOKEN not in r.text + str(meta) + live.log.read_text()
 
 
 def _clip(path: Path, frames: int, size: int, fps: int) -> bytes:
