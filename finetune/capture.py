@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from queue import Queue
+from queue import Full, Queue
 from typing import Any
 
 from data_shards import storage
@@ -78,7 +78,7 @@ class Capture:
         }
         try:
             self._queue.put_nowait((data, row))
-        except Exception:  # a full queue: the store is slower than the traffic; drop, counted
+        except Full:  # the store is slower than the traffic: drop, counted
             with self._lock:
                 self.stats["skipped"] += 1
                 self.stats["bytes"] -= len(data)

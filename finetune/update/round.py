@@ -18,6 +18,7 @@ Everything goes to one MLflow store (`tracking_uri`, else $MLFLOW_TRACKING_URI, 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -29,10 +30,11 @@ from typing import Any
 
 from finetune.update.catalog import Lineage, ShardSet
 from finetune.update.config import UpdateConfig, check_strategy
-from finetune.update.gate import Scores, decide
+from finetune.update.gate import Check, Scores, decide
 from finetune.update.lock import RoundBusy, round_lock
 from finetune.update.train import CONFIG_FILE, PLAN_FILE
 from pretrain.engine import ConfigError, load_config
+from pretrain.engine.config import to_yaml
 
 STATE_FILE, REPORT_FILE = "state.json", "report.json"
 STEPS = ("champion", "build", "train", "evaluate", "gate", "register", "report")
@@ -106,6 +108,7 @@ class Round:
         else:
             s.init = cfg.init
 
+    @functools.cached_property
     def lineage(self) -> Lineage:
         """What the champion carries (a first round: the init's classes, an empty catalog)."""
         if self.state.champion is not None:
@@ -128,7 +131,7 @@ class Round:
             raise ConfigError(
                 f"videos={cfg.videos}: the batch has no labels (the update loop needs labelled videos)"
             )
-        s.classes = self.lineage().class_order(labels)
+        s.classes = self.lineage.class_order(labels)
         out = storage.join(cfg.shards_location, s.round)
         opts = BuildOptions(
             b.val_fraction,
@@ -146,10 +149,10 @@ class Round:
 
     def step_train(self) -> None:
         ft = self.train_config()
-        (self.dir / CONFIG_FILE).write_text(_yaml(ft))
+        (self.dir / CONFIG_FILE).write_text(to_yaml(ft))
         plan = {
             "classes": list(range(len(self.state.classes))),
-            "memory": self.lineage().memory,
+            "memory": self.lineage.memory,
             "previous": str(self.champion_dir.parent) if self.state.champion is not None else None,
             "name": self.state.round,
         }
@@ -184,7 +187,7 @@ class Round:
 
     def step_evaluate(self) -> None:
         s = self.state
-        sets = self.next_lineage().sets
+        sets = self.next_lineage.sets
         for catalogued in sets:
             catalogued.check()
         s.scores = {
@@ -197,7 +200,7 @@ class Round:
         from finetune.evaluate import evaluate_model_dir
 
         out: Scores = {}
-        ft = load_config_of(self.dir)
+        ft = self.fine_tune
         for catalogued in sets:
             r = evaluate_model_dir(
                 model_dir,
@@ -228,7 +231,7 @@ class Round:
         from finetune.update.promote import CHAMPION, promote, register
 
         s, cfg = self.state, self.cfg
-        self.next_lineage().save(self.model_dir)
+        self.next_lineage.save(self.model_dir)
         train_run = json.loads((self.dir / "train" / "mlflow_run.json").read_text())["run_id"]
         s.version = register(self.model_dir, s.store, train_run, cfg.model, s.round)
         promote_it = bool(s.decision and s.decision["promote"])
@@ -269,16 +272,17 @@ class Round:
         run.close("FINISHED")
 
     # -- helpers --------------------------------------------------------------------------------------
+    @functools.cached_property
     def next_lineage(self) -> Lineage:
-        """The champion's lineage plus this round's set, classes and updated replay memory."""
+        """The champion's lineage plus this round's set, classes and updated replay memory (after `build`)."""
         from data_shards.loader.index import list_samples
         from finetune.continual.memory import MemoryItem, ReplayMemory
 
         s = self.state
         assert s.new_set is not None
         new = ShardSet(**{**s.new_set, "classes": tuple(s.new_set["classes"])})
-        old = self.lineage()
-        ft = load_config_of(self.dir)
+        old = self.lineage
+        ft = self.fine_tune
         c = ft.continual
         memory = (
             ReplayMemory.from_json(dict(old.memory))
@@ -291,6 +295,13 @@ class Round:
             memory.update([MemoryItem(new.shards, r.ref, r.label) for r in refs], len(old.rounds))
             memory.items = memory.items[: memory.size]
         return old.with_set(new, s.classes, memory.to_json())
+
+    @functools.cached_property
+    def fine_tune(self) -> Any:
+        """The fine-tune's config as `train` wrote it (after `train`)."""
+        from finetune.continual.config import ContinualConfig
+
+        return load_config(ContinualConfig, self.dir / CONFIG_FILE)
 
     def tracker(self, name: str | None = None, folder: Path | None = None) -> Any:
         """The round's MLflow run (resumed from its folder), or a child run of it."""
@@ -321,21 +332,9 @@ class Round:
             "decision": s.decision,
             "scores": s.scores,
             "classes": s.classes,
-            "catalog": [asdict(x) for x in self.next_lineage().sets],
+            "catalog": [asdict(x) for x in self.next_lineage.sets],
             "seconds": round(time.time() - s.started, 1),
         }
-
-
-def load_config_of(round_dir: Path) -> Any:
-    from finetune.continual.config import ContinualConfig
-
-    return load_config(ContinualConfig, round_dir / CONFIG_FILE)
-
-
-def _yaml(cfg: Any) -> str:
-    from pretrain.engine.config import to_yaml
-
-    return to_yaml(cfg)
 
 
 def _failed(decision: dict[str, Any] | None) -> list[str]:
@@ -407,8 +406,7 @@ def print_report(report: dict[str, Any]) -> None:
         old = "-" if theirs is None else f"{100 * theirs:.1f}%"
         print(f"  {name:<24}{v['n']:>8}{old:>10}{100 * v['top1']:>11.1f}%")
     for c in d.get("checks", []):
-        mark = "pass" if c["passed"] else "FAIL"
-        print(f"  [{mark}] {c['rule']} on {c['target']}: {c['value']:.4f} (needs >= {c['threshold']:.4f})")
+        print(f"  {Check(**c).describe()}")
     verdict = "PROMOTED to champion" if report["promoted"] else "REFUSED (champion unchanged)"
     print(
         f"[update] {verdict}: champion = version {report['champion_after']}; report {report.get('path', '')}"
