@@ -26,6 +26,8 @@ def _synth(args: argparse.Namespace) -> int:
             seed=args.seed,
             domain=args.domain,
             shuffle_labels=args.shuffle_labels,
+            multi_label=args.multi_label,
+            segments=args.segments,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -33,7 +35,9 @@ def _synth(args: argparse.Namespace) -> int:
     csv_path = write_synthetic_set(args.out, spec)
     print(
         f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
-        f"domain {spec.domain}{', labels shuffled' if spec.shuffle_labels else ''}) and {csv_path}"
+        f"domain {spec.domain}{', labels shuffled' if spec.shuffle_labels else ''}"
+        f"{', several labels per clip' if spec.multi_label else ''}"
+        f"{', labelled segments' if spec.segments else ''}) and {csv_path}"
     )
     return 0
 
@@ -59,7 +63,7 @@ def _build_options(args: argparse.Namespace) -> Any:
         shard_bytes=args.shard_bytes,
         classes=_classes(args.classes),
         format=args.format,
-        source=SourceOptions(videos=args.videos, split_id=args.split_id),
+        source=SourceOptions(videos=args.videos, split_id=args.split_id, labels=args.labels),
         ingest=IngestOptions(
             codec=args.codec,
             dali_cpu=args.dali_cpu,
@@ -137,6 +141,17 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the labels in a seeded random order (a mislabelled batch, to see a quality gate refuse it)",
     )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="1-3 shapes, each its own motion: labels.csv holds a;b sets",
+    )
+    kind.add_argument(
+        "--segments",
+        action="store_true",
+        help="still and moving stretches: segments.csv (path,segment_start,segment_end,label); use --frames >= 48",
+    )
     p.set_defaults(func=_synth)
 
 
@@ -155,6 +170,12 @@ def _build_args(p: argparse.ArgumentParser) -> None:
         "--videos", default=None, help="where a data set's videos are (default: beside its annotations)"
     )
     p.add_argument("--split-id", type=int, default=1, help="official UCF101/HMDB51 split (1-3)")
+    p.add_argument(
+        "--labels",
+        choices=("auto", "multi", "segments"),
+        default="auto",
+        help="Charades: its label sets (auto, multi) or its action segments",
+    )
     p.add_argument(
         "--val-fraction", type=float, default=0.0, help="hash val split (from train if the source has splits)"
     )

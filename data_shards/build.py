@@ -26,6 +26,7 @@ from data_shards.execute import init_ray, run_tasks
 from data_shards.format import (
     MANIFEST_NAME,
     REJECTS_NAME,
+    SEGMENT_SLACK_S,
     FormatError,
     Manifest,
     ShardInfo,
@@ -36,7 +37,15 @@ from data_shards.format import (
 )
 from data_shards.ingest import ACTIONS, IngestOptions
 from data_shards.inputs import FORMATS, WORK_DIR, InputItem, Reject, SourceOptions, read_inputs
-from data_shards.plan import Plan, ShardEntry, assign_shards, hash_split, plan_digest, plan_inputs
+from data_shards.plan import (
+    Plan,
+    PlannedSample,
+    ShardEntry,
+    assign_shards,
+    hash_split,
+    plan_digest,
+    plan_inputs,
+)
 from data_shards.storage import Location
 from data_shards.tasks import Validated, ValidateJob, validate_batch, write_shard_task
 
@@ -112,8 +121,23 @@ def _validate(
         meta = {"id": p.item.id, "source": p.item.id, "label": p.label, "split": p.split, **(r.meta or {})}
         if plan.classes and p.label >= 0:
             meta["label_name"] = plan.classes[p.label]
+        outside = _outside(p, meta.get("duration"))
+        if outside:
+            rejects.append(Reject(outside[0], p.item.path, outside[1], p.item.id, "bad-segment", p.split))
+            continue
+        meta.update(p.label_meta())
         accepted.append(ShardEntry(p.key, p.item.path, r.ext or "", p.label, p.split, meta))
     return accepted, rejects
+
+
+def _outside(p: PlannedSample, duration: float | None) -> tuple[str, str] | None:
+    """(where, reason) of the first segment outside the validated video, else None."""
+    if duration is None or not p.item.segments:
+        return None
+    for s in p.item.segments:
+        if s.start >= duration or s.end > duration + SEGMENT_SLACK_S:
+            return s.where, f"segment {s.start:g}-{s.end:g}s is outside the video ({duration:g}s long)"
+    return None
 
 
 def _shard_is_current(out: Location, work: Location, name: str, plan: str) -> ShardInfo | None:
@@ -155,13 +179,17 @@ def _write(
     return ordered, len(kept), len(todo)
 
 
+def _classes_of(e: ShardEntry) -> list[int]:
+    """The classes a sample counts for in `per_class`: its label set, its segments' classes, or its label."""
+    if "segments" in e.meta:
+        return sorted({c for _, _, c in e.meta["segments"]})
+    return list(e.meta.get("labels", [e.label] if e.label >= 0 else []))
+
+
 def _manifest(
-    shards: list[ShardInfo],
-    accepted: list[ShardEntry],
-    classes: list[str] | None,
-    opts: BuildOptions,
-    rejects: int,
+    shards: list[ShardInfo], accepted: list[ShardEntry], plan: Plan, opts: BuildOptions, rejects: int
 ) -> Manifest:
+    classes = plan.classes
     splits: dict[str, SplitInfo] = {}
     for s in shards:
         sp = splits.setdefault(s.split, SplitInfo())
@@ -171,8 +199,8 @@ def _manifest(
     for e in accepted:
         sp = splits[e.split]
         sp.ingest[e.meta["ingest"]] = sp.ingest.get(e.meta["ingest"], 0) + 1
-        if classes and e.label >= 0:
-            sp.per_class[classes[e.label]] = sp.per_class.get(classes[e.label], 0) + 1
+        for c in _classes_of(e):
+            sp.per_class[classes[c]] = sp.per_class.get(classes[c], 0) + 1
     for sp in splits.values():
         sp.ingest = {a: sp.ingest[a] for a in ACTIONS if a in sp.ingest}
     return Manifest(
@@ -181,6 +209,7 @@ def _manifest(
         splits=dict(sorted(splits.items())),
         options=opts.to_json(),
         rejects=rejects,
+        labels=plan.kind,
     )
 
 
@@ -212,7 +241,7 @@ def build(
     shard_plan = assign_shards(accepted, opts.shard_samples, opts.shard_bytes)
     shards, kept, written = _write(shard_plan, out, work, quiet)
     _remove_stale(out, set(shard_plan))
-    manifest = _manifest(shards, accepted, plan.classes, opts, len(rejects))
+    manifest = _manifest(shards, accepted, plan, opts, len(rejects))
     rejects.sort(key=lambda r: (r.where, r.reason))
     lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects)
     atomic_write_bytes(storage.join(out, REJECTS_NAME), lines.encode())

@@ -7,6 +7,12 @@ A shard set is a folder::
     {split}-{NNNNNN}.tar        WebDataset tar: members {key}.{mp4|webm|mkv}, {key}.lbl.i64, {key}.json
     {split}-{NNNNNN}.idx        DALI `wds2idx` index of that tar (v1.2)
 
+What a sample's labels are is the manifest's `labels` (format version 2; version 1 sets read as `single`):
+  single    one class per clip: `.lbl.i64`
+  multi     a set of classes per clip: `.json` "labels" (class indices, sorted; `.lbl.i64` holds the first)
+  segments  labelled time segments: `.json` "segments" [[start_s, end_s, class], ...] in clip time; class 0 is
+            `background` (no segment), `.lbl.i64` the class covering most of the clip
+
 Keys are derived from the video id (its path relative to the input root), never the path itself,
 so member names carry no user paths and contain exactly one dot-free stem.
 """
@@ -25,7 +31,11 @@ from typing import Any
 from data_shards import storage
 
 FORMAT_NAME = "tubelet-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no `labels` kind in the manifest, no label sets or segments
+LABEL_KINDS = ("single", "multi", "segments")
+BACKGROUND = "background"  # class 0 of a segments set: the time no segment covers
+SEGMENT_SLACK_S = 1.0  # a segment may end this far past the video's last frame (annotation rounding)
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -126,6 +136,29 @@ def decode_label(data: bytes) -> int:
     if len(data) != 8:
         raise FormatError(f"label member must be 8 bytes (little-endian int64), got {len(data)}")
     return struct.unpack("<q", data)[0]
+
+
+def labels_of(label: int, meta: dict[str, Any]) -> tuple[int, ...]:
+    """A sample's label set: the `.json` "labels" of a multi-label sample, else its one label (none when
+    unlabelled); version 1 samples have no "labels"."""
+    got = meta.get("labels")
+    if got is None:
+        return () if label == UNLABELED else (int(label),)
+    if not isinstance(got, list) or not all(isinstance(x, int) and x >= 0 for x in got):
+        raise FormatError(f"metadata field labels must be a list of class indices, got {got!r}")
+    return tuple(got)
+
+
+def segments_of(meta: dict[str, Any]) -> tuple[tuple[float, float, int], ...]:
+    """A sample's labelled segments (start, end in clip seconds, class), or () when it has none."""
+    got = meta.get("segments") or []
+    try:
+        out = tuple((float(s), float(e), int(c)) for s, e, c in got)
+    except (TypeError, ValueError):
+        raise FormatError(
+            f"metadata field segments must be [[start, end, class], ...], got {got!r}"
+        ) from None
+    return out
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
@@ -280,6 +313,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     options: dict[str, Any] = field(default_factory=dict)
     rejects: int = 0
+    labels: str = "single"  # LABEL_KINDS
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -312,10 +346,14 @@ class Manifest:
 
         if data.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: field format must be {FORMAT_NAME!r}, got {data.get('format')!r}")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise FormatError(
-                f"{where}: field version {data.get('version')!r} is not supported ({FORMAT_VERSION})"
+                f"{where}: field version {data.get('version')!r} is not supported (this tubelet reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
+        kind = data.get("labels", "single")
+        if kind not in LABEL_KINDS:
+            raise FormatError(f"{where}: field labels must be one of {LABEL_KINDS}, got {kind!r}")
         classes = data.get("classes")
         if classes is not None and not (
             isinstance(classes, list) and all(isinstance(c, str) for c in classes)
@@ -351,6 +389,7 @@ class Manifest:
             splits=splits,
             options=dict(data.get("options", {})),
             rejects=int(data.get("rejects", 0)),
+            labels=kind,
         )
 
 

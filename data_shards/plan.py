@@ -7,6 +7,7 @@ output never depends on worker count or scheduling.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter, defaultdict
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_shards.format import UNLABELED, FormatError, canonical_split, sample_key, shard_name
+from data_shards.format import BACKGROUND, UNLABELED, FormatError, canonical_split, sample_key, shard_name
 from data_shards.inputs import InputItem, Inputs, Reject
 
 
@@ -26,6 +27,17 @@ class PlannedSample:
     key: str
     label: int
     split: str
+    labels: tuple[int, ...] | None = None  # multi-label: the sorted class indices
+    segments: tuple[tuple[float, float, int], ...] | None = None  # segments: (start, end, class)
+
+    def label_meta(self) -> dict[str, Any]:
+        """What a shard's `.json` carries beyond `label` (format.py: label kinds)."""
+        out: dict[str, Any] = {}
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        if self.segments is not None:
+            out["segments"] = [list(s) for s in self.segments]
+        return out
 
 
 @dataclass
@@ -34,6 +46,7 @@ class Plan:
     rejects: list[Reject] = field(default_factory=list)
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    kind: str = "single"  # format.LABEL_KINDS
 
 
 @dataclass(frozen=True)
@@ -118,14 +131,61 @@ def _reject(it: InputItem, reason: str, kind: str, splitter: _Splitter) -> Rejec
     return Reject(it.where, it.path, reason, it.id, kind, split)
 
 
-def plan_inputs(inputs: Inputs, classes: list[str] | None, val_fraction: float, test_fraction: float) -> Plan:
-    """Labels, splits, keys and duplicate checks. Class order: `classes` (--classes), else the data set's
-    own (UCF101 classInd, SSv2 labels.json), else sorted names."""
+def _class_list(inputs: Inputs, classes: list[str] | None) -> list[str] | None:
+    """Class order: `classes` (--classes), else the data set's own (UCF101 classInd, SSv2 labels.json,
+    Charades), else sorted names; a segments set has `background` first (class 0: no segment)."""
     items = inputs.items
     if not classes and inputs.labelled:
-        classes = inputs.classes or class_order(i.label for i in items if i.label)
+        if inputs.classes:
+            classes = inputs.classes
+        elif inputs.kind == "segments":
+            classes = class_order(s.label for i in items for s in i.segments or ())
+        else:
+            classes = class_order(n for i in items for n in (i.labels or (i.label,)) if n)
+    if inputs.kind == "segments":
+        classes = [BACKGROUND, *(c for c in classes or [] if c != BACKGROUND)]
+    return list(classes) if classes else None
+
+
+def _labels(it: InputItem, inputs: Inputs, index: dict[str, int]) -> PlannedSample | tuple[str, str, str]:
+    """The item's labels as indices, or (reason, kind, where) of its reject."""
+    if inputs.kind == "segments":
+        segs = []
+        for s in it.segments or ():
+            if not (0 <= s.start < s.end):
+                return f"segment {s.start:g}-{s.end:g}s: end is not after start", "bad-segment", s.where
+            if s.label not in index or s.label == BACKGROUND:
+                return f"segment label {s.label!r} is not a class", "unknown-label", s.where
+            segs.append((s.start, s.end, index[s.label]))
+        segs.sort()
+        return PlannedSample(it, "", _dominant(segs), "", segments=tuple(segs))
+    names = it.labels if inputs.kind == "multi" else ((it.label,) if it.label else ())
+    if inputs.labelled and not names:
+        return ("empty label set" if inputs.kind == "multi" else "missing label"), "missing-label", it.where
+    unknown = [n for n in names or () if n not in index]
+    if inputs.labelled and unknown:
+        return f"unknown label {unknown[0]!r} (not in --classes)", "unknown-label", it.where
+    if not inputs.labelled:
+        return PlannedSample(it, "", UNLABELED, "")
+    ids = tuple(sorted(index[n] for n in names or ()))
+    return PlannedSample(it, "", ids[0], "", labels=ids if inputs.kind == "multi" else None)
+
+
+def _dominant(segs: list[tuple[float, float, int]]) -> int:
+    """The class covering the most time (background, 0, with no segment): a segments sample's `label`."""
+    total: dict[int, float] = defaultdict(float)
+    for start, end, c in segs:
+        total[c] += end - start
+    return max(sorted(total), key=lambda c: total[c]) if total else 0
+
+
+def plan_inputs(inputs: Inputs, classes: list[str] | None, val_fraction: float, test_fraction: float) -> Plan:
+    """Labels, splits, keys and duplicate checks (`_class_list` for the class order)."""
+    items = inputs.items
     splitter = _Splitter.for_items(items, val_fraction, test_fraction)
-    plan = Plan(samples=[], classes=list(classes) if classes else None, notes=splitter.notes(items))
+    plan = Plan(
+        samples=[], classes=_class_list(inputs, classes), notes=splitter.notes(items), kind=inputs.kind
+    )
     index = {c: i for i, c in enumerate(plan.classes or [])}
     seen: dict[str, str] = {}
     for it in items:
@@ -135,21 +195,17 @@ def plan_inputs(inputs: Inputs, classes: list[str] | None, val_fraction: float, 
             )
             continue
         seen[it.id] = it.where
-        if inputs.labelled and not it.label:
-            plan.rejects.append(_reject(it, "missing label", "missing-label", splitter))
-            continue
-        if inputs.labelled and it.label not in index:
-            plan.rejects.append(
-                _reject(it, f"unknown label {it.label!r} (not in --classes)", "unknown-label", splitter)
-            )
+        got = _labels(it, inputs, index)
+        if isinstance(got, tuple):
+            reason, kind, where = got
+            plan.rejects.append(_reject(dataclasses.replace(it, where=where), reason, kind, splitter))
             continue
         try:
             split = splitter(it)
         except FormatError as e:
             plan.rejects.append(Reject(it.where, it.path, str(e), it.id, "bad-split"))
             continue
-        label = index[it.label] if inputs.labelled and it.label else UNLABELED
-        plan.samples.append(PlannedSample(item=it, key=sample_key(it.id), label=label, split=split))
+        plan.samples.append(dataclasses.replace(got, key=sample_key(it.id), split=split))
     keys = Counter(p.key for p in plan.samples)
     clash = [k for k, c in keys.items() if c > 1]
     if clash:  # a 96-bit hash collision: astronomically unlikely, but never silent

@@ -6,6 +6,11 @@ frame, like the large-scale structure of natural images). Its class is the *kind
 with every class, so a model has to use time to classify it. Everything is a pure function of
 (seed, domain, video index): same seed and domain, same pixels, same bytes.
 
+Label kinds: one motion per clip (default); `--multi-label`: each shape moves its own way and the clip's labels
+are the set of motions on screen (1-3); `--segments`: longer videos whose shapes stand still, then move
+one way, then another, with the moving stretches as labelled segments (`segments.csv`, seconds) and the still
+ones as background, so a temporal model has to tell *when* each motion happens.
+
 Domains (`--domain`, for domain-incremental learning) change how a clip looks, never what its class
 means: the same index has the same motion and shapes in every domain, drawn over another background
 family and palette at another speed. Domain 0 is the original look (its bytes are unchanged).
@@ -38,6 +43,8 @@ MOTIONS: tuple[str, ...] = (
 )
 
 CODECS = tuple(ENCODERS)
+MIN_SEGMENT_FRAMES = 8  # the shortest still or moving stretch of a --segments video
+SEGMENT_PACE_FRAMES = 24  # --segments shapes move as fast as in a clip of this many frames
 # Looks of the same classes: 0 the original smooth pastel texture; 1 dark background, bright shapes;
 # 2 diagonal two-colour stripes, faster motion; 3 sepia tones, coarser texture, slower motion.
 DOMAINS: tuple[str, ...] = ("smooth", "night", "stripes", "sepia")
@@ -54,8 +61,14 @@ class SynthSpec:
     seed: int = 0
     domain: int = 0
     shuffle_labels: bool = False  # the label column permuted (seeded): a mislabelled batch
+    multi_label: bool = False  # several shapes, each its own motion: labels = the set of motions
+    segments: bool = False  # still / moving stretches: labelled segments + background
 
     def __post_init__(self) -> None:
+        if self.multi_label and self.segments:
+            raise ValueError("--multi-label and --segments are different label kinds: pick one")
+        if self.segments and self.frames < 3 * MIN_SEGMENT_FRAMES:
+            raise ValueError(f"--segments needs --frames >= {3 * MIN_SEGMENT_FRAMES}, got {self.frames}")
         if not 0 <= self.domain < len(DOMAINS):
             raise ValueError(
                 f"--domain must be in 0..{len(DOMAINS) - 1} ({', '.join(DOMAINS)}), got {self.domain}"
@@ -141,30 +154,65 @@ _DIRECTION = {
 }
 
 
+def _paint(
+    img: np.ndarray, sh: dict, at: tuple[float, float, float, float], style: _Style, grid: tuple
+) -> np.ndarray:
+    """One striped shape at (cx, cy, angle, radius) drawn over `img`."""
+    yy, xx, s = grid
+    cx, cy, angle, radius = at
+    # torus distance so shapes wrap around instead of leaving the frame
+    dx = (xx - cx + s / 2) % s - s / 2
+    dy = (yy - cy + s / 2) % s - s / 2
+    u = (math.cos(angle) * dx + math.sin(angle) * dy) / radius
+    v = (-math.sin(angle) * dx + math.cos(angle) * dy) / radius
+    inside = [u * u + v * v < 1, np.maximum(abs(u), abs(v)) < 0.85, abs(u) + abs(v) < 1.1][sh["kind"]]
+    pattern = 0.55 + 0.45 * np.sign(np.sin(u * math.pi / sh["stripes"]))[..., None]
+    return np.where(inside[..., None], style.colour(sh["color"]) * pattern, img)
+
+
+def _finish(img: np.ndarray, style: _Style) -> np.ndarray:
+    if style.tint is not None:
+        img = style.tint(img)
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
 def _draw(motion: str, shapes: list[dict], style: _Style, s: int, t_n: int) -> np.ndarray:
+    """Every shape moves with its own `motion` key, else `motion`, for the whole clip."""
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    direction = _DIRECTION.get(motion, (0, 0))
     frames = np.empty((t_n, s, s, 3), np.uint8)
     for t in range(t_n):
         img = style.background.copy()
         for sh in shapes:
+            m = sh.get("motion", motion)
+            direction = _DIRECTION.get(m, (0, 0))
             speed = sh["speed"] if style.speed == 1.0 else sh["speed"] * style.speed
             cx = sh["cx"] + direction[0] * speed * t
             cy = sh["cy"] + direction[1] * speed * t
-            angle = sh["angle"] + {"rotate_cw": 1, "rotate_ccw": -1}.get(motion, 0) * sh["spin"] * t
-            growth = {"grow": 1, "shrink": -1}.get(motion, 0)
+            angle = sh["angle"] + {"rotate_cw": 1, "rotate_ccw": -1}.get(m, 0) * sh["spin"] * t
+            growth = {"grow": 1, "shrink": -1}.get(m, 0)
             radius = sh["radius"] * (1 + growth * 0.6 * (t / (t_n - 1) - 0.5))
-            # torus distance so shapes wrap around instead of leaving the frame
-            dx = (xx - cx + s / 2) % s - s / 2
-            dy = (yy - cy + s / 2) % s - s / 2
-            u = (math.cos(angle) * dx + math.sin(angle) * dy) / radius
-            v = (-math.sin(angle) * dx + math.cos(angle) * dy) / radius
-            inside = [u * u + v * v < 1, np.maximum(abs(u), abs(v)) < 0.85, abs(u) + abs(v) < 1.1][sh["kind"]]
-            pattern = 0.55 + 0.45 * np.sign(np.sin(u * math.pi / sh["stripes"]))[..., None]
-            img = np.where(inside[..., None], style.colour(sh["color"]) * pattern, img)
-        if style.tint is not None:
-            img = style.tint(img)
-        frames[t] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+            img = _paint(img, sh, (cx, cy, angle, radius), style, (yy, xx, s))
+        frames[t] = _finish(img, style)
+    return frames
+
+
+def _draw_timeline(timeline: list[str | None], shapes: list[dict], style: _Style, s: int) -> np.ndarray:
+    """Frames whose motion changes over time: frame t moves every shape by `timeline[t]` (None: still)."""
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    frames = np.empty((len(timeline), s, s, 3), np.uint8)
+    state = [[sh["cx"], sh["cy"], sh["angle"], sh["radius"]] for sh in shapes]
+    for t, m in enumerate(timeline):
+        img = style.background.copy()
+        for sh, st in zip(shapes, state):
+            if m is not None and t:
+                direction = _DIRECTION.get(m, (0, 0))
+                st[0] += direction[0] * sh["speed"] * style.speed
+                st[1] += direction[1] * sh["speed"] * style.speed
+                st[2] += {"rotate_cw": 1, "rotate_ccw": -1}.get(m, 0) * sh["spin"]
+                growth = {"grow": 1.04, "shrink": 1 / 1.04}.get(m, 1.0)
+                st[3] = float(np.clip(st[3] * growth, 0.08 * s, 0.3 * s))
+            img = _paint(img, sh, tuple(st), style, (yy, xx, s))
+        frames[t] = _finish(img, style)
     return frames
 
 
@@ -192,24 +240,75 @@ def encode_clip(frames_THWC: np.ndarray, path: str | Path, codec: str, fps: int)
             writer.write_rgb(rgb)
 
 
+def render_multi_label(index: int, spec: SynthSpec) -> tuple[np.ndarray, list[str]]:
+    """Frames and the sorted set of motions of a `--multi-label` video: 1-3 shapes, each its own motion."""
+    rng = np.random.default_rng([spec.seed, index, 0x3A1])
+    s, t_n = spec.size, spec.frames
+    background = 0.35 + 0.3 * _texture(rng, s, 1.0)
+    shapes = [
+        {**sh, "motion": MOTIONS[int(rng.integers(spec.classes))]}
+        for sh in _shapes(rng, s, t_n) + _shapes(rng, s, t_n)[: int(rng.integers(0, 2))]
+    ]
+    style = _style(spec.domain, background, np.random.default_rng([spec.seed, index, 0xD0, spec.domain]), s)
+    frames = _draw(MOTIONS[0], shapes, style, s, t_n)
+    return frames, sorted({sh["motion"] for sh in shapes}, key=MOTIONS.index)
+
+
+def render_segments(index: int, spec: SynthSpec) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """Frames and the segments (first frame, end frame, motion) of a `--segments` video: 2-3 stretches,
+    each still (background) or one motion, neighbours different, at least one moving."""
+    rng = np.random.default_rng([spec.seed, index, 0x5E6])
+    s, t_n = spec.size, spec.frames
+    parts = int(rng.integers(2, 4))
+    free = t_n - parts * MIN_SEGMENT_FRAMES
+    cuts = np.sort(rng.integers(0, free + 1, parts - 1))
+    bounds = [0, *(c + (i + 1) * MIN_SEGMENT_FRAMES for i, c in enumerate(cuts)), t_n]
+    kinds: list[str | None] = []
+    for _ in range(parts):
+        choices = [None, *MOTIONS[: spec.classes]]
+        if kinds:
+            choices.remove(kinds[-1])
+        kinds.append(choices[int(rng.integers(len(choices)))])
+    if all(k is None for k in kinds):
+        kinds[int(rng.integers(parts))] = MOTIONS[int(rng.integers(spec.classes))]
+    timeline = [kinds[i] for i in range(parts) for _ in range(bounds[i], bounds[i + 1])]
+    background = 0.35 + 0.3 * _texture(rng, s, 1.0)
+    style = _style(spec.domain, background, np.random.default_rng([spec.seed, index, 0xD0, spec.domain]), s)
+    # speeds as in a 24-frame clip (about a frame width per 24 frames), whatever the video's length
+    frames = _draw_timeline(timeline, _shapes(rng, s, SEGMENT_PACE_FRAMES), style, s)
+    segments = [(bounds[i], bounds[i + 1], k) for i, k in enumerate(kinds) if k is not None]
+    return frames, segments
+
+
 def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
-    """Write `spec.videos` clips under `out/videos/` and `out/labels.csv` (path,label); returns the CSV."""
+    """Write `spec.videos` clips under `out/videos/` and their labels: `labels.csv` (path,label; a `a;b`
+    set with `multi_label`) or `segments.csv` (path,segment_start,segment_end,label in seconds); returns it."""
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     ext = ENCODERS[spec.codec][1]
-    rows = []
+    rows: list[tuple] = []
     prefix = f"d{spec.domain}_" if spec.domain else ""  # distinct ids (and shard keys) per domain
     for i in range(spec.videos):
-        frames, motion = render_clip(i, spec)
-        rel = f"videos/{prefix}{i:06d}_{motion}.{ext}"
+        if spec.segments:
+            frames, segs = render_segments(i, spec)
+            rel = f"videos/{prefix}{i:06d}.{ext}"
+            rows += [(rel, f"{a / spec.fps:g}", f"{b / spec.fps:g}", m) for a, b, m in segs]
+        elif spec.multi_label:
+            frames, motions = render_multi_label(i, spec)
+            rel = f"videos/{prefix}{i:06d}_{'+'.join(motions)}.{ext}"
+            rows.append((rel, ";".join(motions)))
+        else:
+            frames, motion = render_clip(i, spec)
+            rel = f"videos/{prefix}{i:06d}_{motion}.{ext}"
+            rows.append((rel, motion))
         encode_clip(frames, out / rel, spec.codec, spec.fps)
-        rows.append((rel, motion))
     if spec.shuffle_labels:
         order = np.random.default_rng([spec.seed, 0x5A1]).permutation(len(rows))
-        rows = [(rel, rows[j][1]) for (rel, _), j in zip(rows, order)]
-    csv_path = out / "labels.csv"
+        rows = [(*rows[i][:-1], rows[j][-1]) for i, j in enumerate(order)]
+    header = ["path", "segment_start", "segment_end", "label"] if spec.segments else ["path", "label"]
+    csv_path = out / ("segments.csv" if spec.segments else "labels.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label"])
+        w.writerow(header)
         w.writerows(rows)
     return csv_path

@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 
 from data_shards import storage
 from data_shards.format import (
+    SEGMENT_SLACK_S,
     UNLABELED,
     FormatError,
     Sample,
     ShardInfo,
     dali_index_lines,
     iter_tar_samples,
+    labels_of,
     load_manifest,
     parse_shard_name,
+    segments_of,
     sha256_file,
 )
 from data_shards.probe import RejectError, inspect_stored
@@ -54,6 +57,7 @@ def _check_sample(
     seen_keys[sample.key] = shard.path
     if not (sample.label == UNLABELED or 0 <= sample.label < n_classes):
         out.append(f"{where}: label {sample.label} outside [0, {n_classes}) and not {UNLABELED}")
+    out += _label_problems(sample, n_classes, where)
     missing = [k for k in REQUIRED_META if k not in sample.meta]
     if missing:
         out.append(f"{where}: metadata lacks {missing} (rebuild with `python -m data_shards build`)")
@@ -70,6 +74,24 @@ def _check_sample(
             out.append(f"{where}: decodes to {got.frames} frames, metadata says {sample.meta.get('frames')}")
         elif not got.problem and report is not None:
             report.decoded += 1
+    return out
+
+
+def _label_problems(sample: Sample, n_classes: int, where: str) -> list[str]:
+    """A label set's classes in range; segments ordered, inside the clip, of a known class."""
+    try:
+        labels, segments = labels_of(sample.label, sample.meta), segments_of(sample.meta)
+    except FormatError as e:
+        return [f"{where}: {e}"]
+    out = []
+    if any(not 0 <= c < n_classes for c in labels):
+        out.append(f"{where}: label set {list(labels)} has a class outside [0, {n_classes})")
+    length = sample.meta.get("duration")
+    for s, e, c in segments:
+        if not (0 <= s < e) or (isinstance(length, (int, float)) and e > length + SEGMENT_SLACK_S):
+            out.append(f"{where}: segment {s:g}-{e:g}s is empty or outside the clip ({length}s)")
+        if not 0 < c < n_classes:
+            out.append(f"{where}: segment class {c} outside [1, {n_classes})")
     return out
 
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         best = result.run_dir / BEST_DIR
         if task.best_step >= 0 and best.is_dir():
             where = f"{result.location}/{BEST_DIR}" if result.location else best.resolve()
-            print(f"[finetune] best model (val top-1 {task.best_top1:.4f} at step {task.best_step}): {where}")
+            print(
+                f"[finetune] best model (val {task.head.primary} {task.best_score:.4f} at step {task.best_step}): {where}"
+            )
 
     return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best)
 
@@ -135,16 +137,18 @@ def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
     if not is_main_rank():
         return r
     if a.json:
-        keep = ("model", "model_dir", "split", "top1", "top5", "n", "loss", "views", "method", "skipped")
-        print(json.dumps({k: r[k] for k in keep}), flush=True)
+        drop = ("per_class", "report", "confusion", "out_dir")
+        print(json.dumps({k: v for k, v in r.items() if k not in drop}), flush=True)
     else:
-        print(
-            f"\n{model} — {a.split}: top-1 {100 * r['top1']:.2f}%  top-5 {100 * r['top5']:.2f}%  "
-            f"({r['n']} videos, {r['views']} views)"
-        )
+        from finetune.heads import make_head
+
+        head = make_head(r["head"])
+        what = "videos" if head.per_video else "clips"
+        print(f"\n{model} — {a.split}: {head.summary_line(r)}  ({r['n']} {what}, {r['views']} views)")
         if r.get("report"):
             print(r["report"])
-            print(f"confusion matrix: {Path(r['out_dir']) / 'confusion.png'}")
+            if "confusion" in r:
+                print(f"confusion matrix: {Path(r['out_dir']) / 'confusion.png'}")
     if not a.no_mlflow and r.get("out_dir"):
         where = log_to_mlflow(r, a.experiment, a.tracking_uri or (uri if not src.run else None), src.run)
         if not a.json:
@@ -174,14 +178,29 @@ def _predict(argv: list[str]) -> int:
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
+    p.add_argument(
+        "--summary",
+        default=None,
+        metavar="DIR",
+        help="temporal models: write DIR/<video>_summary.mp4, the best-scoring segments joined in time order",
+    )
+    p.add_argument("--summary-seconds", type=float, default=5.0, help="length of a summary at most")
     _limit_args(p)
     a = p.parse_intermixed_args(argv)
     from finetune.predict import expand_inputs, predict_files, print_predictions
 
     videos = expand_inputs(a.videos)
     model = _resolve(a.model, a.tracking_uri).model_dir
+    summary = (Path(a.summary), a.summary_seconds) if a.summary else None
     results = predict_files(
-        model, videos, top_k=a.top_k, clips=a.clips, crops=a.crops, stride=a.stride, limits=_limits(a)
+        model,
+        videos,
+        top_k=a.top_k,
+        clips=a.clips,
+        crops=a.crops,
+        stride=a.stride,
+        limits=_limits(a),
+        summary=summary,
     )
     failed = print_predictions(results, a.json)
     return 1 if failed else 0

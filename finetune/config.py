@@ -72,6 +72,10 @@ class ClassifierSection(ModelSection):
     bidirectional: bool | None = resume_key(None)
     temporal_pool: Literal["mean", "last"] | None = resume_key(None)  # over the RNN's outputs
     dynamic: Literal["none", "kernel_mixture", "selective_kernel"] | None = resume_key(None)  # None: static
+    # what a label means (finetune/heads.py); auto: the shards' kind (single → single_label, multi →
+    # multi_label, segments → temporal: logits per time step)
+    head: Literal["auto", "single_label", "multi_label", "temporal"] = resume_key("auto")
+    pos_weight: float | None = resume_key(None)  # multi_label: BCE weight of the positives (> 1: recall)
 
     def check(self) -> None:
         super().check()
@@ -85,6 +89,7 @@ class ClassifierSection(ModelSection):
             self.backbone == "cnn_rnn" or not rnn_keys,
             f"model.{rnn_keys[0] if rnn_keys else ''} applies to model.backbone=cnn_rnn only",
         )
+        require(self.pos_weight is None or self.pos_weight > 0, "model.pos_weight must be > 0 (or null: off)")
         require(
             self.dynamic is None or self.backbone in DYNAMIC_BACKBONES,
             f"model.dynamic applies to model.backbone in {list(DYNAMIC_BACKBONES)} (tada2d is dynamic by "
@@ -256,16 +261,44 @@ def _classes(cfg: FinetuneConfig, class_names: list[str] | None) -> tuple[int, l
     return n, class_names if class_names is not None and len(class_names) == n else None
 
 
+HEAD_FOR_LABELS = {"single": "single_label", "multi": "multi_label", "segments": "temporal"}
+LABELS_FOR_HEAD = {
+    "single_label": ("single",),
+    "multi_label": ("multi", "single"),
+    "temporal": ("segments",),
+}
+
+
+def head_kind(cfg: FinetuneConfig) -> str:
+    """The head this run trains: `model.head`, or (auto) the one the shards' labels call for; a head the
+    shards cannot feed is an error naming both."""
+    m = cfg.model
+    labels = "single"
+    if cfg.data.shards:
+        from data_shards.format import load_manifest
+
+        labels = load_manifest(cfg.data.shards).labels
+    head = HEAD_FOR_LABELS[labels] if m.head == "auto" else m.head
+    require(
+        labels in LABELS_FOR_HEAD[head],
+        f"model.head={head} needs shards with {' or '.join(LABELS_FOR_HEAD[head])} labels; "
+        f"{cfg.data.shards} has {labels} labels",
+    )
+    return head
+
+
 def classifier_config(
     cfg: FinetuneConfig, class_names: list[str] | None = None
 ) -> VideoClassifierConfig | BackboneClassifierConfig:
-    """The classifier this config describes: the init's backbone (or the preset) + a head for the classes."""
+    """The classifier this config describes: the init's backbone (or the preset) + a head for the classes
+    (per time step for the temporal head)."""
     m = cfg.model
     src = starting_point(cfg.finetune.init)
+    temporal = head_kind(cfg) == "temporal"
     try:
         n, names = _classes(cfg, class_names)
         if m.backbone != "vit":
-            return _cnn_classifier(m, src, n, names)
+            return dataclasses.replace(_cnn_classifier(m, src, n, names), temporal=temporal)
         # A new fc_norm uses HF's fixed eps (1e-5) so HF exports are exact; a classifier init keeps its own.
         fc_eps = (
             src.config.fc_norm_eps
@@ -279,6 +312,7 @@ def classifier_config(
             head_dropout=m.head_dropout,
             fc_norm_eps=fc_eps,
             class_names=names,
+            temporal=temporal,
         )
     except KeyError as e:
         raise ConfigError(f"model.preset: {e.args[0]}") from e

@@ -27,16 +27,22 @@ def collect_scores(
     dtype: torch.dtype,
     head: Head = HEADS[DEFAULT_HEAD],
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, the head's clip scores [n, K] float32 CPU, labels [n]) over this rank's batches, padding
-    dropped."""
-    return collect_outputs(lambda x: head.clip_scores(model(x.to(device, dtype))), batches)
+    """(keys, the head's clip scores [n, K] (temporal: [n, T', K]) float32 CPU, the head's labels) over this
+    rank's batches, padding dropped."""
+    return collect_outputs(
+        lambda x: head.clip_scores(model(x.to(device, dtype))),
+        batches,
+        lambda b, out: head.batch_labels(b, out.shape[-1]),
+    )
 
 
 def collect_outputs(
-    clip_outputs: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, Any]]
+    clip_outputs: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict[str, Any]],
+    labels_of: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] = lambda b, out: b["label"],
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, `clip_outputs(video)` rows on the CPU, labels) over the batches, loader padding dropped: the one
-    loop of evaluation (scores) and embedding (features)."""
+    """(keys, `clip_outputs(video)` rows on the CPU, `labels_of(batch, outputs)`) over the batches, loader
+    padding dropped: the one loop of evaluation (scores) and embedding (features)."""
     keys: list[str] = []
     outs, labels = [], []
     for batch in batches:
@@ -44,7 +50,7 @@ def collect_outputs(
         keep = ~batch["pad"].cpu() if "pad" in batch else torch.ones(len(out), dtype=torch.bool)
         keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
         outs.append(out[keep])
-        labels.append(batch["label"].cpu()[keep])
+        labels.append(labels_of(batch, out).cpu()[keep])
     if not outs:
         return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
     return keys, torch.cat(outs), torch.cat(labels)
@@ -72,7 +78,7 @@ def average_per_video(
     keys: list[str], probs: torch.Tensor, labels: torch.Tensor, reduce: str = "mean"
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Clip rows combined per video key (`reduce`: "mean", or "amax"; order: sorted keys), with the video's
-    label."""
+    labels (a class [n], or a multi-hot row [n, K])."""
     order = sorted(set(keys))
     index = {k: i for i, k in enumerate(order)}
     ids = torch.tensor([index[k] for k in keys], dtype=torch.int64)
@@ -80,20 +86,28 @@ def average_per_video(
     out = torch.zeros(len(order), k, dtype=torch.float64).scatter_reduce(
         0, ids.unsqueeze(1).expand(-1, k), probs.double(), reduce=reduce, include_self=False
     )
-    video_labels = torch.zeros(len(order), dtype=torch.int64)
+    video_labels = torch.zeros((len(order), *labels.shape[1:]), dtype=labels.dtype)
     video_labels[ids] = labels
     return order, out.float(), video_labels
 
 
 def summarize(
-    keys: list[str], probs: torch.Tensor, labels: torch.Tensor, head: Head = HEADS[DEFAULT_HEAD]
+    keys: list[str],
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    head: Head = HEADS[DEFAULT_HEAD],
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """The head's metrics (single label: top-1 / top-5 / NLL) of the per-video scores."""
-    vkeys, vprobs, vlabels = average_per_video(keys, probs, labels, head.view_reduce)
+    """The head's metrics (single label: top-1 / top-5 / NLL; multi-label: mAP, F1 at `threshold` or the
+    best one) of the per-video scores (the temporal head: of every clip on its own)."""
+    if head.per_video:
+        vkeys, vprobs, vlabels = average_per_video(keys, probs, labels, head.view_reduce)
+    else:
+        vkeys, vprobs, vlabels = keys, probs, labels
     if not vkeys:
-        return {**head.metrics(vprobs, vlabels), "n": 0}
+        return {**head.metrics(vprobs, vlabels, threshold), "n": 0}
     return {
-        **head.metrics(vprobs, vlabels),
+        **head.metrics(vprobs, vlabels, threshold),
         "n": len(vkeys),
         "keys": vkeys,
         "probs": vprobs,
@@ -121,8 +135,30 @@ def label_mapping(
 
 
 def _mapped(batches: Iterable[dict[str, Any]], mapping: torch.Tensor | None) -> Iterable[dict[str, Any]]:
+    """Shard label ids → the model's, in "label" and the label sets "labels" (−1 padding kept)."""
     for b in batches:
-        yield b if mapping is None else {**b, "label": mapping[b["label"].cpu()]}
+        if mapping is None:
+            yield b
+            continue
+        sets = b["labels"].cpu()
+        mapped_sets = torch.where(sets >= 0, mapping[sets.clamp_min(0)], sets)
+        yield {**b, "label": mapping[b["label"].cpu()], "labels": mapped_sets}
+
+
+def segment_metrics(model_dir: str | Path, loader: Any, stride: int | None = None) -> dict[str, float]:
+    """Segment mAP at tIoU 0.3 / 0.5 / 0.7 of a temporal model: every video of the loader's split slid
+    through the model as `predict` does (`Predictor.segments`), against the segments stored in the shards."""
+    from finetune.predict import Predictor
+    from finetune.temporal import Segment, segment_map
+
+    predictor = Predictor(model_dir, stride=stride)
+    index = {name: i for i, name in enumerate(predictor.labels)}
+    predicted, truth = {}, {}
+    for ref in loader.refs:
+        found = predictor.segments(loader.reader.video_bytes(ref))["segments"]
+        predicted[ref.ref] = [Segment(s["start"], s["end"], index[s["label"]], s["score"]) for s in found]
+        truth[ref.ref] = [Segment(s, e, c) for s, e, c in ref.segments]
+    return segment_map(predicted, truth)
 
 
 def evaluate_model_dir(
@@ -172,19 +208,20 @@ def evaluate_model_dir(
     )
     with torch.no_grad():
         scores = collect_scores(model, _mapped(loader, mapping), dev, torch.float32, head)
-    m = summarize(*gather_scores(*scores), head)
+    m = summarize(*gather_scores(*scores), head, extra.get("threshold"))
     result: dict[str, Any] = {
         "model": str(model_dir),
         "model_dir": str(model_dir),
         "split": split,
-        "top1": m["top1"],
-        "top5": m["top5"],
-        "loss": m["loss"],
+        "head": head.kind,
+        **{k: m[k] for k in head.metric_names},
         "n": m["n"],
         "views": f"{spec.eval_clips}x{spec.eval_crops}",
         "method": extra.get("finetune", {}).get("method"),
         "skipped": loader.stats["skipped"],
     }
+    if m["n"] and rank == 0 and not head.per_video:  # a temporal model: its segments on whole videos
+        result["segment_map"] = segment_metrics(model_dir, loader, stride)
     if m["n"] and rank == 0:
         out = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
         from finetune.reports import write_report

@@ -26,4 +26,15 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"{model_dir} holds a {type(model).__name__} ({getattr(model.cfg, 'backbone', '?')}): HF VideoMAE can only "
             "express the ViT; use the tubelet model directory (evaluate, predict, serve and load_model read it)"
         )
-    return to_hf(model, out_dir, model_extra(model_dir))  # sampling kept: from-hf restores it
+    if model.cfg.temporal:
+        raise ValueError(
+            f"{model_dir} is a temporal model (a class per time step): HF VideoMAEForVideoClassification has one "
+            "prediction per clip; use the tubelet model directory"
+        )
+    extra = model_extra(model_dir)
+    out = to_hf(model, out_dir, extra)  # sampling kept: from-hf restores it
+    if extra.get("head") == "multi_label":  # HF then scores with a sigmoid per label, as we do
+        config = json.loads((out / "config.json").read_text())
+        config["problem_type"] = "multi_label_classification"
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

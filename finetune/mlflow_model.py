@@ -57,7 +57,7 @@ class VideoClassifierModel(mlflow.pyfunc.PythonModel):
             chunk = ok[start : start + PREDICT_CHUNK]
             probs.update(zip(chunk, self.predictor.probabilities([views[i] for i in chunk])))
         tops = [
-            [{"label": t["label"], "score": t["score"]} for t in self.predictor.top(probs[i], k)]
+            [{"label": t["label"], "score": t["score"]} for t in self.predictor.answer(probs[i], k)]
             if i in probs
             else []
             for i in range(len(items))

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_shards.loader.pyav import DecodeLimits
@@ -124,6 +125,49 @@ class Predictor:
         """[{"label", "score", "index"}, ...], best first; `k` clipped to [1, number of classes]."""
         return self.head.top(probs, self.labels, k)
 
+    @property
+    def temporal(self) -> bool:
+        """A model with labels per time step: a video's answer is its segments (`segments`)."""
+        return not self.head.per_video
+
+    @property
+    def threshold(self) -> float:
+        """Multi-label decision threshold: the one best on val at training (`extra.threshold`), else 0.5."""
+        return float(self.extra.get("threshold") or 0.5)
+
+    def answer(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
+        """What predict / serve / pyfunc return for a video: its top `k` classes, or (multi-label) every
+        label scored at or above the threshold, best first."""
+        above = getattr(self.head, "above", None)
+        return above(probs, self.labels, self.threshold) if above else self.top(probs, k)
+
+    def segments(self, data: bytes, hop: int | None = None) -> dict[str, Any]:
+        """A temporal model on a whole video: windows slid over it (`hop` source frames apart, default half
+        a window), per-frame scores, and the labelled segments they make, best first:
+        {"segments": [{"start", "end", "label", "score"}, ...], "duration", "windows"}."""
+        import av
+
+        from data_shards.loader.pyav import VideoDecodeError, decode_windows
+        from finetune.temporal import frame_scores, segments_of
+
+        if not data:
+            raise VideoInputError("empty", "empty input: send the bytes of a video file")
+        try:
+            w = decode_windows(data, self.spec, hop, strict=True, limits=self.limits)
+        except VideoDecodeError as e:
+            raise VideoInputError(e.reason, str(e)) from None
+        except av.FFmpegError as e:
+            raise VideoInputError("undecodable", f"the video does not decode: {e}") from None
+        scores = torch.cat([self.clip_outputs(part, False).cpu() for part in w.views.split(8)])
+        per_frame = frame_scores(scores, w.starts, self.spec.frames, self.spec.stride, w.frames)
+        token = max(1, round(self.spec.frames / scores.shape[1] * self.spec.stride))
+        found = segments_of(per_frame, w.fps, min_frames=token)
+        return {
+            "segments": [s.to_json(self.labels) for s in found],
+            "duration": round(w.frames / w.fps, 3),
+            "windows": len(w.starts),
+        }
+
     def describe(self) -> dict[str, Any]:
         """Labels, input geometry and sampling, architecture and training facts (a server's /metadata)."""
         s = self.spec
@@ -185,17 +229,62 @@ def predict_files(
     crops: int | None = None,
     stride: int | None = None,
     limits: DecodeLimits | None = None,
+    summary: tuple[Path, float] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """One result per file, in order: {"video", "top": [{"label", "score", "index"}...]} or {"video", "error"}."""
+    """One result per file, in order: {"video", "top": [{"label", "score", "index"}...]} (multi-label: and
+    "labels", every label at or above the threshold), {"video", "segments": [...], ...} (a temporal model),
+    or {"video", "error"}. `summary` = (folder, seconds): a temporal model's summary clip of each video
+    (`write_summary`), its path in "summary"."""
     predictor = Predictor(model_dir, clips=clips, crops=crops, stride=stride, limits=limits)
+    if summary is not None and not predictor.temporal:
+        raise ValueError(f"--summary needs a temporal model; {model_dir} has a {predictor.head.kind} head")
     for video in videos:
         try:
-            views = predictor.decode(Path(video).read_bytes())
+            data = Path(video).read_bytes()
+            if predictor.temporal:
+                found = predictor.segments(data)
+                if summary is not None:
+                    out = summary[0] / f"{Path(video).stem}_summary.mp4"
+                    found["summary"] = write_summary(data, found["segments"], out, summary[1])
+                yield {"video": video, **found}
+                continue
+            views = predictor.decode(data)
         except (OSError, VideoInputError) as e:  # unreadable, truncated, not a video: report it and go on
             yield {"video": video, "error": f"{type(e).__name__}: {e}"}
             continue
         (probs,) = predictor.probabilities([views])
-        yield {"video": video, "top": predictor.top(probs, top_k)}
+        out = {"video": video, "top": predictor.top(probs, top_k)}
+        if hasattr(predictor.head, "above"):
+            out["labels"] = predictor.answer(probs)
+        yield out
+
+
+def write_summary(data: bytes, segments: list[dict[str, Any]], out: Path, seconds: float) -> str | None:
+    """A video summary: the best-scoring segments (best first in `segments`), `seconds` in all at most (the
+    last one shortened to fit), cut from the video and joined in time order into one H.264 clip at `out`.
+    None (nothing written) when the model found no segment."""
+    from data_shards.codec import VideoWriter
+    from data_shards.loader.pyav import decode_frames, frames_and_rate
+
+    chosen, left = [], seconds
+    for s in segments:
+        if left <= 0:
+            break
+        chosen.append((s["start"], min(s["end"], s["start"] + left)))
+        left -= chosen[-1][1] - chosen[-1][0]
+    if not chosen:
+        return None
+    n, fps = frames_and_rate(data)
+    index = [
+        i for a, b in sorted(chosen) for i in range(int(a * fps), min(n, max(int(b * fps), int(a * fps) + 1)))
+    ]
+    frames = decode_frames(data, np.array(index, dtype=np.int64))
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(out, "h264", fps, w, h) as writer:
+        for rgb in frames:
+            writer.write_rgb(np.ascontiguousarray(rgb[:h, :w]))
+    return str(out)
 
 
 def print_predictions(results: Iterator[dict[str, Any]], as_json: bool) -> int:
@@ -210,7 +299,15 @@ def print_predictions(results: Iterator[dict[str, Any]], as_json: bool) -> int:
             continue
         if as_json:
             print(json.dumps(r), flush=True)
+        elif "segments" in r:
+            segs = "  ".join(
+                f"{s['start']:.2f}-{s['end']:.2f}s {s['label']} {s['score']:.3f}" for s in r["segments"]
+            )
+            print(f"{r['video']} ({r['duration']:.2f}s): {segs or 'no action'}", flush=True)
+            if r.get("summary"):
+                print(f"  summary: {r['summary']}", flush=True)
         else:
-            tops = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
-            print(f"{r['video']}: {tops}", flush=True)
+            shown = r.get("labels", r["top"])
+            tops = "  ".join(f"{t['label']} {t['score']:.3f}" for t in shown)
+            print(f"{r['video']}: {tops or 'no label above the threshold'}", flush=True)
     return failed

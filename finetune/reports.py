@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.heads import DEFAULT_HEAD, HEADS, Head
+from finetune.heads import DEFAULT_HEAD, HEADS, Head, make_head
+
+
+def head_of(result: dict[str, Any]) -> Head:
+    """The head an evaluation result was scored with (single-label for results without one)."""
+    return make_head(result.get("head", DEFAULT_HEAD))
 
 
 def classification_report(
@@ -85,30 +90,44 @@ def write_report(
     title: str,
     head: Head = HEADS[DEFAULT_HEAD],
 ) -> None:
-    """Per-class report, confusion PNG and metrics.json into `out` (videos whose class the model does not
-    know are left out of the per-class table; they count as errors in top-1)."""
-    known = m["labels"] >= 0
-    preds = head.predictions(m["probs"])
-    rows, cm, text = classification_report(m["labels"][known], preds[known], names)
-    result.update(per_class=rows, report=text, confusion=cm.tolist(), out_dir=str(out))
+    """Per-class report, confusion PNG (exclusive classes) and metrics.json into `out` (videos whose class
+    the model does not know are left out of the per-class table; they count as errors in top-1)."""
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(cm, names, out / "confusion.png", f"{title} top-1 {m['top1']:.3f}")
+    pairs = head.confusion_pairs(m)
+    if pairs is None:  # labels that are not exclusive: per-class AP and F1 instead of a confusion matrix
+        rows = head.class_rows(m, names)
+        text = ap_table(rows)
+        result.update(per_class=rows, report=text, out_dir=str(out))
+    else:
+        rows, cm, text = classification_report(*pairs, names)
+        result.update(per_class=rows, report=text, confusion=cm.tolist(), out_dir=str(out))
+        score = f"{head.primary} {m[head.primary]:.3f}"
+        plot_confusion(cm, names, out / "confusion.png", f"{title} {score}")
     (out / "report.txt").write_text(text + "\n")
     (out / "metrics.json").write_text(
         json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1) + "\n"
     )
 
 
+def ap_table(rows: list[dict[str, Any]]) -> str:
+    """The multi-label per-class table: AP, F1 at the threshold, videos with the label."""
+    width = max(12, *(len(r["class"]) for r in rows))
+    lines = [f"{'class':<{width}}      AP      f1  support"]
+    lines += [f"{r['class']:<{width}} {r['ap']:7.3f} {r['f1']:7.3f} {r['support']:8d}" for r in rows]
+    return "\n".join(lines)
+
+
 def eval_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
-    """`{prefix}/top1`, `/top5`, `/n` and per-class `{prefix}/{precision,recall,f1}/{class}`."""
-    metrics = {
-        f"{prefix}/top1": result["top1"],
-        f"{prefix}/top5": result["top5"],
-        f"{prefix}/n": float(result["n"]),
-    }
+    """`{prefix}/{metric}` for the head's metrics (top1, top5 / map, f1 / ...), `/n` and per-class
+    `{prefix}/{precision,recall,f1,ap}/{class}`."""
+    metrics = {f"{prefix}/{k}": float(result[k]) for k in head_of(result).metric_names if k in result}
+    metrics[f"{prefix}/n"] = float(result["n"])
+    for t, v in result.get("segment_map", {}).items():
+        metrics[f"{prefix}/segment_map_{t}"] = v
     for r in result.get("per_class", []):
-        for m in ("precision", "recall", "f1"):
-            metrics[f"{prefix}/{m}/{r['class']}"] = r[m]
+        for m in ("precision", "recall", "f1", "ap"):
+            if m in r:
+                metrics[f"{prefix}/{m}/{r['class']}"] = r[m]
     return metrics
 
 
@@ -179,10 +198,12 @@ def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) ->
 
 
 def comparison_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'model':<40} {'method':<8} {'views':<6} {'videos':>6} {'top-1':>7} {'top-5':>7}"]
+    """Models side by side on one split: their head's first two metrics (top-1 / top-5, mAP / F1, ...)."""
+    names = head_of(results[0]).metric_names[:2] if results else ("top1", "top5")
+    cols = " ".join(f"{n:>7}" for n in names)
+    lines = [f"{'model':<40} {'method':<8} {'views':<6} {'videos':>6} {cols}"]
     for r in results:
         name = str(r["model"])[-40:]
-        lines.append(
-            f"{name:<40} {r.get('method') or '-':<8} {r['views']:<6} {r['n']:>6d} {100 * r['top1']:6.1f}% {100 * r['top5']:6.1f}%"
-        )
+        vals = " ".join(f"{100 * r.get(n, float('nan')):6.1f}%" for n in names)
+        lines.append(f"{name:<40} {r.get('method') or '-':<8} {r['views']:<6} {r['n']:>6d} {vals}")
     return "\n".join(lines)

@@ -333,11 +333,13 @@ class VideoClassifierServer:
         k = top_k_param(request)
         served = self.served
         data = await read_video(request, self.cfg.upload_limit)
+        if served.predictor.temporal:  # a whole video slid through a temporal model: its segments
+            return (await asyncio.to_thread(served.predictor.segments, data))["segments"]
         views = await asyncio.to_thread(served.predictor.decode, data)  # decoding off the event loop
         probs = await self.predict_batch((served.predictor, views))
-        top = served.predictor.top(probs, k)
+        top = served.predictor.answer(probs, k)
         if self.capture is not None:
-            self.capture.offer(data, top[0], served.source.version)
+            self.capture.offer(data, served.predictor.top(probs, 1)[0], served.source.version)
         return [{"label": t["label"], "score": t["score"]} for t in top]
 
     @app.post("/embed")

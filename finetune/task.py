@@ -22,8 +22,8 @@ from torch import nn
 from data_shards.format import load_manifest
 from data_shards.loader import SamplingSpec, VideoLoader
 from finetune.augment import mix_batch
-from finetune.config import FinetuneConfig, classifier_config
-from finetune.heads import DEFAULT_HEAD, HEADS
+from finetune.config import FinetuneConfig, classifier_config, head_kind
+from finetune.heads import make_head
 from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
 from pretrain.data import ShardData, micro_batch_key
@@ -74,12 +74,12 @@ class ClassificationTask(ShardData, Task):
         self.rank, self.seed = 0, cfg.train.seed
         self.run_dir = Path(cfg.train.run_dir)
         self.rng = np.random.default_rng([cfg.train.seed, 0])
-        self.best_top1, self.best_step, self.bad_evals = -1.0, -1, 0
+        self.best_score, self.best_step, self.bad_evals = -1.0, -1, 0
         self.init_report: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
-        self.head = HEADS[
-            DEFAULT_HEAD
-        ]  # one label per clip: the loss, scores and metrics (finetune/heads.py)
+        # what a label means: the loss, scores and metrics (finetune/heads.py)
+        self.head = make_head(head_kind(cfg), cfg.model.pos_weight)
+        self.threshold: float | None = None  # multi-label: the decision threshold best on the last val
 
     # -- engine hooks ------------------------------------------------------------------------------
     def setup(self, ctx: TaskContext) -> None:
@@ -155,7 +155,7 @@ class ClassificationTask(ShardData, Task):
         """(logits, soft targets, labels, video as fed) of a micro-batch, Mixup/CutMix applied; `lam` = 1
         unmixed. Labels are head indices (`head_labels`)."""
         video = batch["video"].to(self.device, self.dtype)
-        labels = self.head_labels(batch["label"].to(self.device))
+        labels = self.batch_labels(batch)
         targets = self.head.targets(labels, self.clf_cfg.num_classes, self.cfg.augment.label_smoothing)
         video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.mix_rng(batch))
         key = micro_batch_key(batch)  # dropout / drop-path keyed by the micro-batch, like the mix
@@ -171,6 +171,11 @@ class ClassificationTask(ShardData, Task):
         key = micro_batch_key(batch)
         return self.rng if key is None else np.random.default_rng([self.seed, 0x319, *key])
 
+    def batch_labels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The head's labels of a batch on the device (shard labels mapped to head indices first)."""
+        mapped = {**batch, "label": self.head_labels(batch["label"].to(self.device))}
+        return self.head.batch_labels(mapped, self.clf_cfg.num_classes).to(self.device)
+
     def head_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Shard labels → head indices (the identity here; continual learning's head covers fewer classes)."""
         return labels
@@ -183,7 +188,8 @@ class ClassificationTask(ShardData, Task):
         return StepOutput(loss, {"acc": acc.detach()})
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        """Per-video averaged softmax over the val views, gathered over ranks: identical on every rank."""
+        """The head's metrics of the val views (per video, or per clip for the temporal head), gathered over
+        ranks: identical on every rank. Multi-label: the F1-best threshold on val is kept for the model."""
         from finetune.evaluate import collect_scores, gather_scores, summarize
 
         mapped = ({**b, "label": self.head_labels(b["label"])} for b in batches)
@@ -191,32 +197,35 @@ class ClassificationTask(ShardData, Task):
             *collect_scores(model, mapped, self.device, self.dtype, self.head)
         )
         m = summarize(keys, probs, labels, self.head)
-        return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "videos": float(m["n"])}
+        if "threshold" in m and m["n"]:
+            self.threshold = float(m["threshold"])
+        return {**{k: m[k] for k in self.head.metric_names}, "videos": float(m["n"])}
 
     def after_evaluate(self, model: nn.Module, metrics: dict[str, float], step: int) -> EvalOutcome:
-        """Track the best val top-1: write it as `<run_dir>/best` and count evaluations for early stopping."""
-        e = self.cfg.eval
-        top1 = float(metrics["top1"])
+        """Track the best val score (the head's primary metric: top-1, mAP, frame accuracy): write it as
+        `<run_dir>/best` and count evaluations for early stopping."""
+        e, name = self.cfg.eval, self.head.primary
+        score = float(metrics[name])
         artifacts: list[Path] = []
-        if top1 > self.best_top1 + e.min_delta or self.best_step < 0:
-            self.best_top1, self.best_step, self.bad_evals = top1, step, 0
+        if score > self.best_score + e.min_delta or self.best_step < 0:
+            self.best_score, self.best_step, self.bad_evals = score, step, 0
             if e.keep_best:
-                path = self.save_best(model, step, top1)
+                path = self.save_best(model, step, score)
                 artifacts = [path] if path is not None else []
         else:
             self.bad_evals += 1
         stop = e.patience > 0 and self.bad_evals >= e.patience
         if stop and self.rank == 0:
             print(
-                f"[finetune] early stopping: val top-1 has not improved for {self.bad_evals} evaluations "
-                f"(best {self.best_top1:.4f} at step {self.best_step})",
+                f"[finetune] early stopping: val {name} has not improved for {self.bad_evals} evaluations "
+                f"(best {self.best_score:.4f} at step {self.best_step})",
                 flush=True,
             )
         return EvalOutcome(
-            stop, {"val/best_top1": self.best_top1, "val/best_step": float(self.best_step)}, artifacts
+            stop, {f"val/best_{name}": self.best_score, "val/best_step": float(self.best_step)}, artifacts
         )
 
-    def save_best(self, model: nn.Module, step: int, top1: float) -> Path | None:
+    def save_best(self, model: nn.Module, step: int, score: float) -> Path | None:
         """Collective under ZeRO-3 (parameters gathered); rank 0 writes the model directory."""
         module = getattr(model, "module", model)
         if self.cfg.deepspeed.zero_stage == 3:
@@ -230,7 +239,7 @@ class ClassificationTask(ShardData, Task):
             return None
         fresh = self.build_model()
         fresh.load_state_dict(state)
-        return self.export(fresh, self.run_dir / BEST_DIR, {"step": step, "val_top1": top1})
+        return self.export(fresh, self.run_dir / BEST_DIR, {"step": step, f"val_{self.head.primary}": score})
 
     def flops_per_sample(self) -> float:
         return float(classifier_training_flops_per_clip(self.clf_cfg))
@@ -265,14 +274,16 @@ class ClassificationTask(ShardData, Task):
     def state_dict(self) -> dict[str, Any]:
         return {
             "rng": json.dumps(self.rng.bit_generator.state),
-            "best_top1": self.best_top1,
+            "best_score": self.best_score,
+            "threshold": self.threshold,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = json.loads(state["rng"])
-        self.best_top1, self.best_step = float(state["best_top1"]), int(state["best_step"])
+        self.best_score = float(state.get("best_score", state.get("best_top1", -1.0)))  # older: best_top1
+        self.best_step, self.threshold = int(state["best_step"]), state.get("threshold")
         self.bad_evals = int(state["bad_evals"])
 
     def log_model(self, model_dir: Path, tracker: Tracker) -> None:
@@ -324,6 +335,8 @@ class ClassificationTask(ShardData, Task):
         a, e, spec = self.cfg.augment, self.cfg.eval, self.sampling_spec(False)
         return {
             "head": self.head.kind,
+            **({"threshold": self.threshold} if self.threshold is not None else {}),
+            **({"pos_weight": self.cfg.model.pos_weight} if self.cfg.model.pos_weight is not None else {}),
             "sampling": {
                 "stride": a.stride,
                 "mean": list(spec.mean),

@@ -114,7 +114,7 @@ def test_no_import_cycles() -> None:
 # (ARCHITECTURE.md, "finetune/ by job"). A new module must be placed here.
 FINETUNE_LAYERS: dict[str, tuple[str, ...]] = {
     "definitions": (
-        "config", "heads", "peft_methods", "augment", "registry",
+        "config", "heads", "temporal", "peft_methods", "augment", "registry",
         "continual.config", "continual.strategies", "continual.memory", "continual.metrics", "continual.regularize",
     ),
     "artifacts": ("init", "model_dir", "export", "onnx_export"),

@@ -9,6 +9,13 @@ Formats (`--format`, `auto` detects them where unambiguous):
   ssv2         Something-Something v2: labels.json + train/validation/test.json, {id}.webm   (ssv2.py)
   ucf101       UCF-101/{Class}/v_*.avi + ucfTrainTestlist/ (classInd, train/testlist0N)    (actions.py)
   hmdb51       {class}/*.avi + testTrainMulti_7030_splits/{class}_test_split{N}.txt         (actions.py)
+  segments     labelled time segments: a CSV `path,segment_start,segment_end,label[,split]` (one row per
+               segment) or ActivityNet/THUMOS JSON {"database": {id: {"subset", "annotations"}}} (segments.py)
+  charades     Charades_v1_{train,test}.csv + Charades_v1_classes.txt: several labels per video, or its
+               action segments with --labels segments                                        (segments.py)
+
+Label kinds (`Inputs.kind`): one label per row (`single`); several (`multi`: `a;b` in a CSV label column, a
+JSON list in JSONL, Charades); labelled segments (`segments`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,18 @@ VIDEO_SUFFIXES = frozenset(
     {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp", ".ogv"}
 )
 WORK_DIR = ".work"  # the build's cache inside the output folder: never an input
-FORMATS = ("auto", "csv", "jsonl", "folder", "kinetics", "ssv2", "ucf101", "hmdb51")
+FORMATS = ("auto", "csv", "jsonl", "folder", "kinetics", "ssv2", "ucf101", "hmdb51", "segments", "charades")
+LABEL_SEPARATOR = ";"  # several labels in one CSV cell: "running;jumping"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A labelled time range of a video (seconds), with the file:line it came from."""
+
+    start: float
+    end: float
+    label: str
+    where: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,8 @@ class InputItem:
     start: float | None = None  # seconds: frames with start <= t < end are the sample
     end: float | None = None
     group: str | None = None
+    labels: tuple[str, ...] | None = None  # a multi-label row's label set (`label` is its first)
+    segments: tuple[Segment, ...] | None = None  # a segments row's annotations (`label` unused)
 
 
 @dataclass(frozen=True)
@@ -81,17 +101,22 @@ class Inputs:
     labelled: bool = False
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    kind: str = "single"  # format.LABEL_KINDS
 
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """Where a data set's videos are (`--videos`, default: next to its annotation files) and which
-    official split to use (`--split-id`, UCF101/HMDB51: 1-3)."""
+    """Where a data set's videos are (`--videos`, default: next to its annotation files), which
+    official split to use (`--split-id`, UCF101/HMDB51: 1-3) and which labels of a data set that has both
+    (`--labels`, Charades: its label sets or its segments)."""
 
     videos: str | None = None
     split_id: int = 1
+    labels: str = "auto"  # Charades: "multi" (auto) or "segments"
 
     def __post_init__(self) -> None:
+        if self.labels not in ("auto", "multi", "segments"):
+            raise ValueError(f"--labels must be auto, multi or segments, got {self.labels!r}")
         if self.split_id not in (1, 2, 3):
             raise ValueError(
                 f"--split-id must be 1, 2 or 3 (the official UCF101/HMDB51 splits), got {self.split_id}"
@@ -113,6 +138,11 @@ def parse_range(start: str | None, end: str | None) -> tuple[float | None, float
     return s, e
 
 
+def split_labels(cell: str) -> tuple[str, ...]:
+    """A CSV label cell as a label set: "a;b" -> ("a", "b") (blanks dropped, order kept, no repeats)."""
+    return tuple(dict.fromkeys(p.strip() for p in cell.split(LABEL_SEPARATOR) if p.strip()))
+
+
 def clip_id(base: str, start: float | None, end: float | None) -> str:
     """The id of a time range of `base`: `base#start-end` (seconds), so each clip is its own sample."""
     return base if start is None or end is None else f"{base}#{start:g}-{end:g}"
@@ -122,7 +152,7 @@ def read_inputs(
     source: str | os.PathLike, format: str = "auto", options: SourceOptions | None = None
 ) -> Inputs:
     """Read `source` in `format` (`auto`: detect it). Relative paths resolve against the manifest's folder."""
-    from data_shards.inputs import actions, folders, kinetics, ssv2, tables
+    from data_shards.inputs import actions, folders, kinetics, segments, ssv2, tables
     from data_shards.inputs.detect import detect_format
 
     options = options or SourceOptions()
@@ -142,6 +172,8 @@ def read_inputs(
         "ssv2": lambda: ssv2.read_ssv2(source, options),
         "ucf101": lambda: actions.read_ucf101(source, options),
         "hmdb51": lambda: actions.read_hmdb51(source, options),
+        "segments": lambda: segments.read_segments(_file(source, fmt), options),
+        "charades": lambda: segments.read_charades(source, options),
     }
     return readers[fmt]()
 

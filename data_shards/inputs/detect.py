@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from data_shards.format import FormatError
 
 KINETICS_COLUMNS = frozenset({"youtube_id", "time_start", "time_end"})
+SEGMENT_COLUMNS = frozenset({"segment_start", "segment_end"})
 
 
 def csv_header(path: Path) -> list[str]:
@@ -43,6 +45,17 @@ def find_file(root: Path, name: str) -> Path | None:
     return _find(root, name, want_dir=False)
 
 
+def _has_database(path: Path) -> bool:
+    """An ActivityNet/THUMOS-style JSON (a top-level "database" object), not an SSv2 annotation list."""
+    with open(path, encoding="utf-8") as f:
+        if f.read(1) != "{":  # SSv2's split files are lists
+            return False
+    try:
+        return "database" in json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+
+
 def _folder_formats(root: Path) -> list[str]:
     found = []
     if find_dir(root, "ucfTrainTestlist"):
@@ -54,6 +67,8 @@ def _folder_formats(root: Path) -> list[str]:
         found.append("ssv2")
     if any(is_kinetics_csv(p) for p in sorted(root.glob("*.csv"))):
         found.append("kinetics")
+    if find_file(root, "Charades_v1_classes.txt"):
+        found.append("charades")
     return found
 
 
@@ -62,11 +77,18 @@ def detect_format(source: Path) -> str:
     if source.is_file():
         suffix = source.suffix.lower()
         if suffix == ".csv":
-            return "kinetics" if is_kinetics_csv(source) else "csv"
+            header = set(csv_header(source))
+            return (
+                "kinetics"
+                if header >= KINETICS_COLUMNS
+                else "segments"
+                if header >= SEGMENT_COLUMNS
+                else "csv"
+            )
         if suffix in (".jsonl", ".ndjson"):
             return "jsonl"
         if suffix == ".json":
-            return "ssv2"
+            return "segments" if _has_database(source) else "ssv2"
         raise FormatError(f"{source}: cannot tell its format from the name; pass --format (csv, jsonl, ...)")
     found = _folder_formats(source)
     if len(found) > 1:

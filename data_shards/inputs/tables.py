@@ -1,16 +1,18 @@
 """CSV (`path,label[,split][,start,end]`, header required) and JSONL (`{"path", "label", "split", "start",
 "end"}`) manifests. A time range (`start`/`end` or `time_start`/`time_end`, seconds) makes the row a clip of
-its video, id `path#start-end`; several clips of one video are several samples."""
+its video, id `path#start-end`; several clips of one video are several samples. Several labels per row
+(`a;b` in the CSV cell, a JSON list in JSONL) make the manifest multi-label."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path, PurePosixPath
 
 from data_shards import storage
 from data_shards.format import FormatError
-from data_shards.inputs import InputItem, Inputs, Reject, clip_id, parse_range
+from data_shards.inputs import LABEL_SEPARATOR, InputItem, Inputs, Reject, clip_id, parse_range, split_labels
 
 
 def _range_of(row: dict[str, str]) -> tuple[float | None, float | None]:
@@ -34,10 +36,12 @@ def _item(source: Path, where: str, row: dict[str, str], rejects: list[Reject]) 
     except ValueError as e:
         rejects.append(Reject(where, path, str(e), p.as_posix(), "bad-time-range", row.get("split") or None))
         return None
+    labels = split_labels(row.get("label", ""))
     return InputItem(
         id=clip_id(p.as_posix(), start, end),
         path=path,
-        label=row.get("label") or None,
+        label=labels[0] if labels else None,
+        labels=labels if LABEL_SEPARATOR in row.get("label", "") else None,
         split=row.get("split") or None,
         where=where,
         start=start,
@@ -59,7 +63,18 @@ def read_csv(source: Path) -> Inputs:
             item = _item(source, f"{source.name}:{n}", clean, out.rejects)
             if item:
                 out.items.append(item)
-    return out
+    return _kind(out)
+
+
+def _kind(inputs: Inputs) -> Inputs:
+    """Multi-label as soon as one row lists several labels; every row then carries its set."""
+    if any(it.labels is not None for it in inputs.items):
+        inputs.kind = "multi"
+        inputs.items = [
+            it if it.labels is not None else dataclasses.replace(it, labels=(it.label,) if it.label else ())
+            for it in inputs.items
+        ]
+    return inputs
 
 
 def read_jsonl(source: Path) -> Inputs:
@@ -78,8 +93,11 @@ def read_jsonl(source: Path) -> Inputs:
                 out.rejects.append(Reject(where, "", f"invalid JSONL line: {e}"))
                 continue
             out.labelled |= obj.get("label") is not None
+            label = obj.get("label")
+            if isinstance(label, list):  # a label set: the CSV cell form, so one parser reads both
+                obj = {**obj, "label": LABEL_SEPARATOR.join(map(str, label)) + LABEL_SEPARATOR}
             row = {k: "" if v is None else str(v) for k, v in obj.items()}
             item = _item(source, where, row, out.rejects)
             if item:
                 out.items.append(item)
-    return out
+    return _kind(out)

@@ -4,7 +4,7 @@
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         for batch in loader:            # {"video": float32 [B, 3, T, S, S], "label": int64 [B], "key": [str],
-            ...                         #  "index", "epoch", "view": int64 [B]}
+            ...                         #  "index", "epoch", "view": int64 [B], "labels": int64 [B, L]}
             ...
         ckpt["loader"] = loader.state_dict()   # load_state_dict(...) on resume continues mid-epoch
 
@@ -35,7 +35,9 @@ on others, the same samples with the same frames and crops, in the same global o
 Several shard folders (`shards=[a, b]`, manifests agreeing on classes) read as one split, concatenated in
 the order given; `keys=` / `labels=` select a subset (in the split's stable order), so a replay memory of
 sample references or one class-incremental experience is a plain loader with the same order, rank split
-and resume. `loader.refs` lists the samples (`SampleRef`: shard, key, label, stored frames and size).
+and resume. Labels: "label" is a sample's class (a multi-label sample's first, a segments sample's dominant
+one); "labels" its label set (-1 padded); a segments set adds "frame_label" (int64 [B, T]: the class at
+each sampled frame's time, 0 = background), computed from the same frame plan as the pixels. `loader.refs` lists the samples (`SampleRef`: shard, key, label, stored frames and size).
 
 Failures: an undecodable video is left out of its batch (the batch is smaller, never refilled with
 another sample), logged with its shard and key, counted in `stats["skipped"]`; a LoaderError is raised
@@ -188,7 +190,7 @@ def build_loader(
 
     listing = list_split(shards, split)
     refs = select_samples(listing.refs, keys, labels) if selected else listing.refs
-    codecs = listing.codecs
+    common["label_kind"], codecs = listing.kind, listing.codecs
     dali_device = backend_options.pop("dali_device", None)
     why = "requested"
     if backend == "auto":

@@ -20,12 +20,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_shards import format as fmt
 from data_shards.loader.cache import IO_STATS, SampleCache
 from data_shards.loader.index import SampleRef, ShardReader, samples_digest
-from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, epoch_plan, plan_video, sample_rng
+from data_shards.loader.sampling import (
+    EpochPlan,
+    SamplingSpec,
+    VideoPlan,
+    epoch_plan,
+    frame_targets,
+    plan_video,
+    sample_rng,
+)
 
 log = logging.getLogger("data_shards.loader")
 
@@ -53,6 +62,7 @@ class Collected:
     idx: list[int] = field(default_factory=list)
     pad: list[bool] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    frame_labels: list[np.ndarray] = field(default_factory=list)  # segments: [V, T] per video
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     io: dict[str, int] = field(default_factory=dict)  # object-storage counts (RemoteSamples.stats)
 
@@ -60,8 +70,11 @@ class Collected:
 class VideoLoader:
     """One epoch of batches per iteration: {"video": float32 [B, C, T, H, W], "label": int64 [B],
     "key": list[str], "index": int64 [B] (global sample index), "epoch": int64 [B], "view": int64 [B]
-    (clip number within its video)}, plus "pad" (bool [B], padding duplicates) when drop_last is False. B counts clips; the V = K (train) or N x M (eval) clips of one video are
-    consecutive, so a batch holds batch_size // V whole videos."""
+    (clip number within its video), "labels": int64 [B, L] (the label set, -1 padded; L the split's
+    largest set)}, plus "pad" (bool [B], padding duplicates) when drop_last is False, and "frame_label"
+    (int64 [B, T], each sampled frame's class, 0 = background) for a segments set. B counts clips; the
+    V = K (train) or N x M (eval) clips of one video are consecutive, so a batch holds batch_size // V
+    whole videos."""
 
     backend: str = "base"
 
@@ -83,6 +96,7 @@ class VideoLoader:
         cache: SampleCache | None = None,
         prefetch_stride: int = 1,
         batches_per_step: int = 1,
+        label_kind: str = "single",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -91,6 +105,8 @@ class VideoLoader:
         if any(r.index != i for i, r in enumerate(refs)):
             raise ValueError("refs must be numbered 0..n-1 in order (SampleRef.index); see select_samples")
         self.refs = refs
+        self.label_kind = label_kind  # format.LABEL_KINDS: "segments" adds "frame_label"
+        self.max_labels = max((len(r.labels) for r in refs), default=1) or 1
         self.split = split
         self.spec = spec
         self.batch_size = batch_size
@@ -291,6 +307,14 @@ class VideoLoader:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _label_sets(self, idx: list[int]) -> torch.Tensor:
+        """int64 [n, L]: each video's label set, -1 padded to the split's largest."""
+        out = torch.full((len(idx), self.max_labels), -1, dtype=torch.int64)
+        for row, i in enumerate(idx):
+            got = self.refs[i].labels
+            out[row, : len(got)] = torch.tensor(got, dtype=torch.int64)
+        return out
+
     def collect(self, plan: EpochPlan, b: int, decode: DecodeFn) -> Collected:
         """The per-sample loop of plan batch `b`, shared by every backend: read the sample's bytes, plan
         it from its stored frame count and size with its own (seed, epoch, index) generator, and hand it to
@@ -321,6 +345,8 @@ class VideoLoader:
             out.idx.append(i)
             out.pad.append(p)
             out.labels.append(ref.label)
+            if self.label_kind == "segments":
+                out.frame_labels.append(frame_targets(vplan, self.spec.frames, ref.fps, ref.segments))
         out.io = self.reader.remote.take_stats()
         if os.getpid() == self._owner_pid:  # decoded in this process: count here; a worker ships `io`
             self.add_io(out.io)
@@ -333,7 +359,13 @@ class VideoLoader:
 
     def batch_meta(self, got: Collected) -> Batch:
         """label/key/view/pad of a collected batch."""
-        return self._batch_meta(got.idx, got.pad, got.labels)
+        out = self._batch_meta(got.idx, got.pad, got.labels)
+        if self.label_kind == "segments":
+            t = self.spec.frames
+            out["frame_label"] = torch.from_numpy(
+                np.concatenate(got.frame_labels) if got.frame_labels else np.zeros((0, t), dtype=np.int64)
+            )
+        return out
 
     def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
         """label/key/index/epoch/view/pad for videos `idx` (V consecutive clips each). `index` (the global
@@ -346,6 +378,7 @@ class VideoLoader:
             "index": torch.tensor(idx, dtype=torch.int64).repeat_interleave(v),
             "epoch": torch.full((len(idx) * v,), self._epoch, dtype=torch.int64),
             "view": torch.arange(v, dtype=torch.int64).repeat(len(idx)),
+            "labels": self._label_sets(idx).repeat_interleave(v, dim=0),
         }
         if not self.drop_last:
             out["pad"] = torch.tensor(pad, dtype=torch.bool).repeat_interleave(v)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from data_shards import format as fmt
 from data_shards import storage
@@ -44,6 +45,9 @@ class SampleRef:
     height: int
     width: int
     label: int
+    labels: tuple[int, ...] = ()  # the label set (multi-label), else (label,); () unlabelled
+    segments: tuple[tuple[float, float, int], ...] = ()  # (start s, end s, class) in clip time
+    fps: float = 0.0  # of the stored video (segments' frames); 0 when unknown
 
     @property
     def ref(self) -> str:
@@ -58,6 +62,7 @@ class SplitListing:
     classes: list[str] | None
     codecs: set[str]
     folders: list[Path]
+    kind: str = "single"  # the manifests' label kind (format.LABEL_KINDS)
 
 
 def _members(tar_path: Path, line: str) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -79,8 +84,9 @@ def _checked(data: bytes, size: int, tar_path: str, key: str) -> bytes:
     return data
 
 
-def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> tuple[int, int, int]:
-    """(frames, height, width) from a sample's `.json` member; errors name shard, key and the fix."""
+def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> dict[str, Any]:
+    """A sample's `.json` member, checked for what the plan needs (frames, height, width); errors name shard,
+    key and the fix."""
     try:
         meta = fmt.decode_meta(meta_bytes)
     except (ValueError, fmt.FormatError) as e:
@@ -91,7 +97,7 @@ def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> tuple[int, int, int]
             f"{tar_path}: sample {key}: metadata has no positive integer {', '.join(missing)} "
             f"(made by an older build?); {REBUILD_HINT}"
         )
-    return meta["frames"], meta["height"], meta["width"]
+    return meta
 
 
 def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]:
@@ -121,14 +127,28 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
     small = storage.read_ranges(tar_path, [(off, off + size) for off, size in wanted])
     refs: list[SampleRef] = []
     for i, (key, members, video) in enumerate(parsed):
-        label_bytes = _checked(small[2 * i], members[fmt.LABEL_EXT][1], tar_path, key)
-        frames, h, w = _stored(
-            tar_path, key, _checked(small[2 * i + 1], members[fmt.META_EXT][1], tar_path, key)
-        )
+        label = fmt.decode_label(_checked(small[2 * i], members[fmt.LABEL_EXT][1], tar_path, key))
+        meta = _stored(tar_path, key, _checked(small[2 * i + 1], members[fmt.META_EXT][1], tar_path, key))
+        try:
+            labels, segments = fmt.labels_of(label, meta), fmt.segments_of(meta)
+        except fmt.FormatError as e:
+            raise fmt.FormatError(f"{tar_path}: sample {key}: {e}") from None
         v_off, v_size = members[video]
         refs.append(
             SampleRef(
-                first + i, tar_path, key, video, v_off, v_size, frames, h, w, fmt.decode_label(label_bytes)
+                first + i,
+                tar_path,
+                key,
+                video,
+                v_off,
+                v_size,
+                meta["frames"],
+                meta["height"],
+                meta["width"],
+                label,
+                labels,
+                segments,
+                float(meta.get("fps") or 0.0),
             )
         )
     if ignored:
@@ -174,6 +194,7 @@ def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: s
     folders = as_folders(shards)
     refs: list[SampleRef] = []
     classes: list[str] | None = None
+    kind = "single"
     codecs: set[str] = set()
     for n, folder in enumerate(folders):
         part, manifest = list_samples(folder, split)
@@ -182,11 +203,15 @@ def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: s
                 f"shard folders disagree on classes: {folders[0]} has {classes}, {folder} has "
                 f"{manifest.classes}; build them with the same --classes"
             )
-        classes = manifest.classes
+        if n and manifest.labels != kind:
+            raise fmt.FormatError(
+                f"shard folders disagree on their labels: {folders[0]} has {kind}, {folder} {manifest.labels}"
+            )
+        classes, kind = manifest.classes, manifest.labels
         codecs |= manifest.codecs_for(split)
         base = len(refs)
         refs.extend(replace(r, index=base + r.index) for r in part)
-    return SplitListing(refs, classes, codecs, folders)
+    return SplitListing(refs, classes, codecs, folders, kind)
 
 
 def select_samples(

@@ -41,7 +41,16 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_shards.loader.base import Batch, VideoLoader
 from data_shards.loader.index import SampleRef
-from data_shards.loader.sampling import EpochPlan, SamplingSpec, VideoPlan, plan_video, views_from_frames
+from data_shards.loader.sampling import (
+    EpochPlan,
+    SamplingSpec,
+    VideoPlan,
+    View,
+    apply_short_policy,
+    eval_boxes,
+    plan_video,
+    views_from_frames,
+)
 
 # BT.601 limited range: rgb = YUV_TO_RGB @ ([y, u, v] - YUV_OFFSET), on the 0..255 scale
 YUV_OFFSET = (16.0, 128.0, 128.0)
@@ -410,6 +419,55 @@ def decode_views(
     with _Packets(data, strict, limits) as video:
         vplan = plan_video(video.frames, video.height, video.width, spec, rng)
         return _views(video, vplan, spec, out)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A whole video cut into overlapping clips for a temporal model: views [W, 3, T, S, S] (centre crop),
+    each window's first source frame, the frame rate and the video's frame count."""
+
+    views: torch.Tensor
+    starts: list[int]
+    fps: float
+    frames: int
+
+
+def frames_and_rate(data: bytes) -> tuple[int, float]:
+    """(frame count, frames per second) of a video's bytes, from its packets (nothing decoded)."""
+    with _Packets(data) as video:
+        rate = video.stream.average_rate or video.stream.guessed_rate
+        seconds = video.seconds([p.pts for p in video.packets])
+        return video.frames, float(rate) if rate else video.frames / max(seconds, 1e-6)
+
+
+def window_starts(n: int, span: int, hop: int) -> list[int]:
+    """First frames of windows of `span` frames every `hop` frames over n frames, the last one ending at
+    the video's end (one window at 0 for a video shorter than a window)."""
+    if n <= span:
+        return [0]
+    starts = list(range(0, n - span + 1, hop))
+    return starts if starts[-1] == n - span else [*starts, n - span]
+
+
+def decode_windows(
+    data: bytes,
+    spec: SamplingSpec,
+    hop: int | None = None,
+    strict: bool = False,
+    limits: DecodeLimits | None = None,
+) -> Windows:
+    """A raw video's bytes -> every window of `spec.frames` frames at `spec.stride`, `hop` source frames apart
+    (default: half a window), decoded once (what `predict` slides a temporal model over)."""
+    with _Packets(data, strict, limits) as video:
+        span = (spec.frames - 1) * spec.stride + 1
+        starts = window_starts(video.frames, span, hop or max(1, span // 2))
+        raw = np.concatenate([s + np.arange(spec.frames) * spec.stride for s in starts]).astype(np.int64)
+        frames = apply_short_policy(raw, video.frames, spec.short_video)
+        y0, x0, bh, bw = eval_boxes(video.height, video.width, 1)[0]
+        vplan = VideoPlan(frames, tuple(View(j, y0, x0, bh, bw, False) for j in range(len(starts))))
+        views = _views(video, vplan, spec, None)
+    n, fps = frames_and_rate(data)
+    return Windows(views, starts, fps, n)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:

@@ -281,6 +281,19 @@ def plan_video(n: int, h: int, w: int, spec: SamplingSpec, rng: np.random.Genera
     return VideoPlan(frames, tuple(views))
 
 
+def frame_targets(
+    plan: VideoPlan, frames: int, fps: float, segments: tuple[tuple[float, float, int], ...]
+) -> np.ndarray:
+    """The class of every sampled frame of every view, int64 [V, T]: the segment whose [start, end) holds
+    the frame's time (index / fps; the later-starting one where segments overlap), background (0) elsewhere.
+    A video without a known frame rate has no time axis: all background."""
+    t_s = plan.frames.astype(np.float64) / fps if fps > 0 else np.full(len(plan.frames), -1.0)
+    per_frame = np.zeros(len(plan.frames), dtype=np.int64)
+    for start, end, c in sorted(segments):
+        per_frame[(t_s >= start) & (t_s < end)] = c
+    return np.stack([per_frame[v.clip * frames : (v.clip + 1) * frames] for v in plan.views])
+
+
 # ------------------------------------------------------------------------------------------- apply
 
 

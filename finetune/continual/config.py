@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from data_shards.format import FormatError, load_manifest
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, head_kind
 from finetune.continual.strategies import STRATEGY_NAMES, Strategy, strategy
 from pretrain.engine import ConfigError, require, resume_key
 from pretrain.engine.config import grad_accum_steps
@@ -96,6 +96,11 @@ class ContinualConfig(FinetuneConfig):
             self.data.shards is not None, "data.shards must name a shard set (domain-incremental: domain 0)"
         )
         super().validate(world_size)
+        head = head_kind(self)
+        require(
+            head == "single_label",
+            f"continual learning grows a single-label head; {self.data.shards} calls for model.head={head}",
+        )
         s = self.continual.strategy
         require(
             not (self.deepspeed.fp16 and self.continual.rules.estimates_importance),

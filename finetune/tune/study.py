@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.config import head_kind
+from finetune.heads import make_head
 from finetune.tune.space import SearchSpace, check_against, load_space
 from finetune.tune.trial import TrialPlan, config_class, run_trial
 from pretrain.engine import ConfigError, load_config
@@ -118,10 +120,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     space = load_space(args.space)
     config = str(Path(args.config).resolve())
     continual = is_continual(config)
-    if space.study.metric is None:
-        space.study.metric = "continual/average_accuracy" if continual else "val/top1"
     cls = config_class(continual)
     base = load_config(cls, config, args.overrides)
+    if space.study.metric is None:  # the head's primary metric: val/top1, val/map, val/frame_acc
+        primary = make_head(head_kind(base)).primary
+        space.study.metric = "continual/average_accuracy" if continual else f"val/{primary}"
     check_against(space, cls, config, args.overrides)
     max_t = _max_evaluations(base, continual)
     import ray

@@ -76,6 +76,7 @@ class BackboneClassifierConfig:
     head_dropout: float = 0.0
     init_std: float = 0.01  # head weights ~ N(0, init_std²), zero bias (torchvision's video ResNet init)
     class_names: list[str] | None = None
+    temporal: bool = False  # logits per time step of the last feature map [B, T', K] instead of per clip
 
     def __post_init__(self) -> None:
         _check_backbone(self.backbone)
@@ -145,7 +146,10 @@ class BackboneClassifier(StagedNet, LinearHead, nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Pooled clip features ``feat_BD`` (before dropout and head)."""
+        """Pooled clip features ``feat_BD`` (before dropout and head); ``[B, T', D]`` when temporal (the
+        backbone's per-time-step features: space-pooled maps, or the RNN's outputs)."""
+        if self.cfg.temporal:
+            return self.encoder.forward_temporal_features(video_BCTHW)
         return self.encoder.forward_features(video_BCTHW)
 
 

@@ -1,6 +1,8 @@
 """Video classifier: VideoMAE encoder + pooling + head (VideoMAE fine-tuning convention).
 
 With ``use_mean_pooling`` the encoder has no final norm; tokens are averaged and normalized by ``fc_norm``.
+With ``temporal`` the tokens are averaged over space only: one feature (and one row of logits) per temporal
+token, ``[B, T', D]`` (labels per time step, background included).
 Without it the encoder's final ``norm`` is applied and the *first token* is used (VideoMAE has no CLS
 token; this is what HF ``VideoMAEForVideoClassification`` does). PEFT is applied from outside through
 ``.encoder`` and ``.head``.
@@ -27,8 +29,11 @@ class VideoClassifierConfig:
     init_scale: float = 0.001  # VideoMAE multiplies the head init by this
     fc_norm_eps: float = 1e-6  # HF hard-codes 1e-5
     class_names: list[str] | None = None
+    temporal: bool = False  # logits per temporal token [B, T', K] instead of per clip
 
     def __post_init__(self) -> None:
+        if self.temporal and not self.use_mean_pooling:
+            raise ValueError("temporal=True pools each time step's tokens: it needs use_mean_pooling=True")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
 
@@ -71,8 +76,11 @@ class VideoClassifier(LinearHead, nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Pooled clip features ``[B, D]`` (before dropout and head)."""
+        """Pooled clip features ``[B, D]`` (before dropout and head); ``[B, T', D]`` when temporal."""
         tokens_BND = self.encoder(video_BCTHW)
+        if self.cfg.temporal:
+            t = self.cfg.encoder.grid_size[0]
+            return self.fc_norm(tokens_BND.unflatten(1, (t, -1)).mean(dim=2))
         if self.fc_norm is not None:
             return self.fc_norm(tokens_BND.mean(dim=1))
         return tokens_BND[:, 0]

@@ -197,5 +197,9 @@ class CnnRnn(StagedNet, nn.Module):
         last_dBH = h_n[-self.cfg.num_directions :]
         return rearrange(last_dBH, "d b h -> b (d h)")
 
+    def forward_temporal_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """The top RNN layer's output at every frame ``[B, T, F]``."""
+        return self.forward_sequence(video_BCTHW)[0]
+
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.forward_features(video_BCTHW)

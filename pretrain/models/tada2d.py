@@ -234,5 +234,9 @@ class TAda2D(StagedNet, nn.Module):
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.forward_maps(video_BCTHW).mean(dim=(2, 3, 4))
 
+    def forward_temporal_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Space-pooled features per frame ``[B, T, D]``."""
+        return rearrange(self.forward_maps(video_BCTHW).mean(dim=(3, 4)), "b d t -> b t d")
+
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.forward_features(video_BCTHW)

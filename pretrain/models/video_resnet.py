@@ -268,5 +268,9 @@ class VideoResNet(StagedNet, nn.Module):
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return rearrange(self.avgpool(self.forward_maps(video_BCTHW)), "b d 1 1 1 -> b d")
 
+    def forward_temporal_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Space-pooled features per time step of the last stage ``[B, T', D]``."""
+        return rearrange(self.forward_maps(video_BCTHW).mean(dim=(3, 4)), "b d t -> b t d")
+
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         return self.forward_features(video_BCTHW)

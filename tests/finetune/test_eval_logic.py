@@ -118,11 +118,11 @@ def test_early_stopping_triggers_after_patience_evaluations(tmp_path: Path) -> N
     history = [0.5, 0.6, 0.6, 0.55]  # best at the 2nd; two evaluations without improvement → stop
     stops = [task.after_evaluate(None, {"top1": v}, step).stop for step, v in enumerate(history, 1)]
     assert stops == [False, False, False, True]
-    assert task.best_top1 == 0.6 and task.best_step == 2
+    assert task.best_score == 0.6 and task.best_step == 2
     state = task.state_dict()  # survives a resume
     other = _task(tmp_path, "eval.patience=2", "eval.keep_best=false")
     other.load_state_dict(state)
-    assert (other.best_top1, other.best_step, other.bad_evals) == (0.6, 2, 2)
+    assert (other.best_score, other.best_step, other.bad_evals) == (0.6, 2, 2)
 
 
 def test_best_model_is_written_only_on_improvement(tmp_path: Path) -> None:

@@ -53,5 +53,6 @@ def test_per_video_grouping_follows_the_heads_reduction() -> None:
 
 def test_a_model_directory_names_its_head() -> None:
     assert head_of({}) is HEADS["single_label"] and head_of({"head": "single_label"}) is HEADS["single_label"]
-    with pytest.raises(ValueError, match="head 'multi_label' is not known"):
-        head_of({"head": "multi_label"})
+    assert head_of({"head": "temporal"}) is HEADS["temporal"]
+    with pytest.raises(ValueError, match="head 'multi_labels' is not known"):
+        head_of({"head": "multi_labels"})

@@ -1,0 +1,244 @@
+"""Tasks beyond one label per clip, on the engine: the multi-label head (sigmoid BCE, mAP as PySlowFast
+defines it, F1 at the val-tuned threshold) and the temporal head (a class per time step, background
+included; segments from sliding windows; segment mAP at tIoU 0.3/0.5/0.7), each end to end from synthetic
+videos: build → fine-tune on 2 ranks → evaluate → predict (labels above the threshold; segments and a summary clip)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ft_helpers import PY, REPO, base_env, ok, run_cli, run_ranks
+
+from finetune.heads import (
+    HEADS,
+    MultiLabelHead,
+    TemporalHead,
+    average_precision,
+    head_of,
+    multi_hot,
+    token_targets,
+)
+from finetune.temporal import Segment, frame_scores, segment_map, segments_of
+
+
+def test_average_precision_and_map_follow_scikit_learn_and_pyslowfast() -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(2, 30, (1,), generator=g))
+        scores = (torch.rand(n, generator=g) * 4).round() / 4  # ties: scored together, as scikit-learn does
+        truth = torch.rand(n, generator=g) < 0.4
+        if truth.any():
+            assert average_precision(scores, truth) == pytest.approx(
+                sk.average_precision_score(truth, scores)
+            )
+    scores = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.4], [0.6, 0.7, 0.3]])
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=torch.float32)  # class 2: no positive
+    m = MultiLabelHead().metrics(scores, labels)
+    assert m["map"] == pytest.approx((1.0 + 1.0) / 2)  # classes without positives are left out
+    assert m["precision_at_1"] == pytest.approx(1.0) and 0.05 <= m["threshold"] <= 0.95
+    assert m["f1"] == pytest.approx(1.0)  # some threshold separates them perfectly
+    assert MultiLabelHead().metrics(scores, labels, threshold=0.95)["f1"] == pytest.approx(0.0)
+
+
+def test_multi_label_head_loss_targets_views_and_answers() -> None:
+    sets = torch.tensor([[0, 2, -1], [1, -1, -1]])
+    hot = multi_hot(sets, 4)
+    assert hot.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0]]
+    logits = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    head = head_of({"head": "multi_label"})
+    assert isinstance(head, MultiLabelHead) and head.view_reduce == "amax"
+    torch.testing.assert_close(
+        head.loss(logits, head.targets(hot, 4, 0.0)), F.binary_cross_entropy_with_logits(logits, hot)
+    )
+    weighted = head_of({"head": "multi_label", "pos_weight": 3.0})
+    torch.testing.assert_close(
+        weighted.loss(logits, hot),
+        F.binary_cross_entropy_with_logits(logits, hot, pos_weight=torch.tensor(3.0)),
+    )
+    torch.testing.assert_close(
+        head.combine_views(torch.tensor([[0.2, 0.9], [0.7, 0.1]])), torch.tensor([0.7, 0.9])
+    )
+    above = head.above(torch.tensor([0.3, 0.8, 0.55, 0.1]), ["a", "b", "c", "d"], 0.5)
+    assert [a["label"] for a in above] == ["b", "c"]
+    with pytest.raises(ValueError, match="head 'nonsense' is not known"):
+        head_of({"head": "nonsense"})
+
+
+def test_temporal_head_scores_each_token_against_its_middle_frame() -> None:
+    frames = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2]])
+    assert token_targets(frames, 4).tolist() == [[0, 1, 1, 2]]
+    assert token_targets(frames, 8).tolist() == frames.tolist()
+    head = HEADS["temporal"]
+    assert isinstance(head, TemporalHead) and not head.per_video
+    logits = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        head.loss(logits, head.targets(frames, 3, 0.0)),
+        F.cross_entropy(logits[0], torch.tensor([0, 1, 1, 2])),
+    )
+    perfect = F.one_hot(torch.tensor([[0, 1, 1, 2]]), 3).float()
+    m = head.metrics(perfect, frames)
+    assert m["frame_acc"] == 1.0 and m["action_acc"] == 1.0
+
+
+def test_windows_become_segments_and_segment_map_matches_by_tiou() -> None:
+    # two windows of 4 frames × stride 1, 2 tokens each, over a 6-frame video at 2 fps
+    windows = torch.tensor([[[0.9, 0.1], [0.2, 0.8]], [[0.1, 0.9], [0.3, 0.7]]])
+    per_frame = frame_scores(windows, [0, 2], frames=4, stride=1, n_frames=6)
+    assert per_frame.argmax(1).tolist() == [0, 0, 1, 1, 1, 1]
+    torch.testing.assert_close(per_frame[2], torch.tensor([0.15, 0.85]))  # both windows cover frame 2
+    (seg,) = segments_of(per_frame, fps=2.0)
+    assert (seg.start, seg.end, seg.label) == (1.0, 3.0, 1)
+
+    truth = {"v": [Segment(1.0, 3.0, 1), Segment(5.0, 6.0, 2)]}
+    assert segment_map({"v": [Segment(1.0, 3.0, 1, 0.9), Segment(5.0, 6.0, 2, 0.8)]}, truth) == {
+        "0.3": 1.0,
+        "0.5": 1.0,
+        "0.7": 1.0,
+    }
+    shifted = {"v": [Segment(1.5, 3.5, 1, 0.9), Segment(5.0, 6.0, 2, 0.8)]}  # tIoU 1.5 / 2.5 = 0.6
+    got = segment_map(shifted, truth)
+    assert got["0.5"] == 1.0 and got["0.7"] == 0.5
+    false_first = {"v": [Segment(7.0, 8.0, 1, 0.95), Segment(1.0, 3.0, 1, 0.5)]}
+    assert segment_map(false_first, {"v": truth["v"][:1]})["0.5"] == pytest.approx(
+        0.5
+    )  # precision 1/2 at recall 1
+    assert math.isnan(segment_map({}, {})["0.5"])
+
+
+def _synth_and_build(root: Path, kind: str, videos: int, frames: int) -> Path:
+    env = base_env()
+    import subprocess
+
+    flag = {"multi": "--multi-label", "segments": "--segments"}[kind]
+    synth = [
+        PY,
+        "-m",
+        "data_shards",
+        "synth",
+        "--out",
+        str(root),
+        "--videos",
+        str(videos),
+        "--frames",
+        str(frames),
+    ]
+    ok(
+        subprocess.run(
+            [*synth, "--size", "32", "--codec", "vp9", flag],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    )
+    table = root / ("segments.csv" if kind == "segments" else "labels.csv")
+    build = [
+        PY,
+        "-m",
+        "data_shards",
+        "build",
+        str(table),
+        "--out",
+        str(root / "shards"),
+        "--val-fraction",
+        "0.25",
+    ]
+    ok(subprocess.run(build, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
+    return root / "shards"
+
+
+def _fine_tune(run: Path, shards: Path, steps: int, *extra: str) -> None:
+    args = [
+        "--config",
+        str(REPO / "finetune" / "configs" / "tiny_cpu.yaml"),
+        f"train.run_dir={run}",
+        f"data.shards={shards}",
+        "data.num_workers=0",
+        f"train.steps={steps}",
+        "train.micro_batch_size=4",
+        "train.eval_every=0",
+        "tracking.enabled=false",
+        *extra,
+    ]
+    ok(run_ranks(args, 2, timeout=600))
+
+
+def _evaluate(model: Path, shards: Path) -> dict:
+    r = run_cli(
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--shards",
+            str(shards),
+            "--split",
+            "val",
+            "--json",
+            "--no-mlflow",
+        ]
+    )
+    ok(r)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_multi_label_end_to_end_on_two_ranks(tmp_path: Path) -> None:
+    shards = _synth_and_build(tmp_path / "ml", "multi", 64, 16)
+    run = tmp_path / "run"
+    _fine_tune(run, shards, 150, "model.backbone=r2plus1d", "model.drop_path_rate=0", "model.pos_weight=2.0")
+    extra = json.loads((run / "model" / "config.json").read_text())["extra"]
+    assert (
+        extra["head"] == "multi_label" and extra["pos_weight"] == 2.0 and 0.05 <= extra["threshold"] <= 0.95
+    )
+    r = _evaluate(run / "model", shards)
+    chance = json.loads((shards / "manifest.json").read_text())["splits"]["val"]
+    assert r["head"] == "multi_label" and r["n"] == chance["samples"]
+    prevalence = sum(chance["per_class"].values()) / (4 * chance["samples"])  # mAP of random scores
+    assert r["map"] > prevalence + 0.15, (r, prevalence)
+    report = (run / "model" / "eval_val" / "report.txt").read_text()
+    assert "AP" in report and "move_" in report
+
+    videos = sorted((tmp_path / "ml" / "videos").iterdir())[:3]
+    p = run_cli(["predict", "--model", str(run / "model"), *map(str, videos), "--json"])
+    ok(p)
+    for line in p.stdout.strip().splitlines():
+        got = json.loads(line)
+        assert len(got["top"]) == 4 and all(a["score"] >= extra["threshold"] for a in got["labels"])
+        assert [a["label"] for a in got["labels"]] == [t["label"] for t in got["top"][: len(got["labels"])]]
+
+
+def test_temporal_segments_end_to_end_on_two_ranks(tmp_path: Path) -> None:
+    shards = _synth_and_build(tmp_path / "seg", "segments", 48, 48)
+    run = tmp_path / "run"
+    _fine_tune(run, shards, 300, "optim.lr=3e-3", "optim.warmup_steps=10")
+    assert json.loads((run / "model" / "config.json").read_text())["config"]["temporal"] is True
+    r = _evaluate(run / "model", shards)
+    assert r["head"] == "temporal" and r["frame_acc"] > 0.35, r  # 5 classes with background: chance 0.2
+    assert set(r["segment_map"]) == {"0.3", "0.5", "0.7"} and r["segment_map"]["0.3"] > 0.2, r
+    video = tmp_path / "seg" / "videos" / "000000.webm"
+    p = run_cli(
+        [
+            "predict",
+            "--model",
+            str(run / "model"),
+            str(video),
+            "--json",
+            "--summary",
+            str(tmp_path / "summary"),
+        ]
+    )
+    ok(p)
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["duration"] == 3.0 and got["windows"] >= 3
+    for s in got["segments"]:
+        assert 0 <= s["start"] < s["end"] <= 3.0 and s["label"] != "background"
+    if got["segments"]:
+        import av
+
+        with av.open(got["summary"]) as c:
+            assert 0 < c.streams.video[0].frames <= 5 * 16
