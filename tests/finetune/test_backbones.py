@@ -136,6 +136,7 @@ def test_two_rank_zero2_fine_tune_of_every_backbone(tmp_path: Path, shards: Path
     assert [r for r in rows if "loss" in r][-1]["mfu"] != 0  # analytic FLOPs known (MFU is NaN on CPU)
 
 
+@pytest.mark.slow  # 25 s; 2-rank CNN fine-tunes stay in the default run (every backbone, above)
 def test_exact_two_rank_resume_of_a_cnn_and_its_evaluate_predict(
     tmp_path: Path, shards: Path, raw_videos: list[Path]
 ) -> None:

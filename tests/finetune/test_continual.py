@@ -207,6 +207,7 @@ def test_ewc_penalty_under_zero3_equals_zero2(tmp_path: Path, cl_shards: Path) -
     assert a == pytest.approx(b, abs=1e-5), (a, b)
 
 
+@pytest.mark.slow
 def test_peft_per_experience_is_task_incremental_and_does_not_forget(
     tmp_path: Path, cl_shards: Path, mae_dir: Path
 ) -> None:

@@ -165,6 +165,7 @@ def args(run: Path, shards: Path, backbone: str, *extra: str) -> list[str]:
     ],
     ids=["tada2d-lora", "r2plus1d-kernel_mixture"],
 )
+@pytest.mark.slow  # 11 + 9 s; the dynamic convs' parity, FLOPs and model dirs stay in the default run
 def test_cli_fine_tune_then_predict(
     tmp_path: Path, shards: Path, raw_videos: list[Path], backbone: str, extra: list[str]
 ) -> None:

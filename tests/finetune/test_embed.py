@@ -13,6 +13,7 @@ from ft_helpers import Registry, ok, run_cli
 from finetune import embed
 
 
+@pytest.mark.slow  # trains a classifier first (27 s); the embed command's plumbing is in test_user_errors
 def test_nearest_neighbours_share_labels_far_above_chance(
     registry: Registry, video_inputs: dict, tmp_path: Path
 ) -> None:
