@@ -31,6 +31,7 @@ class Head:
     kind = ""
     view_reduce = "mean"  # how a video's clip scores combine (torch scatter_reduce: "mean" | "amax")
     per_video = True  # metrics over videos (views combined); False: every clip on its own (its own times)
+    thresholded = False  # answers are the labels above a decision threshold (`extra.threshold`), not a top k
     primary = "top1"  # the metric best-model tracking, early stopping and search maximise
     metric_names: tuple[str, ...] = ("top1", "top5", "loss")  # what `metrics` returns, in report order
 
@@ -77,9 +78,11 @@ class Head:
         (multi-label): the decision threshold F1 is measured at (None: the best one on these scores)."""
         raise NotImplementedError
 
-    def label_names(self, labels: torch.Tensor, names: list[str]) -> list[str]:
-        """One video's labels as names (the per-video predictions file)."""
-        return [names[int(labels)] if int(labels) >= 0 else "?"]
+    def answer(
+        self, scores_K: torch.Tensor, labels: list[str], k: int, threshold: float
+    ) -> list[dict[str, Any]]:
+        """What predict / serve / pyfunc answer for a video: its top `k` classes here."""
+        return self.top(scores_K, labels, k)
 
     def confusion_pairs(self, m: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(true, predicted) class per scored item for the confusion matrix and the per-class table (items
@@ -179,6 +182,7 @@ class MultiLabelHead(Head):
 
     kind = "multi_label"
     view_reduce = "amax"
+    thresholded = True
     primary = "map"
     metric_names = ("map", "f1", "macro_f1", "threshold", "precision_at_1", "loss")
 
@@ -233,8 +237,11 @@ class MultiLabelHead(Head):
             "loss": float(bce),
         }
 
-    def label_names(self, labels: torch.Tensor, names: list[str]) -> list[str]:
-        return [names[i] for i in torch.nonzero(labels).flatten().tolist()]
+    def answer(
+        self, scores_K: torch.Tensor, labels: list[str], k: int, threshold: float
+    ) -> list[dict[str, Any]]:
+        """Every label at or above the threshold (`k` unused: a clip has as many labels as it has)."""
+        return self.above(scores_K, labels, threshold)
 
     def confusion_pairs(self, m: dict[str, Any]) -> None:
         return None
@@ -325,9 +332,6 @@ class TemporalHead(Head):
             "action_acc": float((pred == truth)[action].float().mean()) if action.any() else math.nan,
             "loss": float(nll),
         }
-
-    def label_names(self, labels: torch.Tensor, names: list[str]) -> list[str]:
-        return sorted({names[int(c)] for c in labels.flatten().tolist() if int(c) > 0})
 
     def confusion_pairs(self, m: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every temporal token of every clip: its middle frame's class vs the predicted one."""

@@ -138,8 +138,7 @@ class Predictor:
     def answer(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
         """What predict / serve / pyfunc return for a video: its top `k` classes, or (multi-label) every
         label scored at or above the threshold, best first."""
-        above = getattr(self.head, "above", None)
-        return above(probs, self.labels, self.threshold) if above else self.top(probs, k)
+        return self.head.answer(probs, self.labels, k, self.threshold)
 
     def segments(self, data: bytes, hop: int | None = None) -> dict[str, Any]:
         """A temporal model on a whole video: windows slid over it (`hop` source frames apart, default half
@@ -174,6 +173,8 @@ class Predictor:
         return {
             "labels": self.labels,
             "num_classes": len(self.labels),
+            "head": self.head.kind,  # single_label: top k; multi_label: labels ≥ threshold; temporal: segments
+            **({"threshold": self.threshold} if self.head.thresholded else {}),
             "architecture": type(self.model).__name__,
             "embedding_dim": int(self.model.feature_dim),
             "input": {
@@ -254,7 +255,7 @@ def predict_files(
             continue
         (probs,) = predictor.probabilities([views])
         out = {"video": video, "top": predictor.top(probs, top_k)}
-        if hasattr(predictor.head, "above"):
+        if predictor.head.thresholded:
             out["labels"] = predictor.answer(probs)
         yield out
 

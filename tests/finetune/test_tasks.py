@@ -187,10 +187,29 @@ def _evaluate(model: Path, shards: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_multi_label_end_to_end_on_two_ranks(tmp_path: Path) -> None:
-    shards = _synth_and_build(tmp_path / "ml", "multi", 64, 16)
-    run = tmp_path / "run"
-    _fine_tune(run, shards, 150, "model.backbone=r2plus1d", "model.drop_path_rate=0", "model.pos_weight=2.0")
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """64 `--multi-label` videos, built, fine-tuned on 2 ranks (R(2+1)D-tiny, 150 steps): (root, run)."""
+    root = tmp_path_factory.mktemp("multi")
+    shards = _synth_and_build(root / "ml", "multi", 64, 16)
+    _fine_tune(
+        root / "run", shards, 150, "model.backbone=r2plus1d", "model.drop_path_rate=0", "model.pos_weight=2.0"
+    )
+    return root, root / "run"
+
+
+@pytest.fixture(scope="module")
+def temporal_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """48 `--segments` videos of 3 s, built, fine-tuned on 2 ranks (ViT-tiny, 300 steps): (root, run)."""
+    root = tmp_path_factory.mktemp("temporal")
+    shards = _synth_and_build(root / "seg", "segments", 48, 48)
+    _fine_tune(root / "run", shards, 300, "optim.lr=3e-3", "optim.warmup_steps=10")
+    return root, root / "run"
+
+
+def test_multi_label_end_to_end_on_two_ranks(multi_run: tuple[Path, Path]) -> None:
+    root, run = multi_run
+    shards = root / "ml" / "shards"
     extra = json.loads((run / "model" / "config.json").read_text())["extra"]
     assert (
         extra["head"] == "multi_label" and extra["pos_weight"] == 2.0 and 0.05 <= extra["threshold"] <= 0.95
@@ -203,7 +222,7 @@ def test_multi_label_end_to_end_on_two_ranks(tmp_path: Path) -> None:
     report = (run / "model" / "eval_val" / "report.txt").read_text()
     assert "AP" in report and "move_" in report
 
-    videos = sorted((tmp_path / "ml" / "videos").iterdir())[:3]
+    videos = sorted((root / "ml" / "videos").iterdir())[:3]
     p = run_cli(["predict", "--model", str(run / "model"), *map(str, videos), "--json"])
     ok(p)
     for line in p.stdout.strip().splitlines():
@@ -212,25 +231,16 @@ def test_multi_label_end_to_end_on_two_ranks(tmp_path: Path) -> None:
         assert [a["label"] for a in got["labels"]] == [t["label"] for t in got["top"][: len(got["labels"])]]
 
 
-def test_temporal_segments_end_to_end_on_two_ranks(tmp_path: Path) -> None:
-    shards = _synth_and_build(tmp_path / "seg", "segments", 48, 48)
-    run = tmp_path / "run"
-    _fine_tune(run, shards, 300, "optim.lr=3e-3", "optim.warmup_steps=10")
+def test_temporal_segments_end_to_end_on_two_ranks(temporal_run: tuple[Path, Path]) -> None:
+    root, run = temporal_run
+    shards = root / "seg" / "shards"
     assert json.loads((run / "model" / "config.json").read_text())["config"]["temporal"] is True
     r = _evaluate(run / "model", shards)
     assert r["head"] == "temporal" and r["frame_acc"] > 0.35, r  # 5 classes with background: chance 0.2
     assert set(r["segment_map"]) == {"0.3", "0.5", "0.7"} and r["segment_map"]["0.3"] > 0.2, r
-    video = tmp_path / "seg" / "videos" / "000000.webm"
+    video = root / "seg" / "videos" / "000000.webm"
     p = run_cli(
-        [
-            "predict",
-            "--model",
-            str(run / "model"),
-            str(video),
-            "--json",
-            "--summary",
-            str(tmp_path / "summary"),
-        ]
+        ["predict", "--model", str(run / "model"), str(video), "--json", "--summary", str(root / "summary")]
     )
     ok(p)
     got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -242,3 +252,37 @@ def test_temporal_segments_end_to_end_on_two_ranks(tmp_path: Path) -> None:
 
         with av.open(got["summary"]) as c:
             assert 0 < c.streams.video[0].frames <= 5 * 16
+
+
+@pytest.mark.slow  # two Serve starts (≈ 20 s each)
+@pytest.mark.parametrize("kind", ["multi", "temporal"])
+def test_served_answers_follow_the_head(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Over HTTP: a multi-label model answers every label above its threshold, a temporal model the segments
+    `predict` prints (the same Predictor behind both)."""
+    import requests
+    from ft_helpers import free_port, start_server, stop_server
+
+    root, run = request.getfixturevalue(f"{kind}_run")
+    video = sorted((root / ("ml" if kind == "multi" else "seg") / "videos").iterdir())[0]
+    port = free_port()
+    cmd = [PY, "-m", "finetune", "serve", "--model", str(run / "model"), "--port", str(port)]
+    proc = start_server(
+        cmd,
+        {**base_env(), "RAY_USAGE_STATS_ENABLED": "0"},
+        tmp_path / "serve.log",
+        f"http://127.0.0.1:{port}/health",
+    )
+    try:
+        got = requests.post(f"http://127.0.0.1:{port}/predict", data=video.read_bytes(), timeout=120)
+    finally:
+        stop_server(proc)
+    assert got.status_code == 200, got.text
+    local = run_cli(["predict", "--model", str(run / "model"), str(video), "--json"])
+    ok(local)
+    want = json.loads(local.stdout.strip().splitlines()[-1])
+    if kind == "multi":
+        assert [a["label"] for a in got.json()] == [a["label"] for a in want["labels"]]
+    else:
+        assert [(s["label"], s["start"], s["end"]) for s in got.json()] == [
+            (s["label"], s["start"], s["end"]) for s in want["segments"]
+        ]
