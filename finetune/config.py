@@ -149,6 +149,8 @@ class EvalSection:
     patience: int = 0  # evaluations without a val top-1 improvement before stopping; 0 = off
     min_delta: float = 0.0  # improvement needed to reset patience (top-1 in [0, 1])
     keep_best: bool = True  # write <run_dir>/best (model dir) whenever val top-1 improves
+    # how a video's views combine: auto = the head's (mean for one label, max for label sets)
+    view_reduce: Literal["auto", "mean", "max"] = "auto"
 
     def check(self, micro_batch_size: int) -> None:
         for name in ("val_crops", "test_crops"):
@@ -189,6 +191,11 @@ class FinetuneConfig(EngineConfig):
             "model.num_classes is needed when there is no shard manifest (data.shards)",
         )
         classifier_config(self)  # raises ConfigError naming the key
+        require(
+            self.eval.view_reduce == "auto" or head_kind(self) == "multi_label",
+            f"eval.view_reduce={self.eval.view_reduce} applies to the multi_label head (one label: views are "
+            "averaged; temporal: each clip is scored on its own)",
+        )
 
 
 def starting_point(init: str | None) -> Source | None:

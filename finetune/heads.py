@@ -186,8 +186,9 @@ class MultiLabelHead(Head):
     primary = "map"
     metric_names = ("map", "f1", "macro_f1", "threshold", "precision_at_1", "loss")
 
-    def __init__(self, pos_weight: float | None = None) -> None:
+    def __init__(self, pos_weight: float | None = None, view_reduce: str = "amax") -> None:
         self.pos_weight = pos_weight
+        self.view_reduce = view_reduce  # "amax" (PySlowFast) or "mean"
 
     def batch_labels(self, batch: dict[str, Any], num_classes: int) -> torch.Tensor:
         return multi_hot(batch["labels"], num_classes)
@@ -351,11 +352,15 @@ DEFAULT_HEAD = SingleLabelHead.kind
 
 def head_of(extra: dict[str, Any] | None = None) -> Head:
     """The head a model directory's `extra` names (`extra.head`; single-label when absent)."""
-    return make_head((extra or {}).get("head", DEFAULT_HEAD), (extra or {}).get("pos_weight"))
+    e = extra or {}
+    return make_head(e.get("head", DEFAULT_HEAD), e.get("pos_weight"), e.get("view_reduce", "auto"))
 
 
-def make_head(kind: str, pos_weight: float | None = None) -> Head:
-    """The head of `kind` (a training run's `model.head`), with its options."""
+def make_head(kind: str, pos_weight: float | None = None, view_reduce: str = "auto") -> Head:
+    """The head of `kind` (a training run's `model.head`), with its options; `view_reduce` (multi-label:
+    "max" or "mean" over a video's views; "auto": max)."""
     if kind not in HEADS:
         raise ValueError(f"head {kind!r} is not known to this tubelet: it knows {sorted(HEADS)}")
-    return MultiLabelHead(pos_weight) if kind == MultiLabelHead.kind else HEADS[kind]
+    if kind != MultiLabelHead.kind:
+        return HEADS[kind]
+    return MultiLabelHead(pos_weight, "mean" if view_reduce == "mean" else "amax")

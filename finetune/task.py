@@ -78,7 +78,7 @@ class ClassificationTask(ShardData, Task):
         self.init_report: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
         # what a label means: the loss, scores and metrics (finetune/heads.py)
-        self.head = make_head(head_kind(cfg), cfg.model.pos_weight)
+        self.head = make_head(head_kind(cfg), cfg.model.pos_weight, cfg.eval.view_reduce)
         self.threshold: float | None = None  # multi-label: the decision threshold best on the last val
 
     # -- engine hooks ------------------------------------------------------------------------------
@@ -337,6 +337,7 @@ class ClassificationTask(ShardData, Task):
             "head": self.head.kind,
             **({"threshold": self.threshold} if self.threshold is not None else {}),
             **({"pos_weight": self.cfg.model.pos_weight} if self.cfg.model.pos_weight is not None else {}),
+            **({"view_reduce": e.view_reduce} if e.view_reduce != "auto" else {}),
             "sampling": {
                 "stride": a.stride,
                 "mean": list(spec.mean),

@@ -64,6 +64,10 @@ def test_multi_label_head_loss_targets_views_and_answers() -> None:
     torch.testing.assert_close(
         head.combine_views(torch.tensor([[0.2, 0.9], [0.7, 0.1]])), torch.tensor([0.7, 0.9])
     )
+    mean = head_of({"head": "multi_label", "view_reduce": "mean"})  # eval.view_reduce=mean
+    torch.testing.assert_close(
+        mean.combine_views(torch.tensor([[0.2, 0.9], [0.7, 0.1]])), torch.tensor([0.45, 0.5])
+    )
     above = head.above(torch.tensor([0.3, 0.8, 0.55, 0.1]), ["a", "b", "c", "d"], 0.5)
     assert [a["label"] for a in above] == ["b", "c"]
     with pytest.raises(ValueError, match="head 'nonsense' is not known"):
@@ -193,7 +197,13 @@ def multi_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("multi")
     shards = _synth_and_build(root / "ml", "multi", 64, 16)
     _fine_tune(
-        root / "run", shards, 150, "model.backbone=r2plus1d", "model.drop_path_rate=0", "model.pos_weight=2.0"
+        root / "run",
+        shards,
+        150,
+        "model.backbone=r2plus1d",
+        "model.drop_path_rate=0",
+        "model.pos_weight=2.0",
+        "eval.view_reduce=mean",
     )
     return root, root / "run"
 
@@ -214,6 +224,7 @@ def test_multi_label_end_to_end_on_two_ranks(multi_run: tuple[Path, Path]) -> No
     assert (
         extra["head"] == "multi_label" and extra["pos_weight"] == 2.0 and 0.05 <= extra["threshold"] <= 0.95
     )
+    assert extra["view_reduce"] == "mean"
     r = _evaluate(run / "model", shards)
     chance = json.loads((shards / "manifest.json").read_text())["splits"]["val"]
     assert r["head"] == "multi_label" and r["n"] == chance["samples"]
