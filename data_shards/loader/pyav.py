@@ -435,9 +435,13 @@ class Windows:
 def frames_and_rate(data: bytes) -> tuple[int, float]:
     """(frame count, frames per second) of a video's bytes, from its packets (nothing decoded)."""
     with _Packets(data) as video:
-        rate = video.stream.average_rate or video.stream.guessed_rate
-        seconds = video.seconds([p.pts for p in video.packets])
-        return video.frames, float(rate) if rate else video.frames / max(seconds, 1e-6)
+        return video.frames, _rate(video)
+
+
+def _rate(video: _Packets) -> float:
+    """Frames per second: the stream's rate, else the packet count over the demuxed duration."""
+    rate = video.stream.average_rate or video.stream.guessed_rate
+    return float(rate) if rate else video.frames / max(video.seconds([p.pts for p in video.packets]), 1e-6)
 
 
 def window_starts(n: int, span: int, hop: int) -> list[int]:
@@ -465,9 +469,7 @@ def decode_windows(
         frames = apply_short_policy(raw, video.frames, spec.short_video)
         y0, x0, bh, bw = eval_boxes(video.height, video.width, 1)[0]
         vplan = VideoPlan(frames, tuple(View(j, y0, x0, bh, bw, False) for j in range(len(starts))))
-        views = _views(video, vplan, spec, None)
-    n, fps = frames_and_rate(data)
-    return Windows(views, starts, fps, n)
+        return Windows(_views(video, vplan, spec, None), starts, _rate(video), video.frames)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
