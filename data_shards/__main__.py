@@ -28,6 +28,8 @@ def _synth(args: argparse.Namespace) -> int:
             shuffle_labels=args.shuffle_labels,
             multi_label=args.multi_label,
             segments=args.segments,
+            audio=args.audio,
+            audio_delay=args.audio_delay,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -37,7 +39,7 @@ def _synth(args: argparse.Namespace) -> int:
         f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
         f"domain {spec.domain}{', labels shuffled' if spec.shuffle_labels else ''}"
         f"{', several labels per clip' if spec.multi_label else ''}"
-        f"{', labelled segments' if spec.segments else ''}) and {csv_path}"
+        f"{', labelled segments' if spec.segments else ''}{', with sound' if spec.audio else ''}) and {csv_path}"
     )
     return 0
 
@@ -72,6 +74,8 @@ def _build_options(args: argparse.Namespace) -> Any:
             max_frames=args.max_frames,
             max_duration=args.max_duration,
             gop=args.gop,
+            audio=args.audio,
+            audio_rate=args.audio_rate,
         ),
     )
 
@@ -141,6 +145,17 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the labels in a seeded random order (a mislabelled batch, to see a quality gate refuse it)",
     )
+    p.add_argument(
+        "--audio",
+        action="store_true",
+        help="a sound track: a click whenever the picture flashes, at irregular times (audio-visual sync)",
+    )
+    p.add_argument(
+        "--audio-delay",
+        type=float,
+        default=0.0,
+        help="with --audio: the clicks come this many seconds after their flashes (negative: before)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--multi-label",
@@ -202,6 +217,14 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--max-duration", type=float, default=None, help="seconds")
     p.add_argument("--gop", type=int, default=None, help="keyframe interval of the re-encode")
+    p.add_argument(
+        "--audio",
+        choices=("drop", "keep", "optional"),
+        default="drop",
+        help="the sound: drop it (default); keep it as a {key}.flac member (a video without usable sound is "
+        "rejected); optional: keep it where there is one, store the video without it elsewhere",
+    )
+    p.add_argument("--audio-rate", type=int, default=16000, help="Hz of the stored mono FLAC (--audio keep)")
     p.add_argument(
         "--ray-address", default=None, help="join an existing Ray cluster (default: local embedded one)"
     )

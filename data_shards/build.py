@@ -199,6 +199,7 @@ def _manifest(
     for e in accepted:
         sp = splits[e.split]
         sp.ingest[e.meta["ingest"]] = sp.ingest.get(e.meta["ingest"], 0) + 1
+        sp.audio += 1 if e.meta.get("audio") else 0
         for c in _classes_of(e):
             sp.per_class[classes[c]] = sp.per_class.get(classes[c], 0) + 1
     for sp in splits.values():
@@ -254,8 +255,19 @@ def build(
             storage.join(work, f) for f in storage.listdir(work) if f != "shards" and not f.endswith(".json")
         )
     seconds = time.perf_counter() - t0
-    notes = inputs.notes + plan.notes
+    notes = inputs.notes + plan.notes + _audio_notes(accepted, opts)
     return BuildResult(out, manifest, len(accepted), len(rejects), kept, written, seconds, rejects, notes)
+
+
+def _audio_notes(accepted: list[ShardEntry], opts: BuildOptions) -> list[str]:
+    """`--audio optional`: how many videos went in without sound, and the commonest reasons."""
+    if opts.ingest.audio != "optional":
+        return []
+    missing = Counter(e.meta["audio_missing"].split(":")[0] for e in accepted if e.meta.get("audio_missing"))
+    if not missing:
+        return [f"audio: all {len(accepted)} accepted videos have sound"]
+    why = ", ".join(f"{k} {n}" for k, n in missing.most_common())
+    return [f"audio: {sum(missing.values())} of {len(accepted)} videos stored without sound ({why})"]
 
 
 def _remove_stale(out: Location, planned: set[str]) -> None:

@@ -15,6 +15,8 @@ import av
 import numpy as np
 
 # codec name -> (FFmpeg encoder, container extension, encoder options)
+# the sound a video of that codec carries: (encoder, sample rate) -- AAC in mp4, Opus (48 kHz only) in webm
+AUDIO_ENCODERS: dict[str, tuple[str, int]] = {"h264": ("aac", 16000), "vp9": ("libopus", 48000)}
 ENCODERS: dict[str, tuple[str, str, dict[str, str]]] = {
     "h264": ("libx264", "mp4", {"crf": "20", "preset": "veryfast", "x264-params": "mbtree=0"}),
     "vp9": (
@@ -63,7 +65,10 @@ class VideoWriter:
         width: int,
         height: int,
         gop: int | None = None,
+        audio: bool = False,
     ) -> None:
+        """`audio`: the file also gets a mono sound track (`AUDIO_ENCODERS[codec]`), written whole with
+        `write_audio` before closing."""
         if codec not in ENCODERS:
             raise ValueError(f"codec must be one of {sorted(ENCODERS)}, got {codec!r}")
         if width % 2 or height % 2:
@@ -80,6 +85,30 @@ class VideoWriter:
             opts["g"] = str(gop)
         self._stream.options = opts
         self._n = 0
+        self._audio = None
+        if audio:
+            enc, rate = AUDIO_ENCODERS[codec]
+            self._audio = self._container.add_stream(enc, rate=rate, layout="mono")
+            self._audio.codec_context.flags |= av.codec.context.Flags.bitexact
+
+    @property
+    def audio_rate(self) -> int:
+        """Samples per second `write_audio` takes."""
+        if self._audio is None:
+            raise ValueError("this writer has no sound track (audio=False)")
+        return int(self._audio.codec_context.sample_rate)
+
+    def write_audio(self, wave: np.ndarray) -> None:
+        """The whole sound track: mono float samples in [-1, 1] at `audio_rate`, from the first frame's time."""
+        rate = self.audio_rate
+        assert self._audio is not None
+        chunk = self._audio.codec_context.frame_size or 1024
+        x = np.asarray(wave, np.float32)
+        for lo in range(0, len(x), chunk):
+            frame = av.AudioFrame.from_ndarray(x[None, lo : lo + chunk], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, lo, Fraction(1, rate)
+            self._container.mux(self._audio.encode(frame))
+        self._container.mux(self._audio.encode(None))
 
     def write_rgb(self, rgb_HWC: np.ndarray) -> None:
         frame = yuv_frame(rgb_to_yuv420p(rgb_HWC))

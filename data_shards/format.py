@@ -5,6 +5,7 @@ A shard set is a folder::
     manifest.json               classes, options, per-shard and per-split counts, checksums
     rejects.jsonl               one line per input that did not make it into a shard
     {split}-{NNNNNN}.tar        WebDataset tar: members {key}.{mp4|webm|mkv}, {key}.lbl.i64, {key}.json
+                                and, built with --audio keep|optional, {key}.flac (`data_shards/audio.py`)
     {split}-{NNNNNN}.idx        DALI `wds2idx` index of that tar (v1.2)
 
 What a sample's labels are is the manifest's `labels` (format version 2; version 1 sets read as `single`):
@@ -31,8 +32,9 @@ from typing import Any
 from data_shards import storage
 
 FORMAT_NAME = "tubelet-shards"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no `labels` kind in the manifest, no label sets or segments
+FORMAT_VERSION = 3
+# version 1: no `labels` kind in the manifest, no label sets or segments; version 2: no audio members
+READABLE_VERSIONS = (1, 2, 3)
 LABEL_KINDS = ("single", "multi", "segments")
 BACKGROUND = "background"  # class 0 of a segments set: the time no segment covers
 SEGMENT_SLACK_S = 1.0  # a segment may end this far past the video's last frame (annotation rounding)
@@ -44,7 +46,8 @@ REJECTS_NAME = "rejects.jsonl"
 VIDEO_EXTS: tuple[str, ...] = ("mp4", "webm", "mkv")
 LABEL_EXT = "lbl.i64"  # 8 bytes, little-endian int64: DALI batches it without ragged-string trouble
 META_EXT = "json"
-MEMBER_EXTS: tuple[str, ...] = (*VIDEO_EXTS, LABEL_EXT, META_EXT)
+AUDIO_EXT = "flac"  # mono FLAC whose first sample is at the video's first frame (data_shards/audio.py)
+MEMBER_EXTS: tuple[str, ...] = (*VIDEO_EXTS, LABEL_EXT, META_EXT, AUDIO_EXT)
 
 UNLABELED = -1
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -181,17 +184,21 @@ class Sample:
     video_ext: str
     label: int
     meta: dict[str, Any]
+    audio: bytes | None = None  # the `.flac` member, when the build kept the sound
 
 
 def sample_members(sample: Sample) -> dict[str, bytes]:
     """Member extension -> bytes, as written into the tar (webdataset's TarWriter sorts them)."""
     if sample.video_ext not in VIDEO_EXTS:
         raise FormatError(f"{sample.key}: video extension {sample.video_ext!r} not in {VIDEO_EXTS}")
-    return {
+    members = {
         sample.video_ext: sample.video,
         LABEL_EXT: encode_label(sample.label),
         META_EXT: encode_meta(sample.meta),
     }
+    if sample.audio is not None:
+        members[AUDIO_EXT] = sample.audio
+    return members
 
 
 def sample_from_members(key: str, members: dict[str, bytes], where: str = "") -> Sample:
@@ -214,6 +221,7 @@ def sample_from_members(key: str, members: dict[str, bytes], where: str = "") ->
         video_ext=exts[0],
         label=decode_label(members[LABEL_EXT]),
         meta=decode_meta(members[META_EXT]),
+        audio=members.get(AUDIO_EXT),
     )
 
 
@@ -304,6 +312,7 @@ class SplitInfo:
     bytes: int = 0
     per_class: dict[str, int] = field(default_factory=dict)
     ingest: dict[str, int] = field(default_factory=dict)  # kept / remuxed / transcoded / trimmed counts
+    audio: int = 0  # samples with a sound member
 
 
 @dataclass
@@ -323,6 +332,11 @@ class Manifest:
 
     def shards_for(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
+
+    @property
+    def audio(self) -> str:
+        """How the build treated sound: drop (no audio members), keep (every sample has one), optional."""
+        return str(self.options.get("ingest", {}).get("audio", "drop"))
 
     def codecs_for(self, split: str) -> set[str]:
         return {c for s in self.shards_for(split) for c in s.codecs}
@@ -380,6 +394,7 @@ class Manifest:
                 bytes=need(v, "bytes", int, f"splits.{name}."),
                 per_class=dict(v.get("per_class", {})),
                 ingest=dict(v.get("ingest", {})),
+                audio=int(v.get("audio", 0)),
             )
             for name, v in need(data, "splits", dict, "").items()
         }

@@ -33,6 +33,7 @@ from typing import Any
 import av
 import numpy as np
 
+from data_shards import audio as sound
 from data_shards import format as fmt
 from data_shards.codec import ENCODERS, VideoWriter
 from data_shards.probe import (
@@ -77,8 +78,14 @@ class IngestOptions:
     max_frames: int | None = None
     max_duration: float | None = None  # seconds
     gop: int | None = None  # keyframe interval of the re-encode
+    audio: str = "drop"  # drop | keep (no usable sound: reject) | optional (keep the video without it)
+    audio_rate: int = sound.DEFAULT_RATE  # Hz of the stored mono FLAC
 
     def __post_init__(self) -> None:
+        if self.audio not in sound.AUDIO_MODES:
+            raise ValueError(f"--audio must be one of {sound.AUDIO_MODES}, got {self.audio!r}")
+        if not 4000 <= self.audio_rate <= 192000:
+            raise ValueError(f"--audio-rate must be in 4000..192000 Hz, got {self.audio_rate}")
         if self.codec not in CODEC_CHOICES:
             raise ValueError(f"--codec must be one of {CODEC_CHOICES}, got {self.codec!r}")
         if self.codec == "copy" and self.reshaping:
@@ -124,6 +131,7 @@ class Ingested:
     data: bytes
     ext: str
     meta: dict[str, Any]
+    audio: bytes | None = None  # the `.flac` member (`--audio keep|optional`)
 
 
 def stored_ext(info: StreamInfo) -> str | None:
@@ -396,4 +404,22 @@ def ingest_video(
     out |= info_json(info)
     if clip:
         out |= {"clip_start": clip.start, "clip_end": clip.end}
-    return Ingested(data=data, ext=ext, meta=out)
+    audio = _sound(path, opts, clip, out) if opts.audio != "drop" else None
+    return Ingested(data=data, ext=ext, meta=out, audio=audio)
+
+
+def _sound(path: str, opts: IngestOptions, clip: Clip | None, meta: dict[str, Any]) -> bytes | None:
+    """The stored video's sound (`data_shards/audio.py`), its facts into `meta["audio"]`. No usable sound:
+    RejectError with `--audio keep`; with `--audio optional` None, and the reason in `meta["audio_missing"]`."""
+    try:
+        if not meta["duration"]:
+            raise RejectError("audio needs the video's frame rate, which it does not declare", "audio-short")
+        data, meta["audio"] = sound.extract(
+            path, clip.start if clip else 0.0, meta["duration"], opts.audio_rate
+        )
+    except RejectError as e:
+        if opts.audio == "keep":
+            raise
+        meta["audio"], meta["audio_missing"] = None, f"{e.kind}: {e}"
+        return None
+    return data

@@ -9,7 +9,9 @@ with every class, so a model has to use time to classify it. Everything is a pur
 Label kinds: one motion per clip (default); `--multi-label`: each shape moves its own way and the clip's labels
 are the set of motions on screen (1-3); `--segments`: longer videos whose shapes stand still, then move
 one way, then another, with the moving stretches as labelled segments (`segments.csv`, seconds) and the still
-ones as background, so a temporal model has to tell *when* each motion happens.
+ones as background, so a temporal model has to tell *when* each motion happens. `--audio` (any kind) adds a
+sound track whose clicks happen exactly when the picture flashes, at irregular times: the sound is in sync
+only at offset 0, so audio-visual synchronisation is learnable.
 
 Domains (`--domain`, for domain-incremental learning) change how a clip looks, never what its class
 means: the same index has the same motion and shapes in every domain, drawn over another background
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.codec import ENCODERS, VideoWriter
+from data_shards.codec import AUDIO_ENCODERS, ENCODERS, VideoWriter
 
 # Ordered so that the first K make a sensible K-class problem (4 = the four directions).
 MOTIONS: tuple[str, ...] = (
@@ -63,6 +65,8 @@ class SynthSpec:
     shuffle_labels: bool = False  # the label column permuted (seeded): a mislabelled batch
     multi_label: bool = False  # several shapes, each its own motion: labels = the set of motions
     segments: bool = False  # still / moving stretches: labelled segments + background
+    audio: bool = False  # a sound track of clicks, each heard when the picture flashes (`render_sound`)
+    audio_delay: float = 0.0  # seconds the clicks come after their flashes (< 0: before): out-of-sync clips
 
     def __post_init__(self) -> None:
         if self.multi_label and self.segments:
@@ -83,6 +87,8 @@ class SynthSpec:
             raise ValueError(f"--codec must be one of {sorted(CODECS)}, got {self.codec!r}")
         if self.videos < 1:
             raise ValueError(f"--videos must be >= 1, got {self.videos}")
+        if self.audio_delay and not self.audio:
+            raise ValueError("--audio-delay shifts the sound: it needs --audio")
 
 
 def _texture(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
@@ -234,10 +240,16 @@ def render_clip(index: int, spec: SynthSpec) -> tuple[np.ndarray, str]:
     return _draw(motion, shapes, style, s, t_n), motion
 
 
-def encode_clip(frames_THWC: np.ndarray, path: str | Path, codec: str, fps: int) -> None:
-    with VideoWriter(path, codec, fps, frames_THWC.shape[2], frames_THWC.shape[1]) as writer:
+def encode_clip(
+    frames_THWC: np.ndarray, path: str | Path, codec: str, fps: int, sound: np.ndarray | None = None
+) -> None:
+    """Encode the frames; `sound` (mono, at the codec's `AUDIO_ENCODERS` rate) is muxed as its sound track."""
+    h, w = frames_THWC.shape[1], frames_THWC.shape[2]
+    with VideoWriter(path, codec, fps, w, h, audio=sound is not None) as writer:
         for rgb in frames_THWC:
             writer.write_rgb(rgb)
+        if sound is not None:
+            writer.write_audio(sound)
 
 
 def render_multi_label(index: int, spec: SynthSpec) -> tuple[np.ndarray, list[str]]:
@@ -280,6 +292,42 @@ def render_segments(index: int, spec: SynthSpec) -> tuple[np.ndarray, list[tuple
     return frames, segments
 
 
+SOUND_GAP_S = (0.3, 0.8)  # seconds between two events (uniform): irregular, so no shift looks in sync
+
+
+def sound_events(index: int, spec: SynthSpec) -> list[float]:
+    """The times (seconds) of video `index`'s events: irregular gaps, the first within the first gap."""
+    rng = np.random.default_rng([spec.seed, index, 0xA0D])
+    length, t, out = spec.frames / spec.fps, float(rng.uniform(0.0, SOUND_GAP_S[1])), []
+    while t < length:
+        out.append(round(t, 4))
+        t += float(rng.uniform(*SOUND_GAP_S))
+    return out
+
+
+def render_sound(index: int, spec: SynthSpec, frames_THWC: np.ndarray, rate: int) -> np.ndarray:
+    """Tie sound to the picture: at each event (`sound_events`) the frame showing it and the next one
+    flash (brightened towards white), and a click is heard (a 60 ms decaying 800 Hz tone over faint noise).
+    Brightens `frames_THWC` in place; returns the mono sound track at `rate`, as long as the video (the clicks
+    `spec.audio_delay` seconds after their flashes)."""
+    rng = np.random.default_rng([spec.seed, index, 0xA0E])
+    n = round(spec.frames / spec.fps * rate)
+    wave = 0.01 * rng.standard_normal(n).astype(np.float32)
+    burst_t = np.arange(round(0.06 * rate)) / rate
+    burst = (0.6 * np.sin(2 * np.pi * 800 * burst_t) * np.exp(-burst_t / 0.015)).astype(np.float32)
+    for t in sound_events(index, spec):
+        f = int(t * spec.fps)
+        for k in (f, f + 1):
+            if k < len(frames_THWC):
+                frames_THWC[k] = (frames_THWC[k].astype(np.uint16) + 255) // 2
+        lo = round((t + spec.audio_delay) * rate)
+        if lo < 0:
+            continue
+        part = burst[: max(0, n - lo)]
+        wave[lo : lo + len(part)] += part
+    return np.clip(wave, -1.0, 1.0)
+
+
 def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
     """Write `spec.videos` clips under `out/videos/` and their labels: `labels.csv` (path,label; a `a;b`
     set with `multi_label`) or `segments.csv` (path,segment_start,segment_end,label in seconds); returns it."""
@@ -301,7 +349,8 @@ def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
             frames, motion = render_clip(i, spec)
             rel = f"videos/{prefix}{i:06d}_{motion}.{ext}"
             rows.append((rel, motion))
-        encode_clip(frames, out / rel, spec.codec, spec.fps)
+        sound = render_sound(i, spec, frames, AUDIO_ENCODERS[spec.codec][1]) if spec.audio else None
+        encode_clip(frames, out / rel, spec.codec, spec.fps, sound)
     if spec.shuffle_labels:
         order = np.random.default_rng([spec.seed, 0x5A1]).permutation(len(rows))
         rows = [(*rows[i][:-1], rows[j][-1]) for i, j in enumerate(order)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data_shards import storage
-from data_shards.format import Sample, ShardInfo, atomic_write_bytes
+from data_shards.format import AUDIO_EXT, Sample, ShardInfo, atomic_write_bytes
 from data_shards.ingest import Clip, IngestOptions, ingest_video
 from data_shards.plan import ShardEntry
 from data_shards.probe import RejectError
@@ -99,6 +99,8 @@ def _validate_one(job: ValidateJob, opts: IngestOptions, work: str, digest: str)
         )
     if got.meta["ingest"] != "kept":  # new bytes wait in the work folder for the shard writer
         atomic_write_bytes(storage.join(work, f"{job.key}.{got.ext}"), got.data)
+    if got.audio is not None:
+        atomic_write_bytes(storage.join(work, f"{job.key}.{AUDIO_EXT}"), got.audio)
     return Validated(job.key, digest, fp, ok=True, ext=got.ext, meta=got.meta)
 
 
@@ -124,10 +126,29 @@ def _video_bytes(entry: ShardEntry, work: str) -> bytes:
     return data
 
 
+def _audio_bytes(entry: ShardEntry, work: str) -> bytes | None:
+    info = entry.meta.get("audio")
+    if not info:
+        return None
+    data = storage.read_bytes(storage.join(work, f"{entry.key}.{AUDIO_EXT}"))
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise RuntimeError(
+            f"{entry.path}: its extracted sound changed since it was validated; re-run the build"
+        )
+    return data
+
+
 def write_shard_task(out: str, name: str, entries: list[ShardEntry], work: str, plan: str) -> ShardInfo:
     """Ray task body: write one shard and record its plan digest for resume."""
     samples = (
-        Sample(key=e.key, video=_video_bytes(e, work), video_ext=e.ext, label=e.label, meta=e.meta)
+        Sample(
+            key=e.key,
+            video=_video_bytes(e, work),
+            video_ext=e.ext,
+            label=e.label,
+            meta=e.meta,
+            audio=_audio_bytes(e, work),
+        )
         for e in entries
     )
     info = write_shard(storage.join(out, name), samples)

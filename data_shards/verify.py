@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from data_shards import storage
+from data_shards.audio import audio_problem
 from data_shards.format import (
     SEGMENT_SLACK_S,
     UNLABELED,
@@ -45,10 +46,16 @@ class Report:
 
 
 def _check_sample(
-    sample: Sample, shard: ShardInfo, n_classes: int, seen_keys: dict[str, str], report: Report | None
+    sample: Sample,
+    shard: ShardInfo,
+    n_classes: int,
+    seen_keys: dict[str, str],
+    report: Report | None,
+    audio: str = "drop",
 ) -> list[str]:
-    """Problems of one sample: key, label, metadata, codec and (`report` given: decode) the stored frame
-    count, which is what the loaders plan from; a clean decode is counted in `report.decoded`."""
+    """Problems of one sample: key, label, metadata, codec, its sound (`audio`: the build's mode) and
+    (`report` given: decode) the stored frame count, which is what the loaders plan from, and the sound's
+    samples; a clean decode is counted in `report.decoded`."""
     decode = report is not None
     where = f"{shard.path}: {sample.key}"
     out = []
@@ -63,6 +70,7 @@ def _check_sample(
         out.append(f"{where}: metadata lacks {missing} (rebuild with `python -m data_shards build`)")
     if sample.meta.get("codec") not in shard.codecs:
         out.append(f"{where}: codec {sample.meta.get('codec')!r} not in the shard's {shard.codecs}")
+    out += _audio_problems(sample, audio, decode, where)
     if decode:
         try:
             got = inspect_stored(sample.video)
@@ -75,6 +83,24 @@ def _check_sample(
         elif not got.problem and report is not None:
             report.decoded += 1
     return out
+
+
+def _audio_problems(sample: Sample, audio: str, decode: bool, where: str) -> list[str]:
+    """A sound member where the build promised one (`--audio keep`), none where it dropped sound, metadata
+    agreeing with it; `decode`: the FLAC decoded and its length checked against the video."""
+    if audio == "drop":
+        return [f"{where}: a .flac member in a set built without sound"] if sample.audio is not None else []
+    if audio == "keep" and sample.audio is None:
+        return [f"{where}: no .flac member, the set was built with --audio keep"]
+    if not decode:
+        described = sample.meta.get("audio") is not None
+        return (
+            []
+            if described == (sample.audio is not None)
+            else [f"{where}: audio metadata and member disagree"]
+        )
+    problem = audio_problem(sample.audio, sample.meta)
+    return [f"{where}: {problem}"] if problem else []
 
 
 def _label_problems(sample: Sample, n_classes: int, where: str) -> list[str]:
@@ -135,7 +161,9 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
             n = 0
             for sample in iter_tar_samples(tar):
                 n += 1
-                problems += _check_sample(sample, shard, n_classes, seen_keys, report if decode else None)
+                problems += _check_sample(
+                    sample, shard, n_classes, seen_keys, report if decode else None, manifest.audio
+                )
             if n != shard.samples:
                 problems.append(f"{shard.path}: {n} samples, manifest says {shard.samples}")
             counts[shard.split] = counts.get(shard.split, 0) + n

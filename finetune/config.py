@@ -16,6 +16,7 @@ from pretrain.config import DataSection, ModelSection
 from pretrain.engine import ConfigError, EngineConfig, require, resume_key
 from pretrain.engine.config import OptimConfig
 from pretrain.models import BackboneClassifierConfig, VideoClassifierConfig, VideoViTConfig, backbone_config
+from pretrain.models.audio import AudioBranchConfig
 from pretrain.models.hf import HF_FIXED_NORM_EPS
 from pretrain.sources import Source, read_source
 
@@ -74,7 +75,8 @@ class ClassifierSection(ModelSection):
     dynamic: Literal["none", "kernel_mixture", "selective_kernel"] | None = resume_key(None)  # None: static
     # what a label means (finetune/heads.py); auto: the shards' kind (single → single_label, multi →
     # multi_label, segments → temporal: logits per time step)
-    head: Literal["auto", "single_label", "multi_label", "temporal"] = resume_key("auto")
+    # av_sync: is the sound in sync with the picture, and by which of `audio.offsets` is it off
+    head: Literal["auto", "single_label", "multi_label", "temporal", "av_sync"] = resume_key("auto")
     pos_weight: float | None = resume_key(None)  # multi_label: BCE weight of the positives (> 1: recall)
 
     def check(self) -> None:
@@ -168,6 +170,44 @@ class EvalSection:
 
 
 @dataclass
+class AudioSection:
+    """The sound (`model.head: av_sync`): each clip's log-mel window, the shifts the task tells apart, and the
+    audio branch. Shards must be built with `--audio keep` (or optional)."""
+
+    seconds: float = resume_key(1.0)  # window centred on the clip's frames
+    rate: int = resume_key(16000)
+    n_mels: int = resume_key(64)
+    offsets: tuple[float, ...] = resume_key((-0.4, -0.2, 0.0, 0.2, 0.4))  # seconds, + = sound late
+    sync_prob: float = resume_key(0.5)  # share of training clips left in sync
+    dim: int = resume_key(128)  # the audio branch's width per time step
+    modality: Literal["both", "audio"] = resume_key("both")  # audio: the audio-only baseline
+
+    def check(self) -> None:
+        o = list(self.offsets)
+        require(len(o) >= 2 and 0.0 in o, "audio.offsets needs 0.0 (in sync) and at least one shift")
+        require(o == sorted(set(o)), "audio.offsets must be distinct and in increasing order")
+        require(
+            max(abs(x) for x in o) < self.seconds,
+            f"audio.offsets must stay within audio.seconds={self.seconds} (a shift past the window hears none of the clip)",
+        )
+        require(0 < self.sync_prob < 1, "audio.sync_prob must be in (0, 1)")
+        require(
+            self.rate >= 4000 and self.n_mels >= 8 and self.dim >= 1,
+            "audio: rate >= 4000, n_mels >= 8, dim >= 1",
+        )
+
+    def class_names(self) -> list[str]:
+        """One class per offset, named for what a user hears."""
+        return [offset_name(x) for x in self.offsets]
+
+
+def offset_name(offset: float) -> str:
+    if offset == 0:
+        return "in sync"
+    return f"sound {'late' if offset > 0 else 'early'} {abs(offset):.2f}s"
+
+
+@dataclass
 class FinetuneConfig(EngineConfig):
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     data: DataSection = field(default_factory=DataSection)
@@ -175,6 +215,7 @@ class FinetuneConfig(EngineConfig):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    audio: AudioSection = field(default_factory=AudioSection)
 
     def validate(self, world_size: int = 1) -> None:
         note = self.optim.resolve_auto(self.model.backbone)
@@ -191,6 +232,21 @@ class FinetuneConfig(EngineConfig):
             "model.num_classes is needed when there is no shard manifest (data.shards)",
         )
         classifier_config(self)  # raises ConfigError naming the key
+        if head_kind(self) == "av_sync":
+            self.audio.check()
+            if self.data.shards:
+                from data_shards.format import load_manifest
+
+                require(
+                    load_manifest(self.data.shards).audio != "drop",
+                    f"model.head=av_sync needs sound: {self.data.shards} was built without it (rebuild with "
+                    "`python -m data_shards build ... --audio keep`)",
+                )
+            a = self.augment
+            require(
+                a.mixup == 0 and a.cutmix == 0,
+                "model.head=av_sync: augment.mixup / cutmix would blend two clips' sounds and shifts; set them to 0",
+            )
         require(
             self.eval.view_reduce == "auto" or head_kind(self) == "multi_label",
             f"eval.view_reduce={self.eval.view_reduce} applies to the multi_label head (one label: views are "
@@ -273,6 +329,7 @@ LABELS_FOR_HEAD = {
     "single_label": ("single",),
     "multi_label": ("multi", "single"),
     "temporal": ("segments",),
+    "av_sync": ("single", "multi", "segments"),  # the labels are the drawn shifts: any shards with sound
 }
 
 
@@ -294,6 +351,11 @@ def head_kind(cfg: FinetuneConfig) -> str:
     return head
 
 
+def _audio_branch(cfg: FinetuneConfig) -> AudioBranchConfig:
+    a = cfg.audio
+    return AudioBranchConfig(n_mels=a.n_mels, dim=a.dim, modality=a.modality)
+
+
 def classifier_config(
     cfg: FinetuneConfig, class_names: list[str] | None = None
 ) -> VideoClassifierConfig | BackboneClassifierConfig:
@@ -301,11 +363,13 @@ def classifier_config(
     (per time step for the temporal head)."""
     m = cfg.model
     src = starting_point(cfg.finetune.init)
-    temporal = head_kind(cfg) == "temporal"
+    head = head_kind(cfg)
+    temporal = head == "temporal"
+    audio = _audio_branch(cfg) if head == "av_sync" else None
     try:
-        n, names = _classes(cfg, class_names)
+        n, names = (len(cfg.audio.offsets), cfg.audio.class_names()) if audio else _classes(cfg, class_names)
         if m.backbone != "vit":
-            return dataclasses.replace(_cnn_classifier(m, src, n, names), temporal=temporal)
+            return dataclasses.replace(_cnn_classifier(m, src, n, names), temporal=temporal, audio=audio)
         # A new fc_norm uses HF's fixed eps (1e-5) so HF exports are exact; a classifier init keeps its own.
         fc_eps = (
             src.config.fc_norm_eps
@@ -320,6 +384,7 @@ def classifier_config(
             fc_norm_eps=fc_eps,
             class_names=names,
             temporal=temporal,
+            audio=audio,
         )
     except KeyError as e:
         raise ConfigError(f"model.preset: {e.args[0]}") from e

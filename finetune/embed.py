@@ -87,7 +87,7 @@ def embed_split(
         num_workers=num_workers,
         drop_last=False,
     )
-    keys, feats, labels = collect_outputs(lambda x: predictor.clip_outputs(x, features=True), loader)
+    keys, feats, labels = collect_outputs(lambda b: predictor.clip_outputs(b["video"], features=True), loader)
     if not keys:
         raise ValueError(f"{shards}: split {split!r} has no videos")
     order, vectors, video_labels = average_per_video(keys, feats, labels)

@@ -30,23 +30,25 @@ def collect_scores(
     """(keys, the head's clip scores [n, K] (temporal: [n, T', K]) float32 CPU, the head's labels) over this
     rank's batches, padding dropped."""
     return collect_outputs(
-        lambda x: head.clip_scores(model(x.to(device, dtype))),
+        lambda b: head.clip_scores(
+            model(b["video"].to(device, dtype), *[x.to(device, dtype) for x in head.inputs(b)])
+        ),
         batches,
         lambda b, out: head.batch_labels(b, out.shape[-1]),
     )
 
 
 def collect_outputs(
-    clip_outputs: Callable[[torch.Tensor], torch.Tensor],
+    clip_outputs: Callable[[dict[str, Any]], torch.Tensor],
     batches: Iterable[dict[str, Any]],
     labels_of: Callable[[dict[str, Any], torch.Tensor], torch.Tensor] = lambda b, out: b["label"],
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, `clip_outputs(video)` rows on the CPU, `labels_of(batch, outputs)`) over the batches, loader
+    """(keys, `clip_outputs(batch)` rows on the CPU, `labels_of(batch, outputs)`) over the batches, loader
     padding dropped: the one loop of evaluation (scores) and embedding (features)."""
     keys: list[str] = []
     outs, labels = [], []
     for batch in batches:
-        out = clip_outputs(batch["video"]).cpu()
+        out = clip_outputs(batch).cpu()
         keep = ~batch["pad"].cpu() if "pad" in batch else torch.ones(len(out), dtype=torch.bool)
         keys += [k for k, ok in zip(batch["key"], keep.tolist()) if ok]
         outs.append(out[keep])
@@ -190,7 +192,11 @@ def evaluate_model_dir(
     opened = open_model_dir(model_dir, device=dev, clips=clips, crops=crops, stride=stride)
     model, extra, spec, head = opened.model, opened.extra, opened.spec, opened.head
     manifest = load_manifest(shards)
-    mapping = label_mapping(model.cfg.class_names, manifest.classes, model_dir, strict_classes)
+    mapping = (  # av_sync's classes are the sound's shifts, not the shards' classes
+        None
+        if head.kind == "av_sync"
+        else label_mapping(model.cfg.class_names, manifest.classes, model_dir, strict_classes)
+    )
     names = model.cfg.class_names or manifest.classes or [str(i) for i in range(model.cfg.num_classes)]
     views = spec.views_per_video
     loader = build_loader(

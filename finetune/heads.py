@@ -14,6 +14,10 @@ in `HEADS`; nothing else compares label kinds. The three:
   temporal      a class per time step (background = class 0): CE over the model's temporal tokens, each
                 clip scored on its own, frame accuracy (primary: frame_acc); segments and their mAP at
                 tIoU 0.3/0.5/0.7 come from `finetune/temporal.py` on whole videos
+  av_sync       audio-visual synchronisation: the classes are the shifts of the sound the loader draws
+                (`audio.offsets`, 0 = in sync); the model hears the clip's sound too (`inputs`); softmax CE,
+                views averaged; sync accuracy (in sync or not), offset accuracy and mean absolute offset
+                error in seconds (primary: sync_acc)
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ class Head:
     def batch_labels(self, batch: dict[str, Any], num_classes: int) -> torch.Tensor:
         """What `targets`, `accuracy` and `metrics` take from a loader batch (here: "label" [B])."""
         return batch["label"]
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """What the model takes besides the video (here: nothing; av_sync: the clip's sound)."""
+        return ()
+
+    def verdict(self, scores_K: torch.Tensor) -> dict[str, Any]:
+        """Fields a prediction of one video adds to its answer (av_sync: the estimated offset)."""
+        return {}
 
     def targets(self, labels_B: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
         """Training targets [B, K] (what Mixup/CutMix mix)."""
@@ -346,21 +358,79 @@ class TemporalHead(Head):
         return line
 
 
-HEADS: dict[str, Head] = {h.kind: h for h in (SingleLabelHead(), MultiLabelHead(), TemporalHead())}
+class SyncHead(SingleLabelHead):
+    """Audio-visual synchronisation (AVTS's in-sync-or-shifted task, with SyncNet's offset): one class per shift
+    of the sound (`offsets`, seconds, + = late; 0 = in sync), the loader's drawn shift per clip ("audio_shift")
+    is the label, the sound goes into the model beside the video."""
+
+    kind = "av_sync"
+    primary = "sync_acc"
+    metric_names = ("sync_acc", "offset_acc", "offset_mae", "loss")
+
+    def __init__(self, offsets: tuple[float, ...] = (-0.4, -0.2, 0.0, 0.2, 0.4)) -> None:
+        self.offsets = torch.tensor([float(o) for o in offsets], dtype=torch.float64)
+
+    def batch_labels(self, batch: dict[str, Any], num_classes: int) -> torch.Tensor:
+        if "audio_shift" not in batch:
+            raise ValueError(
+                "the av_sync head needs the clips' sound: a loader with audio (shards built with --audio keep)"
+            )
+        return batch["audio_shift"]
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        return (batch["audio"],)
+
+    def metrics(
+        self, scores_NK: torch.Tensor, labels_N: torch.Tensor, threshold: float | None = None
+    ) -> dict[str, float]:
+        if len(labels_N) == 0:
+            return {name: math.nan for name in self.metric_names}
+        pred, true = self.offsets[scores_NK.argmax(1)], self.offsets[labels_N]
+        nll = F.nll_loss(scores_NK.clamp_min(1e-12).log(), labels_N)
+        return {
+            "sync_acc": float(((pred == 0) == (true == 0)).double().mean()),
+            "offset_acc": float((pred == true).double().mean()),
+            "offset_mae": float((pred - true).abs().mean()),
+            "loss": float(nll),
+        }
+
+    def verdict(self, scores_K: torch.Tensor) -> dict[str, Any]:
+        """The most likely shift of the video's sound (seconds, + = late) and whether that is in sync."""
+        offset = float(self.offsets[int(scores_K.argmax())])
+        return {"offset": round(offset, 4), "in_sync": offset == 0.0}
+
+    def summary_line(self, r: dict[str, Any]) -> str:
+        return (
+            f"sync accuracy {100 * r['sync_acc']:.2f}%  offset accuracy {100 * r['offset_acc']:.2f}%  "
+            f"mean |offset error| {r['offset_mae']:.3f}s"
+        )
+
+
+HEADS: dict[str, Head] = {
+    h.kind: h for h in (SingleLabelHead(), MultiLabelHead(), TemporalHead(), SyncHead())
+}
 DEFAULT_HEAD = SingleLabelHead.kind
 
 
 def head_of(extra: dict[str, Any] | None = None) -> Head:
     """The head a model directory's `extra` names (`extra.head`; single-label when absent)."""
     e = extra or {}
-    return make_head(e.get("head", DEFAULT_HEAD), e.get("pos_weight"), e.get("view_reduce", "auto"))
+    offsets = tuple((e.get("audio") or {}).get("offsets", ())) or None
+    return make_head(e.get("head", DEFAULT_HEAD), e.get("pos_weight"), e.get("view_reduce", "auto"), offsets)
 
 
-def make_head(kind: str, pos_weight: float | None = None, view_reduce: str = "auto") -> Head:
+def make_head(
+    kind: str,
+    pos_weight: float | None = None,
+    view_reduce: str = "auto",
+    offsets: tuple[float, ...] | None = None,
+) -> Head:
     """The head of `kind` (a training run's `model.head`), with its options; `view_reduce` (multi-label:
-    "max" or "mean" over a video's views; "auto": max)."""
+    "max" or "mean" over a video's views; "auto": max); `offsets` (av_sync: the shifts its classes are)."""
     if kind not in HEADS:
         raise ValueError(f"head {kind!r} is not known to this tubelet: it knows {sorted(HEADS)}")
+    if kind == SyncHead.kind:
+        return SyncHead(offsets) if offsets else HEADS[kind]
     if kind != MultiLabelHead.kind:
         return HEADS[kind]
     return MultiLabelHead(pos_weight, "mean" if view_reduce == "mean" else "amax")

@@ -155,4 +155,14 @@ def sampling_for(
         eval_crops=crops or int(s.get("test_crops", 1)),
         mean=tuple(s.get("mean", defaults.mean)),
         std=tuple(s.get("std", defaults.std)),
+        audio=_audio_spec(extra.get("audio")),
     )
+
+
+def _audio_spec(stored: dict[str, Any] | None) -> Any:
+    """An audio-visual model's sound windows (`extra.audio`), or None for a video-only model."""
+    from data_shards.loader.audio import AudioSpec
+
+    if not stored:
+        return None
+    return AudioSpec(**{**stored, "offsets": tuple(stored.get("offsets", ()))})

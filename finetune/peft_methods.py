@@ -120,8 +120,11 @@ def _set_trainable(model: nn.Module, keep: Any) -> None:
         p.requires_grad_(bool(keep(name)))
 
 
+NEW_PARTS = ("head.", "audio.")  # what no starting point has: trained by every method (audio: `AudioBranch`)
+
+
 def _head(name: str, train_fc_norm: bool) -> bool:
-    return name.startswith("head.") or (train_fc_norm and name.startswith("fc_norm."))
+    return name.startswith(NEW_PARTS) or (train_fc_norm and name.startswith("fc_norm."))
 
 
 def _lora_aware_qkv(attn: nn.Module) -> None:
@@ -365,7 +368,7 @@ def _full(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
 
 @method("linear", "the head on a frozen encoder (linear probe)")
 def _linear(model: nn.Module, spec: FinetuneSection, head: Keep) -> Keep:
-    return lambda n: n.startswith("head.")
+    return lambda n: n.startswith(NEW_PARTS)
 
 
 @method("partial", "the last `partial_blocks` blocks (CNNs: stages) + fc_norm + head")

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ INPUT_ERROR_STATUS = {
     "too_long": 422,
     "not_a_video": 415,
     "no_video_stream": 422,
+    "no_audio_stream": 422,
     "truncated": 422,
     "undecodable": 422,
 }
@@ -42,6 +43,19 @@ class VideoInputError(ValueError):
         super().__init__(message)
         self.reason = reason
         self.status = INPUT_ERROR_STATUS.get(reason, 422)
+
+
+class Heard(NamedTuple):
+    """The decoded views of an audio-visual model's input: the pictures and the sound of each view."""
+
+    video: torch.Tensor  # [V, 3, T, S, S]
+    audio: torch.Tensor  # [V, n_mels, steps]
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+
+Views = torch.Tensor | Heard  # what `Predictor.decode` returns: views, or views and their sound
 
 
 class Predictor:
@@ -80,44 +94,63 @@ class Predictor:
     def views_per_video(self) -> int:
         return self.spec.views_per_video
 
-    def decode(self, data: bytes) -> torch.Tensor:
-        """A video file's bytes → its eval views `views_VCTHW` (float, normalized). Raises `VideoInputError`
-        for empty input, non-videos, files without a video stream, truncated or undecodable ones, and files
+    @property
+    def listens(self) -> bool:
+        """An audio-visual model: its input is the views and their sound (`Heard`)."""
+        return self.spec.audio is not None
+
+    def decode(self, data: bytes) -> Views:
+        """A video file's bytes → its eval views `views_VCTHW` (float, normalized), and their sound for an
+        audio-visual model (`Heard`). Raises `VideoInputError` for empty input, non-videos, files without a
+        video stream (or, for a model that listens, a sound track), truncated or undecodable ones, and files
         over `limits` (frame pixels, duration): refused from the headers, before any frame is decoded."""
         import av
 
-        from data_shards.loader.pyav import VideoDecodeError, decode_views
+        from data_shards.loader.pyav import VideoDecodeError, decode_views, decode_views_and_sound
 
         if not data:
             raise VideoInputError("empty", "empty input: send the bytes of a video file")
         try:
+            if self.listens:
+                return Heard(*decode_views_and_sound(data, self.spec, strict=True, limits=self.limits))
             return decode_views(data, self.spec, None, strict=True, limits=self.limits)
         except VideoDecodeError as e:
             raise VideoInputError(e.reason, str(e)) from None
         except av.FFmpegError as e:
             raise VideoInputError("undecodable", f"the video does not decode: {e}") from None
 
-    def clip_outputs(self, clips_NCTHW: torch.Tensor, features: bool) -> torch.Tensor:
-        """Per clip: softmax probabilities [N, K], or pooled features [N, D] (`features`); float32."""
+    def clip_outputs(
+        self, clips_NCTHW: torch.Tensor, features: bool, audio: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per clip: softmax probabilities [N, K], or pooled features [N, D] (`features`); float32. `audio`:
+        the clips' sound, for a model that listens."""
         with torch.inference_mode():
             x = clips_NCTHW.to(self.device)
             if features:
                 return self.model.forward_features(x).float()
-            return self.head.clip_scores(self.model(x))
+            sound = () if audio is None else (audio.to(self.device),)
+            return self.head.clip_scores(self.model(x, *sound))
 
-    def _forward(self, videos: Sequence[torch.Tensor], features: bool) -> list[torch.Tensor]:
+    def _forward(self, videos: Sequence[Views], features: bool) -> list[torch.Tensor]:
         """One forward over the views of every video (the batch); per-video means, in order."""
         if not videos:
             return []
-        out = self.clip_outputs(torch.cat(list(videos)), features)
+        heard = [v for v in videos if isinstance(v, Heard)]
+        if heard and len(heard) != len(videos):
+            raise ValueError("a batch mixes decodes with and without sound")
+        if heard:
+            video, audio = torch.cat([h.video for h in heard]), torch.cat([h.audio for h in heard])
+            out = self.clip_outputs(video, features, audio)
+        else:
+            out = self.clip_outputs(torch.cat(list(videos)), features)
         combine = (lambda part: part.mean(0)) if features else self.head.combine_views
         return [combine(part).cpu() for part in out.split([len(v) for v in videos])]
 
-    def probabilities(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def probabilities(self, videos: Sequence[Views]) -> list[torch.Tensor]:
         """Class probabilities per video [K]: softmax per view, averaged over the video's views (as evaluate)."""
         return self._forward(videos, features=False)
 
-    def embeddings(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def embeddings(self, videos: Sequence[Views]) -> list[torch.Tensor]:
         """Clip embedding per video [D]: the classifier's pooled features (before the head), mean over views."""
         return self._forward(videos, features=True)
 
@@ -254,7 +287,7 @@ def predict_files(
             yield {"video": video, "error": f"{type(e).__name__}: {e}"}
             continue
         (probs,) = predictor.probabilities([views])
-        out = {"video": video, "top": predictor.top(probs, top_k)}
+        out = {"video": video, "top": predictor.top(probs, top_k), **predictor.head.verdict(probs)}
         if predictor.head.thresholded:
             out["labels"] = predictor.answer(probs)
         yield out
@@ -310,5 +343,10 @@ def print_predictions(results: Iterator[dict[str, Any]], as_json: bool) -> int:
         else:
             shown = r.get("labels", r["top"])
             tops = "  ".join(f"{t['label']} {t['score']:.3f}" for t in shown)
-            print(f"{r['video']}: {tops or 'no label above the threshold'}", flush=True)
+            said = (
+                f"offset {r['offset']:+.2f}s ({'in sync' if r['in_sync'] else 'out of sync'})  "
+                if "offset" in r
+                else ""
+            )
+            print(f"{r['video']}: {said}{tops or 'no label above the threshold'}", flush=True)
     return failed

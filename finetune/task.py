@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from data_shards.format import load_manifest
 from data_shards.loader import SamplingSpec, VideoLoader
+from data_shards.loader.audio import AudioSpec
 from finetune.augment import mix_batch
 from finetune.config import FinetuneConfig, classifier_config, head_kind
 from finetune.heads import make_head
@@ -78,7 +80,7 @@ class ClassificationTask(ShardData, Task):
         self.init_report: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
         # what a label means: the loss, scores and metrics (finetune/heads.py)
-        self.head = make_head(head_kind(cfg), cfg.model.pos_weight, cfg.eval.view_reduce)
+        self.head = make_head(head_kind(cfg), cfg.model.pos_weight, cfg.eval.view_reduce, cfg.audio.offsets)
         self.threshold: float | None = None  # multi-label: the decision threshold best on the last val
 
     # -- engine hooks ------------------------------------------------------------------------------
@@ -147,6 +149,16 @@ class ClassificationTask(ShardData, Task):
             eval_crops=e.val_crops,
             scales=tuple(a.scales),
             flip=a.flip,
+            audio=self.audio_spec(),
+        )
+
+    def audio_spec(self) -> AudioSpec | None:
+        """The sound beside each clip (the av_sync head), shifted by one of `audio.offsets` per video."""
+        if self.head.kind != "av_sync":
+            return None
+        a = self.cfg.audio
+        return AudioSpec(
+            rate=a.rate, seconds=a.seconds, n_mels=a.n_mels, offsets=tuple(a.offsets), sync_prob=a.sync_prob
         )
 
     def forward(
@@ -160,7 +172,8 @@ class ClassificationTask(ShardData, Task):
         video, targets, lam = mix_batch(video, targets, self.cfg.augment, self.mix_rng(batch))
         key = micro_batch_key(batch)  # dropout / drop-path keyed by the micro-batch, like the mix
         with keyed_rng(mix_seed(self.seed, 0xD7, *key), self.device) if key else contextlib.nullcontext():
-            logits = model(video).float()
+            extra = [x.to(self.device, self.dtype) for x in self.head.inputs(batch)]
+            logits = model(video, *extra).float()
         return logits, targets, labels, video, lam
 
     def mix_rng(self, batch: dict[str, Any]) -> np.random.Generator:
@@ -338,6 +351,7 @@ class ClassificationTask(ShardData, Task):
             **({"threshold": self.threshold} if self.threshold is not None else {}),
             **({"pos_weight": self.cfg.model.pos_weight} if self.cfg.model.pos_weight is not None else {}),
             **({"view_reduce": e.view_reduce} if e.view_reduce != "auto" else {}),
+            **({"audio": asdict(spec.audio) | {"offsets": list(spec.audio.offsets)}} if spec.audio else {}),
             "sampling": {
                 "stride": a.stride,
                 "mean": list(spec.mean),

@@ -191,6 +191,12 @@ def build_loader(
     listing = list_split(shards, split)
     refs = select_samples(listing.refs, keys, labels) if selected else listing.refs
     common["label_kind"], codecs = listing.kind, listing.codecs
+    silent = sorted(f for f, mode in listing.audio.items() if mode == "drop")
+    if spec.audio is not None and silent:
+        raise fmt.FormatError(
+            f"{', '.join(silent)}: built without sound, and this run needs it (audio); rebuild with "
+            "`python -m data_shards build ... --audio keep`"
+        )
     dali_device = backend_options.pop("dali_device", None)
     why = "requested"
     if backend == "auto":

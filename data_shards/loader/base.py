@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from data_shards import format as fmt
+from data_shards.audio import decode_member
+from data_shards.loader.audio import clip_windows, draw_offset
+from data_shards.loader.audio import features as audio_features
 from data_shards.loader.cache import IO_STATS, SampleCache
 from data_shards.loader.index import SampleRef, ShardReader, samples_digest
 from data_shards.loader.sampling import (
@@ -63,6 +66,8 @@ class Collected:
     pad: list[bool] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     frame_labels: list[np.ndarray] = field(default_factory=list)  # segments: [V, T] per video
+    audio: list[np.ndarray] = field(default_factory=list)  # SamplingSpec.audio: [V, S] per video
+    offsets: list[list[float]] = field(default_factory=list)  # the sound's shift per view (seconds)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     io: dict[str, int] = field(default_factory=dict)  # object-storage counts (RemoteSamples.stats)
 
@@ -72,7 +77,10 @@ class VideoLoader:
     "key": list[str], "index": int64 [B] (global sample index), "epoch": int64 [B], "view": int64 [B]
     (clip number within its video), "labels": int64 [B, L] (the label set, -1 padded; L the split's
     largest set)}, plus "pad" (bool [B], padding duplicates) when drop_last is False, and "frame_label"
-    (int64 [B, T], each sampled frame's class, 0 = background) for a segments set. B counts clips; the
+    (int64 [B, T], each sampled frame's class, 0 = background) for a segments set, and with `spec.audio`
+    "audio" (the sound of each clip: float [B, S] waveform or [B, n_mels, steps] log-mel) and "audio_offset"
+    (float [B], seconds the sound was shifted late by), "audio_shift" (int64 [B], its index in the spec's
+    offsets; `loader/audio.py`). B counts clips; the
     V = K (train) or N x M (eval) clips of one video are consecutive, so a batch holds batch_size // V
     whole videos."""
 
@@ -323,7 +331,7 @@ class VideoLoader:
         out = Collected(b)
         ahead = b + self.prefetch_stride
         upcoming = plan.batch(ahead)[0].tolist() if ahead < plan.num_batches else []
-        self.reader.prefetch([self.refs[i] for i in idx.tolist() + upcoming])
+        self.reader.prefetch([self.refs[i] for i in idx.tolist() + upcoming], self.spec.audio is not None)
         for i, p in zip(idx.tolist(), pad.tolist()):
             ref = self.refs[i]
             rng = sample_rng(self.seed, self._epoch, i) if self.spec.train else None
@@ -339,6 +347,8 @@ class VideoLoader:
             try:
                 vplan = plan_video(ref.frames, ref.height, ref.width, self.spec, rng)
                 decode(len(out.idx), ref, data, vplan)
+                if self.spec.audio is not None:
+                    self._sound(out, ref, vplan)
             except Exception as e:  # any container/decoder failure: counted, never replaced
                 out.skipped.append((ref.shard, ref.key, f"{type(e).__name__}: {e}"))
                 continue
@@ -352,6 +362,16 @@ class VideoLoader:
             self.add_io(out.io)
         return out
 
+    def _sound(self, out: Collected, ref: SampleRef, vplan: VideoPlan) -> None:
+        """The sample's sound windows (one per view) and their drawn shifts, into `out`."""
+        spec = self.spec.audio
+        assert spec is not None
+        wave, _ = decode_member(self.reader.audio_bytes(ref), spec.rate)
+        views = [v.clip for v in vplan.views]
+        offsets = [draw_offset(spec, self.seed, self._epoch, ref.index)] * len(views)
+        out.audio.append(clip_windows(wave, vplan.frames, views, ref.fps, spec, offsets))
+        out.offsets.append(offsets)
+
     def add_io(self, io: dict[str, int]) -> None:
         """Object-storage counts of a batch (gets, bytes, cache hits, retries) into `stats`."""
         for k, v in io.items():
@@ -360,6 +380,14 @@ class VideoLoader:
     def batch_meta(self, got: Collected) -> Batch:
         """label/key/view/pad of a collected batch."""
         out = self._batch_meta(got.idx, got.pad, got.labels)
+        spec = self.spec.audio
+        if spec is not None:
+            wave = np.concatenate(got.audio) if got.audio else np.zeros((0, spec.samples), np.float32)
+            out["audio"] = audio_features(torch.from_numpy(wave), spec)
+            drawn = [o for v in got.offsets for o in v]
+            out["audio_offset"] = torch.tensor(drawn, dtype=torch.float32)
+            index = spec.offsets.index if spec.offsets else (lambda o: 0)
+            out["audio_shift"] = torch.tensor([index(o) for o in drawn], dtype=torch.int64)
         if self.label_kind == "segments":
             t = self.spec.frames
             out["frame_label"] = torch.from_numpy(

@@ -17,7 +17,7 @@ import logging
 import mmap
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class SampleRef:
     labels: tuple[int, ...] = ()  # the label set (multi-label), else (label,); () unlabelled
     segments: tuple[tuple[float, float, int], ...] = ()  # (start s, end s, class) in clip time
     fps: float = 0.0  # of the stored video (segments' frames); 0 when unknown
+    audio_offset: int = 0  # the `.flac` member's byte range (size 0: the sample has no sound)
+    audio_size: int = 0
 
     @property
     def ref(self) -> str:
@@ -63,6 +65,7 @@ class SplitListing:
     codecs: set[str]
     folders: list[Path]
     kind: str = "single"  # the manifests' label kind (format.LABEL_KINDS)
+    audio: dict[str, str] = field(default_factory=dict)  # folder -> how its build treated sound
 
 
 def _members(tar_path: Path, line: str) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -134,6 +137,7 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
         except fmt.FormatError as e:
             raise fmt.FormatError(f"{tar_path}: sample {key}: {e}") from None
         v_off, v_size = members[video]
+        a_off, a_size = members.get(fmt.AUDIO_EXT, (0, 0))
         refs.append(
             SampleRef(
                 first + i,
@@ -149,6 +153,8 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
                 labels,
                 segments,
                 float(meta.get("fps") or 0.0),
+                a_off,
+                a_size,
             )
         )
     if ignored:
@@ -196,6 +202,7 @@ def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: s
     classes: list[str] | None = None
     kind = "single"
     codecs: set[str] = set()
+    audio: dict[str, str] = {}
     for n, folder in enumerate(folders):
         part, manifest = list_samples(folder, split)
         if n and manifest.classes != classes:
@@ -208,10 +215,11 @@ def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: s
                 f"shard folders disagree on their labels: {folders[0]} has {kind}, {folder} {manifest.labels}"
             )
         classes, kind = manifest.classes, manifest.labels
+        audio[str(folder)] = manifest.audio
         codecs |= manifest.codecs_for(split)
         base = len(refs)
         refs.extend(replace(r, index=base + r.index) for r in part)
-    return SplitListing(refs, classes, codecs, folders, kind)
+    return SplitListing(refs, classes, codecs, folders, kind, audio)
 
 
 def select_samples(
@@ -272,21 +280,31 @@ class ShardReader:
             self._maps[shard] = m
         return m
 
-    def prefetch(self, refs: Sequence[SampleRef]) -> None:
-        """Start reading these samples' bytes (those at URLs; local ones are mapped, nothing to start)."""
-        items = [(r.shard, r.video_offset, r.video_size) for r in refs if storage.is_url(r.shard)]
+    def prefetch(self, refs: Sequence[SampleRef], audio: bool = False) -> None:
+        """Start reading these samples' bytes (those at URLs; local ones are mapped, nothing to start);
+        `audio`: their sound members too."""
+        remote = [r for r in refs if storage.is_url(r.shard)]
+        items = [(r.shard, r.video_offset, r.video_size) for r in remote]
+        items += [(r.shard, r.audio_offset, r.audio_size) for r in remote if audio and r.audio_size]
         if items:
             self.remote.prefetch(items)
 
     def video_bytes(self, ref: SampleRef) -> bytes:
-        end = ref.video_offset + ref.video_size
+        return self._member(ref, ref.video_offset, ref.video_size)
+
+    def audio_bytes(self, ref: SampleRef) -> bytes:
+        """The sample's `.flac` member; ValueError when the build stored no sound for it."""
+        if not ref.audio_size:
+            raise ValueError("the sample has no sound (.flac member): it was stored without audio")
+        return self._member(ref, ref.audio_offset, ref.audio_size)
+
+    def _member(self, ref: SampleRef, offset: int, size: int) -> bytes:
         if storage.is_url(ref.shard):
-            data = self.remote.read(ref.shard, ref.video_offset, ref.video_size)
-            return _checked(data, ref.video_size, ref.shard, ref.key)
+            return _checked(self.remote.read(ref.shard, offset, size), size, ref.shard, ref.key)
         m = self._map(ref.shard)
-        if end > len(m):
+        if offset + size > len(m):
             raise fmt.FormatError(f"{ref.shard}: sample {ref.key} runs past the end of the tar (truncated?)")
-        return m[ref.video_offset : end]
+        return m[offset : offset + size]
 
     def __getstate__(self) -> dict:
         return {"_pid": -1, "_maps": {}, "remote": self.remote}

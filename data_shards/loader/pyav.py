@@ -421,6 +421,30 @@ def decode_views(
         return _views(video, vplan, spec, out)
 
 
+def decode_views_and_sound(
+    data: bytes, spec: SamplingSpec, strict: bool = False, limits: DecodeLimits | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_views` (eval plan) and, for each view, the sound window `spec.audio` says (unshifted: what the
+    file holds): (views [V, 3, T, S, S], audio [V, ...]). VideoDecodeError "no_audio_stream" without sound."""
+    from data_shards import audio as sound
+    from data_shards.loader.audio import clip_windows, features
+    from data_shards.probe import RejectError
+
+    assert spec.audio is not None
+    with _Packets(data, strict, limits) as video:
+        vplan = plan_video(video.frames, video.height, video.width, spec, None)
+        views, fps = _views(video, vplan, spec, None), _rate(video)
+    try:
+        wave = sound.from_first_frame(data, spec.audio.rate)
+    except RejectError as e:
+        raise VideoDecodeError(
+            "no_audio_stream", f"the model listens too, and this video's sound: {e}"
+        ) from None
+    clips = [v.clip for v in vplan.views]
+    windows = clip_windows(wave, vplan.frames, clips, fps, spec.audio, [0.0] * len(clips))
+    return views, features(torch.from_numpy(windows), spec.audio)
+
+
 @dataclass(frozen=True)
 class Windows:
     """A whole video cut into overlapping clips for a temporal model: views [W, 3, T, S, S] (centre crop),

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_shards.loader.audio import AudioSpec
+
 SHORT_VIDEO_POLICIES = ("repeat", "pad_last")
 
 
@@ -45,6 +47,7 @@ class SamplingSpec:
     scales: tuple[float, ...] = (1, 0.875, 0.75, 0.66)
     flip: bool = True
     short_video: str = "repeat"
+    audio: AudioSpec | None = None  # the sound beside each clip (`loader/audio.py`); None: no "audio"
 
     def __post_init__(self) -> None:
         for name in ("frames", "stride", "size", "clips_per_video", "eval_clips"):

@@ -13,6 +13,8 @@ class LinearHead:
 
     head: nn.Linear
     head_dropout: nn.Module
+    # an audio-visual model also has `audio` (an `AudioBranch`: fuses the clip's sound in); a class attribute
+    # here would shadow the submodule nn.Module keeps in `_modules`
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -22,8 +24,15 @@ class LinearHead:
         x = self.head_dropout(feat_BD)
         return x if pre_logits else self.head(x)
 
-    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(video_BCTHW))
+    def forward(self, video_BCTHW: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; an audio-visual model (`audio` branch) also takes the clip's sound (log-mel [B, M, F])."""
+        feat = self.forward_features(video_BCTHW)
+        branch = getattr(self, "audio", None)
+        if branch is not None:
+            if audio is None:
+                raise ValueError("this model listens as well as looks: pass the clip's sound (audio)")
+            feat = branch(feat, audio)
+        return self.forward_head(feat)
 
     def keep_head_rows(self, weight_KD: torch.Tensor, bias_K: torch.Tensor) -> int:
         """Copy an older head's rows into the first rows of this one (old class ids never move; the new

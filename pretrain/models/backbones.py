@@ -18,6 +18,7 @@ from torch import nn
 from ._cnn import StagedNet
 from ._config import config_from_dict
 from ._head import LinearHead
+from .audio import AudioBranch, AudioBranchConfig
 from .cnn_rnn import CNN_RNN_PRESETS, CnnRnn, CnnRnnConfig
 from .tada2d import TADA2D_PRESETS, TAda2D, TAda2DConfig
 from .video_resnet import VIDEO_RESNET_ARCHS, VIDEO_RESNET_PRESETS, VideoResNet, VideoResNetConfig
@@ -77,8 +78,15 @@ class BackboneClassifierConfig:
     init_std: float = 0.01  # head weights ~ N(0, init_std²), zero bias (torchvision's video ResNet init)
     class_names: list[str] | None = None
     temporal: bool = False  # logits per time step of the last feature map [B, T', K] instead of per clip
+    audio: AudioBranchConfig | None = None  # an audio-visual model: the sound fused in (`audio.py`)
 
     def __post_init__(self) -> None:
+        if isinstance(self.audio, dict):  # from config.json
+            self.audio = AudioBranchConfig(
+                **{k: tuple(v) if k == "channels" else v for k, v in self.audio.items()}
+            )
+        if self.audio is not None and self.temporal:
+            raise ValueError("an audio-visual model scores whole clips: temporal=True does not apply")
         _check_backbone(self.backbone)
         cfg_cls = BACKBONES[self.backbone][0]
         if self.encoder is None:
@@ -128,6 +136,7 @@ class BackboneClassifier(StagedNet, LinearHead, nn.Module):
         self.encoder = build_backbone(cfg.encoder)
         self.head_dropout = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(self.encoder.feature_dim, cfg.num_classes)
+        self.audio = AudioBranch(cfg.audio, self.encoder.feature_dim) if cfg.audio is not None else None
         nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
         nn.init.zeros_(self.head.bias)
 
@@ -148,7 +157,7 @@ class BackboneClassifier(StagedNet, LinearHead, nn.Module):
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Pooled clip features ``feat_BD`` (before dropout and head); ``[B, T', D]`` when temporal (the
         backbone's per-time-step features: space-pooled maps, or the RNN's outputs)."""
-        if self.cfg.temporal:
+        if self.cfg.temporal or self.cfg.audio is not None:
             return self.encoder.forward_temporal_features(video_BCTHW)
         return self.encoder.forward_features(video_BCTHW)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._head import LinearHead
+from .audio import AudioBranch, AudioBranchConfig
 from .vit import VideoViT, VideoViTConfig, encoder_layer_index
 
 
@@ -30,8 +31,15 @@ class VideoClassifierConfig:
     fc_norm_eps: float = 1e-6  # HF hard-codes 1e-5
     class_names: list[str] | None = None
     temporal: bool = False  # logits per temporal token [B, T', K] instead of per clip
+    audio: AudioBranchConfig | None = None  # an audio-visual model: the sound fused in (`audio.py`)
 
     def __post_init__(self) -> None:
+        if isinstance(self.audio, dict):  # from config.json
+            self.audio = AudioBranchConfig(
+                **{k: tuple(v) if k == "channels" else v for k, v in self.audio.items()}
+            )
+        if self.audio is not None and self.temporal:
+            raise ValueError("an audio-visual model scores whole clips: temporal=True does not apply")
         if self.temporal and not self.use_mean_pooling:
             raise ValueError("temporal=True pools each time step's tokens: it needs use_mean_pooling=True")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -54,6 +62,7 @@ class VideoClassifier(LinearHead, nn.Module):
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.fc_norm_eps) if cfg.use_mean_pooling else None
         self.head_dropout = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(dim, cfg.num_classes)
+        self.audio = AudioBranch(cfg.audio, dim) if cfg.audio is not None else None
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         with torch.no_grad():
@@ -76,9 +85,10 @@ class VideoClassifier(LinearHead, nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        """Pooled clip features ``[B, D]`` (before dropout and head); ``[B, T', D]`` when temporal."""
+        """Pooled clip features ``[B, D]`` (before dropout and head); ``[B, T', D]`` when temporal or
+        audio-visual (the sound is fused per time step)."""
         tokens_BND = self.encoder(video_BCTHW)
-        if self.cfg.temporal:
+        if self.cfg.temporal or self.cfg.audio is not None:
             t = self.cfg.encoder.grid_size[0]
             return self.fc_norm(tokens_BND.unflatten(1, (t, -1)).mean(dim=2))
         if self.fc_norm is not None:
