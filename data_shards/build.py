@@ -266,7 +266,7 @@ def _audio_notes(accepted: list[ShardEntry], opts: BuildOptions) -> list[str]:
     missing = Counter(e.meta["audio_missing"].split(":")[0] for e in accepted if e.meta.get("audio_missing"))
     if not missing:
         return [f"audio: all {len(accepted)} accepted videos have sound"]
-    why = ", ".join(f"{k} {n}" for k, n in missing.most_common())
+    why = ", ".join(f"{k} {n}" for k, n in sorted(missing.items(), key=lambda kn: (-kn[1], kn[0])))
     return [f"audio: {sum(missing.values())} of {len(accepted)} videos stored without sound ({why})"]
 
 

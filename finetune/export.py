@@ -26,6 +26,11 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             f"{model_dir} holds a {type(model).__name__} ({getattr(model.cfg, 'backbone', '?')}): HF VideoMAE can only "
             "express the ViT; use the tubelet model directory (evaluate, predict, serve and load_model read it)"
         )
+    if model.cfg.audio is not None:
+        raise ValueError(
+            f"{model_dir} is an audio-visual model (it hears the clip's sound too): HF VideoMAE takes video "
+            "only; use the tubelet model directory"
+        )
     if model.cfg.temporal:
         raise ValueError(
             f"{model_dir} is a temporal model (a class per time step): HF VideoMAEForVideoClassification has one "

@@ -131,17 +131,21 @@ def signature() -> Any:
 
 
 def example_clip(model_dir: Path) -> bytes:
-    """A small synthetic H.264 clip long enough for the model's sampling: the logged input example."""
-    from data_shards.synth import SynthSpec, encode_clip, render_clip
+    """A small synthetic H.264 clip long enough for the model's sampling (with sound for a model that
+    listens): the logged input example."""
+    from data_shards.codec import AUDIO_ENCODERS
+    from data_shards.synth import SynthSpec, encode_clip, render_clip, render_sound
     from finetune.model_dir import open_model_dir
 
     opened = open_model_dir(model_dir)
     (frames, size), stride = opened.geometry, opened.spec.stride
-    spec = SynthSpec(videos=1, frames=frames * stride, size=size, codec="h264", seed=0)
+    listens = opened.spec.audio is not None
+    spec = SynthSpec(videos=1, frames=frames * stride, size=size, codec="h264", seed=0, audio=listens)
     clip, _ = render_clip(0, spec)
+    sound = render_sound(0, spec, clip, AUDIO_ENCODERS["h264"][1]) if listens else None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "example.mp4"
-        encode_clip(clip, path, "h264", spec.fps)
+        encode_clip(clip, path, "h264", spec.fps, sound)
         return path.read_bytes()
 
 

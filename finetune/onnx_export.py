@@ -41,6 +41,11 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> Path:
 
     _require("onnxscript")
     model = load_finetuned(model_dir)
+    if getattr(model.cfg, "audio", None) is not None:
+        raise ValueError(
+            f"{model_dir} is an audio-visual model (video and sound in): the ONNX export takes video-only "
+            "models; serve or predict the tubelet model directory"
+        )
     for m in model.modules():
         if isinstance(m, Attention):
             m.attn_impl = "math"

@@ -152,6 +152,11 @@ class Predictor:
 
     def embeddings(self, videos: Sequence[Views]) -> list[torch.Tensor]:
         """Clip embedding per video [D]: the classifier's pooled features (before the head), mean over views."""
+        if self.listens:
+            raise ValueError(
+                f"{self.model_dir} is an audio-visual model: its features are per time step and paired with "
+                "sound; embed with a video classifier"
+            )
         return self._forward(videos, features=True)
 
     def top(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:

@@ -148,7 +148,7 @@ def segment_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_segments_reach_the_shards_and_the_loaders_frame_by_frame(segment_set: tuple[Path, Path]) -> None:
     src, out = segment_set
     manifest = fmt.load_manifest(out)
-    assert manifest.labels == "segments" and manifest.version == 2
+    assert manifest.labels == "segments" and manifest.version == fmt.FORMAT_VERSION
     assert manifest.classes == ["background", "move_down", "move_left", "move_right", "move_up"]
     rejects = [json.loads(line) for line in (out / fmt.REJECTS_NAME).read_text().splitlines()]
     assert len(rejects) == 1 and rejects[0]["kind"] == "bad-segment", rejects

@@ -1,0 +1,172 @@
+"""Audio-visual synchronisation on the engine: the av_sync head (is the sound in sync with the picture, and by
+which shift is it off), the audio branch (lagged correlation of the two streams), its config checks, and end to
+end from synthetic videos with sound: build --audio keep → fine-tune on 2 ranks → evaluate → predict recovers
+the offset of clips whose sound was recorded late or early."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from ft_helpers import PY, REPO, base_env, ok, run_cli, run_ranks
+
+from finetune.config import FinetuneConfig
+from finetune.heads import SyncHead, head_of
+from finetune.peft_methods import FinetuneSection, apply_method
+from pretrain.engine import ConfigError, load_config
+from pretrain.models import VideoClassifier, VideoClassifierConfig, VideoViTConfig
+from pretrain.models.audio import AudioBranchConfig, lagged_correlation
+
+SYNC = REPO / "finetune" / "configs" / "tiny_cpu_sync.yaml"
+
+
+def test_sync_head_metrics_and_verdict() -> None:
+    head = head_of({"head": "av_sync", "audio": {"offsets": [-0.4, 0.0, 0.4]}})
+    assert isinstance(head, SyncHead) and head.primary == "sync_acc"
+    scores = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]])
+    labels = torch.tensor([1, 2, 2, 1])  # truth: in sync, late, late, in sync
+    m = head.metrics(scores, labels)
+    # predicted: in sync, early, late, late → in-sync-or-not right for rows 0, 1, 2; offset right for 0 and 2
+    assert m["sync_acc"] == pytest.approx(0.75) and m["offset_acc"] == pytest.approx(0.5)
+    assert m["offset_mae"] == pytest.approx((0 + 0.8 + 0 + 0.4) / 4)
+    assert head.verdict(torch.tensor([0.1, 0.2, 0.7])) == {"offset": 0.4, "in_sync": False}
+    assert head.batch_labels({"audio_shift": labels}, 3) is labels
+    with pytest.raises(ValueError, match="--audio keep"):
+        head.batch_labels({"label": labels}, 3)
+
+
+def _listening_vit(modality: str = "both") -> VideoClassifier:
+    enc = VideoViTConfig.from_preset("tiny", img_size=32, num_frames=8)
+    audio = AudioBranchConfig(modality=modality)
+    return VideoClassifier(VideoClassifierConfig(encoder=enc, num_classes=5, audio=audio))
+
+
+def test_audio_branch_correlates_the_streams_and_the_baseline_ignores_the_picture() -> None:
+    v = torch.zeros(1, 1, 8)
+    a = torch.zeros(1, 1, 8)
+    v[0, 0, 2], a[0, 0, 5] = 1.0, 1.0  # the sound 3 steps after the picture
+    corr = lagged_correlation(v, a, 4)[0, 0]
+    assert corr.shape == (9,) and int(corr.argmax()) == 4 + 3
+    torch.manual_seed(0)
+    model = _listening_vit().eval()
+    video, sound = torch.randn(2, 3, 8, 32, 32), torch.randn(2, 64, 101)
+    assert model(video, sound).shape == (2, 5)
+    with pytest.raises(ValueError, match="pass the clip's sound"):
+        model(video)
+    deaf_to_pictures = _listening_vit("audio").eval()
+    torch.testing.assert_close(deaf_to_pictures(video, sound), deaf_to_pictures(video.flip(0), sound))
+    # every PEFT method trains the audio branch (no starting point has one), like the head
+    lora = _listening_vit()
+    apply_method(lora, FinetuneSection(method="lora"))
+    audio = [p.requires_grad for n, p in lora.named_parameters() if n.startswith("audio.")]
+    assert audio and all(audio)
+    assert not any(p.requires_grad for n, p in lora.named_parameters() if ".qkv.base_layer" in n)
+
+
+def _sync_shards(root: Path, videos: int, *extra: str) -> Path:
+    env = base_env()
+    synth = [PY, "-m", "data_shards", "synth", "--out", str(root), "--videos", str(videos), "--size", "32"]
+    ok(subprocess.run([*synth, "--audio", *extra], env=env, cwd=REPO, capture_output=True, text=True))
+    return root / "labels.csv"
+
+
+def test_config_names_what_a_sync_run_needs(tmp_path: Path) -> None:
+    table = _sync_shards(tmp_path / "src", 4)
+    build = [PY, "-m", "data_shards", "build", str(table), "--workers", "1", "--quiet"]
+    env = base_env()
+    ok(
+        subprocess.run(
+            [*build, "--out", str(tmp_path / "mute")], env=env, cwd=REPO, capture_output=True, text=True
+        )
+    )
+    with pytest.raises(ConfigError, match=r"built without it .*--audio keep"):
+        load_config(FinetuneConfig, SYNC, [f"data.shards={tmp_path / 'mute'}"]).validate()
+    for over, why in (
+        (["audio.offsets=[-0.2,0.2]"], "needs 0.0"),
+        (["audio.offsets=[0.2,0.0]"], "increasing order"),
+        (["audio.offsets=[0.0,1.5]"], "within audio.seconds"),
+        (["augment.mixup=0.8"], "mixup / cutmix"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load_config(
+                FinetuneConfig, SYNC, ["data.backend=synthetic", "model.num_classes=4", *over]
+            ).validate()
+
+
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """96 clips with sound (H.264 + AAC), built with --audio keep, fine-tuned on 2 ranks (ViT-tiny from
+    scratch, 200 steps): (root, run)."""
+    root = tmp_path_factory.mktemp("sync")
+    table = _sync_shards(root / "src", 96)
+    build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep"]
+    ok(
+        subprocess.run(
+            [*build, "--val-fraction", "0.25"], env=base_env(), cwd=REPO, capture_output=True, text=True
+        )
+    )
+    args = [
+        "--config",
+        str(SYNC),
+        f"train.run_dir={root / 'run'}",
+        f"data.shards={root / 'shards'}",
+        "data.backend=pyav",
+        "data.num_workers=0",
+        "train.steps=200",
+        "train.micro_batch_size=8",
+        "train.eval_every=0",
+        "tracking.enabled=false",
+    ]
+    ok(run_ranks(args, 2, timeout=600))
+    return root, root / "run"
+
+
+def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, run = sync_run
+    extra = json.loads((run / "model" / "config.json").read_text())["extra"]
+    assert extra["head"] == "av_sync" and extra["audio"]["offsets"] == [-0.4, -0.2, 0.0, 0.2, 0.4]
+    r = run_cli(
+        [
+            "evaluate",
+            "--model",
+            str(run / "model"),
+            "--shards",
+            str(root / "shards"),
+            "--split",
+            "val",
+            "--json",
+            "--no-mlflow",
+        ]
+    )
+    ok(r)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["head"] == "av_sync" and got["n"] > 15
+    # chance: always "in sync" is right for about half the clips (sync_prob 0.5)
+    assert got["sync_acc"] >= 0.85 and got["offset_acc"] >= 0.6, got
+    assert (run / "model" / "eval_val" / "report.txt").read_text().count("sound late") == 2
+
+    answers = {}
+    for delay in ("0.2", "-0.4", "0"):
+        folder = tmp_path / f"d{delay}"
+        _sync_shards(folder, 3, "--seed", "11", "--audio-delay", delay)
+        p = run_cli(["predict", "--model", str(run / "model"), str(folder / "videos"), "--json"])
+        ok(p)
+        answers[float(delay)] = [json.loads(line)["offset"] for line in p.stdout.strip().splitlines()]
+    for delay, offsets in answers.items():
+        assert sum(o == pytest.approx(delay) for o in offsets) >= 2, answers
+    mute = tmp_path / "mute"
+    ok(
+        subprocess.run(
+            [PY, "-m", "data_shards", "synth", "--out", str(mute), "--videos", "1"],
+            env=base_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    )
+    p = run_cli(["predict", "--model", str(run / "model"), str(mute / "videos"), "--json"])
+    assert p.returncode != 0, (p.stdout, p.stderr)
+    assert "no audio stream" in json.loads(p.stdout.strip().splitlines()[0])["error"]
