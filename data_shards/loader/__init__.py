@@ -133,6 +133,27 @@ def _auto_backend(codecs: set[str], device: torch.device, shards: Shards, split:
     return backend, dali_device, why
 
 
+def _warn_dali_cpu(codecs: set[str], shards: Shards, split: str) -> None:
+    if not codecs <= fmt.DALI_CPU_CODECS:
+        log.warning(
+            "DALI-CPU decodes only %s; %s/%s has %s (decoding will fail)",
+            sorted(fmt.DALI_CPU_CODECS),
+            shards,
+            split,
+            sorted(codecs),
+        )
+
+
+def _check_sound(modes: dict[str, str]) -> None:
+    """A loader that returns sound needs shard folders built with it."""
+    silent = sorted(f for f, mode in modes.items() if mode == "drop")
+    if silent:
+        raise fmt.FormatError(
+            f"{', '.join(silent)}: built without sound, and this run needs it (audio); rebuild with "
+            "`python -m data_shards build ... --audio keep`"
+        )
+
+
 def build_loader(
     shards: Shards,
     split: str,
@@ -191,12 +212,8 @@ def build_loader(
     listing = list_split(shards, split)
     refs = select_samples(listing.refs, keys, labels) if selected else listing.refs
     common["label_kind"], codecs = listing.kind, listing.codecs
-    silent = sorted(f for f, mode in listing.audio.items() if mode == "drop")
-    if spec.audio is not None and silent:
-        raise fmt.FormatError(
-            f"{', '.join(silent)}: built without sound, and this run needs it (audio); rebuild with "
-            "`python -m data_shards build ... --audio keep`"
-        )
+    if spec.audio is not None:
+        _check_sound(listing.audio)
     dali_device = backend_options.pop("dali_device", None)
     why = "requested"
     if backend == "auto":
@@ -206,14 +223,8 @@ def build_loader(
         from data_shards.loader.dali import DaliLoader
 
         dali_device = dali_device or ("mixed" if _cuda(device) else "cpu")
-        if dali_device == "cpu" and not codecs <= fmt.DALI_CPU_CODECS:
-            log.warning(
-                "DALI-CPU decodes only %s; %s/%s has %s (decoding will fail)",
-                sorted(fmt.DALI_CPU_CODECS),
-                shards,
-                split,
-                sorted(codecs),
-            )
+        if dali_device == "cpu":
+            _warn_dali_cpu(codecs, shards, split)
         num_threads = int(backend_options.get("num_threads", 2))
         return DaliLoader(refs, dali_device=dali_device, num_threads=num_threads, reason=why, **common)
     from data_shards.loader.pyav import PyAVLoader

@@ -211,7 +211,7 @@ def test_label_sets_reach_the_loader_and_version_1_sets_still_read(tmp_path: Pat
     del old["labels"]
     (out / fmt.MANIFEST_NAME).write_text(json.dumps(old))
     assert fmt.load_manifest(out).labels == "single"
-    old["version"] = 3
+    old["version"] = 4
     (out / fmt.MANIFEST_NAME).write_text(json.dumps(old))
-    with pytest.raises(fmt.FormatError, match="version 3 is not supported"):
+    with pytest.raises(fmt.FormatError, match="version 4 is not supported"):
         fmt.load_manifest(out)

@@ -177,7 +177,7 @@ def test_resume_refuses_incompatible_config(tmp_path) -> None:
     assert r.returncode == 2 and "--resume auto" in r.stdout
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])  # ZeRO-3: 9 s, -m slow
 def test_export_round_trip(tmp_path, stage: int) -> None:
     run_dir, out = tmp_path / "run", tmp_path / "model"
     ok(run_ranks(tiny_args(run_dir, None, "train.steps=3", f"deepspeed.zero_stage={stage}"), 1))

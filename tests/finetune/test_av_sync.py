@@ -6,6 +6,7 @@ the offset of clips whose sound was recorded late or early."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -73,35 +74,12 @@ def _sync_shards(root: Path, videos: int, *extra: str) -> Path:
     return root / "labels.csv"
 
 
-def test_config_names_what_a_sync_run_needs(tmp_path: Path) -> None:
-    table = _sync_shards(tmp_path / "src", 4)
-    build = [PY, "-m", "data_shards", "build", str(table), "--workers", "1", "--quiet"]
-    env = base_env()
-    ok(
-        subprocess.run(
-            [*build, "--out", str(tmp_path / "mute")], env=env, cwd=REPO, capture_output=True, text=True
-        )
-    )
-    with pytest.raises(ConfigError, match=r"built without it .*--audio keep"):
-        load_config(FinetuneConfig, SYNC, [f"data.shards={tmp_path / 'mute'}"]).validate()
-    for over, why in (
-        (["audio.offsets=[-0.2,0.2]"], "needs 0.0"),
-        (["audio.offsets=[0.2,0.0]"], "increasing order"),
-        (["audio.offsets=[0.0,1.5]"], "within audio.seconds"),
-        (["augment.mixup=0.8"], "mixup / cutmix"),
-    ):
-        with pytest.raises(ConfigError, match=why):
-            load_config(
-                FinetuneConfig, SYNC, ["data.backend=synthetic", "model.num_classes=4", *over]
-            ).validate()
-
-
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """96 clips with sound (H.264 + AAC), built with --audio keep, fine-tuned on 2 ranks (ViT-tiny from
-    scratch, 200 steps): (root, run)."""
+    """64 clips with sound (H.264 + AAC), built with --audio keep, fine-tuned on 2 ranks (ViT-tiny from
+    scratch, 150 steps): (root, run)."""
     root = tmp_path_factory.mktemp("sync")
-    table = _sync_shards(root / "src", 96)
+    table = _sync_shards(root / "src", 64)
     build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep"]
     ok(
         subprocess.run(
@@ -115,7 +93,7 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         f"data.shards={root / 'shards'}",
         "data.backend=pyav",
         "data.num_workers=0",
-        "train.steps=200",
+        "train.steps=150",
         "train.micro_batch_size=8",
         "train.eval_every=0",
         "tracking.enabled=false",
@@ -170,3 +148,23 @@ def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Pat
     p = run_cli(["predict", "--model", str(run / "model"), str(mute / "videos"), "--json"])
     assert p.returncode != 0, (p.stdout, p.stderr)
     assert "no audio stream" in json.loads(p.stdout.strip().splitlines()[0])["error"]
+
+
+def test_config_names_what_a_sync_run_needs(sync_run: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = sync_run
+    mute = tmp_path / "mute"  # the same shards, as a build without --audio would describe them
+    shutil.copytree(root / "shards", mute)
+    manifest = json.loads((mute / "manifest.json").read_text())
+    manifest["options"]["ingest"]["audio"] = "drop"
+    (mute / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"built without it .*--audio keep"):
+        load_config(FinetuneConfig, SYNC, [f"data.shards={mute}"]).validate()
+    load_config(FinetuneConfig, SYNC, [f"data.shards={root / 'shards'}"]).validate()
+    for over, why in (
+        (["audio.offsets=[-0.2,0.2]"], "needs 0.0"),
+        (["audio.offsets=[0.2,0.0]"], "increasing order"),
+        (["audio.offsets=[0.0,1.5]"], "within audio.seconds"),
+        (["augment.mixup=0.8"], "mixup / cutmix"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load_config(FinetuneConfig, SYNC, [f"data.shards={root / 'shards'}", *over]).validate()

@@ -123,7 +123,8 @@ def cnn_args(run: Path, shards: Path, backbone: str, *extra: str) -> list[str]:
     )
 
 
-@pytest.mark.parametrize("backbone", ["r2plus1d", "r3d", "cnn_rnn"])
+# r3d is the same VideoResNet module as r2plus1d with other convs: -m slow (7 s)
+@pytest.mark.parametrize("backbone", ["r2plus1d", pytest.param("r3d", marks=pytest.mark.slow), "cnn_rnn"])
 def test_two_rank_zero2_fine_tune_of_every_backbone(tmp_path: Path, shards: Path, backbone: str) -> None:
     run = tmp_path / backbone
     extra = ["deepspeed.zero_stage=2", "train.micro_batch_size=2", "train.steps=3", "eval.val_clips=1"]

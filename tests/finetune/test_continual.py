@@ -235,6 +235,7 @@ def test_peft_per_experience_is_task_incremental_and_does_not_forget(
     )
 
 
+@pytest.mark.slow  # 7 s; class-incremental replay end to end stays in the default run
 def test_domain_incremental_replay_spans_shard_sets(tmp_path: Path, cl_shards: Path) -> None:
     other = balanced_shards(tmp_path / "domain1", domain=1)
     run = tmp_path / "domains"

@@ -116,6 +116,7 @@ def test_predict_takes_folders_and_patterns_and_refuses_top_k_below_1(
     assert "no file matches this pattern" in error_line(r)
 
 
+@pytest.mark.slow  # 9 s
 def test_an_embeddings_index_is_queried_only_by_the_model_that_built_it(
     tiny_classifier: Path, shards: Path, raw_videos: list[Path], tmp_path: Path
 ) -> None:
