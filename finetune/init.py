@@ -20,6 +20,7 @@ from pretrain.sources import Source
 _EXPECTED_NEW = {
     "head.": "new classification head",
     "fc_norm.": "new pooling norm (VideoMAE: mean pooling + fc_norm replaces the encoder's final norm)",
+    "audio.": "new audio branch (audio-visual sync: the sound's encoder and its fusion with the picture)",
 }
 _EXPECTED_DROPPED = {
     "decoder.": "MAE decoder (pretraining only)",

@@ -67,6 +67,20 @@ def test_audio_branch_correlates_the_streams_and_the_baseline_ignores_the_pictur
     assert not any(p.requires_grad for n, p in lora.named_parameters() if ".qkv.base_layer" in n)
 
 
+def test_a_pretrained_video_model_starts_the_picture_side(mae_dir: Path) -> None:
+    """From a pretraining: the encoder's weights load, the audio branch and head are new (named as such)."""
+    from finetune.init import format_init_report, load_init_weights
+    from pretrain.sources import load_source
+
+    model = _listening_vit()
+    report = load_init_weights(model, load_source(mae_dir))
+    new = [k for keys in report["expected_new"].values() for k in keys]
+    assert any(k.startswith("audio.") for k in new) and not report["unexpected_other"]
+    assert "new audio branch" in format_init_report(report)
+    src = load_source(mae_dir).state_dict
+    torch.testing.assert_close(model.encoder.patch_embed.proj.weight, src["encoder.patch_embed.proj.weight"])
+
+
 def _sync_shards(root: Path, videos: int, *extra: str) -> Path:
     env = base_env()
     synth = [PY, "-m", "data_shards", "synth", "--out", str(root), "--videos", str(videos), "--size", "32"]
@@ -135,6 +149,19 @@ def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Pat
         answers[float(delay)] = [json.loads(line)["offset"] for line in p.stdout.strip().splitlines()]
     for delay, offsets in answers.items():
         assert sum(o == pytest.approx(delay) for o in offsets) >= 2, answers
+    # the MLflow pyfunc model (same Predictor): the offset classes by name; its logged example has sound
+    import pandas as pd
+
+    from finetune.mlflow_model import VideoClassifierModel, example_clip
+    from finetune.predict import Predictor
+
+    pyfunc = VideoClassifierModel()
+    pyfunc.predictor = Predictor(run / "model")
+    late = sorted(str(v) for v in (tmp_path / "d0.2" / "videos").iterdir())
+    rows = pyfunc.predict(None, pd.DataFrame({"path": late}))
+    assert (rows["label"] == "sound late 0.20s").sum() >= 2, rows
+    example = pyfunc.predict(None, pd.DataFrame({"video": [example_clip(run / "model")]}))
+    assert example["error"][0] is None and example["label"][0] in pyfunc.predictor.labels
     mute = tmp_path / "mute"
     ok(
         subprocess.run(
@@ -168,3 +195,41 @@ def test_config_names_what_a_sync_run_needs(sync_run: tuple[Path, Path], tmp_pat
     ):
         with pytest.raises(ConfigError, match=why):
             load_config(FinetuneConfig, SYNC, [f"data.shards={root / 'shards'}", *over]).validate()
+
+
+@pytest.mark.slow  # a Serve start (≈ 20 s)
+def test_served_sync_model_answers_the_offset(sync_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Over HTTP: the offset classes by name, as `predict` ranks them; a video without sound is a 422."""
+    import requests
+    from ft_helpers import free_port, start_server, stop_server
+
+    _, run = sync_run
+    _sync_shards(tmp_path / "late", 1, "--seed", "11", "--audio-delay", "0.2")
+    video = next((tmp_path / "late" / "videos").iterdir())
+    ok(
+        subprocess.run(
+            [PY, "-m", "data_shards", "synth", "--out", str(tmp_path / "mute"), "--videos", "1"],
+            env=base_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    )
+    mute = next((tmp_path / "mute" / "videos").iterdir())
+    port = free_port()
+    cmd = [PY, "-m", "finetune", "serve", "--model", str(run / "model"), "--port", str(port)]
+    env = {**base_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = start_server(cmd, env, tmp_path / "serve.log", f"http://127.0.0.1:{port}/health")
+    try:
+        got = requests.post(f"http://127.0.0.1:{port}/predict", data=video.read_bytes(), timeout=120)
+        silent = requests.post(f"http://127.0.0.1:{port}/predict", data=mute.read_bytes(), timeout=120)
+        meta = requests.get(f"http://127.0.0.1:{port}/metadata", timeout=30).json()
+    finally:
+        stop_server(proc)
+    assert got.status_code == 200, got.text
+    local = run_cli(["predict", "--model", str(run / "model"), str(video), "--json"])
+    ok(local)
+    want = json.loads(local.stdout.strip().splitlines()[-1])
+    assert [a["label"] for a in got.json()] == [t["label"] for t in want["top"]]
+    assert silent.status_code == 422 and "no_audio_stream" in silent.text
+    assert meta["head"] == "av_sync"
