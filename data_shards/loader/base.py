@@ -380,20 +380,26 @@ class VideoLoader:
     def batch_meta(self, got: Collected) -> Batch:
         """label/key/view/pad of a collected batch."""
         out = self._batch_meta(got.idx, got.pad, got.labels)
-        spec = self.spec.audio
-        if spec is not None:
-            wave = np.concatenate(got.audio) if got.audio else np.zeros((0, spec.samples), np.float32)
-            out["audio"] = audio_features(torch.from_numpy(wave), spec)
-            drawn = [o for v in got.offsets for o in v]
-            out["audio_offset"] = torch.tensor(drawn, dtype=torch.float32)
-            index = spec.offsets.index if spec.offsets else (lambda o: 0)
-            out["audio_shift"] = torch.tensor([index(o) for o in drawn], dtype=torch.int64)
+        if self.spec.audio is not None:
+            out |= self._sound_meta(got.audio, [o for v in got.offsets for o in v])
         if self.label_kind == "segments":
             t = self.spec.frames
             out["frame_label"] = torch.from_numpy(
                 np.concatenate(got.frame_labels) if got.frame_labels else np.zeros((0, t), dtype=np.int64)
             )
         return out
+
+    def _sound_meta(self, waves: list[np.ndarray], drawn: list[float]) -> Batch:
+        """ "audio" (the spec's feature of the windows, [V, S] per video), "audio_offset", "audio_shift"."""
+        spec = self.spec.audio
+        assert spec is not None
+        wave = np.concatenate(waves) if waves else np.zeros((0, spec.samples), np.float32)
+        index = spec.offsets.index if spec.offsets else (lambda o: 0)
+        return {
+            "audio": audio_features(torch.from_numpy(wave), spec),
+            "audio_offset": torch.tensor(drawn, dtype=torch.float32),
+            "audio_shift": torch.tensor([index(o) for o in drawn], dtype=torch.int64),
+        }
 
     def _batch_meta(self, idx: list[int], pad: list[bool], labels: list[int]) -> Batch:
         """label/key/index/epoch/view/pad for videos `idx` (V consecutive clips each). `index` (the global

@@ -274,3 +274,17 @@ def test_log_mel_puts_a_tone_in_its_band() -> None:
     assert 5 <= low < high <= 50  # 440 Hz low in the mel scale, 3 kHz higher; both inside the range
     silence = log_mel(torch.zeros(1, 16000), spec)
     assert torch.allclose(silence, torch.full_like(silence, float(np.log(1e-6))))
+
+
+def test_the_synthetic_backend_gives_sound_of_the_same_shape_and_draws() -> None:
+    from data_shards.loader.audio import draw_offset
+
+    audio = AudioSpec(offsets=(-0.2, 0.0, 0.2))
+    spec = SamplingSpec(frames=8, size=32, audio=audio)
+    loader = build_loader(
+        "none", "train", batch_size=4, spec=spec, backend="synthetic", num_samples=8, seed=3
+    )
+    for b in loader:
+        assert b["audio"].shape == (4, 64, 101)
+        want = [draw_offset(audio, 3, 0, int(i)) for i in b["index"]]
+        assert b["audio_offset"].tolist() == pytest.approx(want)
