@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,10 @@ class VideoInputError(ValueError):
         self.status = INPUT_ERROR_STATUS.get(reason, 422)
 
 
-class Heard(NamedTuple):
-    """The decoded views of an audio-visual model's input: the pictures and the sound of each view."""
+@dataclass(frozen=True)
+class Heard:
+    """The decoded views of an audio-visual model's input: the pictures and the sound of each view (its
+    length is the number of views, like a views tensor's)."""
 
     video: torch.Tensor  # [V, 3, T, S, S]
     audio: torch.Tensor  # [V, n_mels, steps]

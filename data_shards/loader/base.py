@@ -390,7 +390,7 @@ class VideoLoader:
         return out
 
     def _sound_meta(self, waves: list[np.ndarray], drawn: list[float]) -> Batch:
-        """ "audio" (the spec's feature of the windows, [V, S] per video), "audio_offset", "audio_shift"."""
+        """The batch's sound: the spec's feature of the windows ([V, S] per video) and the drawn shifts."""
         spec = self.spec.audio
         assert spec is not None
         wave = np.concatenate(waves) if waves else np.zeros((0, spec.samples), np.float32)
