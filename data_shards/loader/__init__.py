@@ -209,7 +209,7 @@ def build_loader(
         refs = select_samples(refs, keys, labels) if selected else refs
         return SyntheticLoader(refs, reason="requested", **common)
 
-    listing = list_split(shards, split)
+    listing = list_split(shards, split, common["cache"])
     refs = select_samples(listing.refs, keys, labels) if selected else listing.refs
     common["label_kind"], codecs = listing.kind, listing.codecs
     if spec.audio is not None:

@@ -13,11 +13,12 @@ any other member (`.pyd`, `.pth`, ...) is ignored, never read, so a hostile shar
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import mmap
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ def _checked(data: bytes, size: int, tar_path: str, key: str) -> bytes:
     return data
 
 
+def _span(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """One [start, end) byte range covering two members (offset, size)."""
+    return min(a[0], b[0]), max(a[0] + a[1], b[0] + b[1])
+
+
+def _member_of(data: bytes, span: tuple[int, int], member: tuple[int, int], tar_path: str, key: str) -> bytes:
+    """A member's bytes out of the read of `span`."""
+    lo = member[0] - span[0]
+    return _checked(data[lo : lo + member[1]], member[1], tar_path, key)
+
+
 def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> dict[str, Any]:
     """A sample's `.json` member, checked for what the plan needs (frames, height, width); errors name shard,
     key and the fix."""
@@ -125,13 +137,19 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
             raise fmt.FormatError(f"{tar_path}: sample {key!r} has no .{fmt.META_EXT} member; {REBUILD_HINT}")
         ignored |= set(members) - set(fmt.MEMBER_EXTS)
         parsed.append((key, members, videos[0]))
-    # the label and metadata of every sample in one batch of reads (concurrent ranged GETs for a URL)
-    wanted = [members[ext] for _, members, _ in parsed for ext in (fmt.LABEL_EXT, fmt.META_EXT)]
-    small = storage.read_ranges(tar_path, [(off, off + size) for off, size in wanted])
+    # the label and metadata of every sample in one batch of reads (concurrent ranged GETs for a URL): one
+    # range per sample, over both members (the writer puts them next to each other)
+    spans = [_span(members[fmt.LABEL_EXT], members[fmt.META_EXT]) for _, members, _ in parsed]
+    try:
+        small = storage.read_ranges(tar_path, spans)
+    except FileNotFoundError:
+        raise fmt.FormatError(f"{tar_path}: listed in the manifest but missing") from None
     refs: list[SampleRef] = []
     for i, (key, members, video) in enumerate(parsed):
-        label = fmt.decode_label(_checked(small[2 * i], members[fmt.LABEL_EXT][1], tar_path, key))
-        meta = _stored(tar_path, key, _checked(small[2 * i + 1], members[fmt.META_EXT][1], tar_path, key))
+        label_bytes = _member_of(small[i], spans[i], members[fmt.LABEL_EXT], tar_path, key)
+        meta_bytes = _member_of(small[i], spans[i], members[fmt.META_EXT], tar_path, key)
+        label = fmt.decode_label(label_bytes)
+        meta = _stored(tar_path, key, meta_bytes)
         try:
             labels, segments = fmt.labels_of(label, meta), fmt.segments_of(meta)
         except fmt.FormatError as e:
@@ -162,8 +180,11 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
     return refs
 
 
-def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef], fmt.Manifest]:
-    """All samples of `split` in one shard folder, in a stable order; errors name the shard."""
+def list_samples(
+    shards: str | os.PathLike, split: str, cache: SampleCache | None = None
+) -> tuple[list[SampleRef], fmt.Manifest]:
+    """All samples of `split` in one shard folder, in a stable order; errors name the shard. `cache`: shards
+    at a URL are listed once per cache (their listing kept beside the sample bytes)."""
     folder = storage.join(shards)
     manifest = fmt.load_manifest(folder)
     infos = sorted(manifest.shards_for(fmt.check_split(split)), key=lambda s: s.path)
@@ -172,16 +193,44 @@ def list_samples(shards: str | os.PathLike, split: str) -> tuple[list[SampleRef]
         raise fmt.FormatError(f"{folder}: no shards for split {split!r} (manifest has {have})")
     refs: list[SampleRef] = []
     for info in infos:
-        tar = storage.join(folder, info.path)
-        if not storage.isfile(tar):
-            raise fmt.FormatError(f"{tar}: listed in the manifest but missing")
-        idx = storage.join(folder, info.index or fmt.index_name(info.path))
-        lines = storage.read_text(idx).splitlines() if storage.isfile(idx) else fmt.dali_index_lines(tar)
-        part = _parse_index(os.fspath(tar), lines, len(refs))
+        part = _listed(folder, info, cache)
         if info.samples and len(part) != info.samples:
+            tar = storage.join(folder, info.path)
             raise fmt.FormatError(f"{tar}: index lists {len(part)} samples, manifest says {info.samples}")
-        refs.extend(part)
+        base = len(refs)
+        refs.extend(replace(r, index=base + j) for j, r in enumerate(part))
     return refs, manifest
+
+
+def _listed(folder: storage.Location, info: fmt.ShardInfo, cache: SampleCache | None) -> list[SampleRef]:
+    """One shard's samples (numbered from 0): from its `.idx` and member reads, or, for a shard at a URL with
+    a local cache, from the cache's copy of an earlier listing of the same shard (same sha256)."""
+    tar = storage.join(folder, info.path)
+    key = f"listing:{tar}:{info.sha256}"
+    cache = cache if info.sha256 and storage.is_url(tar) else None  # a listing is kept only for a known shard
+    if cache is not None and (got := cache.get(key)) is not None:
+        return [_ref_from_json(r) for r in json.loads(got)]
+    idx = storage.join(folder, info.index or fmt.index_name(info.path))
+    try:
+        lines = storage.read_text(idx).splitlines()
+    except FileNotFoundError:  # no index beside the tar: computed from the tar's member headers
+        if not storage.isfile(tar):
+            raise fmt.FormatError(f"{tar}: listed in the manifest but missing") from None
+        lines = fmt.dali_index_lines(tar)
+    part = _parse_index(os.fspath(tar), lines, 0)
+    if cache is not None:
+        cache.put(key, json.dumps([asdict(r) for r in part]).encode())
+    return part
+
+
+def _ref_from_json(data: dict[str, Any]) -> SampleRef:
+    return SampleRef(
+        **{
+            **data,
+            "labels": tuple(data["labels"]),
+            "segments": tuple((float(a), float(b), int(c)) for a, b, c in data["segments"]),
+        }
+    )
 
 
 def as_folders(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[storage.Location]:
@@ -194,7 +243,9 @@ def as_folders(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return folders
 
 
-def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> SplitListing:
+def list_split(
+    shards: str | os.PathLike | Sequence[str | os.PathLike], split: str, cache: SampleCache | None = None
+) -> SplitListing:
     """`split` over one or several shard folders, concatenated in the order given. Their manifests must
     agree on `classes` (the same label must mean the same class everywhere)."""
     folders = as_folders(shards)
@@ -204,7 +255,7 @@ def list_split(shards: str | os.PathLike | Sequence[str | os.PathLike], split: s
     codecs: set[str] = set()
     audio: dict[str, str] = {}
     for n, folder in enumerate(folders):
-        part, manifest = list_samples(folder, split)
+        part, manifest = list_samples(folder, split, cache)
         if n and manifest.classes != classes:
             raise fmt.FormatError(
                 f"shard folders disagree on classes: {folders[0]} has {classes}, {folder} has "

@@ -204,6 +204,17 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
     assert again.stats["remote_gets"] + again.stats["cache_hits"] == len(keys1)
     assert sum(f.stat().st_size for f in cache.iterdir()) <= bound
 
+    # a split at a URL is listed once per cache: the next listing reads only the manifest
+    from data_shards.loader.cache import SampleCache
+
+    fresh = list_split(url, "train").refs
+    kept = SampleCache(cache, bound)
+    assert list_split(url, "train", kept).refs == fresh
+    with monkeypatch.context() as m:
+        for name in ("read_ranges", "read_text"):
+            m.setattr(storage, name, lambda *a, **k: pytest.fail("the split was listed from the store again"))
+        assert list_split(url, "train", kept).refs == fresh
+
     listing_first = build_loader(url, "train", batch_size=2, spec=spec, backend="pyav", num_workers=0)
     shard = listing_first.refs[0].shard
     storage.remove(shard)  # the object goes away after the split was listed
