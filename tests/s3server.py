@@ -45,10 +45,11 @@ def _free_pair() -> int:
 
 
 class S3Env(dict):
-    """The AWS_* environment of a running server, and `restart(down_s)`: stop it, wait, start it again on the
-    same ports and data (an outage clients must ride through)."""
+    """The AWS_* environment of a running server, `restart(down_s)`: stop it, wait, start it again on the
+    same ports and data (an outage clients must ride through), and `cpu_seconds()`, the server's CPU time."""
 
     restart: Callable[[float], None]
+    cpu_seconds: Callable[[], float]
 
 
 @contextmanager
@@ -94,7 +95,13 @@ def s3_server(workdir: Path) -> Iterator[S3Env]:
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         _wait_ready(env, procs[-1], workdir)
 
-    env.restart = restart
+    def cpu_seconds() -> float:
+        """CPU time the running server has used (user + system, Linux /proc): what it takes from the clients
+        when both share one machine."""
+        fields = Path(f"/proc/{procs[-1].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    env.restart, env.cpu_seconds = restart, cpu_seconds
     try:
         _wait_ready(env, procs[-1], workdir)
         yield env

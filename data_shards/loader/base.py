@@ -331,7 +331,8 @@ class VideoLoader:
         out = Collected(b)
         ahead = b + self.prefetch_stride
         upcoming = plan.batch(ahead)[0].tolist() if ahead < plan.num_batches else []
-        self.reader.prefetch([self.refs[i] for i in idx.tolist() + upcoming], self.spec.audio is not None)
+        for wanted in (idx.tolist(), upcoming):  # this batch's reads first, then the next one's behind them
+            self.reader.prefetch([self.refs[i] for i in wanted], self.spec.audio is not None)
         for i, p in zip(idx.tolist(), pad.tolist()):
             ref = self.refs[i]
             rng = sample_rng(self.seed, self._epoch, i) if self.spec.train else None

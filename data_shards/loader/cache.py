@@ -6,8 +6,9 @@ GETs of a batch (and the next one) on a small thread pool, so a worker decodes w
 
 The cache (`data.cache_dir`, `data.cache_bytes`) keeps sample bytes as files named by a hash of (shard URL,
 offset, size), least recently used first out. Before a file is added, older ones are deleted until the new
-total fits the bound, counted from the directory itself (so several workers and ranks sharing it stay within
-it, up to the samples being written at that moment). Files are written under a temporary name holding the
+total fits the bound. The total is kept in a small `.total` file under the folder's lock (so several workers
+and ranks sharing it stay within it) and recounted from the folder whenever files must go, so a write costs
+a small read, not a scan. Files are written under a temporary name holding the
 writer's pid and renamed when complete; temporaries of dead processes are removed when a cache opens, so a
 crashed run leaves nothing that breaks the next.
 """
@@ -77,13 +78,33 @@ class SampleCache:
         if len(data) > self.max_bytes:
             return
         with self._lock, _exclusive(self.root / ".lock"):  # threads here, worker processes across
-            self._make_room(len(data))
             p = self._path(key)
+            replaced = p.stat().st_size if p.exists() else 0
+            total = self._total() - replaced
+            if total + len(data) > self.max_bytes:
+                total = self._make_room(len(data))
+            # the new total is recorded before the file lands: a crash in between over-counts (evicts early,
+            # corrected at the next scan), never under-counts (which could pass the bound)
+            self._record(total + len(data))
             tmp = p.with_name(f".{os.getpid()}.{p.name}.partial")
             tmp.write_bytes(data)
             os.replace(tmp, p)
 
-    def _make_room(self, incoming: int) -> None:
+    def _total(self) -> int:
+        """Bytes in the cache as recorded by the last writer (any process), or counted when there is no record:
+        a put costs a small read, not a scan of a folder of thousands of samples."""
+        try:
+            return int((self.root / ".total").read_text())
+        except (FileNotFoundError, ValueError):
+            return self.size()
+
+    def _record(self, total: int) -> None:
+        tmp = self.root / f".{os.getpid()}.total.partial"
+        tmp.write_text(str(total))
+        os.replace(tmp, self.root / ".total")
+
+    def _make_room(self, incoming: int) -> int:
+        """Evict least recently used files until `incoming` more bytes fit; the remaining total, counted."""
         files = []
         for e in os.scandir(self.root):
             if e.is_file() and not e.name.startswith("."):
@@ -95,6 +116,7 @@ class SampleCache:
                 break
             Path(path).unlink(missing_ok=True)
             total -= size
+        return total
 
     def size(self) -> int:
         return sum(

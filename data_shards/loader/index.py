@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -191,9 +192,13 @@ def list_samples(
     if not infos:
         have = sorted(manifest.splits)
         raise fmt.FormatError(f"{folder}: no shards for split {split!r} (manifest has {have})")
+    if storage.is_url(folder) and len(infos) > 1:  # the shards' reads overlap (each is a few round trips)
+        with ThreadPoolExecutor(min(8, len(infos)), thread_name_prefix="tubelet-list") as pool:
+            parts = list(pool.map(lambda info: _listed(folder, info, cache), infos))
+    else:
+        parts = [_listed(folder, info, cache) for info in infos]
     refs: list[SampleRef] = []
-    for info in infos:
-        part = _listed(folder, info, cache)
+    for info, part in zip(infos, parts):
         if info.samples and len(part) != info.samples:
             tar = storage.join(folder, info.path)
             raise fmt.FormatError(f"{tar}: index lists {len(part)} samples, manifest says {info.samples}")
