@@ -48,6 +48,13 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) ->
     assert storage.read_ranges(tmp_path / "a" / "f.bin", [(0, 1), (2, 4)]) == [b"4", b"67"]
 
 
+def test_ranges_of_one_object_are_coalesced_into_few_gets() -> None:
+    assert storage.coalesce([(0, 10), (20, 30), (5000, 5010)], gap=100) == [(0, 30), (5000, 5010)]
+    assert storage.coalesce([(50, 60), (0, 10), (5, 55)], gap=1) == [(0, 60)]  # unsorted, overlapping
+    assert storage.coalesce([(0, 10), (11, 20), (21, 30)], gap=5, most=20) == [(0, 20), (21, 30)]
+    assert storage.coalesce([]) == []
+
+
 def test_transient_errors_are_retried_and_counted_missing_objects_are_not() -> None:
     calls = []
 
@@ -204,6 +211,12 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
                           cache_dir=cache, cache_bytes=bound)  # fmt: skip
     assert sorted(k for b in recent for k in b["key"]) == sorted(keys1[-2:])
     assert recent.stats["cache_hits"] == 2 and recent.stats["remote_gets"] == 0
+    obstore_before = storage.stats["obstore_reads"]
+    main_reads = build_loader(url, "train", batch_size=2, spec=spec, backend="pyav", num_workers=0,
+                              keys=keys1[:2])  # fmt: skip
+    assert sorted(k for b in main_reads for k in b["key"]) == sorted(keys1[:2])
+    assert storage.stats["obstore_reads"] == obstore_before + 2  # the sample GETs went through obstore
+    # obstore's runtime does not survive fork: workers forked from now on must read through s3fs, not hang
     again, keys2 = epoch(
         1
     )  # the next epoch: the same samples, each from the cache or the store, within the bound
