@@ -37,6 +37,7 @@ from pretrain.models import (
     VideoViTConfig,
     apply_activation_checkpointing,
     classifier_training_flops_per_clip,
+    compile_model,
 )
 from pretrain.models.io import build_model, input_geometry, write_run_model
 from pretrain.sources import Source, load_source
@@ -99,6 +100,8 @@ class ClassificationTask(ShardData, Task):
         self.summary = apply_method(model, self.cfg.finetune)
         if isinstance(self.clf_cfg, VideoClassifierConfig):
             apply_activation_checkpointing(model, self.cfg.model.activation_checkpointing)
+        if self.cfg.model.compile:
+            compile_model(model)
         return model
 
     def init_weights(self, model: nn.Module) -> None:

@@ -56,6 +56,7 @@ class ModelSection:
     drop_path_rate: float = resume_key(0.0)
     attn_impl: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"  # numerics only: may change on resume
     activation_checkpointing: str | int = "none"  # "none" | "all" | N first encoder blocks
+    compile: bool = False  # torch.compile per transformer block (whole model for CNNs); same function
 
     def encoder_overrides(self, config_cls: type = VideoViTConfig) -> dict[str, Any]:
         """`model.encoder` (keys checked against the encoder's config class) plus the geometry keys set on

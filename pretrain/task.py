@@ -22,6 +22,7 @@ from pretrain.engine import StepOutput, Task, TaskContext, keyed_rng, mix_seed
 from pretrain.models import (
     MaskedVideoAutoencoder,
     apply_activation_checkpointing,
+    compile_model,
     keyed_mask,
     make_mask,
     reconstruct_video,
@@ -60,6 +61,8 @@ class MaskedVideoTask(ShardData, Task):
     def build_model(self) -> nn.Module:
         model = MaskedVideoAutoencoder(self.mae_cfg)
         apply_activation_checkpointing(model, self.cfg.model.activation_checkpointing)
+        if self.cfg.model.compile:
+            compile_model(model)
         # ZeRO-3 re-gathers a module's own parameters (here `mask_token`) for backward through hooks on
         # the module's output tensors, and it finds tensors only in tuples/lists/dicts — not in the
         # MAEOutput dataclass. Hand it a dict that still reads like the dataclass (registered before

@@ -10,7 +10,7 @@ from .backbones import (
     build_backbone,
     count_backbone_parameters,
 )
-from .checkpointing import apply_activation_checkpointing
+from .checkpointing import apply_activation_checkpointing, compile_model
 from .classifier import VideoClassifier, VideoClassifierConfig
 from .cnn_rnn import CNN_RNN_PRESETS, CnnRnn, CnnRnnConfig
 from .flops import (
@@ -68,6 +68,7 @@ __all__ = [
     "classifier_from_torchvision",
     "classifier_training_flops_per_clip",
     "cnn_rnn_forward_flops",
+    "compile_model",
     "count_backbone_parameters",
     "count_parameters",
     "forward_flops_per_clip",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from pretrain.models import MAEConfig, MaskedVideoAutoencoder, make_mask
+from pretrain.models import MAEConfig, MaskedVideoAutoencoder, compile_model, make_mask
 from pretrain.models.hf import to_hf_model
 
 
@@ -67,6 +67,8 @@ def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
     cfg.decoder_final_norm_eps = 1e-5  # HF's fixed value, so the two models compute the same function
     ours = MaskedVideoAutoencoder(cfg).train()
     hf = to_hf_model(ours).train()
+    if args.compile:  # `model.compile`: ours per block through inductor; HF stays eager (its default)
+        compile_model(ours)
     g = torch.Generator().manual_seed(0)
     x_BCTHW = torch.randn(args.batch, 3, args.frames, args.size, args.size, generator=g)
     x_BTCHW = x_BCTHW.permute(0, 2, 1, 3, 4).contiguous()
@@ -84,6 +86,8 @@ def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
         loss.backward()
         return loss.item()
 
+    if args.compile:
+        step_ours()  # compilation, outside the timed rounds
     l_ours, l_hf = step_ours(), step_hf()  # warm-up, and a sanity check that both compute the same loss
     if abs(l_ours - l_hf) > 1e-3:
         raise SystemExit(
@@ -114,7 +118,7 @@ def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
         f"step peak memory ours {mem['ours']:.1f} MiB, hf {mem['hf']:.1f} MiB, ratio hf/ours {mem_ratio:.2f} "
         f"(target >= 1) [{preset} {args.frames}x{args.size} batch {args.batch} tube mask {args.mask_ratio}, "
         f"loss ours {l_ours:.6f} hf {l_hf:.6f}, hf attn={hf.config._attn_implementation}, "
-        f"{torch.get_num_threads()} threads both, median of {args.rounds} rounds x {args.iters}]",
+        f"{torch.get_num_threads()} threads both, ours compiled {args.compile}, median of {args.rounds} rounds x {args.iters}]",
         flush=True,
     )
     return ratio, mem_ratio
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="ours with model.compile (per-block torch.compile)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not _track_frees():

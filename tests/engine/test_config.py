@@ -252,3 +252,14 @@ def test_resume_plan_refuses_stage_0_changes_and_signature_changes(tmp_path: Pat
     other = resume_signature(load("train.global_batch_size=16"))
     with pytest.raises(ConfigError, match=r"train\.global_batch_size: checkpoint 8 vs now 16"):
         plan_resume(ckpt, other, world_size=2, zero_stage=0, micro_batch_size=4)
+
+
+def test_model_compile_compiles_each_block_the_task_builds() -> None:
+    from pretrain.task import MaskedVideoTask
+
+    model = MaskedVideoTask(load("model.compile=true")).build_model()
+    blocks = [*model.encoder.blocks, *model.decoder.blocks]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)  # compiled on first call
+    assert model._compiled_call_impl is None  # the step's gathers and mask ids stay eager
+    plain = MaskedVideoTask(load()).build_model()
+    assert all(b._compiled_call_impl is None for b in plain.encoder.blocks)

@@ -13,6 +13,7 @@ from pretrain.models import (
     VideoViT,
     VideoViTConfig,
     apply_activation_checkpointing,
+    compile_model,
     count_parameters,
     make_mask,
 )
@@ -126,3 +127,26 @@ def test_activation_checkpointing_gives_same_grads(mode: object) -> None:
         torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="checkpointing mode"):
         apply_activation_checkpointing(ckpt, "some")
+
+
+@pytest.mark.slow  # ~40 s of inductor compilation on 2 cores
+def test_compiled_blocks_compute_the_same_step() -> None:
+    """`model.compile`: the same loss and gradients as eager (CPU inductor here; CUDA in tests/gpu)."""
+    torch.manual_seed(0)
+    cfg = MAEConfig.from_preset("tiny")
+    ref = MaskedVideoAutoencoder(cfg)
+    fast = MaskedVideoAutoencoder(cfg)
+    fast.load_state_dict(ref.state_dict())
+    assert compile_model(fast) == cfg.encoder.depth + cfg.decoder_depth
+    assert list(fast.state_dict()) == list(ref.state_dict())  # checkpoints load either way
+    x = torch.randn(2, 3, 8, 32, 32)
+    mask = make_mask("tube", 2, cfg.encoder.grid_size, 0.75, torch.Generator().manual_seed(0))
+    for _ in range(2):  # the second step runs the cached graphs
+        ref.zero_grad()
+        fast.zero_grad()
+        want, got = ref(x, mask).loss, fast(x, mask).loss
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
