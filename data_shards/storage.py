@@ -54,10 +54,8 @@ TRANSIENT_HINTS = (
 COALESCE_GAP = 1 << 20  # ranges of one object closer than this are read by one GET (`coalesce`)
 COALESCE_MOST = 8 << 20  # ... up to this many bytes per GET
 RETRIES = int(os.environ.get("TUBELET_STORAGE_RETRIES", "8"))
-stats = {
-    "retries": 0,
-    "obstore_reads": 0,
-}  # transient errors retried in this process (the loaders report it in their metrics)
+# transient errors retried in this process (the loaders report it in their metrics); ranges read by obstore
+stats = {"retries": 0, "obstore_reads": 0}
 
 
 class StorageError(OSError):
@@ -123,33 +121,27 @@ def _object_store(url: str) -> Any | None:
     are resolved by botocore exactly as for s3fs (environment, profiles, SSO, instance roles), so both
     clients see the same store. Retries are left to `retried` (counted, logged): obstore retries nothing."""
     protocol, rest = url.split("://", 1)
-    bucket = rest.split("/", 1)[0]
-    key = f"obstore:{bucket}"
     if protocol != "s3" or _obstore["forked"]:
         return None
+    bucket = rest.split("/", 1)[0]
+    key = f"obstore:{bucket}"
     if key not in _clients:
-        _clients[key] = _new_object_store(bucket)
-        _obstore["used"] = True
+        settings = _s3_settings()
+        store = None
+        if settings is not None:
+            from obstore.store import S3Store
+
+            store = S3Store(bucket, **settings)
+            _obstore["used"] = True
+        _clients[key] = store
     return _clients[key]
 
 
 # obstore's I/O runtime does not survive fork(): a child of a process that used it hangs on its first GET.
 # Such a child (a DataLoader worker forked after the main process read samples itself) uses s3fs instead.
 _obstore = {"used": False, "forked": False}
-
-
-def _new_object_store(bucket: str) -> Any | None:
-    settings = _s3_settings()
-    if settings is None:
-        return None
-    from obstore.store import S3Store
-
-    return S3Store(bucket, **settings)
-
-
-_resolved: dict[
-    str, Any
-] = {}  # kept across fork on purpose: resolved once, before the loader's workers start
+# obstore's S3 settings, kept across fork on purpose: resolved once, before the loader's workers start
+_resolved: dict[str, Any] = {}
 
 
 def _s3_settings() -> dict[str, Any] | None:
@@ -160,13 +152,10 @@ def _s3_settings() -> dict[str, Any] | None:
     try:
         import botocore.session
         from obstore.auth.boto3 import Boto3CredentialProvider
-    except ImportError:
-        _resolved["s3"] = None
-        return None
-    session = botocore.session.Session()
-    try:
-        provider = Boto3CredentialProvider(session)
-    except ValueError:
+
+        session = botocore.session.Session()
+        provider = Boto3CredentialProvider(session)  # ValueError: no credentials found
+    except (ImportError, ValueError):
         _resolved["s3"] = None
         return None
     meta = session.create_client("s3").meta  # the endpoint and region botocore (and so s3fs) resolved
