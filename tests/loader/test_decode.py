@@ -1,5 +1,5 @@
 """Real decoding: DALI CPU pipeline on VP9, PyAV on H.264 and VP9; parity, coverage, resume, failures,
-pixel-format fallback and the crop-box colour conversion."""
+pixel-format fallback and the YUV crop/resize colour path."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import torch
 
 from data_shards import format as fmt
 from data_shards.loader import LoaderError, SamplingSpec, build_loader
-from data_shards.loader.pyav import Yuv420Frames, _decode_kept, _rgb_of_box, decode_views, yuv420p_to_rgb
+from data_shards.loader.pyav import (
+    Yuv420Frames,
+    _decode_kept,
+    decode_views,
+    views_from_yuv420p,
+    yuv420p_to_rgb,
+)
+from data_shards.loader.sampling import VideoPlan, View, views_from_frames
 
 SHORT_FRAMES = 10  # conftest: clip 5 of each set
 SPEC = SamplingSpec(frames=8, stride=2, size=32)
@@ -61,7 +68,9 @@ def test_dali_cpu_pyav_parity(vp9_set: Path, spec: SamplingSpec) -> None:
     vb = to_uint8_space(torch.cat([x["video"] for x in b]), spec)
     diff = (va - vb).abs().mean().item()
     assert diff < 2.0, diff
-    assert diff < 0.5, f"decoders disagree more than rounding: {diff}"
+    # DALI rounds after converting whole frames and after resizing; PyAV resizes YUV and converts last
+    # (measured 0.8-0.95 grey levels apart; 0.2 when PyAV still followed DALI's order at 2x the cost)
+    assert diff < 1.25, f"decoders disagree more than their rounding orders: {diff}"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -266,23 +275,31 @@ def test_pixel_formats_agree(codec: str, pix_fmt: str) -> None:
     assert torch.allclose(right, torch.tensor([30.0, 160, 220]), atol=4), right
 
 
+@pytest.mark.parametrize("size", [32, 48], ids=["down", "up"])
 @pytest.mark.parametrize(
     "box", [(0, 0, 64, 64), (8, 10, 40, 36), (3, 5, 41, 33), (1, 0, 63, 7), (23, 41, 41, 23)]
 )
-def test_box_conversion_equals_full_frame(h264_set: Path, box: tuple[int, int, int, int]) -> None:
-    """Converting only a crop box (even or odd) gives the full-frame conversion's pixels, cropped."""
+def test_yuv_path_matches_the_full_frame_reference(
+    h264_set: Path, box: tuple[int, int, int, int], size: int
+) -> None:
+    """The training path (crop and resize in YUV, colour last) gives the views of DALI's order (whole frames
+    converted and rounded, then cropped and resized) up to rounding and the clamp's place: even and odd
+    boxes, down- and upscaling, a flip, two clips and a second box of a clip. Chroma read one luma pixel
+    off gives ~3.5 grey levels and 30 % of pixels off by > 3; nearest-neighbour chroma 4-18 %."""
     tar = sorted(h264_set.glob("*.tar"))[0]
     data = next(fmt.iter_tar_samples(tar)).video
-    order, yuv = _decode_kept(data, np.array([0, 3, 7, 3]))
-    assert isinstance(yuv, Yuv420Frames) and order == [0, 3, 7]
-    rows = torch.tensor([2, 0, 1, 1])
-    full = yuv420p_to_rgb(yuv.y_FHW, yuv.u_Fhw, yuv.v_Fhw)[rows]
-    y0, x0, bh, bw = box
-    got = _rgb_of_box(yuv, rows, y0, x0, bh, bw)
-    want = full[:, y0 : y0 + bh, x0 : x0 + bw]
-    assert got.shape == want.shape
-    assert (got.int() - want.int()).abs().max() <= 1  # round-half-up vs half-even only
-    assert (got != want).float().mean() < 1e-3
+    frames = np.array([0, 3, 7, 3, 9, 10, 11, 12])
+    order, yuv = _decode_kept(data, frames)
+    assert isinstance(yuv, Yuv420Frames) and order == [0, 3, 7, 9, 10, 11, 12]
+    pos = np.array([order.index(int(i)) for i in frames])
+    spec = SamplingSpec(frames=4, stride=1, size=size)
+    plan = VideoPlan(frames, (View(0, *box, False), View(1, *box, True), View(0, 2, 4, 40, 40, False)))
+    full = yuv420p_to_rgb(yuv.y_FHW, yuv.u_Fhw, yuv.v_Fhw)[pos]
+    want = to_uint8_space(views_from_frames(full, plan, spec), spec)
+    got = to_uint8_space(views_from_yuv420p(yuv, pos, plan, spec), spec)
+    off = (got - want).abs()
+    assert off.mean() < 1.0, off.mean()  # measured 0.65-0.88
+    assert (off > 3).float().mean() < 0.03, (off > 3).float().mean()  # measured 0.5-2.2 %: saturated edges
 
 
 def _moving_clip(frames: int = 40, size: int = 48) -> np.ndarray:
@@ -330,3 +347,20 @@ def test_selective_decode_matches_full_decode(fmt_name: str, codec: str, opts: d
         for k, i in enumerate(order):
             assert torch.equal(yuv.y_FHW[k], torch.from_numpy(full[i][:48])), (idx, i)
             assert torch.equal(yuv.u_Fhw[k], torch.from_numpy(full[i][48:60].reshape(24, 24))), (idx, i)
+
+
+def test_in_process_batches_reuse_memory_only_once_released(h264_set: Path) -> None:
+    """num_workers=0 hands a batch's memory out again only after the consumer let go of it: batches kept
+    stay intact and distinct, streamed ones recycle (no page zero-fill per batch) with the same content."""
+    loader = build_loader(h264_set, "train", batch_size=4, spec=SPEC, backend="pyav", num_workers=0)
+    held = [b["video"] for b in loader]
+    before = [v.clone() for v in held]
+    assert len({v.data_ptr() for v in held}) == len(held) == 3
+    ptrs, streamed = [], []
+    for b in loader:  # the same epoch again, each batch dropped when the next one is taken
+        ptrs.append(b["video"].data_ptr())
+        streamed.append(b["video"].clone())
+    assert len(set(ptrs)) < len(ptrs)
+    assert not set(ptrs) & {v.data_ptr() for v in held}
+    assert all(torch.equal(a, b) for a, b in zip(held, before))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, before))
