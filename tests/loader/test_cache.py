@@ -13,9 +13,14 @@ def _files(root: Path) -> dict[str, int]:
 
 
 def _fill(root: str, bound: int, worker: int) -> None:
+    """One sample at a time (worker 0) or prefetched batches of 4 (the others)."""
     cache = SampleCache(root, bound)
-    for i in range(40):
-        cache.put(f"w{worker}:{i}", bytes([worker]) * (100 + 7 * i))
+    samples = [(f"w{worker}:{i}", bytes([worker]) * (100 + 7 * i)) for i in range(40)]
+    for i in range(0, 40, 1 if worker == 0 else 4):
+        if worker == 0:
+            cache.put(*samples[i])
+        else:
+            cache.put_many(samples[i : i + 4])
 
 
 def test_processes_sharing_a_cache_stay_within_its_bound(tmp_path: Path) -> None:
@@ -44,3 +49,13 @@ def test_a_lost_or_wrong_record_is_recounted_and_a_rewrite_is_not_counted_twice(
     assert sum(_files(tmp_path).values()) <= 1000
     assert int((tmp_path / ".total").read_text()) == sum(_files(tmp_path).values())
     assert cache.get("c") == b"w" * 300
+
+
+def test_a_batch_larger_than_the_bound_keeps_what_fits(tmp_path: Path) -> None:
+    cache = SampleCache(tmp_path, 1000)
+    cache.put("old", b"o" * 500)
+    cache.put_many([("a", b"a" * 400), ("b", b"b" * 400), ("a", b"A" * 400), ("c", b"c" * 400)])
+    files = _files(tmp_path)
+    assert sum(files.values()) <= 1000 and int((tmp_path / ".total").read_text()) == sum(files.values())
+    assert cache.get("a") == b"A" * 400 and cache.get("b") == b"b" * 400  # the key twice: stored once, last
+    assert cache.get("c") is None and cache.get("old") is None  # c did not fit; old was the least recent
