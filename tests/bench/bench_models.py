@@ -6,9 +6,10 @@ models ``--iters`` times and gives one ratio (median HF step time / median ours)
 median of ``--rounds`` rounds. The same ratio in process CPU time is printed too: on a machine shared with
 other jobs it moves far less than wall time (with ``--threads 1`` it is the work each step does; with more
 threads it includes OpenMP threads spinning at barriers). Peak memory: the growth of the process's peak resident set during one
-step (activations, gradients, temporaries) from the model without gradients, median of 3 steps per model
-(glibc is made to return every block >= 64 KiB to the system on free, so the resident set follows the live
-tensors). Not part of the default test run:
+step (activations, gradients, temporaries) from the model without gradients, median of 3 steps per model,
+in a child process whose glibc returns every block >= 64 KiB to the system on free (so the resident set
+follows the live tensors); the timing process keeps the default allocator, since under that setting every
+activation of both models would pay a page fault and zero-fill, as in no user's process. Not part of the default test run:
 
     .venv/bin/python tests/bench/bench_models.py [--preset vit-s,vit-b --frames 16 --size 112 --batch 2]
 """
@@ -18,7 +19,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -60,8 +64,11 @@ def step_peak_mib(model: torch.nn.Module, step: Callable[[], float]) -> float:
     return (peak - before) / 1024
 
 
-def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
-    """Print one preset's line; return (time ratio HF/ours, memory ratio HF/ours)."""
+def build(
+    args: argparse.Namespace, preset: str
+) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], float]]]:
+    """Ours and HF's model of one preset (same weights) and one training step of each on the same batch and
+    mask, warmed up; stops if the two losses differ (not the same function)."""
     torch.manual_seed(0)
     cfg = MAEConfig.from_preset(preset, num_frames=args.frames, img_size=args.size)
     cfg.decoder_final_norm_eps = 1e-5  # HF's fixed value, so the two models compute the same function
@@ -93,13 +100,18 @@ def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
         raise SystemExit(
             f"bench_models: losses differ (ours {l_ours:.6f}, hf {l_hf:.6f}): not the same model"
         )
-    steps = (("ours", step_ours), ("hf", step_hf))
+    return {"ours": ours, "hf": hf}, {"ours": step_ours, "hf": step_hf}
+
+
+def bench_preset(args: argparse.Namespace, preset: str) -> float:
+    """Print one preset's timing line; return the time ratio HF / ours."""
+    models, steps = build(args, preset)
     ratios, cpu_ratios, medians = [], [], {"ours": [], "hf": []}
     for _ in range(args.rounds):
         times: dict[str, list[float]] = {"ours": [], "hf": []}
         cpu: dict[str, list[float]] = {"ours": [], "hf": []}
         for _ in range(args.iters):
-            for name, fn in steps:
+            for name, fn in steps.items():
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -108,20 +120,68 @@ def bench_preset(args: argparse.Namespace, preset: str) -> tuple[float, float]:
             medians[name].append(statistics.median(times[name]) * 1e3)
         ratios.append(medians["hf"][-1] / medians["ours"][-1])
         cpu_ratios.append(statistics.median(cpu["hf"]) / statistics.median(cpu["ours"]))
-    models = {"ours": ours, "hf": hf}
-    mem = {name: statistics.median(step_peak_mib(models[name], fn) for _ in range(3)) for name, fn in steps}
-    ratio, mem_ratio = statistics.median(ratios), mem["hf"] / max(mem["ours"], 1e-9)
+    ratio = statistics.median(ratios)
     print(
         f"bench_models: ours {statistics.median(medians['ours']):.1f} ms, hf {statistics.median(medians['hf']):.1f} ms, "
         f"ratio hf/ours {ratio:.2f} (rounds {' '.join(f'{r:.2f}' for r in ratios)}; target >= 1.25), "
-        f"in CPU time {statistics.median(cpu_ratios):.2f} (rounds {' '.join(f'{r:.2f}' for r in cpu_ratios)}); "
-        f"step peak memory ours {mem['ours']:.1f} MiB, hf {mem['hf']:.1f} MiB, ratio hf/ours {mem_ratio:.2f} "
-        f"(target >= 1) [{preset} {args.frames}x{args.size} batch {args.batch} tube mask {args.mask_ratio}, "
-        f"loss ours {l_ours:.6f} hf {l_hf:.6f}, hf attn={hf.config._attn_implementation}, "
-        f"{torch.get_num_threads()} threads both, ours compiled {args.compile}, median of {args.rounds} rounds x {args.iters}]",
+        f"in CPU time {statistics.median(cpu_ratios):.2f} (rounds {' '.join(f'{r:.2f}' for r in cpu_ratios)}) "
+        f"[{preset} {args.frames}x{args.size} batch {args.batch} tube mask {args.mask_ratio}, "
+        f"hf attn={models['hf'].config._attn_implementation}, {torch.get_num_threads()} threads both, "
+        f"ours compiled {args.compile}, median of {args.rounds} rounds x {args.iters}]",
         flush=True,
     )
-    return ratio, mem_ratio
+    return ratio
+
+
+def step_peaks(args: argparse.Namespace, preset: str) -> dict[str, float]:
+    """Each model's step peak in MiB, measured in a fresh process of this script whose glibc returns every
+    freed block >= 64 KiB (set before any tensor exists; the timed process keeps the default allocator)."""
+    argv = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        preset,
+        "--frames",
+        str(args.frames),
+        "--size",
+        str(args.size),
+    ]
+    argv += ["--batch", str(args.batch), "--mask-ratio", str(args.mask_ratio), "--threads", str(args.threads)]
+    out = subprocess.run(argv + ["--compile"] * args.compile, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_dual(args: argparse.Namespace, preset: str) -> float:
+    """VideoMAE V2 dual masking's step gain: ours with the decoder reconstructing a running-cell
+    `--decoder-ratio` of the tokens vs ours reconstructing every hidden one, alternating in the same rounds
+    (HF has no dual masking: the function differs, so this is ours against ours). Returns plain / dual."""
+    torch.manual_seed(0)
+    ours = MaskedVideoAutoencoder(MAEConfig.from_preset(preset, num_frames=args.frames, img_size=args.size))
+    grid = ours.cfg.encoder.grid_size
+    g = torch.Generator().manual_seed(0)
+    x_BCTHW = torch.randn(args.batch, 3, args.frames, args.size, args.size, generator=g)
+    mask = make_mask("tube", args.batch, grid, args.mask_ratio, g)
+    dec_mask = make_mask("running_cell", args.batch, grid, args.decoder_ratio, g)
+
+    def step(decoder_mask: torch.Tensor | None) -> None:
+        ours.zero_grad(set_to_none=True)
+        ours(x_BCTHW, mask, decoder_mask).loss.backward()
+
+    times: dict[str, list[float]] = {"plain": [], "dual": []}
+    step(None), step(dec_mask)  # warm-up
+    for _ in range(args.rounds * args.iters):
+        for name, m in (("plain", None), ("dual", dec_mask)):
+            t0 = time.perf_counter()
+            step(m)
+            times[name].append(time.perf_counter() - t0)
+    plain, dual = (statistics.median(times[k]) * 1e3 for k in ("plain", "dual"))
+    print(
+        f"bench_models: {preset} dual masking (running cell, decoder keeps {1 - args.decoder_ratio:.2f} of the "
+        f"tokens): {dual:.1f} ms vs {plain:.1f} ms reconstructing every hidden token: {plain / dual:.2f}x "
+        f"[{args.frames}x{args.size} batch {args.batch}, median of {args.rounds * args.iters} steps each]",
+        flush=True,
+    )
+    return plain / dual
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,14 +195,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="ours with model.compile (per-block torch.compile)")
+    p.add_argument("--memory-of", default="", help=argparse.SUPPRESS)  # internal: see step_peaks
+    p.add_argument(
+        "--decoder-ratio",
+        type=float,
+        default=0.0,
+        help="also time VideoMAE V2 dual masking (running cell: 0.25/0.5/0.75; needs an even token grid, e.g. --size 224)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not _track_frees():
-        print("bench_models: mallopt unavailable: memory figures include freed blocks glibc kept")
+    if args.memory_of:  # the child `step_peaks` starts
+        if not _track_frees():
+            print(
+                "bench_models: mallopt unavailable: memory figures include freed blocks glibc kept",
+                file=sys.stderr,
+            )
+        models, steps = build(args, args.memory_of)
+        peaks = {
+            name: statistics.median(step_peak_mib(models[name], fn) for _ in range(3))
+            for name, fn in steps.items()
+        }
+        print(json.dumps(peaks))
+        return
     summary = []
     for preset in args.preset.split(","):
-        ratio, mem_ratio = bench_preset(args, preset)
+        ratio = bench_preset(args, preset)
+        mem = step_peaks(args, preset)
+        mem_ratio = mem["hf"] / max(mem["ours"], 1e-9)
+        print(
+            f"bench_models: {preset} step peak memory ours {mem['ours']:.1f} MiB, hf {mem['hf']:.1f} MiB, "
+            f"ratio hf/ours {mem_ratio:.2f} (target >= 1)",
+            flush=True,
+        )
         summary.append(f"{preset}={ratio:.2f} mem_{preset}={mem_ratio:.2f}")
+        if args.decoder_ratio:
+            summary.append(f"dual_{preset}={bench_dual(args, preset):.2f}")
     print(f"SUMMARY bench_models {args.frames}x{args.size} batch {args.batch}: " + " ".join(summary))
 
 

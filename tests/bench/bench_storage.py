@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -76,6 +77,21 @@ def bench(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path,
     return out
 
 
+def in_own_process(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path,
+                   server_cpu: Callable[[], float]) -> dict[str, float]:  # fmt: skip
+    """`bench` in a fresh process (forked before this one used any client), as each training run is: a
+    process whose DataLoader workers are forked after it read samples itself falls back from obstore to
+    s3fs in them (obstore does not survive fork), which measured 1 worker and then 4 in one process."""
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.SimpleQueue()
+    proc = ctx.Process(target=lambda: result.put(bench(local, url, backend, par, rounds, tmp, server_cpu)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        sys.exit(f"bench_storage: the {backend} x{par} run failed (exit code {proc.exitcode})")
+    return result.get()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--videos", type=int, default=192)  # 128 train clips: a 32-clip epoch is mostly start-up
@@ -104,7 +120,7 @@ def main() -> None:
             storage.upload(local, url)
             results = {}
             for backend, par in backends:
-                r = bench(local, url, backend, par, a.rounds, tmp, env.cpu_seconds)
+                r = in_own_process(local, url, backend, par, a.rounds, tmp, env.cpu_seconds)
                 results[f"{backend}x{par}"] = r
                 print(f"{backend:<5} x{par}  local {r['local_clips_s']:7.1f} clips/s  cold {r['cold_clips_s']:7.1f} "
                       f"({r['cold_ratio']:.2f}x)  warm {r['warm_clips_s']:7.1f} ({r['warm_ratio']:.2f}x)  "
