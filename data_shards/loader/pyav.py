@@ -52,6 +52,7 @@ from data_shards.loader.sampling import (
     eval_boxes,
     plan_video,
     views_from_frames,
+    views_out,
 )
 
 # BT.601 limited range: rgb = YUV_TO_RGB @ ([y, u, v] - YUV_OFFSET), on the 0..255 scale
@@ -382,12 +383,7 @@ def views_from_yuv420p(
     resized in YUV (uint8, antialiased: the same filter as `views_from_frames`), flipped, and only then
     colour-converted and normalized by one affine map at the output size, into `out`."""
     t, size = spec.frames, spec.size
-    shape = (len(plan.views), 3, t, size, size)
-    out_VCTHW = torch.empty(shape, dtype=torch.float32) if out is None else out
-    if tuple(out_VCTHW.shape) != shape or out_VCTHW.dtype != torch.float32 or not out_VCTHW.is_contiguous():
-        raise ValueError(
-            f"out must be contiguous float32 {shape}, got {out_VCTHW.dtype} {tuple(out_VCTHW.shape)}"
-        )
+    out_VCTHW = views_out(plan, spec, out, contiguous=True)  # each view's planes are one GEMM's output
     matrix, bias, bounds = _yuv_to_rgb_normalized(tuple(spec.mean), tuple(spec.std))
     rows = torch.from_numpy(pos)
     for clip in sorted({v.clip for v in plan.views}):
@@ -540,7 +536,7 @@ class _BatchPool:
         else:
             storage = torch.UntypedStorage(nbytes)
             self.storages.append(storage)
-        return torch.empty(0, dtype=torch.float32).set_(storage)[: math.prod(shape)].view(shape)
+        return _float_view(storage, shape)
 
 
 def _use_count(storage: torch.UntypedStorage) -> int:
@@ -556,8 +552,12 @@ def _batch_tensor(shape: tuple[int, ...], pool: _BatchPool) -> torch.Tensor:
     when the main process is done with a batch, so only in-process batches come from the pool."""
     if get_worker_info() is None:
         return pool.tensor(shape)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+    return _float_view(torch.UntypedStorage._new_shared(math.prod(shape) * 4), shape)
+
+
+def _float_view(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 `shape` over the start of `storage` (which may be larger: a pooled batch reused for a smaller one)."""
+    return torch.empty(0, dtype=torch.float32).set_(storage)[: math.prod(shape)].view(shape)
 
 
 class _PlanBatches(Dataset):

@@ -300,6 +300,20 @@ def frame_targets(
 # ------------------------------------------------------------------------------------------- apply
 
 
+def views_out(
+    plan: VideoPlan, spec: SamplingSpec, out: torch.Tensor | None, contiguous: bool = False
+) -> torch.Tensor:
+    """Where a video's views go: `out` (e.g. its rows of the batch), checked to be float32 [V, 3, T, S, S]
+    (and `contiguous` when the writer needs it), or a new tensor."""
+    shape = (len(plan.views), 3, spec.frames, spec.size, spec.size)
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or (contiguous and not out.is_contiguous()):
+        need = f"{'contiguous ' if contiguous else ''}float32 {shape}"
+        raise ValueError(f"out must be {need}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def views_from_frames(
     frames_FHWC: np.ndarray | torch.Tensor,
     plan: VideoPlan,
@@ -313,10 +327,7 @@ def views_from_frames(
     scale = torch.tensor([1.0 / (s * 255.0) for s in spec.std]).view(1, 3, 1, 1, 1)
     shift = -torch.tensor(spec.mean).view(1, 3, 1, 1, 1) * 255.0 * scale
     t, size = spec.frames, spec.size
-    shape = (len(plan.views), 3, t, size, size)
-    out_VCTHW = torch.empty(shape, dtype=torch.float32) if out is None else out
-    if tuple(out_VCTHW.shape) != shape or out_VCTHW.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {shape}, got {out_VCTHW.dtype} {tuple(out_VCTHW.shape)}")
+    out_VCTHW = views_out(plan, spec, out)
     for k, v in enumerate(plan.views):
         clip_THWC = x[v.clip * t : (v.clip + 1) * t, v.y0 : v.y0 + v.h, v.x0 : v.x0 + v.w]
         clip_TCHW = clip_THWC.permute(0, 3, 1, 2)  # channels-last view: torch's fast uint8 resize path
