@@ -39,6 +39,18 @@ class AudioBranchConfig:
                 f"audio branch: n_mels >= 8, dim >= 1, steps >= 1 and channels needed, got {self}"
             )
 
+    @classmethod
+    def for_classifier(
+        cls, audio: AudioBranchConfig | dict | None, temporal: bool
+    ) -> AudioBranchConfig | None:
+        """A classifier config's `audio` field: rebuilt from its config.json dict, and refused with a
+        temporal head (an audio-visual model scores whole clips)."""
+        if isinstance(audio, dict):
+            audio = cls(**{k: tuple(v) if k == "channels" else v for k, v in audio.items()})
+        if audio is not None and temporal:
+            raise ValueError("an audio-visual model scores whole clips: temporal=True does not apply")
+        return audio
+
 
 class AudioBranch(nn.Module):
     """Log-mel CNN + per-time-step fusion with the video features (see the module docstring)."""

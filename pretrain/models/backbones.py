@@ -81,12 +81,7 @@ class BackboneClassifierConfig:
     audio: AudioBranchConfig | None = None  # an audio-visual model: the sound fused in (`audio.py`)
 
     def __post_init__(self) -> None:
-        if isinstance(self.audio, dict):  # from config.json
-            self.audio = AudioBranchConfig(
-                **{k: tuple(v) if k == "channels" else v for k, v in self.audio.items()}
-            )
-        if self.audio is not None and self.temporal:
-            raise ValueError("an audio-visual model scores whole clips: temporal=True does not apply")
+        self.audio = AudioBranchConfig.for_classifier(self.audio, self.temporal)
         _check_backbone(self.backbone)
         cfg_cls = BACKBONES[self.backbone][0]
         if self.encoder is None:

@@ -34,12 +34,7 @@ class VideoClassifierConfig:
     audio: AudioBranchConfig | None = None  # an audio-visual model: the sound fused in (`audio.py`)
 
     def __post_init__(self) -> None:
-        if isinstance(self.audio, dict):  # from config.json
-            self.audio = AudioBranchConfig(
-                **{k: tuple(v) if k == "channels" else v for k, v in self.audio.items()}
-            )
-        if self.audio is not None and self.temporal:
-            raise ValueError("an audio-visual model scores whole clips: temporal=True does not apply")
+        self.audio = AudioBranchConfig.for_classifier(self.audio, self.temporal)
         if self.temporal and not self.use_mean_pooling:
             raise ValueError("temporal=True pools each time step's tokens: it needs use_mean_pooling=True")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

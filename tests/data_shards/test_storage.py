@@ -207,10 +207,12 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
     used = sum(f.stat().st_size for f in cache.iterdir())
     assert 0 < used <= bound
     # the samples still cached (the most recently fetched: with two workers prefetching ahead, which ones
-    # depends on the order their GETs finished) are read without a GET
+    # depends on the order their GETs finished) are read without a GET. A loader's listing keeps the shards'
+    # `.idx` in the same cache: list once first, so the next loader's listing hits and evicts nothing
     from data_shards.loader.cache import SampleCache
 
     kept = SampleCache(cache, bound)
+    list_split(url, "train", kept)
     cached = [r.key for r in first.refs if kept.get(f"{r.shard}:{r.video_offset}:{r.video_size}") is not None]
     assert 2 <= len(cached) < len(keys1)
     recent = build_loader(url, "train", batch_size=2, spec=spec, backend="pyav", num_workers=0, keys=cached[:2],
