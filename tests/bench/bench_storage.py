@@ -10,7 +10,9 @@ per source, one epoch of the train split (2/3 of the videos, one 16-frame clip e
   warm   the same epoch again with the cache the cold epoch filled (`data.cache_dir`, bound above the set)
 Clips/s of the whole epoch including listing the split (what a run waits for), and the time to the first
 batch. Each figure is the median of `--rounds` rounds. Prints the table and one JSON summary line;
-targets: cold >= 0.8x local, warm >= 0.95x local.
+targets: cold >= 0.8x local, warm >= 0.95x local. The epoch here is short (under a second at x4), so its
+ratio is mostly start-up (the first S3 client, the listing, the first GETs before any decoding); the
+steady rate after the first batch (`*_steady_clips_s`, `steady_cold_ratio`) is what a long epoch sees.
 
 A local server has no network latency to hide, so this measures the client's overheads (listing, GETs,
 prefetch threads, cache writes) plus the server's own CPU, which here is taken from the decoders (printed as
@@ -41,26 +43,30 @@ from s3server import make_bucket, s3_server, weed_binary
 
 
 def epoch(shards: str | Path, backend: str, par: int, cache: Path | None, server_cpu: Callable[[], float]
-          ) -> tuple[float, float, float]:  # fmt: skip
+          ) -> tuple[float, float, float, float]:  # fmt: skip
     """(clips/s of one epoch including listing, seconds to the first batch, the S3 server's share of this
-    machine's CPUs during the epoch)."""
+    machine's CPUs during the epoch, clips/s after the first batch)."""
     cpu0 = server_cpu()
     spec = SamplingSpec(frames=16, stride=2, size=112, train=True)
     extra = {"num_threads": par, "num_workers": 0} if backend == "dali" else {"num_workers": par}
     t0 = time.perf_counter()
     loader = build_loader(shards, "train", batch_size=8, spec=spec, backend=backend, epoch=0,
                           cache_dir=cache, cache_bytes=1 << 34, **extra)  # fmt: skip
-    first, clips = None, 0
+    first, clips, after = None, 0, 0
     for b in loader:
-        first = first if first is not None else time.perf_counter() - t0
+        if first is None:
+            first = time.perf_counter() - t0
+        else:
+            after += b["video"].shape[0]
         clips += b["video"].shape[0]
     wall = time.perf_counter() - t0
-    return clips / wall, first or 0.0, (server_cpu() - cpu0) / (wall * (os.cpu_count() or 1))
+    steady = after / (wall - first) if first is not None and wall > first else 0.0
+    return clips / wall, first or 0.0, (server_cpu() - cpu0) / (wall * (os.cpu_count() or 1)), steady
 
 
 def bench(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path, server_cpu: Callable[[], float]
           ) -> dict[str, float]:  # fmt: skip
-    rows: dict[str, list[tuple[float, float, float]]] = {"local": [], "cold": [], "warm": []}
+    rows: dict[str, list[tuple[float, float, float, float]]] = {"local": [], "cold": [], "warm": []}
     for r in range(rounds):
         cache = tmp / f"cache-{backend}-{par}-{r}"
         rows["local"].append(epoch(local, backend, par, None, server_cpu))
@@ -69,11 +75,13 @@ def bench(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path,
         shutil.rmtree(cache, ignore_errors=True)
     out = {}
     for k, v in rows.items():
-        out[f"{k}_clips_s"] = round(statistics.median(c for c, _, _ in v), 2)
-        out[f"{k}_first_batch_s"] = round(statistics.median(f for _, f, _ in v), 3)
-    out["cold_server_cpu_share"] = round(statistics.median(s for _, _, s in rows["cold"]), 3)
+        out[f"{k}_clips_s"] = round(statistics.median(c for c, _, _, _ in v), 2)
+        out[f"{k}_first_batch_s"] = round(statistics.median(f for _, f, _, _ in v), 3)
+        out[f"{k}_steady_clips_s"] = round(statistics.median(s for _, _, _, s in v), 2)
+    out["cold_server_cpu_share"] = round(statistics.median(s for _, _, s, _ in rows["cold"]), 3)
     out["cold_ratio"] = round(out["cold_clips_s"] / out["local_clips_s"], 3)
     out["warm_ratio"] = round(out["warm_clips_s"] / out["local_clips_s"], 3)
+    out["steady_cold_ratio"] = round(out["cold_steady_clips_s"] / out["local_steady_clips_s"], 3)
     return out
 
 
@@ -125,14 +133,16 @@ def main() -> None:
                 print(f"{backend:<5} x{par}  local {r['local_clips_s']:7.1f} clips/s  cold {r['cold_clips_s']:7.1f} "
                       f"({r['cold_ratio']:.2f}x)  warm {r['warm_clips_s']:7.1f} ({r['warm_ratio']:.2f}x)  "
                       f"first batch local {r['local_first_batch_s']:.2f}s cold {r['cold_first_batch_s']:.2f}s "
-                      f"warm {r['warm_first_batch_s']:.2f}s  server CPU (cold) {100 * r['cold_server_cpu_share']:.0f} %",
+                      f"warm {r['warm_first_batch_s']:.2f}s  after it cold {r['steady_cold_ratio']:.2f}x  "
+                      f"server CPU (cold) {100 * r['cold_server_cpu_share']:.0f} %",
                       flush=True)  # fmt: skip
         n = fmt.load_manifest(local).splits["train"].samples
         cold = min(r["cold_ratio"] for r in results.values())
         warm = min(r["warm_ratio"] for r in results.values())
         print(json.dumps({"bench": "storage", "videos": n, "frames": a.frames, "size": a.size, "rounds": a.rounds,
                           "worst_cold_ratio": cold, "worst_warm_ratio": warm, "cold_target_met": cold >= 0.8,
-                          "warm_target_met": warm >= 0.95, "worst_cold_server_cpu_share": max(
+                          "warm_target_met": warm >= 0.95, "worst_steady_cold_ratio": min(
+                              r["steady_cold_ratio"] for r in results.values()), "worst_cold_server_cpu_share": max(
                               r["cold_server_cpu_share"] for r in results.values()), "results": results}))  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
