@@ -374,13 +374,13 @@ def _yuv_to_rgb_normalized(
 _scratch = threading.local()
 
 
-def _float_scratch(rows: int) -> torch.Tensor:
-    """A float [rows, 3] buffer kept per thread for the colour map's input: a fresh one per view (10 MB at
-    16 x 224 px) cost ~1 ms of page faults, a third of the map (threads: serving replicas decode in a pool)."""
+def _float_scratch(pixels: int) -> torch.Tensor:
+    """A float [3, pixels] buffer (Y, U and V planes) kept per thread for the colour map's input: a fresh one
+    per view (10 MB at 16 x 224 px) cost ~1 ms of page faults (threads: serving replicas decode in a pool)."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.shape[0] < rows:
-        buf = _scratch.buf = torch.empty((rows, 3))
-    return buf[:rows]
+    if buf is None or buf.numel() < 3 * pixels:
+        buf = _scratch.buf = torch.empty(3 * pixels)
+    return buf[: 3 * pixels].view(3, pixels)
 
 
 def views_from_yuv420p(
@@ -412,10 +412,12 @@ def views_from_yuv420p(
                 )
             if v.flip:
                 view_TCHW = view_TCHW.flip(-1)
-            yuv_THWC = view_TCHW.permute(0, 2, 3, 1)
-            yuv_N3 = _float_scratch(yuv_THWC.numel() // 3)
-            yuv_N3.view(yuv_THWC.shape).copy_(yuv_THWC)
-            rgb_3N = torch.addmm(bias, matrix, yuv_N3.T, out=out_VCTHW[k].view(3, -1))
+            # into planar float Y, U, V (the views are channels-last: this copy de-interleaves), so the GEMM
+            # reads rows; over an interleaved [N, 3] copy: copy + GEMM 3.7-4.7 vs 4.6-5.4 ms a 64-frame clip
+            yuv_CTHW = view_TCHW.transpose(0, 1)
+            yuv_3N = _float_scratch(yuv_CTHW[0].numel())
+            yuv_3N.view(yuv_CTHW.shape).copy_(yuv_CTHW)
+            rgb_3N = torch.addmm(bias, matrix, yuv_3N, out=out_VCTHW[k].view(3, -1))
             for c, (lo, hi) in enumerate(bounds):
                 rgb_3N[c].clamp_(lo, hi)
     return out_VCTHW
