@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from data_shards import format as fmt
 from data_shards import storage
@@ -42,10 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/s3server.p
 from s3server import make_bucket, s3_server, weed_binary
 
 
+class Epoch(NamedTuple):
+    clips_s: float  # the whole epoch, listing included
+    first_batch_s: float
+    server_share: float  # the S3 server's share of this machine's CPUs during the epoch
+    steady_clips_s: float  # after the first batch
+
+
 def epoch(shards: str | Path, backend: str, par: int, cache: Path | None, server_cpu: Callable[[], float]
-          ) -> tuple[float, float, float, float]:  # fmt: skip
-    """(clips/s of one epoch including listing, seconds to the first batch, the S3 server's share of this
-    machine's CPUs during the epoch, clips/s after the first batch)."""
+          ) -> Epoch:  # fmt: skip
     cpu0 = server_cpu()
     spec = SamplingSpec(frames=16, stride=2, size=112, train=True)
     extra = {"num_threads": par, "num_workers": 0} if backend == "dali" else {"num_workers": par}
@@ -61,12 +67,12 @@ def epoch(shards: str | Path, backend: str, par: int, cache: Path | None, server
         clips += b["video"].shape[0]
     wall = time.perf_counter() - t0
     steady = after / (wall - first) if first is not None and wall > first else 0.0
-    return clips / wall, first or 0.0, (server_cpu() - cpu0) / (wall * (os.cpu_count() or 1)), steady
+    return Epoch(clips / wall, first or 0.0, (server_cpu() - cpu0) / (wall * (os.cpu_count() or 1)), steady)
 
 
 def bench(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path, server_cpu: Callable[[], float]
           ) -> dict[str, float]:  # fmt: skip
-    rows: dict[str, list[tuple[float, float, float, float]]] = {"local": [], "cold": [], "warm": []}
+    rows: dict[str, list[Epoch]] = {"local": [], "cold": [], "warm": []}
     for r in range(rounds):
         cache = tmp / f"cache-{backend}-{par}-{r}"
         rows["local"].append(epoch(local, backend, par, None, server_cpu))
@@ -75,10 +81,10 @@ def bench(local: Path, url: str, backend: str, par: int, rounds: int, tmp: Path,
         shutil.rmtree(cache, ignore_errors=True)
     out = {}
     for k, v in rows.items():
-        out[f"{k}_clips_s"] = round(statistics.median(c for c, _, _, _ in v), 2)
-        out[f"{k}_first_batch_s"] = round(statistics.median(f for _, f, _, _ in v), 3)
-        out[f"{k}_steady_clips_s"] = round(statistics.median(s for _, _, _, s in v), 2)
-    out["cold_server_cpu_share"] = round(statistics.median(s for _, _, s, _ in rows["cold"]), 3)
+        out[f"{k}_clips_s"] = round(statistics.median(e.clips_s for e in v), 2)
+        out[f"{k}_first_batch_s"] = round(statistics.median(e.first_batch_s for e in v), 3)
+        out[f"{k}_steady_clips_s"] = round(statistics.median(e.steady_clips_s for e in v), 2)
+    out["cold_server_cpu_share"] = round(statistics.median(e.server_share for e in rows["cold"]), 3)
     out["cold_ratio"] = round(out["cold_clips_s"] / out["local_clips_s"], 3)
     out["warm_ratio"] = round(out["warm_clips_s"] / out["local_clips_s"], 3)
     out["steady_cold_ratio"] = round(out["cold_steady_clips_s"] / out["local_steady_clips_s"], 3)
