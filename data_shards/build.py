@@ -27,13 +27,13 @@ from data_shards.format import (
     MANIFEST_NAME,
     REJECTS_NAME,
     SEGMENT_SLACK_S,
-    FormatError,
     Manifest,
     ShardInfo,
     SplitInfo,
     atomic_write_bytes,
     parse_shard_name,
     sha256_file,
+    shard_of,
 )
 from data_shards.ingest import ACTIONS, IngestOptions
 from data_shards.inputs import FORMATS, WORK_DIR, InputItem, Reject, SourceOptions, read_inputs
@@ -147,7 +147,8 @@ def _shard_is_current(out: Location, work: Location, name: str, plan: str) -> Sh
         return None
     record = storage.read_json(record_path)
     info = ShardInfo(**record["info"])
-    if record.get("plan") != plan or not storage.isfile(storage.join(out, info.index)):
+    written = [info.index, *([info.listing] if info.listing else [])]
+    if record.get("plan") != plan or not all(storage.isfile(storage.join(out, f)) for f in written):
         return None
     if storage.size(tar) != info.bytes or sha256_file(tar) != info.sha256:
         return None
@@ -273,10 +274,8 @@ def _audio_notes(accepted: list[ShardEntry], opts: BuildOptions) -> list[str]:
 def _remove_stale(out: Location, planned: set[str]) -> None:
     """Shards from an earlier run with other inputs/options would otherwise look like part of the set."""
     for f in storage.listdir(out):
-        stem = f[: -len(".idx")] + ".tar" if f.endswith(".idx") else f
-        try:
-            parse_shard_name(stem)
-        except FormatError:
+        stem = shard_of(f)
+        if stem is None:
             if f.startswith(".") and f.endswith(".partial"):
                 storage.remove(storage.join(out, f))
             continue

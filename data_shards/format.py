@@ -7,6 +7,9 @@ A shard set is a folder::
     {split}-{NNNNNN}.tar        WebDataset tar: members {key}.{mp4|webm|mkv}, {key}.lbl.i64, {key}.json
                                 and, built with --audio keep|optional, {key}.flac (`data_shards/audio.py`)
     {split}-{NNNNNN}.idx        DALI `wds2idx` index of that tar (v1.2)
+    {split}-{NNNNNN}.listing.jsonl  per sample, in tar order: key, label and `.json` metadata (what a loader
+                                plans from: one read per shard instead of one per sample; sets built before
+                                it have none, and loaders read the members instead)
 
 What a sample's labels are is the manifest's `labels` (format version 2; version 1 sets read as `single`):
   single    one class per clip: `.lbl.i64`
@@ -41,6 +44,7 @@ SEGMENT_SLACK_S = 1.0  # a segment may end this far past the video's last frame 
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
+LISTING_SUFFIX = ".listing.jsonl"
 
 # Container extension of the video member. DALI's webdataset reader takes them as one ';' set.
 VIDEO_EXTS: tuple[str, ...] = ("mp4", "webm", "mkv")
@@ -102,6 +106,20 @@ def index_name(tar_name: str) -> str:
     if not tar_name.endswith(".tar"):
         raise FormatError(f"shard {tar_name!r} does not end in .tar")
     return tar_name[: -len(".tar")] + ".idx"
+
+
+def listing_name(tar_name: str) -> str:
+    """`train-000003.tar` -> `train-000003.listing.jsonl`."""
+    return index_name(tar_name)[: -len(".idx")] + LISTING_SUFFIX
+
+
+def shard_of(file_name: str) -> str | None:
+    """The shard a file of a shard folder belongs to (its tar, index or listing) -> the tar's name; None for
+    anything else (manifest, rejects, ...)."""
+    for suffix in (".idx", LISTING_SUFFIX):
+        if file_name.endswith(suffix):
+            file_name = file_name[: -len(suffix)] + ".tar"
+    return file_name if _SHARD_RE.match(file_name) else None
 
 
 def parse_shard_name(name: str) -> tuple[str, int]:
@@ -291,6 +309,29 @@ def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -
     return len(lines) - 1
 
 
+def listing_line(key: str, label: int, meta: dict[str, Any]) -> str:
+    """One sample's line of a shard's listing: what its `.lbl.i64` and `.json` members hold."""
+    row = {"key": key, "label": int(label), "meta": meta}
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_listing(data: bytes, where: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """A listing's bytes -> (key, label, metadata) per sample, in tar order; errors name `where` and the line."""
+    out = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, label, meta = row["key"], row["label"], row["meta"]
+            if not (isinstance(key, str) and isinstance(label, int) and isinstance(meta, dict)):
+                raise TypeError("key must be a string, label an integer, meta an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{where}: line {n} is not a listing entry ({e})") from None
+        out.append((key, label, meta))
+    return out
+
+
 # ------------------------------------------------------------------------------------------- manifest
 
 
@@ -303,6 +344,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     codecs: list[str] = field(default_factory=list)
+    listing: str = ""  # the shard's listing file; "" for sets built before listings existed
 
 
 @dataclass
@@ -385,6 +427,7 @@ class Manifest:
                     bytes=need(s, "bytes", int, ctx),
                     sha256=need(s, "sha256", str, ctx),
                     codecs=list(s.get("codecs", [])),
+                    listing=str(s.get("listing", "")),
                 )
             )
         splits = {

@@ -1,6 +1,6 @@
-"""Writing one shard: tar (via webdataset's TarWriter, reproducible) + DALI index + checksum.
+"""Writing one shard: tar (via webdataset's TarWriter, reproducible) + listing + DALI index + checksum.
 
-The tar appears under its final name only when complete; its index is written after it.
+The tar appears under its final name only when complete; its listing and then its index are written after it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from data_shards import storage
 from data_shards.format import (
     Sample,
     ShardInfo,
+    atomic_write_bytes,
     index_name,
+    listing_line,
+    listing_name,
     parse_shard_name,
     sample_members,
     sha256_file,
@@ -25,14 +28,15 @@ from data_shards.format import (
 
 
 def write_shard(tar_path: storage.Location, samples: Iterable[Sample]) -> ShardInfo:
-    """Write `samples` to `tar_path` atomically and index it; same samples give the same bytes. A URL
-    destination is written to a local temporary file first, then uploaded (tar, then its index)."""
+    """Write `samples` to `tar_path` atomically, list and index it; same samples give the same bytes. A URL
+    destination is written to a local temporary file first, then uploaded (tar, listing, then index)."""
     if not storage.is_url(tar_path):
         return _write_local(Path(tar_path), samples)
     with tempfile.TemporaryDirectory(prefix="tubelet-shard-") as tmp:
         local = Path(tmp) / storage.name(tar_path)
         info = _write_local(local, samples)
         storage.upload(local, tar_path)
+        storage.upload(local.with_name(info.listing), storage.join(storage.parent(tar_path), info.listing))
         storage.upload(local.with_name(info.index), storage.join(storage.parent(tar_path), info.index))
     return info
 
@@ -40,28 +44,32 @@ def write_shard(tar_path: storage.Location, samples: Iterable[Sample]) -> ShardI
 def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
     split, _ = parse_shard_name(tar_path.name)
     tmp = tar_path.with_name(f".{tar_path.name}.partial")
-    count, codecs = 0, set()
+    codecs: set[str] = set()
+    listing: list[str] = []
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0, user="tubelet", group="tubelet", mode=0o444)
         for s in samples:
             writer.write({"__key__": s.key, **sample_members(s)})
             codecs.add(str(s.meta.get("codec", "unknown")))
-            count += 1
+            listing.append(listing_line(s.key, s.label, s.meta))
         writer.close()
         f.flush()
         os.fsync(f.fileno())
-    if count == 0:
+    if not listing:
         tmp.unlink()
         raise ValueError(f"{tar_path}: refusing to write an empty shard")
     os.replace(tmp, tar_path)
+    listed = tar_path.with_name(listing_name(tar_path.name))
+    atomic_write_bytes(listed, ("\n".join(listing) + "\n").encode("utf-8"))
     idx = tar_path.with_name(index_name(tar_path.name))
     write_dali_index(tar_path, idx)
     return ShardInfo(
         path=tar_path.name,
         index=idx.name,
         split=split,
-        samples=count,
+        samples=len(listing),
         bytes=tar_path.stat().st_size,
         sha256=sha256_file(tar_path),
         codecs=sorted(codecs),
+        listing=listed.name,
     )

@@ -20,10 +20,11 @@ from data_shards.format import (
     dali_index_lines,
     iter_tar_samples,
     labels_of,
+    listing_line,
     load_manifest,
-    parse_shard_name,
     segments_of,
     sha256_file,
+    shard_of,
 )
 from data_shards.probe import RejectError, inspect_stored
 
@@ -121,6 +122,21 @@ def _label_problems(sample: Sample, n_classes: int, where: str) -> list[str]:
     return out
 
 
+def _listing_problems(folder: storage.Location, shard: ShardInfo, lines: list[str]) -> list[str]:
+    """The shard's listing (what loaders plan from) says what its tar holds, line for line (`lines`: the
+    listing of the tar's samples). A set built before listings existed has none: nothing to check."""
+    if not shard.listing:
+        return []
+    path = storage.join(folder, shard.listing)
+    if not storage.isfile(path):
+        return [f"{shard.listing}: missing listing"]
+    have = storage.read_text(path).splitlines()
+    if have == lines:
+        return []
+    n = next((i for i, (a, b) in enumerate(zip(have, lines)) if a != b), min(len(have), len(lines)))
+    return [f"{shard.listing}: does not match {shard.path} from sample {n + 1} on (rebuild the set)"]
+
+
 def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], dict[str, int]]:
     """Returns (problems, counts per split). An empty problem list means the set is safe to train on."""
     report = verify_report(folder, decode)
@@ -142,7 +158,7 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
     seen_keys: dict[str, str] = {}
     listed = set()
     for shard in manifest.shards:
-        listed |= {shard.path, shard.index}
+        listed |= {shard.path, shard.index, shard.listing}
         tar = storage.join(folder, shard.path)
         if not storage.isfile(tar):
             problems.append(f"{shard.path}: missing")
@@ -158,12 +174,14 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
                 problems.append(f"{shard.index}: missing DALI index")
             elif storage.read_text(idx).splitlines() != dali_index_lines(tar):
                 problems.append(f"{shard.index}: does not match {shard.path} (rebuild it)")
-            n = 0
+            n, lines = 0, []
             for sample in iter_tar_samples(tar):
                 n += 1
+                lines.append(listing_line(sample.key, sample.label, sample.meta))
                 problems += _check_sample(
                     sample, shard, n_classes, seen_keys, report if decode else None, manifest.audio
                 )
+            problems += _listing_problems(folder, shard, lines)
             if n != shard.samples:
                 problems.append(f"{shard.path}: {n} samples, manifest says {shard.samples}")
             counts[shard.split] = counts.get(shard.split, 0) + n
@@ -175,11 +193,6 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
                 f"split {split}: {counts.get(split, 0)} samples in shards, manifest says {info.samples}"
             )
     for f in storage.listdir(folder):
-        name = f[: -len(".idx")] + ".tar" if f.endswith(".idx") else f
-        try:
-            parse_shard_name(name)
-        except FormatError:
-            continue
-        if f not in listed:
+        if shard_of(f) is not None and f not in listed:
             problems.append(f"{f}: not listed in the manifest")
     return report

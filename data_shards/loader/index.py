@@ -6,8 +6,11 @@ access, which the `.idx` files (`format.dali_index_lines`) give: byte offset and
 
 What the sampling plan needs is read once, here, when the split is listed: the label (`.lbl.i64`) and the
 frame count and size the build stored in the `.json` metadata -- the one definition of a video's frame
-count every backend plans from. Nothing is decoded or unpickled: JSON and 8 bytes, read at their offsets;
-any other member (`.pyd`, `.pth`, ...) is ignored, never read, so a hostile shard cannot execute anything.
+count every backend plans from. The build writes them once more per shard, in its listing
+(`format.listing_name`): a shard is listed by two reads (index and listing), however many samples it holds;
+a set built before listings existed is listed from the members (JSON and 8 bytes at their offsets: one
+ranged GET per sample at a URL). Nothing is decoded or unpickled; any other member (`.pyd`, `.pth`, ...) is
+ignored, never read, so a hostile shard cannot execute anything.
 """
 
 from __future__ import annotations
@@ -100,13 +103,16 @@ def _member_of(data: bytes, span: tuple[int, int], member: tuple[int, int], tar_
     return _checked(data[lo : lo + member[1]], member[1], tar_path, key)
 
 
-def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> dict[str, Any]:
-    """A sample's `.json` member, checked for what the plan needs (frames, height, width); errors name shard,
-    key and the fix."""
+def _decoded(tar_path: str, key: str, meta_bytes: bytes) -> dict[str, Any]:
     try:
-        meta = fmt.decode_meta(meta_bytes)
+        return fmt.decode_meta(meta_bytes)
     except (ValueError, fmt.FormatError) as e:
         raise fmt.FormatError(f"{tar_path}: sample {key}: unreadable .json metadata ({e})") from None
+
+
+def _stored(tar_path: str, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample's metadata, checked for what the plan needs (frames, height, width); errors name shard, key
+    and the fix."""
     missing = [k for k in ("frames", "height", "width") if not isinstance(meta.get(k), int) or meta[k] <= 0]
     if missing:
         raise fmt.FormatError(
@@ -116,7 +122,47 @@ def _stored(tar_path: Path, key: str, meta_bytes: bytes) -> dict[str, Any]:
     return meta
 
 
-def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]:
+Stored = list[tuple[int, dict[str, Any]]]  # per sample of a shard, in tar order: (label, metadata)
+
+
+def _from_members(tar_path: str, parsed: list[tuple[str, dict[str, tuple[int, int]], str]]) -> Stored:
+    """Label and metadata of every sample in one batch of reads (concurrent ranged GETs for a URL): one range
+    per sample, over both members (the writer puts them next to each other)."""
+    spans = [_span(members[fmt.LABEL_EXT], members[fmt.META_EXT]) for _, members, _ in parsed]
+    try:
+        small = storage.read_ranges(tar_path, spans)
+    except FileNotFoundError:
+        raise fmt.FormatError(f"{tar_path}: listed in the manifest but missing") from None
+    out = []
+    for i, (key, members, _) in enumerate(parsed):
+        label = fmt.decode_label(_member_of(small[i], spans[i], members[fmt.LABEL_EXT], tar_path, key))
+        out.append(
+            (
+                label,
+                _decoded(tar_path, key, _member_of(small[i], spans[i], members[fmt.META_EXT], tar_path, key)),
+            )
+        )
+    return out
+
+
+def _from_listing(
+    tar_path: str, listing: str, rows: list[tuple[str, int, dict[str, Any]]], keys: list[str]
+) -> Stored:
+    """Label and metadata of every sample from the shard's listing, which must name the index's samples in
+    its order (anything else is a listing from another build of the shard)."""
+    if [key for key, _, _ in rows] != keys:
+        raise fmt.FormatError(
+            f"{listing}: does not list the samples of {tar_path} ({len(rows)} entries, the index has "
+            f"{len(keys)}); `python -m data_shards verify` says more, {REBUILD_HINT}"
+        )
+    return [(label, meta) for _, label, meta in rows]
+
+
+def _parse_index(
+    tar_path: str, lines: list[str], first: int, listing: tuple[str, bytes] | None = None
+) -> list[SampleRef]:
+    """The shard's index lines -> its samples; label and metadata from `listing` (path, bytes) if given, else
+    read from the tar's members."""
     header = lines[0].split()
     if not header or header[0] != "v1.2":
         raise fmt.FormatError(f"{tar_path}: index is not DALI wds2idx v1.2 (header {lines[0]!r})")
@@ -138,19 +184,14 @@ def _parse_index(tar_path: str, lines: list[str], first: int) -> list[SampleRef]
             raise fmt.FormatError(f"{tar_path}: sample {key!r} has no .{fmt.META_EXT} member; {REBUILD_HINT}")
         ignored |= set(members) - set(fmt.MEMBER_EXTS)
         parsed.append((key, members, videos[0]))
-    # the label and metadata of every sample in one batch of reads (concurrent ranged GETs for a URL): one
-    # range per sample, over both members (the writer puts them next to each other)
-    spans = [_span(members[fmt.LABEL_EXT], members[fmt.META_EXT]) for _, members, _ in parsed]
-    try:
-        small = storage.read_ranges(tar_path, spans)
-    except FileNotFoundError:
-        raise fmt.FormatError(f"{tar_path}: listed in the manifest but missing") from None
+    if listing is None:
+        stored = _from_members(tar_path, parsed)
+    else:
+        rows = fmt.parse_listing(listing[1], listing[0])
+        stored = _from_listing(tar_path, listing[0], rows, [key for key, _, _ in parsed])
     refs: list[SampleRef] = []
     for i, (key, members, video) in enumerate(parsed):
-        label_bytes = _member_of(small[i], spans[i], members[fmt.LABEL_EXT], tar_path, key)
-        meta_bytes = _member_of(small[i], spans[i], members[fmt.META_EXT], tar_path, key)
-        label = fmt.decode_label(label_bytes)
-        meta = _stored(tar_path, key, meta_bytes)
+        label, meta = stored[i][0], _stored(tar_path, key, stored[i][1])
         try:
             labels, segments = fmt.labels_of(label, meta), fmt.segments_of(meta)
         except fmt.FormatError as e:
@@ -208,8 +249,9 @@ def list_samples(
 
 
 def _listed(folder: storage.Location, info: fmt.ShardInfo, cache: SampleCache | None) -> list[SampleRef]:
-    """One shard's samples (numbered from 0): from its `.idx` and member reads, or, for a shard at a URL with
-    a local cache, from the cache's copy of an earlier listing of the same shard (same sha256)."""
+    """One shard's samples (numbered from 0): from its `.idx` and listing file (member reads for a set without
+    one), or, for a shard at a URL with a local cache, from the cache's copy of an earlier listing of the same
+    shard (same sha256)."""
     tar = storage.join(folder, info.path)
     key = f"listing:{tar}:{info.sha256}"
     cache = cache if info.sha256 and storage.is_url(tar) else None  # a listing is kept only for a known shard
@@ -222,10 +264,23 @@ def _listed(folder: storage.Location, info: fmt.ShardInfo, cache: SampleCache | 
         if not storage.isfile(tar):
             raise fmt.FormatError(f"{tar}: listed in the manifest but missing") from None
         lines = fmt.dali_index_lines(tar)
-    part = _parse_index(os.fspath(tar), lines, 0)
+    part = _parse_index(os.fspath(tar), lines, 0, _listing(folder, info))
     if cache is not None:
         cache.put(key, json.dumps([asdict(r) for r in part]).encode())
     return part
+
+
+def _listing(folder: storage.Location, info: fmt.ShardInfo) -> tuple[str, bytes] | None:
+    """(path, bytes) of the shard's listing; None for a set built before listings (or one whose listing is
+    gone: the members say the same, one read per sample)."""
+    if not info.listing:
+        return None
+    path = storage.join(folder, info.listing)
+    try:
+        return os.fspath(path), storage.read_bytes(path)
+    except FileNotFoundError:
+        log.warning("%s: missing (the manifest names it); reading each sample's members instead", path)
+        return None
 
 
 def _ref_from_json(data: dict[str, Any]) -> SampleRef:

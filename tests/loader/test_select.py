@@ -147,3 +147,72 @@ def test_metadata_without_frames_is_a_format_error(tmp_path: Path) -> None:
     fmt.Manifest(classes=["a"], shards=[info], splits={"train": split}).save(tmp_path)
     with pytest.raises(fmt.FormatError, match=rf"train-000000.tar: sample {s.key}: .*frames.*rebuild"):
         build_loader(tmp_path, "train", batch_size=1, spec=SPEC, backend="pyav")
+
+
+def _copy_without_listings(src: Path, dst: Path) -> Path:
+    """`src` as a set built before listings existed: no listing files, none named in the manifest."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"*{fmt.LISTING_SUFFIX}"))
+    manifest = fmt.load_manifest(dst)
+    for info in manifest.shards:
+        info.listing = ""
+    manifest.save(dst)
+    return dst
+
+
+def test_a_shard_is_listed_from_its_listing_and_an_older_set_from_its_members(
+    vp9_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from data_shards import storage
+
+    old = _copy_without_listings(vp9_set, tmp_path / "old")
+    from_members, _ = list_samples(old, "train")
+    with monkeypatch.context() as m:  # two reads a shard (index, listing): no member is read
+        m.setattr(storage, "read_ranges", lambda *a, **k: pytest.fail("a member was read to list the split"))
+        from_listing, manifest = list_samples(vp9_set, "train")
+    assert all(info.listing == fmt.listing_name(info.path) for info in manifest.shards)
+    assert [(r.key, r.label, r.frames, r.height, r.width) for r in from_listing] == [
+        (r.key, r.label, r.frames, r.height, r.width) for r in from_members
+    ]
+    assert [r.video_offset for r in from_listing] == [r.video_offset for r in from_members]
+    assert verify(old) == verify(vp9_set)  # an older set is as valid as a new one (no listing problem)
+
+    gone = tmp_path / "gone"
+    shutil.copytree(vp9_set, gone)
+    (gone / fmt.listing_name("train-000001.tar")).unlink()
+    with caplog.at_level("WARNING", logger="data_shards.loader"):
+        assert [r.key for r in list_samples(gone, "train")[0]] == [r.key for r in from_members]
+    assert "train-000001.listing.jsonl: missing" in caplog.text
+    assert "train-000001.listing.jsonl: missing listing" in verify(gone)[0]
+
+
+def test_a_listing_that_disagrees_with_its_tar_is_refused_and_verify_names_it(
+    vp9_set: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(vp9_set, bad)
+    path = bad / fmt.listing_name("train-000000.tar")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two samples swapped
+    with pytest.raises(
+        fmt.FormatError, match=r"train-000000.listing.jsonl: does not list the samples of .*train-000000.tar"
+    ):
+        list_samples(bad, "train")
+    assert (
+        "train-000000.listing.jsonl: does not match train-000000.tar from sample 1 on (rebuild the set)"
+        in verify(bad)[0]
+    )
+
+    row = fmt.parse_listing(lines[2].encode(), "x")[0]
+    changed = fmt.listing_line(row[0], row[1], {**row[2], "frames": row[2]["frames"] + 1})
+    path.write_text(
+        "\n".join([*lines[:2], changed, *lines[3:]]) + "\n"
+    )  # a frame count that is not the tar's
+    assert (
+        "train-000000.listing.jsonl: does not match train-000000.tar from sample 3 on (rebuild the set)"
+        in verify(bad)[0]
+    )
+    path.write_text("not json\n")
+    with pytest.raises(fmt.FormatError, match=r"train-000000.listing.jsonl: line 1 is not a listing entry"):
+        list_samples(bad, "train")
+    (bad / "train-000009.listing.jsonl").write_text("")
+    assert "train-000009.listing.jsonl: not listed in the manifest" in verify(bad)[0]
