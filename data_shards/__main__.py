@@ -228,7 +228,12 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-address", default=None, help="join an existing Ray cluster (default: local embedded one)"
     )
-    p.add_argument("--workers", type=int, default=None, help="local Ray CPUs (default: all cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local Ray CPUs (default: all cores); 0: no Ray, the tasks run one by one in this process",
+    )
     p.add_argument(
         "--keep-work", action="store_true", help="keep re-encoded bytes in OUT/.work after success"
     )

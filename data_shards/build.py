@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_shards import storage
-from data_shards.execute import init_ray, run_tasks
+from data_shards.execute import check_workers, init_ray, run_tasks
 from data_shards.format import (
     MANIFEST_NAME,
     REJECTS_NAME,
@@ -97,9 +97,9 @@ def _options_digest(opts: BuildOptions) -> str:
 
 
 def _validate(
-    plan: Plan, opts: BuildOptions, work: Location, batch: int, quiet: bool
+    plan: Plan, opts: BuildOptions, work: Location, batch: int, quiet: bool, in_process: bool
 ) -> tuple[list[ShardEntry], list[Reject]]:
-    """Run validation on Ray; accepted samples become shard entries (with their metadata)."""
+    """Run validation on Ray (or here); accepted samples become shard entries (with their metadata)."""
     jobs = [ValidateJob(p.key, p.item.path, p.item.start, p.item.end) for p in plan.samples]
     chunks = [jobs[i : i + batch] for i in range(0, len(jobs), batch)]
     digest = _options_digest(opts)
@@ -109,6 +109,7 @@ def _validate(
         "validate",
         [len(c) for c in chunks],
         quiet,
+        in_process,
     )
     by_key = {r.key: r for chunk in results for r in chunk}
     accepted, rejects = [], []
@@ -156,7 +157,7 @@ def _shard_is_current(out: Location, work: Location, name: str, plan: str) -> Sh
 
 
 def _write(
-    shard_plan: dict[str, list[ShardEntry]], out: Location, work: Location, quiet: bool
+    shard_plan: dict[str, list[ShardEntry]], out: Location, work: Location, quiet: bool, in_process: bool
 ) -> tuple[list[ShardInfo], int, int]:
     """Write the shards that are not already on disk as planned; (all infos in order, kept, written)."""
     kept: dict[str, ShardInfo] = {}
@@ -174,6 +175,7 @@ def _write(
         "write",
         [len(e) for _, e, _ in todo],
         quiet,
+        in_process,
     )
     infos = {**kept, **{name: info for (name, _, _), info in zip(todo, written)}}
     ordered = [infos[name] for name in sorted(shard_plan, key=parse_shard_name)]
@@ -226,8 +228,10 @@ def build(
     keep_work: bool = False,
     quiet: bool = False,
 ) -> BuildResult:
-    """Run the whole job; returns what it did. Raises only for bad options or when nothing is accepted."""
+    """Run the whole job; returns what it did. Raises only for bad options or when nothing is accepted.
+    `workers`: local Ray CPUs (all cores by default); 0 runs the tasks in this process, without Ray."""
     t0 = time.perf_counter()
+    check_workers(ray_address, workers)
     out = storage.join(out)
     storage.check_access(out)
     work = storage.join(out, WORK_DIR)
@@ -237,11 +241,12 @@ def build(
     plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
     rejects = inputs.rejects + plan.rejects
     init_ray(ray_address, workers)
-    accepted, failed = _validate(plan, opts, work, batch, quiet)
+    in_process = workers == 0
+    accepted, failed = _validate(plan, opts, work, batch, quiet, in_process)
     rejects += failed
 
     shard_plan = assign_shards(accepted, opts.shard_samples, opts.shard_bytes)
-    shards, kept, written = _write(shard_plan, out, work, quiet)
+    shards, kept, written = _write(shard_plan, out, work, quiet, in_process)
     _remove_stale(out, set(shard_plan))
     manifest = _manifest(shards, accepted, plan, opts, len(rejects))
     rejects.sort(key=lambda r: (r.where, r.reason))

@@ -30,8 +30,17 @@ def _join(address: str) -> None:
         raise ConnectionError(f"cannot join the Ray cluster at {address}: {e}\n{TOKEN_HINT}") from None
 
 
+def check_workers(address: str | None, workers: int | None) -> None:
+    """Refuse a worker count that means nothing before any work (ValueError)."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be 0 (in this process) or more, got {workers}")
+    if workers == 0 and address:
+        raise ValueError("--workers 0 builds in this process: it cannot also join a Ray cluster")
+
+
 def init_ray(address: str | None, workers: int | None) -> None:
-    """Join `address`, or start an embedded local cluster with `workers` CPUs (all cores by default).
+    """Join `address`, or start an embedded local cluster with `workers` CPUs (all cores by default);
+    `workers=0` starts nothing: `run_tasks(..., in_process=True)` runs the task bodies here.
 
     The local cluster starts quietly: Ray >= 2.59 turns token auth on for a new local cluster and warns
     about it unless RAY_AUTH_MODE is set. We set it to `token` -- the same secure default, chosen
@@ -39,6 +48,9 @@ def init_ray(address: str | None, workers: int | None) -> None:
     """
     if not address and "ray" not in sys.modules:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    check_workers(address, workers)
+    if workers == 0:
+        return
     import ray
 
     if ray.is_initialized():
@@ -55,12 +67,25 @@ def init_ray(address: str | None, workers: int | None) -> None:
 
 
 def run_tasks(
-    fn: Callable[..., Any], calls: list[tuple], desc: str, unit_counts: list[int], quiet: bool
+    fn: Callable[..., Any],
+    calls: list[tuple],
+    desc: str,
+    unit_counts: list[int],
+    quiet: bool,
+    in_process: bool = False,
 ) -> list[Any]:
-    """Submit `fn(*args)` as Ray tasks (retried if a worker dies); ordered results; tqdm with units/s."""
+    """Submit `fn(*args)` as Ray tasks (retried if a worker dies); ordered results; tqdm with units/s.
+    `in_process`: call them here, one after the other (a small set: starting Ray costs more than the work)."""
     import ray
     from tqdm import tqdm
 
+    if in_process:
+        results = []
+        with tqdm(total=sum(unit_counts), desc=desc, unit="clip", disable=quiet, file=sys.stderr) as bar:
+            for args, units in zip(calls, unit_counts):
+                results.append(fn(*args))
+                bar.update(units)
+        return results
     remote = ray.remote(max_retries=3, num_cpus=1)(fn)
     refs = [remote.remote(*args) for args in calls]
     pos = {ref: i for i, ref in enumerate(refs)}

@@ -150,6 +150,7 @@ class RemoteSamples:
     def __init__(self, cache: SampleCache | None = None) -> None:
         self.cache = cache
         self.stats = dict.fromkeys(IO_STATS, 0)
+        self._stats_lock = threading.Lock()  # the prefetch thread counts while the worker takes the counts
         self._pid = os.getpid()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: OrderedDict[tuple[str, int, int], tuple[Future, int]] = OrderedDict()
@@ -165,24 +166,27 @@ class RemoteSamples:
         missing = []
         for i, (shard, start, size) in enumerate(items):
             if self.cache is not None and (data := self.cache.get(f"{shard}:{start}:{size}")) is not None:
-                self.stats["cache_hits"] += 1
+                self._count(cache_hits=1)
                 out[i] = data
             else:
                 missing.append(i)
         if missing:
             before = storage.stats["retries"]
             got = storage.read_many([(items[i][0], items[i][1], items[i][1] + items[i][2]) for i in missing])
-            self.stats["storage_retries"] += storage.stats["retries"] - before
             fetched = []
             for i, data in zip(missing, got):
                 shard, start, size = items[i]
                 out[i] = data
                 if isinstance(data, OSError):
                     continue
-                self.stats["remote_gets"] += 1
-                self.stats["remote_bytes"] += len(data)
                 if len(data) == size:
                     fetched.append((f"{shard}:{start}:{size}", data))
+            ok = [d for d in got if not isinstance(d, OSError)]
+            self._count(
+                remote_gets=len(ok),
+                remote_bytes=sum(len(d) for d in ok),
+                storage_retries=storage.stats["retries"] - before,
+            )
             if self.cache is not None:
                 self.cache.put_many(fetched)
         return out  # type: ignore[return-value]
@@ -213,9 +217,15 @@ class RemoteSamples:
             raise data
         return data
 
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for k, n in deltas.items():
+                self.stats[k] += n
+
     def take_stats(self) -> dict[str, int]:
         """The counts since the last call (reset): a worker hands them to the main process with its batch."""
-        out, self.stats = self.stats, dict.fromkeys(self.stats, 0)
+        with self._stats_lock:
+            out, self.stats = self.stats, dict.fromkeys(self.stats, 0)
         return out
 
     def __getstate__(self) -> dict[str, Any]:
@@ -224,3 +234,4 @@ class RemoteSamples:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._stats_lock = threading.Lock()

@@ -24,6 +24,7 @@ class BuildSection:
     shard_samples: int = 64
     format: str = "auto"
     videos: str | None = None  # where the videos are, when not beside the annotations (--videos)
+    workers: int | None = None  # local Ray CPUs (None: all cores); 0: in the round's process, without Ray
 
 
 @dataclass
@@ -84,6 +85,10 @@ class UpdateConfig:
         require(
             0.0 < self.build.test_fraction < 1.0,
             "build.test_fraction must be in (0, 1): the gate compares models on the batch's test split",
+        )
+        require(
+            self.build.workers is None or self.build.workers >= 0,
+            "build.workers must be 0 (build in the round's process) or more, or null (all cores)",
         )
         require(self.lock_wait_s >= 0, "lock_wait_s must be >= 0")
         self.gate.check()

@@ -141,7 +141,7 @@ class Round:
             format=b.format,
             source=source,
         )
-        result = build(cfg.videos, out, opts, quiet=True)
+        result = build(cfg.videos, out, opts, workers=b.workers, quiet=True)
         _stop_local_ray()
         s.new_set = asdict(ShardSet.of(s.round, str(out), s.round))
         s.build = {"shards": str(out), "accepted": result.accepted, "rejected": result.rejected}

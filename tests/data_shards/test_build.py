@@ -134,7 +134,7 @@ def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path
 
 
 def test_output_is_the_same_whatever_the_worker_count_and_local_ray_is_quiet(
-    synth_vp9: Path, tmp_path: Path
+    synth_vp9: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["build", str(synth_vp9 / "labels.csv"), "--shard-samples", "5", "--test-fraction", "0.3"]
     assert cli([*args, "--quiet", "--out", str(tmp_path / "a")]) == 0  # in-process Ray, 2 CPUs
@@ -154,6 +154,20 @@ def test_output_is_the_same_whatever_the_worker_count_and_local_ray_is_quiet(
         2
     ].split()  # split samples shards MB kept remuxed transcoded trimmed rejected
     assert row[:3] == ["test", str(test.samples), "1"] and row[4] == str(test.samples)  # all kept
+
+    # --workers 0: no Ray, the tasks one by one in this process; every file the same, byte for byte
+    assert cli([*args, "--quiet", "--out", str(tmp_path / "c"), "--workers", "0"]) == 0
+    files = {p.name for p in (tmp_path / "b").iterdir() if p.is_file()}
+    assert files == {p.name for p in (tmp_path / "c").iterdir() if p.is_file()}
+    for name in files:
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    capsys.readouterr()
+    assert cli([*args, "--out", str(tmp_path / "d"), "--workers", "0", "--ray-address", "auto"]) == 1
+    assert cli([*args, "--out", str(tmp_path / "d"), "--workers", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "--workers 0 builds in this process: it cannot also join a Ray cluster" in err
+    assert "--workers must be 0 (in this process) or more, got -1" in err
+    assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
 def test_splits_from_manifest_column_jsonl_and_hash(

@@ -96,11 +96,11 @@ def _use(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _build(
-    folder: Path, out: str, env: dict[str, str], cwd: Path, source: str | None = None
+    folder: Path, out: str, env: dict[str, str], cwd: Path, source: str | None = None, workers: int = 1
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PY, "-m", "data_shards", "build", source or str(folder / "labels.csv"), "--out", out, "--shard-samples", "5",
-         "--val-fraction", "0.25", "--workers", "1"],
+         "--val-fraction", "0.25", "--workers", str(workers)],
         cwd=cwd, env={**base_env(), **env}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -131,7 +131,7 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     r = _build(synth_vp9, url, s3, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     local = tmp_path / "local"
-    r2 = _build(synth_vp9, str(local), s3, tmp_path)
+    r2 = _build(synth_vp9, str(local), s3, tmp_path, workers=0)  # in process, no Ray: the same bytes
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert not (tmp_path / "s3:").exists()
 
@@ -147,7 +147,7 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
     assert v.returncode == 0, v.stdout + v.stderr
 
     # a re-run resumes: every shard kept, nothing rewritten
-    again = _build(synth_vp9, url, s3, tmp_path)
+    again = _build(synth_vp9, url, s3, tmp_path, workers=0)
     assert again.returncode == 0 and "0 shards written" in again.stdout, again.stdout
 
     from data_shards.loader import SamplingSpec, build_loader
@@ -187,7 +187,7 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
 
     _use(s3, monkeypatch)
     url = "s3://shards/cached"
-    assert _build(synth_vp9, url, s3, tmp_path).returncode == 0
+    assert _build(synth_vp9, url, s3, tmp_path, workers=0).returncode == 0
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / ".999999999.deadbeef.partial").write_bytes(b"left by a crashed run")

@@ -94,7 +94,8 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     scratch, 150 steps): (root, run)."""
     root = tmp_path_factory.mktemp("sync")
     table = _sync_shards(root / "src", 64)
-    build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep"]
+    build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep",
+             "--workers", "0"]  # fmt: skip
     ok(
         subprocess.run(
             [*build, "--val-fraction", "0.25"], env=base_env(), cwd=REPO, capture_output=True, text=True

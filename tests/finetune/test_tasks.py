@@ -152,6 +152,8 @@ def _synth_and_build(root: Path, kind: str, videos: int, frames: int) -> Path:
         str(root / "shards"),
         "--val-fraction",
         "0.25",
+        "--workers",
+        "0",  # data for the fine-tunes: built in the process, no Ray start
     ]
     ok(subprocess.run(build, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
     return root / "shards"

@@ -1,5 +1,5 @@
-"""The update loop (`python -m finetune update`): real rounds (build with Ray, DeepSpeed fine-tune, MLflow
-sqlite store and registry), the gate's rules, the aliases and rollback, the lock.
+"""The update loop (`python -m finetune update`): real rounds (build with Ray or in the round's process,
+DeepSpeed fine-tune, MLflow sqlite store and registry), the gate's rules, the aliases and rollback, the lock.
 
 Round 1 continues the registry fixture's learned classifier on a new batch and is promoted; round 2 brings a
 batch whose labels were shuffled and is refused, the champion staying where it was."""
@@ -67,7 +67,8 @@ def test_a_round_is_promoted_and_a_poisoned_one_refused(tmp_path: Path, registry
     assert r1["scores"]["challenger"]["r1"]["top1"] >= 0.5
     assert "PROMOTED" in out
 
-    code, out, r2 = update(work, uri, batch(tmp_path / "b2", 12, shuffle=True), "r2")
+    # round 2 builds its batch in the round's process (build.workers=0: no Ray start), round 1 on local Ray
+    code, out, r2 = update(work, uri, batch(tmp_path / "b2", 12, shuffle=True), "r2", "build.workers=0")
     assert code == 0, out[-4000:]
     assert not r2["promoted"] and r2["champion_before"] == "1" and r2["champion_after"] == "1"
     failed = {c["rule"] for c in r2["decision"]["checks"] if not c["passed"]}
