@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from data_shards import storage
@@ -46,6 +46,7 @@ from data_shards.plan import (
     plan_digest,
     plan_inputs,
 )
+from data_shards.shardio import add_listing
 from data_shards.storage import Location
 from data_shards.tasks import Validated, ValidateJob, validate_batch, write_shard_task
 
@@ -153,6 +154,9 @@ def _shard_is_current(out: Location, work: Location, name: str, plan: str) -> Sh
         return None
     if storage.size(tar) != info.bytes or sha256_file(tar) != info.sha256:
         return None
+    if not info.listing:  # built before listings existed: the shard stays, its listing is added
+        info = replace(info, listing=add_listing(tar))
+        atomic_write_bytes(record_path, json.dumps({**record, "info": asdict(info)}).encode())
     return info
 
 

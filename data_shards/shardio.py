@@ -18,6 +18,7 @@ from data_shards.format import (
     ShardInfo,
     atomic_write_bytes,
     index_name,
+    iter_tar_samples,
     listing_line,
     listing_name,
     parse_shard_name,
@@ -60,7 +61,7 @@ def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
         raise ValueError(f"{tar_path}: refusing to write an empty shard")
     os.replace(tmp, tar_path)
     listed = tar_path.with_name(listing_name(tar_path.name))
-    atomic_write_bytes(listed, ("\n".join(listing) + "\n").encode("utf-8"))
+    atomic_write_bytes(listed, _listing_bytes(listing))
     idx = tar_path.with_name(index_name(tar_path.name))
     write_dali_index(tar_path, idx)
     return ShardInfo(
@@ -73,3 +74,16 @@ def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
         codecs=sorted(codecs),
         listing=listed.name,
     )
+
+
+def add_listing(tar_path: storage.Location) -> str:
+    """Write the listing of a shard built before listings existed, from its tar, beside it (local or URL);
+    returns its name. The bytes are those a build of the same samples writes."""
+    name = listing_name(storage.name(tar_path))
+    lines = [listing_line(s.key, s.label, s.meta) for s in iter_tar_samples(tar_path)]
+    atomic_write_bytes(storage.join(storage.parent(tar_path), name), _listing_bytes(lines))
+    return name
+
+
+def _listing_bytes(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode("utf-8")

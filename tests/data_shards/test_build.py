@@ -132,6 +132,25 @@ def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path
     assert (out / "manifest.json").read_bytes() == manifest_bytes
     assert not (out / ".train-000009.tar.partial").exists()
 
+    # a set built before shard listings existed (no listing files, none in the manifest or the resume
+    # records): the re-run keeps every shard and adds the listings, the same bytes a build writes
+    listings = {p.name: p.read_bytes() for p in out.glob(f"*{fmt.LISTING_SUFFIX}")}
+    assert len(listings) == len(first.manifest.shards)
+    for name in listings:
+        (out / name).unlink()
+    for record in (out / ".work" / "shards").glob("*.json"):
+        data = json.loads(record.read_text())
+        del data["info"]["listing"]
+        record.write_text(json.dumps(data))
+    old = fmt.load_manifest(out)
+    for info in old.shards:
+        info.listing = ""
+    old.save(out)
+    upgraded = build(synth_copy / "labels.csv", out, opts, quiet=True)
+    assert upgraded.written_shards == 0 and upgraded.kept_shards == len(first.manifest.shards)
+    assert {p.name: p.read_bytes() for p in out.glob(f"*{fmt.LISTING_SUFFIX}")} == listings
+    assert (out / "manifest.json").read_bytes() == manifest_bytes and _shard_hashes(out) == before
+
 
 def test_output_is_the_same_whatever_the_worker_count_and_local_ray_is_quiet(
     synth_vp9: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
