@@ -275,6 +275,9 @@ def _listing(folder: storage.Location, info: fmt.ShardInfo) -> tuple[str, bytes]
     gone: the members say the same, one read per sample)."""
     if not info.listing:
         return None
+    tar = storage.join(folder, info.path)
+    if not storage.isfile(tar):  # nothing else reads the tar before the first batch: say it now
+        raise fmt.FormatError(f"{tar}: listed in the manifest but missing")
     path = storage.join(folder, info.listing)
     try:
         return os.fspath(path), storage.read_bytes(path)

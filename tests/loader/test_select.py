@@ -183,6 +183,9 @@ def test_a_shard_is_listed_from_its_listing_and_an_older_set_from_its_members(
         assert [r.key for r in list_samples(gone, "train")[0]] == [r.key for r in from_members]
     assert "train-000001.listing.jsonl: missing" in caplog.text
     assert "train-000001.listing.jsonl: missing listing" in verify(gone)[0]
+    (gone / "train-000000.tar").unlink()  # the listing and index are there, the shard is not
+    with pytest.raises(fmt.FormatError, match=r"train-000000.tar: listed in the manifest but missing"):
+        list_samples(gone, "train")
 
 
 def test_a_listing_that_disagrees_with_its_tar_is_refused_and_verify_names_it(
