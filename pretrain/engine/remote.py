@@ -50,10 +50,14 @@ class RunMirror:
 
     # -- start ---------------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
-        """Tags of the store's complete checkpoints, oldest first."""
-        root = storage.join(self.url, CKPT_DIR)
-        tags = [t for t in storage.listdir(root) if t.startswith("step_")]
-        done = [t for t in tags if storage.isfile(storage.join(root, t, COMPLETE))]
+        """Tags of the store's complete checkpoints, oldest first: one listing of the checkpoints' keys, not a
+        request per checkpoint (some stores, SeaweedFS among them, keep a deleted checkpoint's empty folder)."""
+        keys = storage.find(storage.join(self.url, CKPT_DIR))
+        done = [
+            k.split("/")[0]
+            for k in keys
+            if k.startswith("step_") and k.endswith(f"/{COMPLETE}") and k.count("/") == 1
+        ]
         return sorted(done, key=lambda t: int(t.split("_")[1]))
 
     def pull(self, resume: str | None) -> None:
