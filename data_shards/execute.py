@@ -46,11 +46,11 @@ def init_ray(address: str | None, workers: int | None) -> None:
     about it unless RAY_AUTH_MODE is set. We set it to `token` -- the same secure default, chosen
     explicitly -- before Ray reads its configuration (at import), unless the user set it.
     """
-    if not address and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     check_workers(address, workers)
     if workers == 0:
         return
+    if not address and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():
@@ -76,7 +76,6 @@ def run_tasks(
 ) -> list[Any]:
     """Submit `fn(*args)` as Ray tasks (retried if a worker dies); ordered results; tqdm with units/s.
     `in_process`: call them here, one after the other (a small set: starting Ray costs more than the work)."""
-    import ray
     from tqdm import tqdm
 
     if in_process:
@@ -86,6 +85,8 @@ def run_tasks(
                 results.append(fn(*args))
                 bar.update(units)
         return results
+    import ray
+
     remote = ray.remote(max_retries=3, num_cpus=1)(fn)
     refs = [remote.remote(*args) for args in calls]
     pos = {ref: i for i, ref in enumerate(refs)}

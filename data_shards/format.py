@@ -310,15 +310,24 @@ def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -
 
 
 def listing_line(key: str, label: int, meta: dict[str, Any]) -> str:
-    """One sample's line of a shard's listing: what its `.lbl.i64` and `.json` members hold."""
+    """One sample's line of a shard's listing: what its `.lbl.i64` and `.json` members hold. ASCII (JSON
+    escapes), so no character of an id or class name (U+2028, ...) is a line break to any reader."""
     row = {"key": key, "label": int(label), "meta": meta}
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(row, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+
+
+def listing_lines(data: bytes, where: str) -> list[str]:
+    """A listing file's lines (split at newlines only); errors name `where`."""
+    try:
+        return data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: not a listing (not UTF-8 text: {e})") from None
 
 
 def parse_listing(data: bytes, where: str) -> list[tuple[str, int, dict[str, Any]]]:
     """A listing's bytes -> (key, label, metadata) per sample, in tar order; errors name `where` and the line."""
     out = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(listing_lines(data, where), 1):
         if not line.strip():
             continue
         try:
@@ -427,7 +436,7 @@ class Manifest:
                     bytes=need(s, "bytes", int, ctx),
                     sha256=need(s, "sha256", str, ctx),
                     codecs=list(s.get("codecs", [])),
-                    listing=str(s.get("listing", "")),
+                    listing=s.get("listing") or "",
                 )
             )
         splits = {

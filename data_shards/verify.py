@@ -20,14 +20,16 @@ from data_shards.format import (
     dali_index_lines,
     iter_tar_samples,
     labels_of,
-    listing_line,
     load_manifest,
+    parse_listing,
     segments_of,
     sha256_file,
     shard_of,
 )
 from data_shards.probe import RejectError, inspect_stored
 
+# a listing that disagrees with its tar: the build keeps a shard whose listing exists, so remove it first
+LISTING_FIX = "delete it and re-run the build command: it writes the listing again from the tar"
 REQUIRED_META = ("id", "source", "codec", "frames", "fps", "width", "height", "duration")
 
 
@@ -122,19 +124,24 @@ def _label_problems(sample: Sample, n_classes: int, where: str) -> list[str]:
     return out
 
 
-def _listing_problems(folder: storage.Location, shard: ShardInfo, lines: list[str]) -> list[str]:
-    """The shard's listing (what loaders plan from) says what its tar holds, line for line (`lines`: the
-    listing of the tar's samples). A set built before listings existed has none: nothing to check."""
+def _listing_problems(
+    folder: storage.Location, shard: ShardInfo, rows: list[tuple[str, int, dict]]
+) -> list[str]:
+    """The shard's listing (what loaders plan from) says what its tar holds, sample for sample (`rows`: key,
+    label and metadata of the tar's samples). A set built before listings existed has none: nothing to check."""
     if not shard.listing:
         return []
     path = storage.join(folder, shard.listing)
     if not storage.isfile(path):
         return [f"{shard.listing}: missing listing"]
-    have = storage.read_text(path).splitlines()
-    if have == lines:
+    try:
+        have = parse_listing(storage.read_bytes(path), str(path))
+    except FormatError as e:
+        return [f"{e} ({LISTING_FIX})"]
+    if have == rows:
         return []
-    n = next((i for i, (a, b) in enumerate(zip(have, lines)) if a != b), min(len(have), len(lines)))
-    return [f"{shard.listing}: does not match {shard.path} from sample {n + 1} on (rebuild the set)"]
+    n = next((i for i, (a, b) in enumerate(zip(have, rows)) if a != b), min(len(have), len(rows)))
+    return [f"{shard.listing}: does not match {shard.path} from sample {n + 1} on ({LISTING_FIX})"]
 
 
 def verify(folder: str | os.PathLike, decode: bool = False) -> tuple[list[str], dict[str, int]]:
@@ -174,14 +181,14 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
                 problems.append(f"{shard.index}: missing DALI index")
             elif storage.read_text(idx).splitlines() != dali_index_lines(tar):
                 problems.append(f"{shard.index}: does not match {shard.path} (rebuild it)")
-            n, lines = 0, []
+            n, rows = 0, []
             for sample in iter_tar_samples(tar):
                 n += 1
-                lines.append(listing_line(sample.key, sample.label, sample.meta))
+                rows.append((sample.key, sample.label, sample.meta))
                 problems += _check_sample(
                     sample, shard, n_classes, seen_keys, report if decode else None, manifest.audio
                 )
-            problems += _listing_problems(folder, shard, lines)
+            problems += _listing_problems(folder, shard, rows)
             if n != shard.samples:
                 problems.append(f"{shard.path}: {n} samples, manifest says {shard.samples}")
             counts[shard.split] = counts.get(shard.split, 0) + n
@@ -194,5 +201,5 @@ def verify_report(folder: str | os.PathLike, decode: bool = False) -> Report:
             )
     for f in storage.listdir(folder):
         if shard_of(f) is not None and f not in listed:
-            problems.append(f"{f}: not listed in the manifest")
+            problems.append(f"{f}: not listed in the manifest (re-running the build lists or removes it)")
     return report

@@ -7,9 +7,9 @@ access, which the `.idx` files (`format.dali_index_lines`) give: byte offset and
 What the sampling plan needs is read once, here, when the split is listed: the label (`.lbl.i64`) and the
 frame count and size the build stored in the `.json` metadata -- the one definition of a video's frame
 count every backend plans from. The build writes them once more per shard, in its listing
-(`format.listing_name`): a shard is listed by two reads (index and listing), however many samples it holds;
-a set built before listings existed is listed from the members (JSON and 8 bytes at their offsets: one
-ranged GET per sample at a URL). Nothing is decoded or unpickled; any other member (`.pyd`, `.pth`, ...) is
+(`format.listing_name`): a shard is listed by two reads (index and listing) and a check that its tar is
+there, however many samples it holds; a set built before listings existed is listed from the members (JSON
+and 8 bytes at their offsets: one ranged GET per sample at a URL). Nothing is decoded or unpickled; any other member (`.pyd`, `.pth`, ...) is
 ignored, never read, so a hostile shard cannot execute anything.
 """
 
@@ -153,7 +153,7 @@ def _from_listing(
     if [key for key, _, _ in rows] != keys:
         raise fmt.FormatError(
             f"{listing}: does not list the samples of {tar_path} ({len(rows)} entries, the index has "
-            f"{len(keys)}); `python -m data_shards verify` says more, {REBUILD_HINT}"
+            f"{len(keys)}); delete it and re-run the build command (it writes the listing again from the tar)"
         )
     return [(label, meta) for _, label, meta in rows]
 

@@ -1,6 +1,6 @@
-"""Listing a split in a bucket: from the shards' listings (two GETs a shard) vs from each sample's members (one
-ranged GET a sample: how sets built before listings existed are listed), in the same run against a local S3
-server (SeaweedFS on 127.0.0.1, started here).
+"""Listing a split in a bucket: from the shards' listings (two GETs and a HEAD a shard) vs from each sample's
+members (one ranged GET a sample: how sets built before listings existed are listed), in the same run against a
+local S3 server (SeaweedFS on 127.0.0.1, started here).
 
     .venv/bin/python tests/bench/bench_listing.py [--shards 4] [--per-shard 500] [--sample-kb 1000] [--rounds 3]
 

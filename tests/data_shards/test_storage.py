@@ -232,7 +232,7 @@ def test_workers_prefetch_from_the_bucket_into_a_bounded_cache_and_a_lost_object
     assert again.stats["remote_gets"] + again.stats["cache_hits"] == len(keys1)
     assert sum(f.stat().st_size for f in cache.iterdir()) <= bound
 
-    # a shard at a URL is listed by two GETs (its index and listing), never one per sample; once per cache:
+    # a shard at a URL is listed by two GETs and a HEAD (index, listing, tar), never one per sample; once per cache:
     # the next listing reads only the manifest
     with monkeypatch.context() as m:
         m.setattr(storage, "read_ranges", lambda *a, **k: pytest.fail("a sample's members were read to list"))

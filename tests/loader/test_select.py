@@ -191,31 +191,52 @@ def test_a_shard_is_listed_from_its_listing_and_an_older_set_from_its_members(
 def test_a_listing_that_disagrees_with_its_tar_is_refused_and_verify_names_it(
     vp9_set: Path, tmp_path: Path
 ) -> None:
+    from data_shards.verify import LISTING_FIX
+
     bad = tmp_path / "bad"
     shutil.copytree(vp9_set, bad)
     path = bad / fmt.listing_name("train-000000.tar")
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two samples swapped
-    with pytest.raises(
-        fmt.FormatError, match=r"train-000000.listing.jsonl: does not list the samples of .*train-000000.tar"
-    ):
+    with pytest.raises(fmt.FormatError, match=r"train-000000.listing.jsonl: does not list the samples of .*"
+                       r"train-000000.tar .*delete it and re-run the build command"):  # fmt: skip
         list_samples(bad, "train")
-    assert (
-        "train-000000.listing.jsonl: does not match train-000000.tar from sample 1 on (rebuild the set)"
-        in verify(bad)[0]
+    mismatch = (
+        "train-000000.listing.jsonl: does not match train-000000.tar from sample {} on (" + LISTING_FIX + ")"
     )
+    assert mismatch.format(1) in verify(bad)[0]
 
     row = fmt.parse_listing(lines[2].encode(), "x")[0]
     changed = fmt.listing_line(row[0], row[1], {**row[2], "frames": row[2]["frames"] + 1})
-    path.write_text(
-        "\n".join([*lines[:2], changed, *lines[3:]]) + "\n"
-    )  # a frame count that is not the tar's
-    assert (
-        "train-000000.listing.jsonl: does not match train-000000.tar from sample 3 on (rebuild the set)"
-        in verify(bad)[0]
-    )
+    path.write_text("\n".join([*lines[:2], changed, *lines[3:]]) + "\n")  # a frame count not the tar's
+    assert mismatch.format(3) in verify(bad)[0]
     path.write_text("not json\n")
     with pytest.raises(fmt.FormatError, match=r"train-000000.listing.jsonl: line 1 is not a listing entry"):
         list_samples(bad, "train")
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(fmt.FormatError, match=r"train-000000.listing.jsonl: not a listing \(not UTF-8"):
+        list_samples(bad, "train")
     (bad / "train-000009.listing.jsonl").write_text("")
-    assert "train-000009.listing.jsonl: not listed in the manifest" in verify(bad)[0]
+    assert (
+        "train-000009.listing.jsonl: not listed in the manifest (re-running the build lists or removes it)"
+        in (verify(bad)[0])
+    )
+
+
+def test_a_listing_keeps_every_character_of_ids_and_class_names(tmp_path: Path) -> None:
+    """U+2028 / U+2029 / U+0085 are line breaks to str.splitlines: a listing escapes them, so an id holding
+    one still lists (and verifies) like any other."""
+    spec = SynthSpec(videos=2, frames=8, size=32, codec="vp9")
+    samples = []
+    for i, odd in enumerate(["clip\u2028one é", "clip\u2029two\x85"]):
+        s = make_sample(i, spec, tmp_path)
+        samples.append(
+            fmt.Sample(s.key, s.video, s.video_ext, s.label, {**s.meta, "id": odd, "label_name": odd})
+        )
+    info = write_shard(tmp_path / "train-000000.tar", samples)
+    assert (tmp_path / info.listing).read_bytes().isascii()
+    split = fmt.SplitInfo(samples=2, shards=1, bytes=info.bytes)
+    fmt.Manifest(classes=list("abcd"), shards=[info], splits={"train": split}).save(tmp_path)
+    refs, _ = list_samples(tmp_path, "train")
+    assert [r.key for r in refs] == [s.key for s in samples]
+    assert not [p for p in verify(tmp_path)[0] if "listing" in p]
