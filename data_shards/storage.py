@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -577,11 +578,13 @@ def cache_root() -> Path:
 
 def local_copy(loc: Location, kind: str = "files") -> Path:
     """A local path for `loc`: itself when local; for a URL a copy under `cache_root()/kind/`, downloaded
-    once (into a temporary folder, renamed when complete: an interrupted download is never used)."""
+    once per version of its content (into a temporary folder, renamed when complete: an interrupted download
+    is never used). The version comes from one listing (sizes and ETags): a model written again at the same
+    URL (a re-run into the same run directory) is downloaded again, never served from the old copy."""
     if not is_url(loc):
         return local_path(loc)
     text = os.fspath(loc).rstrip("/")
-    dst = cache_root() / kind / text.replace("://", "/")
+    dst = cache_root() / kind / text.replace("://", "/") / _content_version(text)
     if dst.exists():
         return dst
     tmp = Path(tempfile.mkdtemp(dir=_mkdir(dst.parent), prefix=f".{dst.name}."))
@@ -596,6 +599,24 @@ def local_copy(loc: Location, kind: str = "files") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _content_version(url: str) -> str:
+    """What the object or folder at `url` holds, in 12 hex digits: each object's key, size and ETag (or
+    modification time), from one listing (one metadata request for a single object)."""
+    fs, path = filesystem(url)
+    found = retried(url, lambda: fs.find(path, detail=True))
+    if not found:
+        found = {path: retried(url, lambda: fs.info(path))}
+    rows = sorted(
+        (
+            key[len(path) :],
+            info.get("size"),
+            str(info.get("ETag") or info.get("LastModified") or info.get("mtime")),
+        )
+        for key, info in found.items()
+    )
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def _mkdir(p: Path) -> Path:

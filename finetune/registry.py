@@ -1,12 +1,13 @@
 """Finding a model: `resolve_model` turns what `serve` / `evaluate` / `predict` / `embed` are given — a
 directory, `models:/NAME/VERSION` or `models:/NAME@ALIAS` — into a local model directory plus where it came
 from. Registry versions are looked up in the store the user set (never created by a lookup), downloaded once
-into the model cache (`$TUBELET_CACHE`, default `~/.cache/tubelet/models/STORE/NAME/VERSION`) and reused.
+into the model cache (`$TUBELET_CACHE`, default `~/.cache/tubelet/models/STORE/NAME/VERSION/ID`) and reused.
 Every MLflow call goes through a client bound to that store: MLflow's process-wide URI is never touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -79,7 +80,7 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
         )
     uri = registry_store(source, uri)
     mv = _model_version(source, uri)
-    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache))
+    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache, version_id(mv)))
     model_dir = _model_dir_of(local)
     if model_dir is None:
         raise ValueError(
@@ -117,16 +118,23 @@ def _local_store_path(uri: str) -> Path | None:
     return None if "://" in uri else Path(uri)
 
 
-def model_cache(uri: str, name: str, version: str, root: str | Path | None = None) -> Path:
+def model_cache(uri: str, name: str, version: str, root: str | Path | None = None, ident: str = "") -> Path:
     """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
-    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version."""
-    import hashlib
-
+    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version / `ident`
+    (`version_id`: what the version is, since a store recreated at the same URI numbers its versions again)."""
     if root is None:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = os.environ.get("TUBELET_CACHE") or str(Path(base) / "tubelet")
     store = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return Path(root) / "models" / store / name / version
+    return Path(root) / "models" / store / name / version / ident
+
+
+def version_id(mv: Any) -> str:
+    """A registry version's identity: its run, artifact source and creation time. `NAME/VERSION` alone is not
+    one: a store deleted and made again at the same path (a demo re-run from scratch) has its own version 1,
+    and a copy cached from the old store would be served in its place."""
+    what = f"{mv.run_id}|{mv.source}|{mv.creation_timestamp}"
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
 def _download_version(mv: Any, uri: str, dst: Path) -> Path:

@@ -166,6 +166,28 @@ def test_build_into_a_bucket_matches_a_local_build_and_loads_the_same_frames(
 
 
 @needs_weed
+def test_a_model_written_again_at_the_same_url_is_downloaded_again_once(
+    s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local copy of a URL follows its content: a re-run into the same run directory must not leave
+    predict / serve / finetune.init on the first model's copy."""
+    _use(s3, monkeypatch)
+    monkeypatch.setenv("TUBELET_CACHE", str(tmp_path / "cache"))
+    url = "s3://shards/runs/ft/model"
+    for name, text in (("config.json", "{}"), ("model.safetensors", "first")):
+        storage.write_bytes(storage.join(url, name), text.encode())
+    first = storage.local_copy(url, "models")
+    assert (first / "model.safetensors").read_text() == "first"
+    storage.write_bytes(storage.join(url, "model.safetensors"), b"second")  # the run writes its model again
+    second = storage.local_copy(url, "models")
+    assert second != first and (second / "model.safetensors").read_text() == "second"
+    with monkeypatch.context() as m:  # unchanged: the copy is reused, nothing downloaded
+        m.setattr(storage, "download", lambda *a, **k: pytest.fail("downloaded an unchanged model again"))
+        assert storage.local_copy(url, "models") == second
+    assert (first / "model.safetensors").read_text() == "first"  # a process still using it keeps its copy
+
+
+@needs_weed
 def test_a_missing_bucket_or_wrong_key_is_a_clear_error(
     s3: dict[str, str], synth_vp9: Path, tmp_path: Path
 ) -> None:

@@ -68,7 +68,8 @@ def test_registry_versions_are_downloaded_once_and_reported_by_name(
     again = resolve_model(f"models:/{registry.name}@champion", registry.uri, tmp_path)
     assert again.model_dir == first.model_dir and first.model_dir.is_relative_to(tmp_path)
     (store,) = (tmp_path / "models").iterdir()
-    assert [p.name for p in (store / registry.name).iterdir()] == ["1"]  # one copy, no temporary leftovers
+    assert [p.name for p in (store / registry.name).iterdir()] == ["1"]
+    assert len(list((store / registry.name / "1").iterdir())) == 1  # one copy, no temporary leftovers
     where = ["--shards", str(registry.shards), "--split", "test", "--backend", "pyav"]
     r = run_cli(
         ["evaluate", "--model", source, *where, "--tracking-uri", registry.uri, "--json", "--no-mlflow"]
@@ -76,6 +77,31 @@ def test_registry_versions_are_downloaded_once_and_reported_by_name(
     ok(r)
     (line,) = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert line["model"] == source and Path(line["model_dir"]).is_relative_to(model_cache)
+
+
+def test_a_store_made_again_at_the_same_path_never_gets_the_old_stores_cached_copy(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """`rm -rf demo && bash launch/demo.sh`: the new store's version 1 is another model than the cached one."""
+    from mlflow import MlflowClient
+
+    from finetune.registry import resolve_model
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(registry.uri.removeprefix("sqlite:///"), path)
+    uri, source = f"sqlite:///{path}", f"models:/{registry.name}/1"
+    old = resolve_model(source, uri, tmp_path / "cache")
+    client = MlflowClient(uri, registry_uri=uri)
+    second = client.get_model_version(registry.name, "2")
+    client.delete_registered_model(registry.name)  # the store starts over: its version 1 is the other model
+    client.create_registered_model(registry.name)
+    client.create_model_version(registry.name, second.source, run_id=second.run_id)
+    new = resolve_model(source, uri, tmp_path / "cache")
+    assert new.run_id == second.run_id != old.run_id and new.model_dir != old.model_dir
+    weights = "model.safetensors"  # the other model's weights, not the first store's version 1
+    two = resolve_model(f"models:/{registry.name}/2", registry.uri, tmp_path / "other").model_dir
+    assert (new.model_dir / weights).read_bytes() == (two / weights).read_bytes()
+    assert (new.model_dir / weights).read_bytes() != (old.model_dir / weights).read_bytes()
 
 
 def test_a_split_or_classes_the_shards_lack_is_one_error_line(
