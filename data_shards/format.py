@@ -29,6 +29,7 @@ import os
 import re
 import struct
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -316,18 +317,20 @@ def listing_line(key: str, label: int, meta: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
 
 
-def listing_lines(data: bytes, where: str) -> list[str]:
-    """A listing file's lines (split at newlines only); errors name `where`."""
-    try:
-        return data.decode("utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{where}: not a listing (not UTF-8 text: {e})") from None
+def encode_listing(samples: Iterable[tuple[str, int, dict[str, Any]]]) -> bytes:
+    """A shard's listing file: one `listing_line` per (key, label, metadata), in tar order."""
+    return "".join(listing_line(*s) + "\n" for s in samples).encode("utf-8")
 
 
 def parse_listing(data: bytes, where: str) -> list[tuple[str, int, dict[str, Any]]]:
-    """A listing's bytes -> (key, label, metadata) per sample, in tar order; errors name `where` and the line."""
+    """A listing's bytes -> (key, label, metadata) per sample, in tar order (lines split at newlines only);
+    errors name `where` and the line."""
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: not a listing (not UTF-8 text: {e})") from None
     out = []
-    for n, line in enumerate(listing_lines(data, where), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -17,9 +17,9 @@ from data_shards.format import (
     Sample,
     ShardInfo,
     atomic_write_bytes,
+    encode_listing,
     index_name,
     iter_tar_samples,
-    listing_line,
     listing_name,
     parse_shard_name,
     sample_members,
@@ -46,13 +46,13 @@ def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
     split, _ = parse_shard_name(tar_path.name)
     tmp = tar_path.with_name(f".{tar_path.name}.partial")
     codecs: set[str] = set()
-    listing: list[str] = []
+    listing: list[tuple[str, int, dict]] = []
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0, user="tubelet", group="tubelet", mode=0o444)
         for s in samples:
             writer.write({"__key__": s.key, **sample_members(s)})
             codecs.add(str(s.meta.get("codec", "unknown")))
-            listing.append(listing_line(s.key, s.label, s.meta))
+            listing.append((s.key, s.label, s.meta))
         writer.close()
         f.flush()
         os.fsync(f.fileno())
@@ -61,7 +61,7 @@ def _write_local(tar_path: Path, samples: Iterable[Sample]) -> ShardInfo:
         raise ValueError(f"{tar_path}: refusing to write an empty shard")
     os.replace(tmp, tar_path)
     listed = tar_path.with_name(listing_name(tar_path.name))
-    atomic_write_bytes(listed, _listing_bytes(listing))
+    atomic_write_bytes(listed, encode_listing(listing))
     idx = tar_path.with_name(index_name(tar_path.name))
     write_dali_index(tar_path, idx)
     return ShardInfo(
@@ -80,10 +80,6 @@ def add_listing(tar_path: storage.Location) -> str:
     """Write the listing of a shard built before listings existed, from its tar, beside it (local or URL);
     returns its name. The bytes are those a build of the same samples writes."""
     name = listing_name(storage.name(tar_path))
-    lines = [listing_line(s.key, s.label, s.meta) for s in iter_tar_samples(tar_path)]
-    atomic_write_bytes(storage.join(storage.parent(tar_path), name), _listing_bytes(lines))
+    rows = ((s.key, s.label, s.meta) for s in iter_tar_samples(tar_path))
+    atomic_write_bytes(storage.join(storage.parent(tar_path), name), encode_listing(rows))
     return name
-
-
-def _listing_bytes(lines: list[str]) -> bytes:
-    return ("\n".join(lines) + "\n").encode("utf-8")

@@ -80,7 +80,7 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
         )
     uri = registry_store(source, uri)
     mv = _model_version(source, uri)
-    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), cache, version_id(mv)))
+    local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), version_id(mv), cache))
     model_dir = _model_dir_of(local)
     if model_dir is None:
         raise ValueError(
@@ -118,7 +118,7 @@ def _local_store_path(uri: str) -> Path | None:
     return None if "://" in uri else Path(uri)
 
 
-def model_cache(uri: str, name: str, version: str, root: str | Path | None = None, ident: str = "") -> Path:
+def model_cache(uri: str, name: str, version: str, ident: str, root: str | Path | None = None) -> Path:
     """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
     `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version / `ident`
     (`version_id`: what the version is, since a store recreated at the same URI numbers its versions again)."""

@@ -134,14 +134,10 @@ def _from_members(tar_path: str, parsed: list[tuple[str, dict[str, tuple[int, in
     except FileNotFoundError:
         raise fmt.FormatError(f"{tar_path}: listed in the manifest but missing") from None
     out = []
-    for i, (key, members, _) in enumerate(parsed):
-        label = fmt.decode_label(_member_of(small[i], spans[i], members[fmt.LABEL_EXT], tar_path, key))
-        out.append(
-            (
-                label,
-                _decoded(tar_path, key, _member_of(small[i], spans[i], members[fmt.META_EXT], tar_path, key)),
-            )
-        )
+    for (key, members, _), data, span in zip(parsed, small, spans):
+        label = fmt.decode_label(_member_of(data, span, members[fmt.LABEL_EXT], tar_path, key))
+        meta = _decoded(tar_path, key, _member_of(data, span, members[fmt.META_EXT], tar_path, key))
+        out.append((label, meta))
     return out
 
 
