@@ -156,7 +156,9 @@ def test_dali_cpu_target_is_read_by_the_dali_cpu_pipeline(tmp_path: Path, zoo: d
     assert a["key"] == b["key"]
     std = torch.tensor(spec.std).view(3, 1, 1, 1) * 255
     diff = [((x - y).abs() * std).mean().item() for x, y in zip(a["video"], b["video"])]
-    assert max(diff) < 4.0, diff  # same pictures (full-range MJPEG colour conversion differs a little)
+    # same pictures: measured 3.5-4.2 grey levels on these small sharp test patterns (swscale resamples chroma
+    # from its grid where DALI upsamples it first; 1.1-3.9 with the earlier torch path); 0.2-0.3 on 128 px clips
+    assert max(diff) < 5.0, diff
 
 
 def _info(container: str, codec: str, brand: str | None = None) -> StreamInfo:
