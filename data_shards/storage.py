@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -55,8 +56,15 @@ TRANSIENT_HINTS = (
 COALESCE_GAP = 1 << 20  # ranges of one object closer than this are read by one GET (`coalesce`)
 COALESCE_MOST = 8 << 20  # ... up to this many bytes per GET
 RETRIES = int(os.environ.get("TUBELET_STORAGE_RETRIES", "8"))
-# transient errors retried in this process (the loaders report it in their metrics); ranges read by obstore
+# transient errors retried in this process, and ranges read by obstore (loaders report `thread_retries`)
 stats = {"retries": 0, "obstore_reads": 0}
+_this_thread = threading.local()
+
+
+def thread_retries() -> int:
+    """Retries made by the calling thread so far. A caller counting its own retries takes the difference of
+    this, not of `stats`, which also moves with other threads' retries (a loader's prefetch thread)."""
+    return getattr(_this_thread, "retries", 0)
 
 
 class StorageError(OSError):
@@ -228,6 +236,7 @@ def retried(what: str, fn: Callable[[], T]) -> T:
             if attempt == RETRIES or not _transient(e):
                 raise
             stats["retries"] += 1
+            _this_thread.retries = thread_retries() + 1
             delay = min(30.0, 0.25 * 2**attempt) * (0.5 + random.random())
             log.warning("%s: %s (try %d of %d, again in %.1f s)", what, e, attempt + 1, RETRIES, delay)
             time.sleep(delay)

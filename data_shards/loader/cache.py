@@ -171,7 +171,7 @@ class RemoteSamples:
             else:
                 missing.append(i)
         if missing:
-            before = storage.stats["retries"]
+            before = storage.thread_retries()  # read_many retries in this thread
             got = storage.read_many([(items[i][0], items[i][1], items[i][1] + items[i][2]) for i in missing])
             fetched = []
             for i, data in zip(missing, got):
@@ -185,7 +185,7 @@ class RemoteSamples:
             self._count(
                 remote_gets=len(ok),
                 remote_bytes=sum(len(d) for d in ok),
-                storage_retries=storage.stats["retries"] - before,
+                storage_retries=storage.thread_retries() - before,
             )
             if self.cache is not None:
                 self.cache.put_many(fetched)

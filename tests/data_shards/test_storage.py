@@ -48,6 +48,44 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) ->
     assert storage.read_ranges(tmp_path / "a" / "f.bin", [(0, 1), (2, 4)]) == [b"4", b"67"]
 
 
+def test_a_loader_counts_each_retry_once_with_its_prefetch_thread_reading_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefetch thread and the worker read at once and one of them retries: the loader's metrics count two
+    retries, not four (each read counted the process-wide total's difference, which held the other's too)."""
+    import threading
+
+    from data_shards.loader.cache import RemoteSamples
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    quiet_started, flaky_done = threading.Event(), threading.Event()
+    calls = []
+
+    def flaky() -> bytes:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return b"f"
+
+    def read_many(items: list[tuple[str, int, int]]) -> list[bytes]:
+        if items[0][0] == "s3://b/quiet":
+            quiet_started.set()
+            flaky_done.wait(10)
+            return [b"q"]
+        quiet_started.wait(10)
+        try:
+            return [storage.retried("s3://b/flaky", flaky)]
+        finally:
+            flaky_done.set()
+
+    monkeypatch.setattr(storage, "read_many", read_many)
+    samples = RemoteSamples()
+    samples.prefetch([("s3://b/quiet", 0, 1)])  # the prefetch thread waits inside its read
+    assert samples.read("s3://b/flaky", 0, 1) == b"f"
+    assert samples.read("s3://b/quiet", 0, 1) == b"q"
+    assert samples.take_stats()["storage_retries"] == 2
+
+
 def test_ranges_of_one_object_are_coalesced_into_few_gets() -> None:
     assert storage.coalesce([(0, 10), (20, 30), (5000, 5010)], gap=100) == [(0, 30), (5000, 5010)]
     assert storage.coalesce([(50, 60), (0, 10), (5, 55)], gap=1) == [(0, 60)]  # unsorted, overlapping
