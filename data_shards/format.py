@@ -310,6 +310,10 @@ def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -
     return len(lines) - 1
 
 
+# a listing that disagrees with its tar: the build keeps a shard whose listing exists, so remove it first
+LISTING_FIX = "delete it and re-run the build command: it writes the listing again from the tar"
+
+
 def listing_line(key: str, label: int, meta: dict[str, Any]) -> str:
     """One sample's line of a shard's listing: what its `.lbl.i64` and `.json` members hold. ASCII (JSON
     escapes), so no character of an id or class name (U+2028, ...) is a line break to any reader."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from data_shards import storage
 from data_shards.audio import audio_problem
 from data_shards.format import (
+    LISTING_FIX,
     SEGMENT_SLACK_S,
     UNLABELED,
     FormatError,
@@ -28,8 +29,6 @@ from data_shards.format import (
 )
 from data_shards.probe import RejectError, inspect_stored
 
-# a listing that disagrees with its tar: the build keeps a shard whose listing exists, so remove it first
-LISTING_FIX = "delete it and re-run the build command: it writes the listing again from the tar"
 REQUIRED_META = ("id", "source", "codec", "frames", "fps", "width", "height", "duration")
 
 

@@ -9,8 +9,8 @@ frame count and size the build stored in the `.json` metadata -- the one definit
 count every backend plans from. The build writes them once more per shard, in its listing
 (`format.listing_name`): a shard is listed by two reads (index and listing) and a check that its tar is
 there, however many samples it holds; a set built before listings existed is listed from the members (JSON
-and 8 bytes at their offsets: one ranged GET per sample at a URL). Nothing is decoded or unpickled; any other member (`.pyd`, `.pth`, ...) is
-ignored, never read, so a hostile shard cannot execute anything.
+and 8 bytes at their offsets: one ranged GET per sample at a URL). Nothing is decoded or unpickled; any other
+member (`.pyd`, `.pth`, ...) is ignored, never read, so a hostile shard cannot execute anything.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _from_listing(
     if [key for key, _, _ in rows] != keys:
         raise fmt.FormatError(
             f"{listing}: does not list the samples of {tar_path} ({len(rows)} entries, the index has "
-            f"{len(keys)}); delete it and re-run the build command (it writes the listing again from the tar)"
+            f"{len(keys)}); {fmt.LISTING_FIX}"
         )
     return [(label, meta) for _, label, meta in rows]
 

@@ -324,8 +324,6 @@ def views_from_frames(
 
     `out` (float [V, 3, T, S, S], e.g. this video's rows of the batch) is written in place if given."""
     x = torch.as_tensor(frames_FHWC)
-    scale = torch.tensor([1.0 / (s * 255.0) for s in spec.std]).view(1, 3, 1, 1, 1)
-    shift = -torch.tensor(spec.mean).view(1, 3, 1, 1, 1) * 255.0 * scale
     t, size = spec.frames, spec.size
     out_VCTHW = views_out(plan, spec, out)
     for k, v in enumerate(plan.views):
@@ -339,6 +337,11 @@ def views_from_frames(
         if v.flip:
             clip_TCHW = clip_TCHW.flip(-1)
         out_VCTHW[k].copy_(clip_TCHW.permute(1, 0, 2, 3))  # uint8 -> float, planar CTHW, one pass
-    # normalize in place over all views: two contiguous vectorized passes (per-channel strided ops cost 2x)
-    out_VCTHW.mul_(scale).add_(shift)
-    return out_VCTHW
+    return normalize_(out_VCTHW, spec)
+
+
+def normalize_(out_VCTHW: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """0..255 views [V, 3, T, S, S] -> (x / 255 - mean) / std, in place over all views: two contiguous
+    vectorized passes (per-channel strided ops cost 2x)."""
+    scale = torch.tensor([1.0 / (s * 255.0) for s in spec.std]).view(1, 3, 1, 1, 1)
+    return out_VCTHW.mul_(scale).add_(-torch.tensor(spec.mean).view(1, 3, 1, 1, 1) * 255.0 * scale)
