@@ -97,6 +97,9 @@ def test_an_asha_study_stops_weak_trials_and_resumes_without_rerunning(
     r = run_cli([*args, "--resume", "auto"], timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [p.stat().st_size for p in logs] == sizes
+    # and the winner already registered stays version 1 (it was registered again as version 2)
+    assert "registered models:/tuned/1" in r.stdout, r.stdout[-2000:]
+    assert [v.version for v in c.search_model_versions("name='tuned'")] in (["1"], [1])
 
 
 @pytest.mark.slow  # ~90 s
