@@ -81,10 +81,12 @@ def test_a_pretrained_video_model_starts_the_picture_side(mae_dir: Path) -> None
     torch.testing.assert_close(model.encoder.patch_embed.proj.weight, src["encoder.patch_embed.proj.weight"])
 
 
-def _sync_shards(root: Path, videos: int, *extra: str) -> Path:
-    env = base_env()
-    synth = [PY, "-m", "data_shards", "synth", "--out", str(root), "--videos", str(videos), "--size", "32"]
-    ok(subprocess.run([*synth, "--audio", *extra], env=env, cwd=REPO, capture_output=True, text=True))
+def _synth(root: Path, videos: int, *extra: str) -> Path:
+    """`python -m data_shards synth --audio`, in this process (no interpreter start per folder)."""
+    from data_shards.__main__ import main
+
+    args = ["synth", "--out", str(root), "--videos", str(videos), "--size", "32", *extra]
+    assert main(args) == 0
     return root / "labels.csv"
 
 
@@ -93,7 +95,7 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """64 clips with sound (H.264 + AAC), built with --audio keep, fine-tuned on 2 ranks (ViT-tiny from
     scratch, 150 steps): (root, run)."""
     root = tmp_path_factory.mktemp("sync")
-    table = _sync_shards(root / "src", 64)
+    table = _synth(root / "src", 64, "--audio")
     build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep",
              "--workers", "0"]  # fmt: skip
     ok(
@@ -141,15 +143,16 @@ def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Pat
     assert got["sync_acc"] >= 0.85 and got["offset_acc"] >= 0.6, got
     assert (run / "model" / "eval_val" / "report.txt").read_text().count("sound late") == 2
 
-    answers = {}
+    folders = {}
     for delay in ("0.2", "-0.4", "0"):
-        folder = tmp_path / f"d{delay}"
-        _sync_shards(folder, 3, "--seed", "11", "--audio-delay", delay)
-        p = run_cli(["predict", "--model", str(run / "model"), str(folder / "videos"), "--json"])
-        ok(p)
-        answers[float(delay)] = [json.loads(line)["offset"] for line in p.stdout.strip().splitlines()]
+        folders[float(delay)] = tmp_path / f"d{delay}" / "videos"
+        _synth(folders[float(delay)].parent, 3, "--audio", "--seed", "11", "--audio-delay", delay)
+    p = run_cli(["predict", "--model", str(run / "model"), *map(str, folders.values()), "--json"])
+    ok(p)
+    rows = [json.loads(line) for line in p.stdout.strip().splitlines()]
+    answers = {d: [r["offset"] for r in rows if Path(r["video"]).parent == f] for d, f in folders.items()}
     for delay, offsets in answers.items():
-        assert sum(o == pytest.approx(delay) for o in offsets) >= 2, answers
+        assert len(offsets) == 3 and sum(o == pytest.approx(delay) for o in offsets) >= 2, answers
     # the MLflow pyfunc model (same Predictor): the offset classes by name; its logged example has sound
     import pandas as pd
 
@@ -164,15 +167,7 @@ def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Pat
     example = pyfunc.predict(None, pd.DataFrame({"video": [example_clip(run / "model")]}))
     assert example["error"][0] is None and example["label"][0] in pyfunc.predictor.labels
     mute = tmp_path / "mute"
-    ok(
-        subprocess.run(
-            [PY, "-m", "data_shards", "synth", "--out", str(mute), "--videos", "1"],
-            env=base_env(),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-    )
+    _synth(mute, 1)
     p = run_cli(["predict", "--model", str(run / "model"), str(mute / "videos"), "--json"])
     assert p.returncode != 0, (p.stdout, p.stderr)
     assert "no audio stream" in json.loads(p.stdout.strip().splitlines()[0])["error"]
@@ -205,17 +200,9 @@ def test_served_sync_model_answers_the_offset(sync_run: tuple[Path, Path], tmp_p
     from ft_helpers import free_port, start_server, stop_server
 
     _, run = sync_run
-    _sync_shards(tmp_path / "late", 1, "--seed", "11", "--audio-delay", "0.2")
+    _synth(tmp_path / "late", 1, "--audio", "--seed", "11", "--audio-delay", "0.2")
     video = next((tmp_path / "late" / "videos").iterdir())
-    ok(
-        subprocess.run(
-            [PY, "-m", "data_shards", "synth", "--out", str(tmp_path / "mute"), "--videos", "1"],
-            env=base_env(),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-    )
+    _synth(tmp_path / "mute", 1)
     mute = next((tmp_path / "mute" / "videos").iterdir())
     port = free_port()
     cmd = [PY, "-m", "finetune", "serve", "--model", str(run / "model"), "--port", str(port)]
