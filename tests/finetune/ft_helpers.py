@@ -41,6 +41,13 @@ def ft_args(run_dir: Path, shards: Path, init: Path | None, *extra: str) -> list
     ]
 
 
+def data_shards(*args: str) -> None:
+    """`python -m data_shards ARGS` in this process (synth, build --workers 0): no interpreter start."""
+    from data_shards.__main__ import main
+
+    assert main(list(args)) == 0, args
+
+
 def run_cli(
     args: list[str], timeout: int = 240, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from ft_helpers import PY, REPO, base_env, ok, run_cli, run_ranks
+from ft_helpers import PY, REPO, base_env, data_shards, ok, run_cli, run_ranks
 
 from finetune.config import FinetuneConfig
 from finetune.heads import SyncHead, head_of
@@ -82,11 +81,7 @@ def test_a_pretrained_video_model_starts_the_picture_side(mae_dir: Path) -> None
 
 
 def _synth(root: Path, videos: int, *extra: str) -> Path:
-    """`python -m data_shards synth --audio`, in this process (no interpreter start per folder)."""
-    from data_shards.__main__ import main
-
-    args = ["synth", "--out", str(root), "--videos", str(videos), "--size", "32", *extra]
-    assert main(args) == 0
+    data_shards("synth", "--out", str(root), "--videos", str(videos), "--size", "32", *extra)
     return root / "labels.csv"
 
 
@@ -96,13 +91,8 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     scratch, 150 steps): (root, run)."""
     root = tmp_path_factory.mktemp("sync")
     table = _synth(root / "src", 64, "--audio")
-    build = [PY, "-m", "data_shards", "build", str(table), "--out", str(root / "shards"), "--audio", "keep",
-             "--workers", "0"]  # fmt: skip
-    ok(
-        subprocess.run(
-            [*build, "--val-fraction", "0.25"], env=base_env(), cwd=REPO, capture_output=True, text=True
-        )
-    )
+    data_shards("build", str(table), "--out", str(root / "shards"), "--audio", "keep", "--workers", "0",
+                "--val-fraction", "0.25")  # fmt: skip
     args = [
         "--config",
         str(SYNC),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ft_helpers import PY, REPO, base_env, ok, run_cli, run_ranks
+from ft_helpers import PY, REPO, base_env, data_shards, ok, run_cli, run_ranks
 
 from finetune.heads import (
     HEADS,
@@ -116,46 +116,14 @@ def test_windows_become_segments_and_segment_map_matches_by_tiou() -> None:
 
 
 def _synth_and_build(root: Path, kind: str, videos: int, frames: int) -> Path:
-    env = base_env()
-    import subprocess
-
     flag = {"multi": "--multi-label", "segments": "--segments"}[kind]
-    synth = [
-        PY,
-        "-m",
-        "data_shards",
-        "synth",
-        "--out",
-        str(root),
-        "--videos",
-        str(videos),
-        "--frames",
-        str(frames),
-    ]
-    ok(
-        subprocess.run(
-            [*synth, "--size", "32", "--codec", "vp9", flag],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-    )
+    data_shards("synth", "--out", str(root), "--videos", str(videos), "--frames", str(frames), "--size", "32",
+                "--codec", "vp9", flag)  # fmt: skip
     table = root / ("segments.csv" if kind == "segments" else "labels.csv")
-    build = [
-        PY,
-        "-m",
-        "data_shards",
-        "build",
-        str(table),
-        "--out",
-        str(root / "shards"),
-        "--val-fraction",
-        "0.25",
-        "--workers",
-        "0",  # data for the fine-tunes: built in the process, no Ray start
-    ]
-    ok(subprocess.run(build, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
+    # data for the fine-tunes: built in this process, no Ray start
+    data_shards(
+        "build", str(table), "--out", str(root / "shards"), "--val-fraction", "0.25", "--workers", "0"
+    )
     return root / "shards"
 
 
