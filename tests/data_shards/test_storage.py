@@ -226,6 +226,22 @@ def test_a_model_written_again_at_the_same_url_is_downloaded_again_once(
 
 
 @needs_weed
+def test_a_removed_folder_is_gone_from_its_listing(
+    s3: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS keeps a folder whose objects were deleted: keep-last-K's deleted checkpoints still listed."""
+    _use(s3, monkeypatch)
+    for tag in ("step_1", "step_2"):
+        storage.write_text(f"s3://shards/ck/{tag}/complete", "{}")
+        storage.write_text(f"s3://shards/ck/{tag}/universal/zero/w.pt", "w")
+    storage.remove("s3://shards/ck/step_1", recursive=True)
+    assert storage.listdir("s3://shards/ck") == ["step_2"]  # was ["step_1", "step_2"]
+    storage.remove("s3://shards/ck/step_2/universal", recursive=True)
+    storage.remove("s3://shards/ck/absent", recursive=True)  # missing is fine
+    assert storage.listdir("s3://shards/ck/step_2") == ["complete"]
+
+
+@needs_weed
 def test_a_missing_bucket_or_wrong_key_is_a_clear_error(
     s3: dict[str, str], synth_vp9: Path, tmp_path: Path
 ) -> None:
