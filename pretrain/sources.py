@@ -28,13 +28,15 @@ SourceKind = Literal["run", "model", "hf"]
 @dataclass
 class Source:
     """A starting point: what kind of directory, the architecture it holds, its config, its weights
-    (`state_dict`, our parameter names; None when only the config was read)."""
+    (`state_dict`, our parameter names; None when only the config was read), and where the user said it is
+    (`location`: the URL of a starting point in a store, whose `path` is its local copy)."""
 
     path: Path
     kind: SourceKind
     architecture: str
     config: Any
     state_dict: dict[str, torch.Tensor] | None = None
+    location: str = ""
 
     @property
     def encoder(self) -> VideoViTConfig:
@@ -70,13 +72,13 @@ def source_kind(path: str | Path) -> SourceKind:
 
 def read_source(path: str | Path) -> Source:
     """The starting point's architecture and config, without reading weights (a URL is fetched first)."""
-    path = local_source(path)
-    kind = source_kind(path)
+    local = Path(local_source(path))
+    kind = source_kind(local)
     if kind == "hf":
-        arch, cfg = config_from_hf_dir(path)
+        arch, cfg = config_from_hf_dir(local)
     else:
-        arch, cfg, _ = read_model_config(Path(path) / (RUN_MODEL_NAME if kind == "run" else CONFIG_NAME))
-    return Source(Path(path), kind, arch, cfg)
+        arch, cfg, _ = read_model_config(local / (RUN_MODEL_NAME if kind == "run" else CONFIG_NAME))
+    return Source(local, kind, arch, cfg, location=str(path))
 
 
 def load_source(path: str | Path) -> Source:

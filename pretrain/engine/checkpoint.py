@@ -192,10 +192,11 @@ class ResumePlan:
     def bit_exact(self) -> bool:
         return not self.universal and self.same_ranks and self.saved_micro_batch_size == self.micro_batch_size
 
-    def describe(self) -> str:
-        """The resume log line: where, from what layout to what, and which exactness that keeps."""
+    def describe(self, shown: str | None = None) -> str:
+        """The resume log line: where (`shown`: as the user knows it, a URL for a run in a store), from what
+        layout to what, and which exactness that keeps."""
         m = self.marker
-        where = f"resuming from {self.ckpt} (step {m.get('step')}, epoch {m.get('epoch')}, {m.get('samples')} clips)"
+        where = f"resuming from {shown or self.ckpt} (step {m.get('step')}, epoch {m.get('epoch')}, {m.get('samples')} clips)"
         was = f"{self.saved_world_size} ranks, ZeRO-{self.saved_zero_stage}, micro-batch {self.saved_micro_batch_size}"
         now = f"{self.world_size} ranks, ZeRO-{self.zero_stage}, micro-batch {self.micro_batch_size}"
         if self.bit_exact:

@@ -48,10 +48,14 @@ class RunMirror:
         self.local = staging_dir(self.url, rank)
         self._pushed: dict[str, tuple[int, int]] = {}
 
+    def url_of(self, path: Path) -> str:
+        """The store's URL of a path in the staging copy (what logs show the user)."""
+        return storage.join(self.url, *path.relative_to(self.local).parts)
+
     # -- start ---------------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
         """Tags of the store's complete checkpoints, oldest first: one listing of the checkpoints' keys, not a
-        request per checkpoint (some stores, SeaweedFS among them, keep a deleted checkpoint's empty folder)."""
+        request per checkpoint (a store whose folders were emptied by another client may still list them)."""
         keys = storage.find(storage.join(self.url, CKPT_DIR))
         done = [
             k.split("/")[0]

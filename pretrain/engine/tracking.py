@@ -176,9 +176,10 @@ class Tracker:
             self._jsonl.close()
             self._jsonl = None
 
-    def describe(self) -> str:
+    def describe(self, metrics_at: str | None = None) -> str:
+        """Where the run's metrics are (`metrics_at`: the metrics file's URL when the run directory is one)."""
         if self.run_id is None:
-            return f"metrics: {self.run_dir / 'metrics.jsonl'} (MLflow off)"
+            return f"metrics: {metrics_at or self.run_dir / 'metrics.jsonl'} (MLflow off)"
         return (
             f"MLflow run {self.run_id} (experiment {self.cfg.experiment!r}) at {self.uri}\n"
             f"  view it: {ui_command(self.uri)}"

@@ -245,7 +245,7 @@ class Trainer:
             outcome,
             self.last_checkpoint,
             model_dir,
-            self.tracker.describe(),
+            self.tracker.describe(self._shown(self.run_dir / "metrics.jsonl")),
             self.state.nonfinite,
             self.mirror.url if self.mirror else None,
         )
@@ -499,6 +499,10 @@ class Trainer:
             return self._export_final()
         return self.run_dir / "model"
 
+    def _shown(self, path: Path) -> str:
+        """A path in the run directory as the user knows it: its URL when the run directory is one."""
+        return self.mirror.url_of(path) if self.mirror else str(path)
+
     def _plan_resume(self, resume: str | None) -> ckpt_io.ResumePlan | None:
         """The checkpoint to continue from (refused when incompatible) and how (before any process group)."""
         ckpt = ckpt_io.resolve_resume(resume, self.run_dir, self.cfg.train.run_dir)
@@ -520,7 +524,7 @@ class Trainer:
         if plan is None:
             return None
         if self.dist.is_main:
-            print(f"[tubelet] {plan.describe()}", flush=True)
+            print(f"[tubelet] {plan.describe(self._shown(plan.ckpt))}", flush=True)
         if plan.universal:
             ckpt_io.load_unoptimized_state(model, plan.ckpt)
         return ckpt_io.read_rank_state(plan.ckpt, self.dist.rank if plan.same_ranks else 0)

@@ -71,7 +71,12 @@ def test_two_ranks_train_from_a_bucket_checkpoint_into_it_and_resume_exactly(
     assert storage.read_text(storage.join(ckpts, "latest")) == "step_00000002"
 
     # resumed on "new machines": empty working directories and caches, everything comes from the store
-    ok(run_ranks([*args, "--resume", "auto"], 2, **_machines(tmp_path / "second")))
+    resumed = run_ranks([*args, "--resume", "auto"], 2, **_machines(tmp_path / "second"))
+    ok(resumed)
+    # the log names the checkpoint and the metrics in the store (it named this rank's local staging copy)
+    log = resumed[0].stdout
+    assert f"resuming from {url}/checkpoints/step_00000002 (step 2" in log, log[-2000:]
+    assert f"metrics: {url}/metrics.jsonl (MLflow off)" in log, log[-2000:]
     local = tmp_path / "fetched"
     storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
     assert losses(local) == losses(straight), "a resume from the store is not exact"
@@ -114,7 +119,9 @@ def test_fine_tune_from_a_pretraining_run_in_the_bucket_export_and_predict_from_
         "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=4", "train.eval_every=0",
         "optim.warmup_steps=1", "tracking.enabled=false",
     ]  # fmt: skip
-    ok(run_ranks(ft, 1, module="finetune", **_machines(tmp_path / "f")))
+    (tuned,) = run_ranks(ft, 1, module="finetune", **_machines(tmp_path / "f"))
+    ok(tuned)
+    assert f"[finetune] init from run {pre} (" in tuned.stdout, tuned.stdout[-2000:]  # not its cached copy
     assert storage.isfile("s3://runs/ft/model/config.json")  # the final model went to the bucket
     env = {**base_env(), "TUBELET_CACHE": str(tmp_path / "c")}
     ok(subprocess.run([PY, "-m", "finetune", "export", "s3://runs/ft", "s3://runs/exported"], env=env, cwd=tmp_path,
