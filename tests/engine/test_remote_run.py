@@ -262,3 +262,23 @@ def test_torchrun_two_nodes_sharing_only_the_endpoint(
     local = tmp_path / "fetched"
     storage.download(storage.join(url, "metrics.jsonl"), local / "metrics.jsonl")
     assert losses(local) == losses(straight)
+
+
+@pytest.mark.slow  # ~2-3 min: the README's one-command object-storage demo
+def test_the_storage_demo_resumes_a_killed_run_and_fine_tunes_through_the_bucket(tmp_path: Path) -> None:
+    """`bash launch/storage_demo.sh`: its own S3 server; a SIGKILLed pretraining resumes from the bucket on a
+    fresh "node", the fine-tune starts from the run there, evaluate and predict read the model from there."""
+    from engine_helpers import REPO, base_env
+
+    env = {**base_env(), "DEMO_DIR": str(tmp_path / "demo")}
+    r = subprocess.run(["bash", str(REPO / "launch" / "storage_demo.sh")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    ok(r)
+    out = r.stdout
+    # killed within a checkpoint interval of the first one (polled every 0.2 s, 50 steps of ~0.1 s apart)
+    assert "killed (SIGKILL); complete checkpoints in the bucket: step_00000050\n" in out, out[-3000:]
+    assert "resuming from s3://tubelet/runs/mae/checkpoints/step_00000050 (step 50" in out, out[-3000:]
+    assert "[finetune] init from run s3://tubelet/runs/mae (" in out, out[-3000:]
+    assert "test top-1" in out and out.count(".webm: move_") == 2, out[-3000:]
+    assert "s3://tubelet/runs/mae/checkpoints/: latest step_00000100 step_00000150" in out, out[-3000:]
+    assert not (tmp_path / "demo" / "s3" / "env.sh").exists()  # the server was stopped
