@@ -21,6 +21,7 @@ from data_shards import storage
 from pretrain.engine.tracking import RUN_ID_FILE  # (its import also quiets MLflow's progress bars)
 
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the tubelet model directory
+KEEP_ENV = "TUBELET_MODEL_CACHE_KEEP"  # versions of each model kept in the cache (default 3)
 REGISTRY_PREFIX = "models:/"
 
 
@@ -81,6 +82,7 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
     uri = registry_store(source, uri)
     mv = _model_version(source, uri)
     local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), version_id(mv), cache))
+    _prune_versions(local.parent)
     model_dir = _model_dir_of(local)
     if model_dir is None:
         raise ValueError(
@@ -163,6 +165,20 @@ def _download_version(mv: Any, uri: str, dst: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _prune_versions(used: Path) -> None:
+    """Keep the newest `$TUBELET_MODEL_CACHE_KEEP` versions of this model in the cache, and `used` (the version
+    just resolved): a server following an alias downloads every promoted version (a ViT-B one is ~350 MB). An
+    older version asked for again (a rollback further back) is downloaded again; one being downloaded right
+    now (a temporary folder inside) is left alone."""
+    import shutil
+
+    keep = max(1, int(os.environ.get(KEEP_ENV, "3")))
+    versions = sorted((p for p in used.parent.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    for old in versions[:-keep]:
+        if old != used and not any(c.name.startswith(".") for c in old.iterdir()):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_source(source: str, uri: str | None = None) -> str:

@@ -79,6 +79,35 @@ def test_registry_versions_are_downloaded_once_and_reported_by_name(
     assert line["model"] == source and Path(line["model_dir"]).is_relative_to(model_cache)
 
 
+def test_the_model_cache_keeps_the_newest_versions_of_each_model(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server following @champion downloads every promoted version: the cache keeps the newest
+    TUBELET_MODEL_CACHE_KEEP of each model (it kept them all), and one asked for again comes back."""
+    from mlflow import MlflowClient
+
+    from finetune.registry import resolve_model
+
+    path = tmp_path / "mlflow.db"
+    shutil.copy(registry.uri.removeprefix("sqlite:///"), path)
+    uri, cache = f"sqlite:///{path}", tmp_path / "cache"
+    client = MlflowClient(uri, registry_uri=uri)
+    second = client.get_model_version(registry.name, "2")
+    client.create_model_version(registry.name, second.source, run_id=second.run_id)  # version 3
+    monkeypatch.setenv("TUBELET_MODEL_CACHE_KEEP", "2")
+    for v in (1, 2, 3):
+        resolve_model(f"models:/{registry.name}/{v}", uri, cache)
+    (store,) = (cache / "models").iterdir()
+    assert sorted(p.name for p in (store / registry.name).iterdir()) == ["2", "3"]
+    again = resolve_model(f"models:/{registry.name}/1", uri, cache)  # a rollback further back
+    assert (again.model_dir / "config.json").is_file()
+    assert sorted(p.name for p in (store / registry.name).iterdir()) == [
+        "1",
+        "2",
+        "3",
+    ]  # the one in use stays
+
+
 def test_a_store_made_again_at_the_same_path_never_gets_the_old_stores_cached_copy(
     registry: Registry, tmp_path: Path
 ) -> None:
