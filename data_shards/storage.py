@@ -571,33 +571,27 @@ def remove(loc: Location, recursive: bool = False) -> None:
             p.unlink(missing_ok=True)
         return
     fs, path = filesystem(loc)
-    folders = _folders(fs, loc, path) if recursive else []
     with contextlib.suppress(FileNotFoundError):
         retried(os.fspath(loc), lambda: fs.rm(path, recursive=recursive))
-    for folder in folders:
-        retried(os.fspath(loc), lambda folder=folder: _remove_folder_key(fs, folder))
-
-
-def _folders(fs: Any, loc: Location, path: str) -> list[str]:
-    """`path` and the folders under it, deepest first (the order they can be removed in)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "s3" not in protocols:  # folder keys are an S3-compatible stores' matter
-        return []
+    if recursive and "s3" in protocols:
+        _remove_emptied_folders(fs, loc, path)
+
+
+def _remove_emptied_folders(fs: Any, loc: Location, path: str) -> None:
+    """A store with real folders (SeaweedFS's filer) keeps the folders of deleted objects, and lists them (a
+    deleted checkpoint would still show) until their keys (`folder/`) are deleted, deepest first. On a store
+    without folders (AWS S3) nothing is left: one listing, no delete."""
     try:
-        found = retried(os.fspath(loc), lambda: fs.find(path, withdirs=True, detail=True))
+        left = retried(os.fspath(loc), lambda: [folder for folder, _, _ in fs.walk(path)])
     except FileNotFoundError:
-        return []
-    dirs = [k for k, info in found.items() if info.get("type") == "directory" and k != path]
-    return [*sorted(dirs, key=lambda k: k.count("/"), reverse=True), path]
-
-
-def _remove_folder_key(fs: Any, folder: str) -> None:
-    """Delete the key `folder/`. A store with real folders (SeaweedFS's filer) keeps a folder whose objects
-    were deleted, and lists it (a deleted checkpoint would still show) until that key is deleted, deepest
-    folder first; on a store without folders (AWS S3) it is a no-op delete of a missing key."""
-    bucket, _, key = folder.partition("/")
-    if key:
-        fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
+        return
+    for folder in sorted(left, key=lambda f: f.count("/"), reverse=True):
+        bucket, _, key = folder.partition("/")
+        if key:
+            retried(
+                os.fspath(loc), lambda b=bucket, k=key: fs.call_s3("delete_object", Bucket=b, Key=f"{k}/")
+            )
 
 
 def remove_many(locs: Iterable[Location]) -> None:

@@ -146,8 +146,14 @@ def _download_version(mv: Any, uri: str, dst: Path) -> Path:
 
     if (dst / "MLmodel").is_file():
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    for attempt in range(2):  # another replica may prune this (old) version's folder in between: once more
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+            break
+        except FileNotFoundError:
+            if attempt:
+                raise
     try:
         # by the version's storage location: a `models:/` URI would be resolved through the process-wide
         # registry URI, not this store's
@@ -170,15 +176,32 @@ def _download_version(mv: Any, uri: str, dst: Path) -> Path:
 def _prune_versions(used: Path) -> None:
     """Keep the newest `$TUBELET_MODEL_CACHE_KEEP` versions of this model in the cache, and `used` (the version
     just resolved): a server following an alias downloads every promoted version (a ViT-B one is ~350 MB). An
-    older version asked for again (a rollback further back) is downloaded again; one being downloaded right
-    now (a temporary folder inside) is left alone."""
+    older version asked for again (a rollback further back) is downloaded again. A version is renamed away
+    before it is deleted, so a replica sees it whole or not at all; one being downloaded (a temporary folder
+    inside) is left alone, as is one another replica pruned first."""
     import shutil
 
-    keep = max(1, int(os.environ.get(KEEP_ENV, "3")))
-    versions = sorted((p for p in used.parent.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    raw = os.environ.get(KEEP_ENV, "3")
+    try:
+        keep = max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"{KEEP_ENV}={raw!r}: give the number of versions to keep (default 3)") from None
+    entries = list(used.parent.iterdir())
+    versions = sorted((p for p in entries if p.name.isdigit()), key=lambda p: int(p.name))
+    doomed = [p for p in entries if p.name.startswith(".pruned-")]  # a prune that was killed midway
     for old in versions[:-keep]:
-        if old != used and not any(c.name.startswith(".") for c in old.iterdir()):
-            shutil.rmtree(old, ignore_errors=True)
+        if old == used:
+            continue
+        try:
+            if any(c.name.startswith(".") for c in old.iterdir()):
+                continue
+            gone = old.with_name(f".pruned-{old.name}-{os.getpid()}")
+            old.rename(gone)
+        except OSError:
+            continue
+        doomed.append(gone)
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def check_source(source: str, uri: str | None = None) -> str:

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         for bucket in a.bucket:
             make_bucket(env, bucket)
         exports = "".join(f"export {k}={v}\n" for k, v in env.items())
-        (a.dir / "env.sh").write_text(exports)
+        (a.dir / "env.sh.tmp").write_text(exports)
+        (a.dir / "env.sh.tmp").rename(a.dir / "env.sh")  # whole when it appears: a script polls for it
         print(f"SeaweedFS S3 on {env['AWS_ENDPOINT_URL']}; buckets {a.bucket}; clients: source {a.dir / 'env.sh'}",
               flush=True)  # fmt: skip
         while not stop:

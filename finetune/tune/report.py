@@ -172,10 +172,16 @@ def _register(best: dict[str, Any], space: SearchSpace, plan: TrialPlan, client:
         n = len(json.loads((run_dir / "continual.json").read_text())["experiences"])
         model_dir = run_dir / f"experience_{n - 1}" / "model"
         run = json.loads((model_dir.parent / "mlflow_run.json").read_text())["run_id"]
-    # a resumed study whose winner is already registered (every trial was done) keeps that version
-    done = client.search_model_versions(f"name='{name}' and run_id='{run}'")
+    # a resumed study whose winner was registered since its model was written keeps that version (a name-only
+    # filter: some registries, Unity Catalog among them, take a single condition)
+    written_ms = (model_dir / "config.json").stat().st_mtime * 1000
+    done = [
+        int(v.version)
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.run_id == run and v.creation_timestamp >= written_ms
+    ]
     if done:
-        return f"models:/{name}/{max(int(v.version) for v in done)}"
+        return f"models:/{name}/{max(done)}"
     exp = client.get_run(run).info.experiment_id
     logged = log_model(
         model_dir, uri=plan.uri, run_id=run, experiment_id=exp, name="tune_best", register_as=name

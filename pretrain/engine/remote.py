@@ -49,7 +49,10 @@ class RunMirror:
         self._pushed: dict[str, tuple[int, int]] = {}
 
     def url_of(self, path: Path) -> str:
-        """The store's URL of a path in the staging copy (what logs show the user)."""
+        """The store's URL of a path in the staging copy (what logs show the user); other paths as they are
+        (an explicit `--resume DIR`)."""
+        if not path.is_relative_to(self.local):
+            return str(path)
         return storage.join(self.url, *path.relative_to(self.local).parts)
 
     # -- start ---------------------------------------------------------------------------------------
