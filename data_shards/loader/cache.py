@@ -2,7 +2,7 @@
 
 `RemoteSamples` is what `ShardReader` uses for shards at a URL. Each sample is one ranged GET of its video
 member (the `.idx` byte range), retried on transient errors by `storage.retried`. `prefetch(refs)` starts the
-GETs of a batch (and the next one) on a small thread pool, so a worker decodes while the network works.
+GETs of a batch (and the next one) on a background thread, so a worker decodes while the network works.
 
 The cache (`data.cache_dir`, `data.cache_bytes`) keeps sample bytes as files named by a hash of (shard URL,
 offset, size), least recently used first out. Before files are added (a prefetched batch at a time, under one
@@ -20,10 +20,12 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,35 @@ class SampleCache:
         self.root, self.max_bytes, self._lock = state["root"], state["max_bytes"], threading.Lock()
 
 
+class _Prefetcher:
+    """One daemon thread running submitted calls in order. Not a ThreadPoolExecutor: Python joins an executor's
+    threads at exit, so a process whose training stopped (a missing object, the end) waited for prefetches nobody
+    would read, each retrying an unreachable store for about a minute (measured: over a minute after pytest
+    finished). A prefetch killed at exit leaves at most a cache temporary, removed at the next start. The
+    thread ends when its prefetcher is garbage-collected."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future, Any, tuple] | None] = queue.SimpleQueue()
+        threading.Thread(target=_serve, args=(self._calls,), name="tubelet-prefetch", daemon=True).start()
+        weakref.finalize(self, self._calls.put, None)
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        self._calls.put((fut, fn, args))
+        return fut
+
+
+def _serve(calls: queue.SimpleQueue[tuple[Future, Any, tuple] | None]) -> None:
+    while (call := calls.get()) is not None:
+        fut, fn, args = call
+        if not fut.set_running_or_notify_cancel():
+            continue
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to the reader, raised there
+            fut.set_exception(e)
+
+
 class RemoteSamples:
     """Video members of shards at URLs: cache, then prefetched GETs, then a GET now. A batch is prefetched
     as one call on a background thread (concurrent ranged GETs on the client's event loop). Counts what it
@@ -152,7 +183,7 @@ class RemoteSamples:
         self.stats = dict.fromkeys(IO_STATS, 0)
         self._stats_lock = threading.Lock()  # the prefetch thread counts while the worker takes the counts
         self._pid = os.getpid()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Prefetcher | None = None
         self._pending: OrderedDict[tuple[str, int, int], tuple[Future, int]] = OrderedDict()
 
     def _fresh(self) -> None:
@@ -198,7 +229,7 @@ class RemoteSamples:
         if not new:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tubelet-prefetch")
+            self._pool = _Prefetcher()
         fut = self._pool.submit(self._fetch_many, new)
         for i, item in enumerate(new):
             self._pending[item] = (fut, i)

@@ -93,6 +93,28 @@ def test_ranges_of_one_object_are_coalesced_into_few_gets() -> None:
     assert storage.coalesce([]) == []
 
 
+def test_a_process_exits_without_waiting_for_prefetches_nobody_will_read(tmp_path: Path) -> None:
+    """A prefetch retrying an unreachable store (a dead server, a run stopping on an error) does not hold the
+    process at exit: it was a ThreadPoolExecutor thread, joined at exit after about a minute of retries."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**base_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}  # fmt: skip
+    code = (
+        "import time\n"
+        "from data_shards.loader.cache import RemoteSamples\n"
+        "RemoteSamples().prefetch([('s3://bkt/train-000000.tar', 0, 100)])\n"
+        "time.sleep(1)\n"  # the prefetch is under way
+        "print('leaving', flush=True)\n"
+    )
+    # the old code exited 1 min 58 s after "leaving" (the first GET hanging, then 8 retries with backoff)
+    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=40)
+    assert r.returncode == 0 and "leaving" in r.stdout, r.stderr[-2000:]
+
+
 def test_transient_errors_are_retried_and_counted_missing_objects_are_not() -> None:
     calls = []
 
