@@ -573,8 +573,7 @@ def remove(loc: Location, recursive: bool = False) -> None:
     fs, path = filesystem(loc)
     with contextlib.suppress(FileNotFoundError):
         retried(os.fspath(loc), lambda: fs.rm(path, recursive=recursive))
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if recursive and "s3" in protocols:
+    if recursive and os.fspath(loc).startswith("s3://"):
         _remove_emptied_folders(fs, loc, path)
 
 

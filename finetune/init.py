@@ -70,12 +70,12 @@ def load_init_weights(model: nn.Module, src: Source) -> dict[str, Any]:
     dropped, bad_unexpected = _explain(sorted(set(weights) - set(own)), _EXPECTED_DROPPED)
     if shapes or bad_missing:
         raise ConfigError(
-            f"finetune.init={src.location or src.path}: its weights do not fit the classifier: shape mismatches {shapes}; "
+            f"finetune.init={src.location}: its weights do not fit the classifier: shape mismatches {shapes}; "
             f"missing encoder weights {bad_missing}. Use an init with the same encoder architecture."
         )
     model.load_state_dict({in_model[k]: v for k, v in weights.items() if k in own}, strict=False)
     return {
-        "source": src.location or str(src.path),
+        "source": src.location,
         "kind": src.kind,
         "architecture": src.architecture,
         "loaded": len([k for k in weights if k in own]),

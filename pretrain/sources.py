@@ -35,8 +35,8 @@ class Source:
     kind: SourceKind
     architecture: str
     config: Any
+    location: str
     state_dict: dict[str, torch.Tensor] | None = None
-    location: str = ""
 
     @property
     def encoder(self) -> VideoViTConfig:

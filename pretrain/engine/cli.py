@@ -16,6 +16,7 @@ from data_shards import storage
 
 from .config import ConfigError, EngineConfig, load_config
 from .dist import env_world_size, launched
+from .remote import shown
 from .task import Task
 from .trainer import Outcome, RunResult, TrainingStopped, run
 
@@ -106,9 +107,7 @@ def is_main_rank() -> bool:
 
 def _print_result(result: RunResult, tag: str) -> None:
     def show(p: Path) -> str:  # a URL run directory is shown by its URL, not this machine's staging copy
-        if result.location and p.is_relative_to(result.run_dir):
-            return "/".join([result.location, *p.relative_to(result.run_dir).parts])
-        return str(p.resolve())
+        return shown(p, result.run_dir, result.location) if result.location else str(p.resolve())
 
     state = {
         Outcome.FINISHED: "finished",

@@ -38,6 +38,14 @@ def _is_rank_file(name: str) -> int | None:
     return None
 
 
+def shown(path: Path, local: Path, url: str | None) -> str:
+    """A path as the user knows it: under a staging copy `local` of a run directory at `url`, its URL (logs
+    never name this machine's staging copy); any other path (or no URL) as it is."""
+    if url is None or not path.is_relative_to(local):
+        return str(path)
+    return storage.join(url, *path.relative_to(local).parts)
+
+
 class RunMirror:
     """The store side of a URL run directory; `local` is this rank's staging copy (the engine's run_dir)."""
 
@@ -47,13 +55,6 @@ class RunMirror:
         self.rank = rank
         self.local = staging_dir(self.url, rank)
         self._pushed: dict[str, tuple[int, int]] = {}
-
-    def url_of(self, path: Path) -> str:
-        """The store's URL of a path in the staging copy (what logs show the user); other paths as they are
-        (an explicit `--resume DIR`)."""
-        if not path.is_relative_to(self.local):
-            return str(path)
-        return storage.join(self.url, *path.relative_to(self.local).parts)
 
     # -- start ---------------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:

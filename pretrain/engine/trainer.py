@@ -50,7 +50,7 @@ from .dist import (
 )
 from .metrics import MetricsLogger, StepStats, peak_flops_per_device
 from .optim import VetoableAdamW, build_optimizer, lr_at, set_lr
-from .remote import RunMirror, env_rank
+from .remote import RunMirror, env_rank, shown
 from .state import TrainState, mix_seed
 from .task import Batch, StepOutput, Task, TaskContext
 from .tracking import Tracker
@@ -501,7 +501,7 @@ class Trainer:
 
     def _shown(self, path: Path) -> str:
         """A path in the run directory as the user knows it: its URL when the run directory is one."""
-        return self.mirror.url_of(path) if self.mirror else str(path)
+        return shown(path, self.run_dir, self.mirror.url if self.mirror else None)
 
     def _plan_resume(self, resume: str | None) -> ckpt_io.ResumePlan | None:
         """The checkpoint to continue from (refused when incompatible) and how (before any process group)."""
