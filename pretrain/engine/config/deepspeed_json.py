@@ -12,7 +12,7 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
 
     The optimizer is built by the engine and passed to `deepspeed.initialize`, and the learning rate is set
     by the trainer every step, so there is no "optimizer"/"scheduler" section;
-    `zero_allow_untested_optimizer` lets ZeRO wrap torch's AdamW.
+    `zero_allow_untested_optimizer` lets ZeRO wrap it (torch's AdamW, subclassed for the step veto).
     """
     t, ds = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
