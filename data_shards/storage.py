@@ -599,8 +599,11 @@ def remove_many(locs: Iterable[Location]) -> None:
 
 
 def cache_root() -> Path:
-    """Local cache of things downloaded from URLs (`$TUBELET_CACHE`, default ~/.cache/tubelet)."""
-    return Path(os.environ.get("TUBELET_CACHE") or Path.home() / ".cache" / "tubelet")
+    """Local cache of things downloaded from URLs and staged runs (`$TUBELET_CACHE`, default
+    `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`)."""
+    if os.environ.get("TUBELET_CACHE"):
+        return Path(os.environ["TUBELET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tubelet"
 
 
 def local_copy(loc: Location, kind: str = "files") -> Path:
@@ -613,6 +616,7 @@ def local_copy(loc: Location, kind: str = "files") -> Path:
     text = os.fspath(loc).rstrip("/")
     dst = cache_root() / kind / text.replace("://", "/") / _content_version(text)
     if dst.exists():
+        _used(dst)
         return dst
     tmp = Path(tempfile.mkdtemp(dir=_mkdir(dst.parent), prefix=f".{dst.name}."))
     try:
@@ -625,7 +629,55 @@ def local_copy(loc: Location, kind: str = "files") -> Path:
             raise StorageError(f"{text}: could not download ({e})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _used(dst)
     return dst
+
+
+def _used(copy: Path) -> None:
+    """Mark `copy` as just used and prune the URL's older copies (a directory rewritten at the same URL, a
+    server's model replaced in place: every content gets its own copy)."""
+    with contextlib.suppress(OSError):
+        os.utime(copy)
+    prune_copies(copy, order=lambda p: p.stat().st_mtime)
+
+
+CACHE_KEEP_ENV = "TUBELET_MODEL_CACHE_KEEP"
+
+
+def prune_copies(used: Path, order: Callable[[Path], float]) -> None:
+    """Keep the newest `$TUBELET_MODEL_CACHE_KEEP` (default 3) of the cached copies beside `used` (the versions
+    of one registered model, the contents of one URL; newest by `order`), and `used` itself. An older one asked
+    for again is downloaded again. A copy is renamed away before it is deleted, so another process sees it
+    whole or not at all; one being downloaded (a temporary folder inside) is left alone, as is one another
+    process pruned first."""
+    raw = os.environ.get(CACHE_KEEP_ENV, "3")
+    try:
+        keep = max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"{CACHE_KEEP_ENV}={raw!r}: give the number of copies to keep (default 3)") from None
+    try:
+        entries = list(used.parent.iterdir())
+    except OSError:
+        return
+    doomed = [p for p in entries if p.name.startswith(".pruned-")]  # a prune that was killed midway
+    versions = []
+    for p in entries:
+        if not p.name.startswith(".") and p.is_dir():
+            with contextlib.suppress(OSError, ValueError):  # gone meanwhile, or not a version
+                versions.append((order(p), p))
+    for _, old in sorted(versions)[:-keep]:
+        if old == used:
+            continue
+        try:
+            if any(c.name.startswith(".") for c in old.iterdir()):
+                continue
+            gone = old.with_name(f".pruned-{old.name}-{os.getpid()}")
+            old.rename(gone)
+        except OSError:
+            continue
+        doomed.append(gone)
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _content_version(url: str) -> str:

@@ -21,7 +21,6 @@ from data_shards import storage
 from pretrain.engine.tracking import RUN_ID_FILE  # (its import also quiets MLflow's progress bars)
 
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the tubelet model directory
-KEEP_ENV = "TUBELET_MODEL_CACHE_KEEP"  # versions of each model kept in the cache (default 3)
 REGISTRY_PREFIX = "models:/"
 
 
@@ -82,7 +81,7 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
     uri = registry_store(source, uri)
     mv = _model_version(source, uri)
     local = _download_version(mv, uri, model_cache(uri, mv.name, str(mv.version), version_id(mv), cache))
-    _prune_versions(local.parent)
+    storage.prune_copies(local.parent, order=lambda p: int(p.name))  # the newest versions
     model_dir = _model_dir_of(local)
     if model_dir is None:
         raise ValueError(
@@ -124,9 +123,7 @@ def model_cache(uri: str, name: str, version: str, ident: str, root: str | Path 
     """Where version `version` of `name` from store `uri` is kept: `$TUBELET_CACHE` (default
     `$XDG_CACHE_HOME/tubelet`, `~/.cache/tubelet`) / models / store hash / name / version / `ident`
     (`version_id`: what the version is, since a store recreated at the same URI numbers its versions again)."""
-    if root is None:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = os.environ.get("TUBELET_CACHE") or str(Path(base) / "tubelet")
+    root = storage.cache_root() if root is None else root
     store = hashlib.sha256(uri.encode()).hexdigest()[:12]
     return Path(root) / "models" / store / name / version / ident
 
@@ -171,37 +168,6 @@ def _download_version(mv: Any, uri: str, dst: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
-
-
-def _prune_versions(used: Path) -> None:
-    """Keep the newest `$TUBELET_MODEL_CACHE_KEEP` versions of this model in the cache, and `used` (the version
-    just resolved): a server following an alias downloads every promoted version (a ViT-B one is ~350 MB). An
-    older version asked for again (a rollback further back) is downloaded again. A version is renamed away
-    before it is deleted, so a replica sees it whole or not at all; one being downloaded (a temporary folder
-    inside) is left alone, as is one another replica pruned first."""
-    import shutil
-
-    raw = os.environ.get(KEEP_ENV, "3")
-    try:
-        keep = max(1, int(raw))
-    except ValueError:
-        raise ValueError(f"{KEEP_ENV}={raw!r}: give the number of versions to keep (default 3)") from None
-    entries = list(used.parent.iterdir())
-    versions = sorted((p for p in entries if p.name.isdigit()), key=lambda p: int(p.name))
-    doomed = [p for p in entries if p.name.startswith(".pruned-")]  # a prune that was killed midway
-    for old in versions[:-keep]:
-        if old == used:
-            continue
-        try:
-            if any(c.name.startswith(".") for c in old.iterdir()):
-                continue
-            gone = old.with_name(f".pruned-{old.name}-{os.getpid()}")
-            old.rename(gone)
-        except OSError:
-            continue
-        doomed.append(gone)
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def check_source(source: str, uri: str | None = None) -> str:

@@ -4,6 +4,7 @@ a local build of the same input."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,27 @@ def test_a_model_written_again_at_the_same_url_is_downloaded_again_once(
         m.setattr(storage, "download", lambda *a, **k: pytest.fail("downloaded an unchanged model again"))
         assert storage.local_copy(url, "models") == second
     assert (first / "model.safetensors").read_text() == "first"  # a process still using it keeps its copy
+
+
+@needs_weed
+def test_the_copies_of_a_url_rewritten_in_place_are_bounded(
+    s3: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model replaced in place at one URL (a server's `--model s3://.../current`) gets a copy per content: the
+    cache keeps the newest TUBELET_MODEL_CACHE_KEEP of them and the one in use (it kept them all)."""
+    _use(s3, monkeypatch)
+    monkeypatch.setenv("TUBELET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUBELET_MODEL_CACHE_KEEP", "2")
+    url = "s3://shards/models/current"
+    storage.write_bytes(storage.join(url, "config.json"), b"{}")
+    copies = []
+    for k in range(4):
+        storage.write_bytes(storage.join(url, "model.safetensors"), f"weights {k}".encode())
+        copies.append(storage.local_copy(url, "models"))
+        os.utime(copies[-1], (k, k))  # download order, whatever the file system's timestamp resolution
+    assert len(set(copies)) == 4
+    assert sorted(p.name for p in copies[0].parent.iterdir()) == sorted(c.name for c in copies[2:])
+    assert (copies[3] / "model.safetensors").read_text() == "weights 3"
 
 
 @needs_weed
