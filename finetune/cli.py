@@ -7,7 +7,7 @@ python -m finetune export runs/ft OUT_DIR [--hf OUT_HF]
 python -m finetune continual --config finetune/configs/tiny_cpu_continual.yaml data.shards=S [--resume auto]
 python -m finetune serve --model runs/ft/best|models:/NAME/VERSION|models:/NAME@ALIAS [--port 8000]
 python -m finetune embed --model runs/ft/best --shards S --split test --out emb.parquet [--query a.mp4]
-python -m finetune update --config finetune/configs/tiny_cpu_update.yaml model=NAME videos=NEW/labels.csv
+python -m finetune update --config finetune/configs/update.yaml model=NAME videos=NEW/labels.csv
 python -m finetune rollback NAME [--tracking-uri URI]
 python -m finetune tune --config finetune/configs/tiny_cpu.yaml --space finetune/configs/tune_space.yaml data.shards=S
 """

@@ -1,5 +1,6 @@
 """`UPDATE.yaml`: what one round of the update loop takes. Loaded like every tubelet config (strict keys,
-`key=value` overrides, errors naming the key); see finetune/configs/tiny_cpu_update.yaml."""
+`key=value` overrides, errors naming the key); see finetune/configs/update.yaml. Its `finetune.config`, the
+round's fine-tune, defaults to finetune/configs/tiny_cpu_update.yaml."""
 
 from __future__ import annotations
 

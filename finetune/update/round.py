@@ -422,7 +422,7 @@ def main(argv: list[str]) -> int:
         description="One round of the update loop: shard a batch of new labelled videos, fine-tune from the "
         "registered champion, evaluate both on every catalogued test set, gate, register and promote.",
     )
-    p.add_argument("--config", required=True, help="UPDATE.yaml (see finetune/configs/tiny_cpu_update.yaml)")
+    p.add_argument("--config", required=True, help="UPDATE.yaml (see finetune/configs/update.yaml)")
     p.add_argument("--resume", choices=["auto"], default=None, help="continue a stopped round")
     p.add_argument("overrides", nargs="*", help="key=value (e.g. videos=NEW/labels.csv round=2026-12-05)")
     a = p.parse_args(argv)
