@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +79,21 @@ def prepare_env(device: str = "auto") -> torch.device:
 
 
 def import_deepspeed() -> Any:
-    """Import deepspeed with the CPU op knobs applied (call after `prepare_env`)."""
-    import deepspeed
-    import deepspeed.ops
+    """Import deepspeed with the CPU op knobs applied (call after `prepare_env`).
+
+    DeepSpeed's autotuner imports mlflow when deepspeed is imported, only to log its own tuning runs, which
+    tubelet never starts: 1-2 s of every rank's start-up. When this process has not imported mlflow itself,
+    deepspeed is imported with mlflow hidden (the autotuner's `import mlflow` fails, as without the package);
+    tubelet's tracking imports the real one afterwards as usual."""
+    hide = "mlflow" not in sys.modules and "deepspeed" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+        import deepspeed.ops
+    finally:
+        if hide:
+            del sys.modules["mlflow"]
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

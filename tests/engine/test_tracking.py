@@ -122,3 +122,31 @@ def test_server_receives_params_metrics_artifacts_and_its_loss_is_survived(tmp_p
     assert "MLflow logging to" in out and "training continues" in out
     assert [s for s, _ in losses(run_dir)] == list(range(1, 401))
     assert time.time() - t0 < 200
+
+
+@pytest.mark.parametrize("tracking_first", [False, True])
+def test_deepspeed_is_imported_without_its_autotuners_mlflow_and_tracking_still_gets_the_real_one(
+    tracking_first: bool,
+) -> None:
+    """DeepSpeed's autotuner imports mlflow at import time (1-2 s of every rank's start); `import_deepspeed`
+    hides it when the process has not imported mlflow itself. The real mlflow must still import afterwards,
+    and one already imported (tracking on) must be left alone."""
+    code = (
+        "import sys\n"
+        + ("import mlflow\n" if tracking_first else "")
+        + "from pretrain.engine.dist import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "loaded = 'mlflow' in sys.modules\n"
+        "import mlflow\n"
+        "mlflow.set_tracking_uri('file:///nonexistent')\n"
+        "print(loaded, autotuner.has_mlflow, mlflow.get_tracking_uri())\n"
+    )
+    out = subprocess.run(
+        [PY, "-c", code], env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = str(
+        tracking_first
+    )  # mlflow in sys.modules right after deepspeed, and the autotuner's has_mlflow
+    assert out.stdout.split() == [loaded, loaded, "file:///nonexistent"], out.stdout
