@@ -31,6 +31,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,19 @@ def universal_checkpoint(ckpt: Path, rank: int, mirror: RunMirror | None = None)
     return out
 
 
+@contextlib.contextmanager
+def _deepspeed_tool(ckpt: Path, what: str) -> Iterator[None]:
+    """Run one of DeepSpeed's offline checkpoint tools quietly: they print their progress (bars, "Processing
+    zero checkpoint ...") onto the user's console, in the middle of the training bar. The output is kept and
+    shown only when the tool fails, with the checkpoint named."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    except Exception as e:
+        raise RuntimeError(f"{ckpt}: DeepSpeed's {what} failed: {e}\n{out.getvalue()[-3000:]}") from e
+
+
 def _convert_to_universal(ckpt: Path, out: Path) -> None:
     """DeepSpeed's `ds_to_universal` into a temporary folder, made loadable by every stage, then renamed."""
     from deepspeed.checkpoint import ds_to_universal
@@ -336,14 +350,8 @@ def _convert_to_universal(ckpt: Path, out: Path) -> None:
         strict=True,
         inject_missing_state=True,  # our models carry no Megatron-style universal_checkpoint_info
     )
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ds_to_universal.main(args)
-    except Exception as e:
-        raise RuntimeError(
-            f"{ckpt}: DeepSpeed's universal conversion failed: {e}\n{log.getvalue()[-3000:]}"
-        ) from e
+    with _deepspeed_tool(ckpt, "universal conversion"):
+        ds_to_universal.main(args)
     (ckpt / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer beside its output
     _loadable_by_every_stage(tmp)
     (tmp / _UNIVERSAL_DONE).write_text(json.dumps({"from": ckpt.name}) + "\n")
@@ -426,7 +434,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with _deepspeed_tool(ckpt, "ZeRO consolidation"):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     from .optim import clean_param_name
 
     return {clean_param_name(k): v.float() for k, v in sd.items()}

@@ -212,6 +212,19 @@ def test_export_round_trip(tmp_path, stage: int) -> None:
     assert torch.isfinite(model(x, mask).loss)
 
 
+def test_a_checkpoint_deepspeed_cannot_consolidate_is_named_with_deepspeeds_output(tmp_path) -> None:
+    """DeepSpeed's consolidation runs quietly (its progress would cut into the training bar), so when it fails
+    the error carries the checkpoint and what DeepSpeed printed."""
+    from pretrain.engine import checkpoint as ckpt_io
+
+    ckpt = tmp_path / "checkpoints" / "step_00000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / ckpt_io.COMPLETE).write_text(json.dumps({"step": 3, "zero_stage": 2}))
+    with pytest.raises(RuntimeError, match="ZeRO consolidation failed") as e:
+        ckpt_io.consolidated_state_dict(ckpt)
+    assert str(ckpt) in str(e.value)
+
+
 def test_torchrun_two_ranks_synthetic(tmp_path) -> None:
     """`torchrun --nproc_per_node 2 -m pretrain` (the module entry point, without the launch script)."""
     run_dir = tmp_path / "run"
@@ -238,3 +251,5 @@ def test_torchrun_two_ranks_synthetic(tmp_path) -> None:
     assert set(load_file(str(run_dir / "model" / "model.safetensors"))) >= {"mask_token"}
     # DeepSpeed's "untested optimizer, proceed with caution" is not shown for torch's AdamW with the step veto
     assert "untested optimizer" not in r.stdout + r.stderr
+    # nor the progress DeepSpeed's ZeRO consolidation prints while the final model is written
+    assert "zero checkpoint" not in r.stdout + r.stderr and "Loading checkpoint shards" not in r.stderr
