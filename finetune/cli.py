@@ -29,25 +29,26 @@ from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
-    sub = {
-        "evaluate": _evaluate,
-        "predict": _predict,
-        "export": _export,
-        "continual": _continual,
-        "serve": _serve,
-        "embed": _embed,
-        "update": _update,
-        "tune": _tune,
-        "rollback": _rollback,
+    sub = {  # name: (command, what it does: listed under `python -m finetune --help`)
+        "evaluate": (_evaluate, "multi-view metrics of model directories on a split of shards"),
+        "predict": (_predict, "predict video files, folders or glob patterns with a model"),
+        "export": (_export, "a fine-tuning run's newest checkpoint -> a model directory"),
+        "embed": (_embed, "one embedding per video; nearest neighbours"),
+        "continual": (_continual, "fine-tune over a sequence of experiences without forgetting"),
+        "tune": (_tune, "hyperparameter search on Ray Tune"),
+        "serve": (_serve, "HTTP inference on Ray Serve (/predict, /embed, /health, /metadata)"),
+        "update": (_update, "one update round: shard new videos, re-fine-tune, gate, register, promote"),
+        "rollback": (_rollback, "move the registered model's champion alias back one version"),
     }
     if argv[:1] and argv[0] in sub:
-        command = sub[argv[0]]
+        command = sub[argv[0]][0]
         return _one_line_errors(lambda: command(argv[1:]))
     p = training_parser(
         "python -m finetune",
         "Video classification fine-tuning (full / PEFT)",
         "finetune/configs/tiny_cpu.yaml",
         "finetune.method=lora data.shards=S",
+        {name: what for name, (_, what) in sub.items()},
     )
     args = p.parse_intermixed_args(argv)
 

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "Masked-video pretraining (VideoMAE) on DeepSpeed",
         "pretrain/configs/tiny_cpu.yaml",
         "train.steps=50 data.shards=shards/",
+        {"export": "a pretraining run's newest checkpoint -> a model directory (fp32, load_model)"},
     )
     args = p.parse_intermixed_args(argv)
 

@@ -28,10 +28,23 @@ EXIT_TRAINING_STOPPED = 3
 
 
 def training_parser(
-    prog: str, description: str, config_example: str, overrides_example: str
+    prog: str,
+    description: str,
+    config_example: str,
+    overrides_example: str,
+    commands: dict[str, str] | None = None,
 ) -> argparse.ArgumentParser:
-    """`--config FILE [--resume auto|DIR] [key.sub=value ...]` (+ the deepspeed launcher's --local_rank)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    """`--config FILE [--resume auto|DIR] [key.sub=value ...]` (+ the deepspeed launcher's --local_rank).
+    `commands`: the module's other commands (name: what it does), listed under the usage so `--help` shows
+    a new user every job, not only training."""
+    epilog = None
+    if commands:
+        width = max(map(len, commands))
+        lines = [f"  {name:<{width}}  {what}" for name, what in commands.items()]
+        epilog = f"other commands ({prog} COMMAND --help):\n" + "\n".join(lines)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help=f"YAML file, e.g. {config_example}")
     p.add_argument(
         "--resume", default=None, help="auto (newest complete checkpoint, else fresh) or a checkpoint dir"

@@ -224,3 +224,24 @@ def test_the_chosen_recipe_is_printed_and_saved(tmp_path: Path, shards: Path) ->
     assert "optim.lr=0.003 optim.layer_decay=1: the cnn backbones' recipe" in r.stdout
     saved = (run / "config.yaml").read_text()
     assert "lr: 0.003" in saved and "layer_decay: 1.0" in saved
+
+
+@pytest.mark.parametrize("module", ["finetune", "pretrain"])
+def test_help_lists_every_command_and_each_one_answers_its_own_help(
+    module: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A new user's first `python -m finetune --help` shows every job, not only training."""
+    import importlib
+
+    main = importlib.import_module(f"{module}.cli" if module == "finetune" else "pretrain.__main__").main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    listed = capsys.readouterr().out.split(f"other commands (python -m {module} COMMAND --help):\n")[1]
+    names = [line.split()[0] for line in listed.splitlines() if line.strip()]
+    assert names and ("export" in names) and (module == "pretrain" or {"evaluate", "serve", "update"} <= set(names))
+    for name in names:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m {module} {name}"), name
