@@ -120,11 +120,9 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 
 def load_space(path: str | Path) -> SearchSpace:
     """The YAML file → a SearchSpace (study settings checked; keys not yet checked against a config)."""
-    from pretrain.engine.config.loading import build_dataclass
+    from pretrain.engine.config.loading import build_dataclass, read_yaml
 
-    p = Path(path)
-    require(p.is_file(), f"--space {path}: no such file")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    data = read_yaml(path, "--space")
     require(isinstance(data, dict), f"{path}: top level must be a mapping with `study` and `space`")
     unknown = sorted(set(data) - {"study", "space"})
     require(not unknown, f"{path}: unknown sections {unknown} (expected study, space)")

@@ -79,9 +79,9 @@ def searcher(space: SearchSpace) -> Any:
 
 def is_continual(config: str) -> bool:
     """A config with a `continual` section makes every trial a `finetune continual` run."""
-    import yaml
+    from pretrain.engine.config.loading import read_yaml
 
-    data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    data = read_yaml(config)
     return isinstance(data, dict) and "continual" in data
 
 

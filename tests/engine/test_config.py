@@ -120,6 +120,8 @@ def test_wrong_types_name_the_key(override: str, message: str) -> None:
         (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),
         (["optim.warmup_steps=500"], 1, r"optim\.warmup_steps=500 >= train\.steps=200"),
         (["deepspeed.zero_stage=5"], 1, r"zero_stage must be 0, 1, 2 or 3"),
+        (["optim.lr=1e-3", "optim.min_lr=1.0"], 1, r"optim\.min_lr=1 is above the peak learning rate 0\.001"),
+        (["optim.warmup_steps=-5"], 1, r"optim\.warmup_steps and optim\.warmup_epochs must be >= 0"),
         (
             ["tracking.register_as=clf", "tracking.enabled=false"],
             1,
@@ -153,6 +155,30 @@ def test_cli_config_error_exits_before_any_process_group(tmp_path) -> None:
     assert r.returncode == 2
     assert "unknown key train.stepz (did you mean train.steps?)" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing built, nothing written
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  steps: [1, 2\n", r"x\.yaml: not valid YAML at line 3, column 1: expected ',' or ']'"),
+        ("train:\n  steps: 3\nmodel:\n  preset: tiny\ntrain:\n  steps: 2\n",
+         r"x\.yaml: key 'train' is given twice in one mapping \(lines 1 and 5\)"),
+        ("\n  \n", r"--config .*x\.yaml: the file is empty"),
+        (b"\xff\xfe train: 1", r"--config .*x\.yaml: not UTF-8 text"),
+    ],
+)  # fmt: skip
+def test_a_malformed_config_file_is_one_config_error_naming_it(
+    tmp_path: Path, text: str | bytes, message: str
+) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, path)
+
+
+def test_an_override_that_is_not_yaml_names_the_override() -> None:
+    with pytest.raises(ConfigError, match=r"override 'train\.steps=\[1,': not valid YAML"):
+        parse_overrides(["train.steps=[1,"])
 
 
 def test_loader_works_on_any_dataclass_tree() -> None:

@@ -138,7 +138,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=50)")
         key, raw = item.split("=", 1)
-        value = _fix_yaml_numbers(yaml.safe_load(raw)) if raw.strip() else ""
+        value = _fix_yaml_numbers(parse_yaml(raw, f"override {item!r}")) if raw.strip() else ""
         node = out
         parts = key.strip().lstrip("-").split(".")
         for p in parts[:-1]:
@@ -208,14 +208,61 @@ def _drop_file_alternatives(cls: Any, file: dict[str, Any], over: dict[str, Any]
     return file
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `train:` section pasted at the end of a config would replace the first without a word."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> data, every problem a ConfigError naming `where` (a file, an override): bad syntax with
+    its line, a key given twice."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        at = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {e.problem} ({e.context})" if e.context else
+                          f"{where}: not valid YAML{at}: {e.problem}") from None  # fmt: skip
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str = "--config") -> Any:
+    """A YAML file the user gave (`what` names the option): a missing, unreadable, non-UTF-8, empty or
+    malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: no such file" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ConfigError(f"{what} {path}: the file is empty")
+    return parse_yaml(text, str(path))
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of `cls` ← YAML file ← dotlist overrides; strict keys and types throughout."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         data = _fix_yaml_numbers(loaded)
