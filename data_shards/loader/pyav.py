@@ -30,6 +30,7 @@ import io
 import itertools
 import math
 import os
+import signal
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -638,7 +639,12 @@ def _identity(x: Any) -> Any:
 
 
 def _worker_init(_: int) -> None:
+    """One decode thread per worker; SIGTERM is left to the training process. A scheduler, `timeout` or
+    `kill -TERM -PGID` signals every process of the job: a worker killed by it would fail the run before the
+    trainer checkpoints. The trainer stops the loader (and so its workers) after its checkpoint; a worker
+    whose parent is gone ends by itself (DataLoader's watchdog)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class PyAVLoader(VideoLoader):

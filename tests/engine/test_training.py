@@ -141,6 +141,25 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path) -> None:
     assert f"finished at step {step + 2}" in r.stdout
 
 
+def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, shards) -> None:
+    """`timeout`, `kill -TERM -PGID` and schedulers signal every process of the job, DataLoader workers
+    included: a worker must leave SIGTERM to the trainer (a killed worker failed the run, no checkpoint)."""
+    import os
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, shards, "train.steps=100000", "data.num_workers=1")
+    p = subprocess.Popen([PY, "-m", "pretrain", *args], env=base_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "preempted" in out, out[-3000:]
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
 def test_resume_refuses_incompatible_config(tmp_path) -> None:
     run_dir = tmp_path / "run"
     ok(run_ranks(tiny_args(run_dir, None, "train.steps=3"), 1))
