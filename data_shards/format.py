@@ -472,14 +472,20 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     path = storage.join(folder, MANIFEST_NAME)
     try:
         text = storage.read_bytes(path).decode("utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        what = "is a file, not" if storage.isfile(folder) else "is not"
         raise FormatError(
-            f"{path}: no manifest (is {folder} a shard folder made by `python -m data_shards build`?)"
+            f"{path}: no manifest ({folder} {what} a shard folder made by `python -m data_shards build`: "
+            "give the folder holding manifest.json)"
         ) from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
     return Manifest.from_json(data, where=str(path))
 
 

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from finetune.config import FinetuneConfig
     from finetune.task import BEST_DIR, ClassificationTask
+    from pretrain.data import DATA_ERRORS
 
     def report_best(task: ClassificationTask, result: RunResult) -> None:
         best = result.run_dir / BEST_DIR
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[finetune] best model (val {task.head.primary} {task.best_score:.4f} at step {task.best_step}): {where}"
             )
 
-    return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best)
+    return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best, DATA_ERRORS)
 
 
 def _one_line_errors(command: Callable[[], int]) -> int:

@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     from pretrain.config import PretrainConfig
+    from pretrain.data import DATA_ERRORS
     from pretrain.task import MaskedVideoTask
 
-    return train_command(args, PretrainConfig, MaskedVideoTask, "tubelet")
+    return train_command(args, PretrainConfig, MaskedVideoTask, "tubelet", data_errors=DATA_ERRORS)
 
 
 def _export(argv: list[str]) -> int:

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_shards.format import load_manifest
-from data_shards.loader import SamplingSpec, VideoLoader, build_loader
+from data_shards.format import FormatError, load_manifest
+from data_shards.loader import LoaderError, SamplingSpec, VideoLoader, build_loader
 from pretrain.config import DataSection
 from pretrain.engine import TaskContext
+
+# What bad data raises (a folder that is not a shard set, a split it lacks, a truncated shard, too many
+# undecodable samples): each names the file, so the training commands print it in one line (exit 2).
+DATA_ERRORS: tuple[type[Exception], ...] = (FormatError, LoaderError)
 
 
 def micro_batch_key(batch: dict[str, Any]) -> tuple[int, int, int] | None:

@@ -36,6 +36,7 @@ from finetune.continual.regularize import (
     save_importance,
 )
 from finetune.continual.task import ContinualTask, head_classes, training_classes
+from pretrain.data import DATA_ERRORS
 from pretrain.engine import ConfigError, Trainer
 from pretrain.engine.config import resume_signature, signature_hash, to_dict
 from pretrain.engine.dist import barrier, launched, reduce_sum
@@ -394,7 +395,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(ContinualConfig, args.config, args.overrides)
         return run_continual(cfg, resume=args.resume)
 
-    code, result = guarded(load_and_run)
+    code, result = guarded(load_and_run, DATA_ERRORS)
     if code or not launched().is_main:
         return code
     root = Path(cfg.train.run_dir).resolve()

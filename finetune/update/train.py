@@ -17,6 +17,7 @@ from typing import Any
 from finetune.continual.config import ContinualConfig, Experience
 from finetune.continual.memory import ReplayMemory
 from finetune.continual.task import ContinualTask
+from pretrain.data import DATA_ERRORS
 from pretrain.engine import Trainer, load_config
 from pretrain.engine.cli import guarded
 from pretrain.engine.tracking import Tracker
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         task, cfg = build_task(Path(argv[0]))
         return Trainer(task, cfg, resume="auto").train().outcome.completed
 
-    code, completed = guarded(run)
+    code, completed = guarded(run, DATA_ERRORS)
     return code if code else (0 if completed else 3)
 
 

@@ -57,11 +57,15 @@ def training_parser(
 R = TypeVar("R")
 
 
-def guarded(fn: Callable[[], R]) -> tuple[int, R | None]:
-    """(0, fn()) or, for a config error / a stopped run, its exit code with the message on stderr: the one
-    place the training commands map their expected failures to exit codes."""
+def guarded(fn: Callable[[], R], data_errors: tuple[type[Exception], ...] = ()) -> tuple[int, R | None]:
+    """(0, fn()) or, for a config error / a stopped run / bad data, its exit code with the message on stderr:
+    the one place the training commands map their expected failures to exit codes. `data_errors`: what the
+    stage's data path raises for input the user must fix (the engine imports no data code)."""
     try:
         return 0, fn()
+    except data_errors as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR, None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR, None
@@ -79,6 +83,7 @@ def train_command(
     make_task: Callable[[C], T],
     tag: str,
     report: Callable[[T, RunResult], None] | None = None,
+    data_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """Load + validate the config, build the task, `run` it; print the outcome on rank 0; exit code."""
 
@@ -88,7 +93,7 @@ def train_command(
         task = make_task(cfg)
         return task, run(task, cfg, resume=args.resume)
 
-    code, done = guarded(build_and_run)
+    code, done = guarded(build_and_run, data_errors)
     if done is None:
         return code
     task, result = done

@@ -125,6 +125,12 @@ def test_manifest_errors_name_the_field(tmp_path: Path) -> None:
         fmt.Manifest.from_json(data)
     with pytest.raises(fmt.FormatError, match="no manifest"):
         fmt.load_manifest(tmp_path / "nowhere")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(fmt.FormatError, match="must hold a JSON object, got a list"):
+        fmt.load_manifest(tmp_path / "m")
+    with pytest.raises(fmt.FormatError, match=r"manifest\.json is a file, not a shard folder"):
+        fmt.load_manifest(tmp_path / "m" / "manifest.json")  # the file given for its folder
 
 
 def test_reading_a_tar_with_pickle_payloads_executes_nothing(tmp_path: Path) -> None:

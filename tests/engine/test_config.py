@@ -157,6 +157,19 @@ def test_cli_config_error_exits_before_any_process_group(tmp_path) -> None:
     assert not (tmp_path / "r").exists()  # nothing built, nothing written
 
 
+@pytest.mark.parametrize("module", ["pretrain", "finetune"])
+def test_a_folder_that_is_not_a_shard_set_is_one_data_error_line(tmp_path, module: str) -> None:
+    config = REPO / module / "configs" / "tiny_cpu.yaml"
+    r = subprocess.run(
+        [PY, "-m", module, "--config", str(config), f"train.run_dir={tmp_path}/r", f"data.shards={tmp_path}",
+         "tracking.enabled=false"],
+        env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"data error: {tmp_path}/manifest.json: no manifest ({tmp_path} is not a shard folder" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
