@@ -390,10 +390,10 @@ def _export(argv: list[str]) -> int:
     from finetune.task import ClassificationTask
     from pretrain.engine.dist import prepare_env
     from pretrain.models.io import RUN_MODEL_NAME, read_model_config
-    from pretrain.sources import local_source
+    from pretrain.sources import run_to_export
 
     prepare_env("cpu")
-    run = local_source(a.run_dir)
+    run = run_to_export(a.run_dir, a.out_dir, "classification")
     cfg = load_config(FinetuneConfig, run / "config.yaml")
     _, clf_cfg, _ = read_model_config(run / RUN_MODEL_NAME)  # the run's architecture: the init is not read
     with storage.staged_dir(a.out_dir) as local:  # a URL gets the finished directory (with model.onnx)

@@ -37,15 +37,20 @@ def _export(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a run directory, local or a URL (s3://...)")
     p.add_argument("out_dir", help="where the model directory goes, local or a URL")
     args = p.parse_args(argv)
+    from data_shards import storage
     from pretrain.config import PretrainConfig
     from pretrain.engine.dist import prepare_env
-    from pretrain.sources import local_source
+    from pretrain.sources import run_to_export
     from pretrain.task import MaskedVideoTask
 
     prepare_env("cpu")  # consolidation runs on CPU; DS_ACCELERATOR before deepspeed is imported
-    run = local_source(args.run_dir)
-    cfg = load_config(PretrainConfig, run / "config.yaml")
-    out = export(run, args.out_dir, MaskedVideoTask(cfg))
+    try:
+        run = run_to_export(args.run_dir, args.out_dir, "pretrain")
+        cfg = load_config(PretrainConfig, run / "config.yaml")
+        out = export(run, args.out_dir, MaskedVideoTask(cfg))
+    except (ValueError, FileNotFoundError, storage.StorageError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     shown = out if isinstance(out, str) else out.resolve()
     print(f"[tubelet] model directory: {shown} (load with pretrain.models.load_model)")
     return 0

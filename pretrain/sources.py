@@ -20,7 +20,7 @@ from pretrain.engine import checkpoint as ckpt_io
 from pretrain.engine.remote import fetch_run
 from pretrain.models import VideoViTConfig
 from pretrain.models.hf import config_from_hf_dir, from_hf
-from pretrain.models.io import CONFIG_NAME, RUN_MODEL_NAME, load_model, read_model_config
+from pretrain.models.io import ARCHITECTURES, CONFIG_NAME, RUN_MODEL_NAME, load_model, read_model_config
 
 SourceKind = Literal["run", "model", "hf"]
 
@@ -55,6 +55,35 @@ def local_source(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"{path}: not a model directory ({CONFIG_NAME}) or a training run directory ({RUN_MODEL_NAME})"
     )
+
+
+def run_to_export(run_dir: str | Path, out_dir: str | Path, task: str) -> Path:
+    """The local copy of a training run to export, after the checks a user's two paths need: `run_dir` is a
+    training run of this stage (`task`: "pretrain" or "classification", as the architectures record; the
+    other stage's run names its own export command), and `out_dir` is new, empty or a model directory to
+    replace: never a folder of other files, nor the run itself."""
+    if not storage.is_url(run_dir) and not (Path(run_dir) / RUN_MODEL_NAME).is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: not a training run directory ({RUN_MODEL_NAME} + checkpoints/, what a "
+            "`python -m pretrain` / `python -m finetune` run writes in train.run_dir)"
+        )
+    run = local_source(run_dir)
+    arch, _, _ = read_model_config(run / RUN_MODEL_NAME)
+    if ARCHITECTURES[arch][2] != task:
+        other = "pretrain" if ARCHITECTURES[arch][2] == "pretrain" else "finetune"
+        raise ValueError(f"{run_dir}: a {other} run ({arch}): export it with `python -m {other} export`")
+    if not storage.is_url(out_dir):
+        out = Path(out_dir)
+        if out.exists() and out.resolve() == Path(run_dir).resolve():
+            raise ValueError(f"{out_dir}: the run directory itself; give a new folder for the model")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out_dir}: a file; give a new folder for the model")
+        if out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
+            raise ValueError(
+                f"{out_dir}: a folder of other files (no model.safetensors); give a new or empty folder, "
+                "or a model directory to replace"
+            )
+    return run
 
 
 def source_kind(path: str | Path) -> SourceKind:

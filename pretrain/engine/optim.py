@@ -95,7 +95,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warmup from 0 to `peak` over `warmup` steps, then cosine from `peak` to `min_lr` at `total`."""
+    """Linear warmup from 0 to `peak` over `warmup` steps, then cosine from `peak` to `min_lr` at `total`.
+    A floor above the peak (a searched or hand-set lr below the config's min_lr) holds the lr at the peak:
+    the schedule never climbs past it (it went up to min_lr, 600x the peak in one run)."""
+    min_lr = min(min_lr, peak)
     if warmup > 0 and step < warmup:
         return peak * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -120,7 +120,6 @@ def test_wrong_types_name_the_key(override: str, message: str) -> None:
         (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),
         (["optim.warmup_steps=500"], 1, r"optim\.warmup_steps=500 >= train\.steps=200"),
         (["deepspeed.zero_stage=5"], 1, r"zero_stage must be 0, 1, 2 or 3"),
-        (["optim.lr=1e-3", "optim.min_lr=1.0"], 1, r"optim\.min_lr=1 is above the peak learning rate 0\.001"),
         (["optim.warmup_steps=-5"], 1, r"optim\.warmup_steps and optim\.warmup_epochs must be >= 0"),
         (
             ["tracking.register_as=clf", "tracking.enabled=false"],

@@ -52,6 +52,8 @@ def test_lr_schedule_values() -> None:
     assert lr_at(55, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
     assert lr_at(0, 2.0, 0, 10) == 2.0
+    # a floor above the peak (a searched lr under the config's min_lr) holds the peak, never climbs
+    assert [lr_at(s, 1e-6, 2, 10, min_lr=1e-5) for s in (2, 5, 10)] == [1e-6] * 3
 
 
 def test_lr_is_set_per_step_with_group_scales_and_a_vetoed_step_changes_nothing() -> None:

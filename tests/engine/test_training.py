@@ -229,7 +229,29 @@ def test_export_round_trip(tmp_path, stage: int) -> None:
     mask = torch.zeros(2, 64, dtype=torch.bool)
     mask[:, :48] = True
     assert torch.isfinite(model(x, mask).loss)
+    if stage == 0:
+        _export_refuses_what_is_not_its_to_write(tmp_path, run_dir)
 
+
+def _export_refuses_what_is_not_its_to_write(tmp_path: Path, run_dir: Path) -> None:
+    """One `error:` line (exit 2), nothing written: a folder of other files, the run itself, the other
+    stage's export command, a folder that is not a run."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    cases = [
+        ("pretrain", run_dir, notes, "a folder of other files (no model.safetensors)"),
+        ("pretrain", run_dir, run_dir, "the run directory itself"),
+        ("pretrain", notes, tmp_path / "m2", "not a training run directory"),
+        ("finetune", run_dir, tmp_path / "m2", "a pretrain run (MaskedVideoAutoencoder): export it with "
+                                               "`python -m pretrain export`"),
+    ]  # fmt: skip
+    for module, run, out, message in cases:
+        r = subprocess.run([PY, "-m", module, "export", str(run), str(out)], env=base_env(), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (out, r.stderr[-2000:])
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and not (tmp_path / "m2").exists()
+    assert not (run_dir / "model.safetensors").exists()
 
 def test_a_checkpoint_deepspeed_cannot_consolidate_is_named_with_deepspeeds_output(tmp_path) -> None:
     """DeepSpeed's consolidation runs quietly (its progress would cut into the training bar), so when it fails

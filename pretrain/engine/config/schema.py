@@ -111,13 +111,6 @@ class OptimConfig:
             "optim.base_lr must be > 0 and optim.base_batch_size >= 1",
         )
         require(self.min_lr >= 0, "optim.min_lr must be >= 0")
-        peak = self.lr if self.lr is not None else self.base_lr * t.global_batch_size / self.base_batch_size
-        require(
-            self.min_lr <= peak,
-            f"optim.min_lr={self.min_lr:g} is above the peak learning rate {peak:g}"
-            + (" (optim.lr)" if self.lr is not None else " (optim.base_lr × global batch / base_batch_size)")
-            + ": the cosine schedule would climb instead of decaying",
-        )
         require(
             (self.warmup_steps or 0) >= 0 and (self.warmup_epochs or 0) >= 0,
             "optim.warmup_steps and optim.warmup_epochs must be >= 0",
