@@ -233,6 +233,13 @@ def retried(what: str, fn: Callable[[], T]) -> T:
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except Exception as e:
+            if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's
+                raise StorageError(
+                    f"{what}: no credentials for the store ({e}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                    "(or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible store"
+                ) from None
+            if attempt == RETRIES and _transient(e):
+                raise StorageError(f"{what}: the store did not answer after {RETRIES} retries: {e}") from e
             if attempt == RETRIES or not _transient(e):
                 raise
             stats["retries"] += 1

