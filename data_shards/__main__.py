@@ -98,6 +98,7 @@ def _build(args: argparse.Namespace) -> int:
             workers=args.workers,
             keep_work=args.keep_work,
             quiet=args.quiet,
+            replace_other=args.replace,
         )
     except (
         RuntimeError,
@@ -236,6 +237,11 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep-work", action="store_true", help="keep re-encoded bytes in OUT/.work after success"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="rebuild an OUT that holds a set built from another source (refused without it)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_build)

@@ -221,6 +221,27 @@ def _manifest(
     )
 
 
+SOURCE_RECORD = "source.json"  # in OUT/.work: which source the set in OUT was built from
+
+
+def _claim(out: Location, work: Location, source: str | os.PathLike, replace_other: bool) -> None:
+    """Refuse to build into a folder whose finished set came from another source: a re-run of the same
+    command resumes (and picks up changed videos), but another labels file pointed at an existing set
+    would silently replace it. The source is recorded in `.work/` (not in the manifest, which stays
+    byte-identical wherever the source lives)."""
+    here = os.fspath(source) if storage.is_url(source) else str(storage.local_path(source).resolve())
+    record = storage.join(work, SOURCE_RECORD)
+    if storage.isfile(storage.join(out, MANIFEST_NAME)) and not replace_other:
+        before = storage.read_json(record).get("source") if storage.isfile(record) else None
+        if before is not None and before != here:
+            raise ValueError(
+                f"{out} holds a shard set built from {before}; building {here} there would replace it: give "
+                "another --out, or --replace to rebuild it from this source"
+            )
+    storage.makedirs(work)
+    storage.write_text(record, json.dumps({"source": here}) + "\n")
+
+
 def build(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -231,14 +252,17 @@ def build(
     batch: int = 4,
     keep_work: bool = False,
     quiet: bool = False,
+    replace_other: bool = False,
 ) -> BuildResult:
     """Run the whole job; returns what it did. Raises only for bad options or when nothing is accepted.
-    `workers`: local Ray CPUs (all cores by default); 0 runs the tasks in this process, without Ray."""
+    `workers`: local Ray CPUs (all cores by default); 0 runs the tasks in this process, without Ray.
+    `replace_other`: rebuild an `out` that holds a set built from another source (refused otherwise)."""
     t0 = time.perf_counter()
     check_workers(ray_address, workers)
     out = storage.join(out)
     storage.check_access(out)
     work = storage.join(out, WORK_DIR)
+    _claim(out, work, source, replace_other)
     storage.makedirs(storage.join(work, "shards"))
 
     inputs = read_inputs(source, opts.format, opts.source)

@@ -151,6 +151,15 @@ def test_rerun_resumes_and_redoes_only_damaged_shards(synth_copy: Path, tmp_path
     assert {p.name: p.read_bytes() for p in out.glob(f"*{fmt.LISTING_SUFFIX}")} == listings
     assert (out / "manifest.json").read_bytes() == manifest_bytes and _shard_hashes(out) == before
 
+    # another source pointed at this set is refused before any work, the set untouched; --replace rebuilds
+    lines = (synth_copy / "labels.csv").read_text().splitlines(keepends=True)
+    (synth_copy / "other.csv").write_text("".join(lines[:9]))
+    with pytest.raises(ValueError, match=r"holds a shard set built from .*labels\.csv; building .*other\.csv"):
+        build(synth_copy / "other.csv", out, opts, quiet=True)
+    assert (out / "manifest.json").read_bytes() == manifest_bytes and _shard_hashes(out) == before
+    replaced = build(synth_copy / "other.csv", out, opts, quiet=True, workers=0, replace_other=True)
+    assert replaced.accepted == 8 and fmt.load_manifest(out).splits["train"].samples < first.accepted
+
 
 def test_output_is_the_same_whatever_the_worker_count_and_local_ray_is_quiet(
     synth_vp9: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
