@@ -85,6 +85,11 @@ def local_path(loc: Location) -> Path:
     return Path(text[len("file://") :] if text.startswith("file://") else text)
 
 
+# the umask, read once at import (reading it means setting it, which is not thread-safe later): files written
+# through a temporary get the mode a plain open() gives, not mkstemp's 0600 (a shared set readable by others)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 _clients: dict[str, Any] = {}
 _inherited: list[Any] = []  # a forked child's copies of its parent's clients: kept, never closed (see below)
 
@@ -500,6 +505,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
+        plain_mode(tmp)  # mkstemp made it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -508,6 +514,12 @@ def write_bytes(loc: Location, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plain_mode(path: str | os.PathLike) -> None:
+    """Give a local file the mode a plain open() would: writers that go through a private temporary file
+    (mkstemp, safetensors) leave 0600, unreadable to the other users of a shared disk."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def write_text(loc: Location, text: str) -> None:

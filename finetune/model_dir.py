@@ -89,6 +89,7 @@ def export_model_dir(
         (out / stale).unlink(missing_ok=True)
     if sidecar:
         save_file(sidecar, str(out / SIDECAR_NAME))
+        storage.plain_mode(out / SIDECAR_NAME)
         (out / SIDECAR_CONFIG).write_text(json.dumps(spec.to_json(), indent=1) + "\n")
     return out
 

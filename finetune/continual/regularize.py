@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_shards import storage
+
 IMPORTANCE_FILE = "importance.safetensors"
 
 
@@ -72,6 +74,7 @@ def save_importance(path: Path, importance: dict[str, torch.Tensor], anchor: dic
     tensors = {f"importance.{k}": v.contiguous().cpu() for k, v in importance.items()}
     tensors |= {f"anchor.{k}": v.detach().contiguous().cpu() for k, v in anchor.items() if k in importance}
     save_file(tensors, str(path))
+    storage.plain_mode(path)
     return path
 
 

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_shards import storage
+
 from ._config import config_from_dict, config_to_dict
 from .backbones import BackboneClassifier, BackboneClassifierConfig
 from .classifier import VideoClassifier, VideoClassifierConfig
@@ -114,6 +116,7 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: dict[str, Any] | No
     # state_dict() of a checkpoint-wrapped model already has the plain key names (torch's hooks).
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "architecture": arch})
+    storage.plain_mode(out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

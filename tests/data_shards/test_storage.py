@@ -47,6 +47,16 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) ->
     assert storage.listdir(tmp_path / "a") == ["f.bin"]
     assert storage.read_bytes(tmp_path / "a" / "f.bin", 1, 3) == b"56"
     assert storage.read_ranges(tmp_path / "a" / "f.bin", [(0, 1), (2, 4)]) == [b"4", b"67"]
+    # the mode open() gives (mkstemp's 0600 made manifests and models unreadable to others on a shared disk)
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "a" / "f.bin").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    from pretrain.models import VideoViT, VideoViTConfig, save_model
+
+    save_model(VideoViT(VideoViTConfig(embed_dim=8, depth=1, num_heads=1, img_size=16, num_frames=2,
+                                       patch_size=8)), tmp_path / "m")  # fmt: skip
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == dict.fromkeys(
+        ["config.json", "model.safetensors"], (tmp_path / "plain").stat().st_mode & 0o777
+    )  # safetensors writes 0600 too
 
 
 def test_a_loader_counts_each_retry_once_with_its_prefetch_thread_reading_too(
