@@ -314,13 +314,21 @@ def _cnn_classifier(
 
 
 def _classes(cfg: FinetuneConfig, class_names: list[str] | None) -> tuple[int, list[str] | None]:
+    from data_shards.format import load_manifest
+
     m = cfg.model
     if class_names is None and cfg.data.shards and m.num_classes is None:
-        from data_shards.format import load_manifest
-
         class_names = load_manifest(cfg.data.shards).classes
     n = m.num_classes or (len(class_names) if class_names else 0)
     require(n >= 1, "no classes: set model.num_classes or build the shards with labels")
+    if m.num_classes is not None and cfg.data.shards:  # fewer outputs than labels: an index error mid-run
+        have = load_manifest(cfg.data.shards).classes or []
+        require(
+            m.num_classes >= len(have),
+            f"model.num_classes={m.num_classes} is below the {len(have)} classes of {cfg.data.shards} "
+            f"({', '.join(have[:4])}{', ...' if len(have) > 4 else ''}): leave it unset (the shards' classes) "
+            f"or set it to at least {len(have)}",
+        )
     return n, class_names if class_names is not None and len(class_names) == n else None
 
 

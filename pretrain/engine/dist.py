@@ -65,13 +65,21 @@ def prepare_env(device: str = "auto") -> torch.device:
 
     CPU: `DS_ACCELERATOR=cpu` and no shm-comm op (its JIT build takes 30–90 s and is inference-only).
     """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        from .config import ConfigError
+
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"train.device=cuda, but torch {torch.__version__} ({built}) sees no CUDA device here; "
+            "use train.device=auto (CUDA when there is one) or cpu"
+        )
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as td
 from engine_helpers import PY, REPO, TINY, base_env
 
@@ -154,6 +155,14 @@ def test_cli_config_error_exits_before_any_process_group(tmp_path) -> None:
     assert r.returncode == 2
     assert "unknown key train.stepz (did you mean train.steps?)" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing built, nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_asked_for_on_a_machine_without_it_is_a_config_error() -> None:
+    from pretrain.engine.dist import prepare_env
+
+    with pytest.raises(ConfigError, match=r"train\.device=cuda, but torch .* sees no CUDA device here"):
+        prepare_env("cuda")
 
 
 @pytest.mark.parametrize("module", ["pretrain", "finetune"])

@@ -239,9 +239,30 @@ def test_help_lists_every_command_and_each_one_answers_its_own_help(
     assert e.value.code == 0
     listed = capsys.readouterr().out.split(f"other commands (python -m {module} COMMAND --help):\n")[1]
     names = [line.split()[0] for line in listed.splitlines() if line.strip()]
-    assert names and ("export" in names) and (module == "pretrain" or {"evaluate", "serve", "update"} <= set(names))
+    assert (
+        names
+        and ("export" in names)
+        and (module == "pretrain" or {"evaluate", "serve", "update"} <= set(names))
+    )
     for name in names:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: python -m {module} {name}"), name
+
+
+def test_fewer_classes_than_the_shards_have_is_a_config_error(shards: Path) -> None:
+    """model.num_classes below the shards' classes failed mid-run with an index error from the loss."""
+    from finetune.config import FinetuneConfig
+    from pretrain.engine import ConfigError, load_config
+
+    cfg = load_config(
+        FinetuneConfig, TINY, [f"data.shards={shards}", "model.num_classes=2", "finetune.init=null"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"model\.num_classes=2 is below the 4 classes of .*set it to at least 4"
+    ):
+        cfg.validate()
+    load_config(
+        FinetuneConfig, TINY, [f"data.shards={shards}", "model.num_classes=6", "finetune.init=null"]
+    ).validate()
