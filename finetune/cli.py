@@ -24,7 +24,13 @@ from typing import Any
 
 from data_shards import storage
 from pretrain.engine import RunResult, export, load_config
-from pretrain.engine.cli import is_main_rank, strip_launcher_args, train_command, training_parser
+from pretrain.engine.cli import (
+    is_main_rank,
+    not_a_command,
+    strip_launcher_args,
+    train_command,
+    training_parser,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in sub:
         command = sub[argv[0]][0]
         return _one_line_errors(lambda: command(argv[1:]))
+    if (typo := not_a_command(argv, sub, "python -m finetune")) is not None:
+        print(typo, file=sys.stderr)
+        return 2
     p = training_parser(
         "python -m finetune",
         "Video classification fine-tuning (full / PEFT)",

@@ -9,13 +9,16 @@ import argparse
 import sys
 
 from pretrain.engine import export, load_config
-from pretrain.engine.cli import strip_launcher_args, train_command, training_parser
+from pretrain.engine.cli import not_a_command, strip_launcher_args, train_command, training_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return _export(argv[1:])
+    if (typo := not_a_command(argv, ["export"], "python -m pretrain")) is not None:
+        print(typo, file=sys.stderr)
+        return 2
     p = training_parser(
         "python -m pretrain",
         "Masked-video pretraining (VideoMAE) on DeepSpeed",

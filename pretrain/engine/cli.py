@@ -7,8 +7,9 @@ they add to the report; everything else is here so the two commands behave the s
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,6 +53,17 @@ def training_parser(
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=f"key.sub=value, e.g. {overrides_example}")
     return p
+
+
+def not_a_command(argv: list[str], commands: Iterable[str], prog: str) -> str | None:
+    """The error for a first word that looks like a mistyped command (`evalute`): without it argparse
+    answers that --config is required, which sends a user looking in the wrong place."""
+    word = argv[0] if argv else ""
+    if not word or word.startswith("-") or "=" in word:
+        return None
+    close = difflib.get_close_matches(word, list(commands), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{prog}: unknown command {word!r}{hint}; commands: {', '.join(commands)} (or training: --config FILE)"
 
 
 R = TypeVar("R")

@@ -121,6 +121,7 @@ def test_wrong_types_name_the_key(override: str, message: str) -> None:
         (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),
         (["optim.warmup_steps=500"], 1, r"optim\.warmup_steps=500 >= train\.steps=200"),
         (["deepspeed.zero_stage=5"], 1, r"zero_stage must be 0, 1, 2 or 3"),
+        (["train.global_batch_size=0"], 1, r"train\.global_batch_size must be >= 1, got 0"),
         (["optim.warmup_steps=-5"], 1, r"optim\.warmup_steps and optim\.warmup_epochs must be >= 0"),
         (
             ["tracking.register_as=clf", "tracking.enabled=false"],

@@ -249,6 +249,9 @@ def test_help_lists_every_command_and_each_one_answers_its_own_help(
             main([name, "--help"])
         assert e.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: python -m {module} {name}"), name
+    # a mistyped command is named as one, not answered with "--config is required"
+    assert main(["exprot", "a", "b"]) == 2
+    assert f"python -m {module}: unknown command 'exprot' (did you mean export?)" in capsys.readouterr().err
 
 
 def test_fewer_classes_than_the_shards_have_is_a_config_error(shards: Path) -> None:

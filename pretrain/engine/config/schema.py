@@ -74,6 +74,9 @@ class TrainConfig:
         require(
             self.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}"
         )
+        require(
+            self.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {self.global_batch_size}"
+        )
         per_step = self.micro_batch_size * world_size
         require(
             self.global_batch_size % per_step == 0 and self.global_batch_size > 0,
