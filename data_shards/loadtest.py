@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from data_shards.format import FormatError
@@ -21,27 +22,46 @@ from data_shards.loader.cache import IO_STATS
 log = logging.getLogger("data_shards.loader")
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its error
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    positive, natural = _at_least(1), _at_least(0)
     parser.add_argument("shards", help="shard folder (with manifest.json)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
-    parser.add_argument("--stride", type=int, default=4, help="temporal stride between sampled frames")
-    parser.add_argument("--size", type=int, default=224, help="output height = width")
-    parser.add_argument("--batch", type=int, default=8, help="clips per batch")
-    parser.add_argument("--ranks", type=int, default=1, help="simulated data-parallel ranks")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--clips-per-video", type=int, default=1, help="K augmented clips per decode")
-    parser.add_argument("--workers", type=int, default=2, help="PyAV decode worker processes")
+    parser.add_argument("--frames", type=positive, default=16, help="frames per clip (T)")
+    parser.add_argument("--stride", type=positive, default=4, help="temporal stride between sampled frames")
+    parser.add_argument("--size", type=positive, default=224, help="output height = width")
+    parser.add_argument("--batch", type=positive, default=8, help="clips per batch")
+    parser.add_argument("--ranks", type=positive, default=1, help="simulated data-parallel ranks")
+    parser.add_argument("--epochs", type=positive, default=1)
+    parser.add_argument("--clips-per-video", type=positive, default=1, help="K augmented clips per decode")
+    parser.add_argument("--workers", type=natural, default=2, help="PyAV decode worker processes")
     parser.add_argument(
-        "--max-batches", type=int, default=0, help="stop each rank-epoch after N batches (0: all)"
+        "--max-batches", type=natural, default=0, help="stop each rank-epoch after N batches (0: all)"
     )
     parser.add_argument("--eval", action="store_true", help="eval sampling (multi-view, no shuffle)")
-    parser.add_argument("--eval-clips", type=int, default=1)
-    parser.add_argument("--eval-crops", type=int, default=1)
+    parser.add_argument("--eval-clips", type=positive, default=1)
+    parser.add_argument("--eval-crops", type=positive, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-skip-fraction", type=float, default=0.01)
+    parser.add_argument("--max-skip-fraction", type=_fraction, default=0.01)
     parser.add_argument("--cache-dir", default=None, help="local cache of samples read from a URL")
     parser.add_argument("--cache-bytes", type=int, default=0, help="the cache's bound in bytes")
     return parser
@@ -139,6 +159,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = {"ok": True, **run_loadtest(args)}
         code = 0
+        if not summary["batches"]:  # nothing loaded is not a pass
+            need = f"{args.batch} clips x {args.ranks} rank(s)"
+            summary = {"ok": False, "error": f"no batch loaded: split {args.split!r} has "
+                       f"{summary['samples_in_split']} samples for batches of {need} (whole batches only)",
+                       **{k: v for k, v in summary.items() if k != "ok"}}  # fmt: skip
+            code = 1
     except (LoaderError, FormatError, OSError, ValueError) as e:
         summary, code = {"ok": False, "error": f"{type(e).__name__}: {e}"}, 1
     print(json.dumps(summary), flush=True)

@@ -54,3 +54,19 @@ def test_run_loadtest_kwargs(h264_set: Path) -> None:
         shards=str(h264_set), frames=4, stride=2, size=16, batch=4, eval=True, max_batches=1
     )
     assert s["backend"] == "pyav" and s["batches"] == 1 and s["clips"] == 4
+
+
+def test_loadtest_that_loads_nothing_fails_and_bad_numbers_are_refused(
+    h264_set: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`"ok": true` with 0 batches passed a load test that tested nothing (a batch larger than the split)."""
+    args = _args(str(h264_set), "--backend", "pyav", "--workers", "0", "--frames", "4", "--size", "16",
+                 "--batch", "100")  # fmt: skip
+    assert loadtest.main(args) == 1
+    s = json.loads(capsys.readouterr().out.strip())
+    assert not s["ok"] and s["batches"] == 0 and "no batch loaded: split 'train' has" in s["error"]
+    for flag, value, message in [("--ranks", "0", "must be >= 1"), ("--workers", "-1", "must be >= 0"),
+                                 ("--max-skip-fraction", "2", "must be in [0, 1]")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            _args(str(h264_set), flag, value)
+        assert f"argument {flag}: {message}" in capsys.readouterr().err
