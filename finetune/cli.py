@@ -97,14 +97,14 @@ def _evaluate(argv: list[str]) -> int:
     )
     p.add_argument("--shards", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
+    p.add_argument("--clips", type=_positive_int, default=None, help="temporal clips per video (default: as exported)")
     p.add_argument(
         "--crops", type=int, default=None, choices=[1, 3], help="spatial crops (default: as exported)"
     )
-    p.add_argument("--stride", type=int, default=None, help="frame stride (default: as trained)")
-    p.add_argument("--batch-size", type=int, default=15)
+    p.add_argument("--stride", type=_positive_int, default=None, help="frame stride (default: as trained)")
+    p.add_argument("--batch-size", type=_positive_int, default=15)
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "pyav"])
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=_natural_int, default=1)
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval_SPLIT); one model only")
     p.add_argument("--json", action="store_true", help="one JSON line per model: model, top1, top5, n, ...")
     p.add_argument("--no-mlflow", action="store_true")
@@ -184,9 +184,9 @@ def _predict(argv: list[str]) -> int:
     p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
     p.add_argument("videos", nargs="+", help="video files, folders of videos, or glob patterns ('*.mp4')")
     p.add_argument("--top-k", type=_positive_int, default=5, help="labels per video (>= 1)")
-    p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
+    p.add_argument("--clips", type=_positive_int, default=None, help="temporal clips per video (default: as exported)")
     p.add_argument("--crops", type=int, default=None, choices=[1, 3])
-    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--stride", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="JSON lines")
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
     p.add_argument(
@@ -240,6 +240,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give an integer >= 0")
+    return value
+
+
 def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m finetune serve",
@@ -248,13 +255,13 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--model", required=True, help="model dir | models:/NAME/VERSION | models:/NAME@ALIAS")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--max-batch-size", type=int, default=8, help="videos per forward (1 = no batching)")
+    p.add_argument("--replicas", type=_positive_int, default=1)
+    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="videos per forward (1 = no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits to fill")
     p.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica (default 2 x batch)")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="larger request bodies get 413")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--clips", type=int, default=None, help="temporal clips per video (default: as exported)")
+    p.add_argument("--clips", type=_positive_int, default=None, help="temporal clips per video (default: as exported)")
     p.add_argument("--crops", type=int, default=None, choices=[1, 3])
     p.add_argument(
         "--ray-address", default=None, help="HOST:PORT of an existing Ray cluster (default: local)"
@@ -304,9 +311,9 @@ def _embed(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, default=None, help="FILE.parquet, or FILE.npy + FILE.keys.jsonl")
     p.add_argument("--query", nargs="*", default=[], help="video files: print their nearest neighbours")
     p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "pyav"])
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=_natural_int, default=1)
     p.add_argument("--tracking-uri", default=None, help="MLflow store of models:/ sources")
     a = p.parse_args(argv)
     from finetune import embed

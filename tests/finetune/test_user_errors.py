@@ -269,3 +269,24 @@ def test_fewer_classes_than_the_shards_have_is_a_config_error(shards: Path) -> N
     load_config(
         FinetuneConfig, TINY, [f"data.shards={shards}", "model.num_classes=6", "finetune.init=null"]
     ).validate()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--model", "m", "--shards", "s", "--batch-size", "0"],
+        ["evaluate", "--model", "m", "--shards", "s", "--clips", "0"],
+        ["predict", "--model", "m", "v.mp4", "--clips", "0"],
+        ["embed", "--model", "m", "--shards", "s", "--num-workers", "-1"],
+    ],
+)
+def test_a_count_below_its_range_is_refused_by_name_not_replaced_by_the_default(
+    argv: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    flag = argv[-2]
+    assert f"argument {flag}: {argv[-1]}: give an integer >= " in capsys.readouterr().err
