@@ -45,11 +45,22 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _classes(value: str | None) -> list[str] | None:
+    """`--classes`: a file (one class per line) or a,b,c. A single word that looks like a file name but
+    names none is an error (it would be taken as the only class, rejecting every video); so is a class
+    given twice (a head with a dead output)."""
     if not value:
         return None
     p = Path(value)
-    names = [c.strip() for c in (p.read_text().splitlines() if p.is_file() else value.split(","))]
-    return [c for c in names if c]
+    if not p.is_file() and "," not in value and ("/" in value or p.suffix in (".txt", ".csv", ".lst")):
+        raise ValueError(f"--classes {value}: no such file (give a file with one class per line, or a,b,c)")
+    names = [
+        c.strip() for c in (p.read_text(encoding="utf-8").splitlines() if p.is_file() else value.split(","))
+    ]
+    names = [c for c in names if c]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise ValueError(f"--classes {value}: {twice} given more than once")
+    return names
 
 
 def _build_options(args: argparse.Namespace) -> Any:

@@ -14,6 +14,8 @@ from data_shards import storage
 from data_shards.format import FormatError
 from data_shards.inputs import LABEL_SEPARATOR, InputItem, Inputs, Reject, clip_id, parse_range, split_labels
 
+CSV_COLUMNS = ("path", "label", "split", "start", "end", "time_start", "time_end")
+
 
 def _range_of(row: dict[str, str]) -> tuple[float | None, float | None]:
     if row.get("time_start") or row.get("time_end"):
@@ -58,6 +60,12 @@ def read_csv(source: Path) -> Inputs:
         if "path" not in columns:
             raise FormatError(f"{source}: the CSV header must have a 'path' column (got {columns})")
         out = Inputs(items=[], labelled="label" in columns)
+        unread = [c for c in columns if c and c not in CSV_COLUMNS]
+        if unread:  # a misnamed label column would otherwise make an unlabelled set without a word
+            out.notes.append(
+                f"{source.name}: column(s) {unread} not read (the columns are {', '.join(CSV_COLUMNS)})"
+                + ("; no 'label' column: the set is unlabelled (pretraining only)" if not out.labelled else "")
+            )
         for n, row in enumerate(reader, start=2):
             clean = {k.strip(): (v or "").strip() for k, v in row.items() if k}
             item = _item(source, f"{source.name}:{n}", clean, out.rejects)

@@ -366,3 +366,21 @@ def test_build_summary_columns_fit_long_split_names() -> None:
     assert [line.split()[0] for line in table] == ["split", "holdout_extra_long", "train", "?"]
     ends = {re.match(r"\s*\S+\s+\S+", line).end() for line in table}  # where the samples column ends
     assert len(ends) == 1, "\n".join(table)
+
+
+def test_a_misnamed_label_column_and_bad_class_lists_are_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A CSV whose label column is misnamed built an unlabelled set without a word; `--classes` naming a
+    missing file took the name as the only class (every video rejected); a class twice made a dead output."""
+    from data_shards.__main__ import main
+    from data_shards.inputs.tables import read_csv
+
+    csv_path = _write_csv(tmp_path / "l.csv", [{"path": "a.mp4", "cls": "up"}], ["path", "cls"])
+    notes = read_csv(csv_path).notes
+    assert len(notes) == 1 and "column(s) ['cls'] not read" in notes[0] and "the set is unlabelled" in notes[0]
+    for classes, message in [(str(tmp_path / "classes.txt"), "no such file"),
+                             ("up,down,up", "['up'] given more than once")]:  # fmt: skip
+        assert main(["build", str(csv_path), "--out", str(tmp_path / "out"), "--classes", classes]) == 2
+        assert f"--classes {classes}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
