@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_shards.format import load_manifest
-from data_shards.loader import SamplingSpec, VideoLoader
+from data_shards.loader import SamplingSpec
 from data_shards.loader.audio import AudioSpec
 from finetune.augment import mix_batch
 from finetune.config import FinetuneConfig, classifier_config, head_kind
 from finetune.heads import make_head
 from finetune.init import format_init_report, load_init_weights
 from finetune.peft_methods import apply_method
-from pretrain.data import ShardData, micro_batch_key
+from pretrain.data import ShardData, micro_batch_key, why_no_validation
 from pretrain.engine import EvalOutcome, StepOutput, Task, TaskContext, keyed_rng, mix_seed
 from pretrain.engine.tracking import Tracker
 from pretrain.models import (
@@ -49,17 +48,9 @@ BEST_DIR = "best"
 def no_validation_warning(cfg: FinetuneConfig, run_dir: Path) -> str:
     """One line: why this run validates nothing (the val split and the splits the shards have), and that
     it writes no `best` model, so `evaluate --model RUN/best` has nothing to read."""
-    d = cfg.data
-    splits = sorted(load_manifest(d.shards).splits) if d.shards else []
-    if not d.val_split:
-        why = "data.val_split is null"
-    elif d.val_split in splits:
-        why = f"data.val_split={d.val_split} has no samples"
-    else:
-        why = f"data.val_split={d.val_split} is not a split of {d.shards} (it has: {', '.join(splits) or 'none'})"
     return (
-        f"[finetune] warning: no validation ({why}): no model selection or early stopping, and no "
-        f"{run_dir / BEST_DIR} will be written (the final model is {run_dir / 'model'})"
+        f"[finetune] warning: no validation ({why_no_validation(cfg.data)}): no model selection or early "
+        f"stopping, and no {run_dir / BEST_DIR} will be written (the final model is {run_dir / 'model'})"
     )
 
 
@@ -132,12 +123,11 @@ class ClassificationTask(ShardData, Task):
             flush=True,
         )
 
-    def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
-        """The val split's loader; without one rank 0 says so once: no validation means no `best` model."""
-        loader = super().val_loader(ctx)
-        if loader is None and ctx.is_main:
-            print(no_validation_warning(self.cfg, ctx.run_dir), flush=True)
-        return loader
+    def needs_validation(self) -> bool:
+        return True  # no validation means no `best` model: always said
+
+    def no_validation_warning(self, run_dir: Path) -> str:
+        return no_validation_warning(self.cfg, run_dir)
 
     def sampling_spec(self, train: bool) -> SamplingSpec:
         a, e = self.cfg.augment, self.cfg.eval

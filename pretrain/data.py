@@ -71,6 +71,16 @@ def make_loader(
     return build_loader(data.shards or "", split, **kwargs)
 
 
+def why_no_validation(data: DataSection) -> str:
+    """Why `val_loader` gives nothing: the val split, and the splits the shards have."""
+    splits = sorted(load_manifest(data.shards).splits) if data.shards else []
+    if not data.val_split:
+        return "data.val_split is null"
+    if data.val_split in splits:
+        return f"data.val_split={data.val_split} has no samples"
+    return f"data.val_split={data.val_split} is not a split of {data.shards} (it has: {', '.join(splits) or 'none'})"
+
+
 def val_loader(
     data: DataSection, spec: SamplingSpec, ctx: TaskContext, batch_size: int
 ) -> VideoLoader | None:
@@ -100,4 +110,17 @@ class ShardData:
         )
 
     def val_loader(self, ctx: TaskContext) -> VideoLoader | None:
-        return val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
+        """The val split's loader; a val split named but absent is said once (on rank 0), not skipped
+        silently: a typo there would leave a whole run without validation."""
+        loader = val_loader(self.cfg.data, self.sampling_spec(False), ctx, self.cfg.train.micro_batch_size)
+        if loader is None and ctx.is_main and self.needs_validation():
+            print(self.no_validation_warning(ctx.run_dir), flush=True)
+        return loader
+
+    def needs_validation(self) -> bool:
+        """Whether a run without validation is worth a warning: here, when a val split is named and
+        evaluation is on (a pretraining run may well have no val split)."""
+        return bool(self.cfg.train.eval_every and self.cfg.data.val_split)
+
+    def no_validation_warning(self, run_dir: Any) -> str:
+        return f"[tubelet] warning: no validation ({why_no_validation(self.cfg.data)}): no val/loss is computed"

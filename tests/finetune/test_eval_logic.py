@@ -156,6 +156,16 @@ def test_no_val_split_warns_once_naming_the_splits_and_the_missing_best(
     # with a val split: no warning
     assert _task(run).val_loader(TaskContext(0, 1, torch.device("cpu"), 0, run)) is not None
     assert capsys.readouterr().out == ""
+    # pretraining says it too when a val split is named and evaluation is on (not with val_split null)
+    from pretrain.config import PretrainConfig
+    from pretrain.task import MaskedVideoTask
+
+    for val, said in (("val", True), ("null", False)):
+        cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[2] / "pretrain/configs/tiny_cpu.yaml",
+                          [f"data.shards={shards}", "data.backend=pyav", f"data.val_split={val}"])  # fmt: skip
+        assert MaskedVideoTask(cfg).val_loader(TaskContext(0, 1, torch.device("cpu"), 0, run)) is None
+        out = capsys.readouterr().out
+        assert ("[tubelet] warning: no validation (data.val_split=val is not a split of" in out) == said, out
 
 
 def test_evaluate_run_best_without_a_best_names_run_model(tmp_path: Path) -> None:
