@@ -295,8 +295,13 @@ class ClassificationTask(ShardData, Task):
     def log_model(self, model_dir: Path, tracker: Tracker) -> None:
         """The final model (and the best one, when kept) as MLflow pyfunc models `model` / `best` of this run;
         with `tracking.register_as`, `registered_dir` becomes a new version of that registered model.
-        MLflow failures warn and never fail the run (`Tracker.call`)."""
+        MLflow failures warn and never fail the run (`Tracker.call`); a registration asked for and not made
+        is said at the end, where the user reads the outcome."""
         if not tracker.active:
+            if self.cfg.tracking.register_as:
+                print(f"[finetune] NOT registered as {self.cfg.tracking.register_as!r}: MLflow at {tracker.uri} "
+                      "was unavailable (see the warning at the start); the model directory is complete",
+                      flush=True)  # fmt: skip
             return
         from finetune.mlflow_model import log_model
 
@@ -315,7 +320,9 @@ class ClassificationTask(ShardData, Task):
                 )
             )
             if info is None:
-                print(f"[finetune] MLflow model {name!r} not logged (MLflow unavailable: see the warnings)")
+                lost = f", NOT registered as {self.cfg.tracking.register_as!r}" if path == register and (
+                    self.cfg.tracking.register_as) else ""  # fmt: skip
+                print(f"[finetune] MLflow model {name!r} not logged{lost} (MLflow unavailable: see the warnings)")
                 continue
             version = info.registered_model_version
             where = f"; registered as {self.cfg.tracking.register_as} version {version}" if version else ""

@@ -175,3 +175,18 @@ def test_evaluate_run_best_without_a_best_names_run_model(tmp_path: Path) -> Non
     (tmp_path / "model" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=rf"\({tmp_path / 'model'} is one: the run wrote no best\)"):
         resolve_model(str(tmp_path / "best"))
+
+
+def test_a_registration_that_could_not_be_made_is_said_at_the_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow unreachable from the start: the run goes on (a warning then), and where the outcome is read
+    it says the model asked to be registered was not."""
+    from types import SimpleNamespace
+
+    task = _task(tmp_path, "tracking.register_as=clf")
+    task.log_model(tmp_path / "model", SimpleNamespace(active=False, uri="http://127.0.0.1:9"))
+    out = capsys.readouterr().out
+    assert "NOT registered as 'clf': MLflow at http://127.0.0.1:9 was unavailable" in out
+    _task(tmp_path).log_model(tmp_path / "model", SimpleNamespace(active=False, uri="x"))
+    assert capsys.readouterr().out == ""  # nothing asked, nothing said
