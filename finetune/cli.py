@@ -381,11 +381,17 @@ def _rollback(argv: list[str]) -> int:
     p.add_argument("name", help="the registered model")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
     a = p.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     from finetune.registry import registry_store
     from finetune.update.promote import rollback
 
     uri = registry_store(f"models:/{a.name}@champion", a.tracking_uri)
-    old, new = rollback(uri, a.name)
+    try:
+        old, new = rollback(uri, a.name)
+    except MlflowException as e:  # the store unreachable, an unsupported URI
+        print(f"error: MLflow at {uri}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        return 2
     print(f"[rollback] {a.name}: champion {old} -> {new} (a server following @champion reloads it)")
     return 0
 

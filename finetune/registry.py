@@ -230,10 +230,13 @@ def alias_of(source: str) -> tuple[str, str] | None:
 
 
 def alias_version(name: str, alias: str, uri: str) -> str | None:
-    """The version `alias` points at now; None when the model or the alias does not exist."""
+    """The version `alias` points at now; None when the model or the alias does not exist. Any other
+    failure (the store unreachable) raises: "no champion" must not be reported for a server that is down."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model / no alias
+            return None
+        raise

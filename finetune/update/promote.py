@@ -90,6 +90,10 @@ def rollback(uri: str, name: str) -> tuple[str, str]:
     client = client_for(uri)
     current = alias_version(name, CHAMPION, uri)
     if current is None:
+        try:
+            client.get_registered_model(name)
+        except Exception:
+            raise ValueError(f"{name}: no registered model of that name in {uri}") from None
         raise ValueError(f"{name} has no 'champion' alias in {uri}: nothing to roll back")
     past = history(client, name)
     if past and past[-1] == current:

@@ -426,6 +426,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--resume", choices=["auto"], default=None, help="continue a stopped round")
     p.add_argument("overrides", nargs="*", help="key=value (e.g. videos=NEW/labels.csv round=2026-12-05)")
     a = p.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     try:
         cfg = load_config(UpdateConfig, a.config, a.overrides)
         report = run_round(cfg, a.resume)
@@ -437,6 +439,9 @@ def main(argv: list[str]) -> int:
         return EXIT_BUSY
     except RuntimeError as e:  # a step failed (the fine-tune, the build): the round stays resumable
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MlflowException as e:  # the registry store unreachable: resumable too, once it is back
+        print(f"error: MLflow: {' '.join(str(e).split())[:500]}", file=sys.stderr)
         return 1
     report["path"] = str(Path(cfg.work_dir) / "rounds" / report["round"] / REPORT_FILE)
     print_report(report)

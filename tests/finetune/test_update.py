@@ -156,6 +156,13 @@ def test_promote_keeps_previous_and_rollback_walks_back(tmp_path: Path) -> None:
     assert rollback(uri, "m") == ("2", "1")
     with pytest.raises(ValueError, match="no earlier champion"):
         rollback(uri, "m")
+    # a name never registered, and a store that does not answer, are told apart from "no champion"
+    with pytest.raises(ValueError, match="nosuch: no registered model of that name"):
+        rollback(uri, "nosuch")
+    r = run_cli(["rollback", "m", "--tracking-uri", "http://127.0.0.1:9"],
+                env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    assert r.returncode == 2 and "error: MLflow at http://127.0.0.1:9: API request" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "no 'champion'" not in r.stderr
 
 
 def test_a_concurrent_round_is_refused(tmp_path: Path) -> None:
