@@ -19,6 +19,7 @@ import mlflow
 
 from data_shards import storage
 from pretrain.engine.tracking import RUN_ID_FILE  # (its import also quiets MLflow's progress bars)
+from pretrain.models.io import ARCHITECTURES
 
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact holding the tubelet model directory
 REGISTRY_PREFIX = "models:/"
@@ -174,7 +175,14 @@ def check_source(source: str, uri: str | None = None) -> str:
     """`source` checked without downloading anything (a directory with config.json, or a registry version
     that exists); returns what it names, for a log line."""
     if not source.startswith(REGISTRY_PREFIX):
-        return str(resolve_model(source).model_dir)
+        model_dir = resolve_model(source).model_dir
+        meta = json.loads((model_dir / "config.json").read_text())
+        arch = meta.get("architecture")  # None: an HF directory, checked when loaded
+        if arch is not None and ARCHITECTURES.get(arch, (None, None, ""))[2] != "classification":
+            raise ValueError(
+                f"{model_dir} holds a {arch}, not a classifier: fine-tune it first (python -m finetune)"
+            )
+        return str(model_dir)
     mv = _model_version(source, registry_store(source, uri))
     return f"{source} (version {mv.version} of {mv.name}, run {mv.run_id})"
 

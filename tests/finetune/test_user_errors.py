@@ -290,3 +290,14 @@ def test_a_count_below_its_range_is_refused_by_name_not_replaced_by_the_default(
     assert e.value.code == 2
     flag = argv[-2]
     assert f"argument {flag}: {argv[-1]}: give an integer >= " in capsys.readouterr().err
+
+
+def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_ray(mae_dir: Path) -> None:
+    """A pretrained MAE given to `serve` failed inside a replica ("Deploying application tubelet failed");
+    predict and evaluate named it. The driver's source check names it too."""
+    from finetune.registry import check_source
+
+    with pytest.raises(
+        ValueError, match=r"holds a MaskedVideoAutoencoder, not a classifier: fine-tune it first"
+    ):
+        check_source(str(mae_dir))
