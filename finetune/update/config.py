@@ -82,7 +82,12 @@ class UpdateConfig:
         require(bool(self.videos), "videos must name the batch of new videos (a manifest or a folder)")
         require(not storage.is_url(self.work_dir), f"work_dir={self.work_dir} must be a local folder")
         require(self.finetune.ranks >= 1, "finetune.ranks must be >= 1")
-        require(Path(self.finetune.config).is_file(), f"finetune.config={self.finetune.config}: no such file")
+        require(
+            Path(self.finetune.config).is_file(),
+            f"finetune.config={self.finetune.config}: no such file"
+            + (f" in {Path.cwd()} (a relative path is read from the current folder: run from the tubelet "
+               "checkout, or give an absolute path)" if not Path(self.finetune.config).is_absolute() else ""),
+        )  # fmt: skip
         require(
             0.0 < self.build.test_fraction < 1.0,
             "build.test_fraction must be in (0, 1): the gate compares models on the batch's test split",
