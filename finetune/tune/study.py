@@ -122,9 +122,14 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     continual = is_continual(config)
     cls = config_class(continual)
     base = load_config(cls, config, args.overrides)
+    head = make_head(head_kind(base))
     if space.study.metric is None:  # the head's primary metric: val/top1, val/map, val/frame_acc
-        primary = make_head(head_kind(base)).primary
-        space.study.metric = "continual/average_accuracy" if continual else f"val/{primary}"
+        space.study.metric = "continual/average_accuracy" if continual else f"val/{head.primary}"
+    evaluated = [f"val/{n}" for n in head.metric_names]  # a typo here ran every trial, then failed
+    if not continual and space.study.metric.startswith("val/") and space.study.metric not in evaluated:
+        raise ConfigError(
+            f"study.metric={space.study.metric!r}: a {head.kind} fine-tune's evaluation logs {', '.join(evaluated)}"
+        )
     check_against(space, cls, config, args.overrides)
     max_t = _max_evaluations(base, continual)
     import ray

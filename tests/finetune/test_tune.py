@@ -32,6 +32,7 @@ def space_file(tmp_path: Path, space: dict, **study: object) -> Path:
         ({"optim.lr": {"between": [1, 2]}}, {}, "space.optim.lr: give one of"),
         ({"optim.lr": {"choice": [0.1]}}, {"schedulr": "asha"}, "study.schedulr"),
         ({"optim.lr": {"choice": [0.1]}}, {"num_samples": 0}, "study.num_samples must be >= 1"),
+        ({"optim.lr": {"choice": [0.1]}}, {"metric": "val/top5x"}, "study.metric='val/top5x': a single_label"),
     ],
 )
 def test_a_bad_space_fails_before_any_trial_naming_the_key(
