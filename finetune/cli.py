@@ -292,7 +292,7 @@ def _serve(argv: list[str]) -> int:
 
     try:
         run(ServeConfig(**{k: v for k, v in vars(a).items()}))
-    except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, ConnectionError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

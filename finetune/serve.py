@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from fastapi.responses import JSONResponse
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 from ray import serve
 
+from data_shards import storage
 from data_shards.loader.pyav import DecodeLimits
 from finetune.predict import Predictor, VideoInputError
 from pretrain.engine import ConfigError
@@ -409,6 +411,12 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> None:
     if cfg.model.startswith(REGISTRY_PREFIX):  # the replicas look it up in the store the driver found
         cfg.tracking_uri = registry_store(cfg.model, cfg.tracking_uri)
     what = check_source(cfg.model, cfg.tracking_uri)  # fail here, naming the source, not inside a replica
+    if cfg.capture:  # likewise the capture destination: one that cannot be written failed every capture quietly
+        storage.check_access(cfg.capture)  # an unsupported scheme, a missing bucket, refused credentials
+        if not storage.is_url(cfg.capture):
+            if Path(cfg.capture).exists() and not Path(cfg.capture).is_dir():
+                raise ConfigError(f"--capture {cfg.capture}: a file, not a folder")
+            storage.makedirs(cfg.capture)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.auth_token is None:
         print(
             f"[serve] warning: listening on {cfg.host} without --auth-token: anyone who reaches it can use it"

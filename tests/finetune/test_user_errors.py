@@ -301,3 +301,21 @@ def test_serve_refuses_a_model_that_is_not_a_classifier_before_starting_ray(mae_
         ValueError, match=r"holds a MaskedVideoAutoencoder, not a classifier: fine-tune it first"
     ):
         check_source(str(mae_dir))
+
+
+@pytest.mark.parametrize("capture", ["foo://x", "a-file"])
+def test_serve_refuses_a_capture_destination_it_cannot_write_before_starting_ray(
+    tiny_classifier: Path, tmp_path: Path, capture: str
+) -> None:
+    """An unusable --capture started the server anyway: every capture then failed, seen only in /metadata."""
+    from data_shards.storage import StorageError
+    from finetune.serve import ServeConfig, run
+    from pretrain.engine import ConfigError
+
+    if capture == "a-file":
+        capture = str(tmp_path / "a-file")
+        Path(capture).write_text("x")
+    with pytest.raises(
+        (StorageError, ConfigError), match=r"foo:// locations are not supported|a file, not a folder"
+    ):
+        run(ServeConfig(model=str(tiny_classifier), capture=capture))
