@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import io
 import json
+import pickle
 import random
 import shutil
 import time
@@ -263,18 +264,38 @@ def resolve_resume(resume: str | None, run_dir: Path, shown_as: str | None = Non
     return path
 
 
+@contextlib.contextmanager
+def _readable(ckpt: Path) -> Iterator[None]:
+    """A checkpoint marked complete whose files no longer read (a disk error, a copy cut short) names
+    itself and the way out, instead of a PytorchStreamReader traceback."""
+    try:
+        yield
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        damaged = not isinstance(e, RuntimeError) or any(w in str(e) for w in ("PytorchStreamReader", "zip"))
+        if not damaged:  # e.g. a shape mismatch: not the file's fault
+            raise
+        older = [c.name for c in complete_checkpoints(ckpt.parent.parent) if c.name < ckpt.name]
+        hint = f"--resume {ckpt.parent / older[-1]}" if older else "a fresh run (no older checkpoint)"
+        raise ConfigError(
+            f"{ckpt}: the checkpoint cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+            f"it may be damaged: resume from the one before it ({hint}), or move it away"
+        ) from e
+
+
 def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     """A rank's resume state (TrainState, RNG, task, loader): plain tensors and containers only."""
-    return torch.load(ckpt / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
+    with _readable(ckpt):
+        return torch.load(ckpt / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
 
 
 def load_engine(engine: Any, ckpt: Path, universal: bool = False) -> None:
     """Collective: restore DeepSpeed's state (weights, ZeRO partitions, optimizer) from `ckpt`, or from its
     universal checkpoint (made by `universal_checkpoint`; the engine was configured with `load_universal`)."""
     if not universal:
-        path, _ = engine.load_checkpoint(
-            str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with _readable(ckpt):
+            path, _ = engine.load_checkpoint(
+                str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
     else:
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch AdamW ZeRO wraps
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]

@@ -194,6 +194,12 @@ def test_resume_refuses_incompatible_config(tmp_path) -> None:
     assert r.returncode == 2 and "deepspeed.zero_stage=2, this run has 0" in r.stdout, r.stdout[-2000:]
     r = run_ranks(tiny_args(run_dir, None, "train.steps=6"), 1)[0]  # no --resume with checkpoints present
     assert r.returncode == 2 and "--resume auto" in r.stdout
+    # a checkpoint marked complete whose optimizer file was cut short after the fact: named, not a traceback
+    (optim,) = (run_dir / "checkpoints" / "step_00000003").glob("*optim_states.pt")
+    optim.write_bytes(optim.read_bytes()[:1000])
+    r = run_ranks([*tiny_args(run_dir, None, "train.steps=6"), "--resume", "auto"], 1)[0]
+    assert r.returncode == 2 and "step_00000003: the checkpoint cannot be read" in r.stdout, r.stdout[-2000:]
+    assert "it may be damaged" in r.stdout and "Traceback" not in r.stdout
 
 
 @pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])  # ZeRO-3: 9 s, -m slow
