@@ -98,6 +98,21 @@ class UpdateConfig:
         )
         require(self.lock_wait_s >= 0, "lock_wait_s must be >= 0")
         self.gate.check()
+        # checked now, not after the batch is sharded: a missing init, a typo in the fine-tune's overrides
+        require(
+            self.init is None
+            or storage.is_url(self.init)
+            or self.init.startswith("models:/")
+            or Path(self.init).exists(),
+            f"init={self.init}: no such file or folder",
+        )
+        from finetune.continual.config import ContinualConfig
+        from pretrain.engine import load_config
+
+        try:
+            load_config(ContinualConfig, self.finetune.config, list(self.finetune.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"finetune.overrides {list(self.finetune.overrides)}: {e}") from None
         if self.round is not None:
             bad = set(self.round) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
             require(

@@ -234,3 +234,22 @@ def test_a_round_killed_mid_fine_tune_resumes(tmp_path: Path) -> None:
     assert steps_logged[-1] == 120
     report = json.loads((work / "rounds" / "r" / "report.json").read_text())
     assert report["promoted"] and report["challenger_version"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("init=/nonexistent/model", r"init=/nonexistent/model: no such file or folder"),
+        ('finetune.overrides=["train.stepz=3"]', r"unknown key train\.stepz \(did you mean train\.steps\?\)"),
+    ],
+)
+def test_a_missing_init_or_a_bad_fine_tune_override_is_refused_before_the_batch_is_sharded(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    from finetune.update.config import UpdateConfig
+    from pretrain.engine import ConfigError, load_config
+
+    cfg = load_config(UpdateConfig, REPO / "finetune" / "configs" / "update.yaml",
+                      [f"videos={tmp_path / 'labels.csv'}", f"work_dir={tmp_path / 'w'}", override])  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
