@@ -117,6 +117,8 @@ def _evaluate(argv: list[str]) -> int:
     p.add_argument("--experiment", default="tubelet-eval", help="for models that belong to no MLflow run")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.out is not None and len(a.model) > 1:
+        p.error("--out takes one model (each model's report goes to MODEL/eval_SPLIT without it)")
     from finetune.reports import comparison_table
 
     uri = a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None

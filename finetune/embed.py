@@ -140,6 +140,10 @@ def model_file(npy: Path) -> Path:
 def load(path: str | Path) -> Embeddings:
     """What `save` wrote (`.npy` never with pickle)."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such embeddings file (write one with embed --shards ... --out FILE)"
+        )
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

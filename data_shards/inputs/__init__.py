@@ -152,9 +152,6 @@ def read_inputs(
     source: str | os.PathLike, format: str = "auto", options: SourceOptions | None = None
 ) -> Inputs:
     """Read `source` in `format` (`auto`: detect it). Relative paths resolve against the manifest's folder."""
-    from data_shards.inputs import actions, folders, kinetics, segments, ssv2, tables
-    from data_shards.inputs.detect import detect_format
-
     options = options or SourceOptions()
     if storage.is_url(source) or (options.videos and storage.is_url(options.videos)):
         return _read_remote(source, format, options)
@@ -163,6 +160,16 @@ def read_inputs(
         raise FileNotFoundError(f"{source}: no such manifest or folder")
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {format!r}")
+    try:
+        return _read_local(source, format, options)
+    except UnicodeDecodeError as e:  # an annotation file saved in another encoding
+        raise FormatError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _read_local(source: Path, format: str, options: SourceOptions) -> Inputs:
+    from data_shards.inputs import actions, folders, kinetics, segments, ssv2, tables
+    from data_shards.inputs.detect import detect_format
+
     fmt = detect_format(source) if format == "auto" else format
     readers = {
         "csv": lambda: tables.read_csv(_file(source, fmt)),

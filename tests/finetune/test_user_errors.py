@@ -319,3 +319,17 @@ def test_serve_refuses_a_capture_destination_it_cannot_write_before_starting_ray
         (StorageError, ConfigError), match=r"foo:// locations are not supported|a file, not a folder"
     ):
         run(ServeConfig(model=str(tiny_classifier), capture=capture))
+
+
+def test_evaluate_out_with_several_models_and_a_missing_embeddings_index_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", "a", "--model", "b", "--shards", "s", "--out", "x"])
+    assert e.value.code == 2 and "--out takes one model" in capsys.readouterr().err
+    from finetune.embed import load
+
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet: no such embeddings file"):
+        load(tmp_path / "nope.parquet")
