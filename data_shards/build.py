@@ -229,6 +229,8 @@ def _claim(out: Location, work: Location, source: str | os.PathLike, replace_oth
     command resumes (and picks up changed videos), but another labels file pointed at an existing set
     would silently replace it. The source is recorded in `.work/` (not in the manifest, which stays
     byte-identical wherever the source lives)."""
+    if not storage.is_url(out) and storage.local_path(out).exists() and not storage.local_path(out).is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
     here = os.fspath(source) if storage.is_url(source) else str(storage.local_path(source).resolve())
     record = storage.join(work, SOURCE_RECORD)
     if storage.isfile(storage.join(out, MANIFEST_NAME)) and not replace_other:

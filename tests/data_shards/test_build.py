@@ -387,3 +387,6 @@ def test_a_misnamed_label_column_and_bad_class_lists_are_said(
     (tmp_path / "latin1.csv").write_bytes("path,label\nvid\xe9o.mp4,a\n".encode("latin-1"))
     assert main(["build", str(tmp_path / "latin1.csv"), "--out", str(tmp_path / "out")]) == 1
     assert "latin1.csv: not UTF-8 text (invalid continuation byte" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["build", str(csv_path), "--out", str(tmp_path / "a-file")]) == 1
+    assert "a-file: a file, not a folder" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "x"
