@@ -206,7 +206,7 @@ def check_memory_fits(cfg: ContinualConfig, experiences: list[Experience]) -> No
     total = sum(counts)
     m = cfg.continual.memory_size
     require(
-        m <= total,
+        m <= total or not cfg.continual.rules.replays,  # a strategy without replay keeps no memory
         f"continual.memory_size={m} is larger than all the training data ({total} videos over "
         f"{len(experiences)} experiences): lower it",
     )

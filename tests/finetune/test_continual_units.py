@@ -248,7 +248,7 @@ def test_experiences_from_groups_or_a_seeded_order(manifest_dir: Path) -> None:
             r"continual\.classes_per_experience=3 must divide the 4 classes",
         ),
         (
-            ["continual.memory_size=41"],
+            ["continual.strategy=replay", "continual.memory_size=41"],
             r"continual\.memory_size=41 is larger than all the training data \(40 videos",
         ),
         (
@@ -268,6 +268,11 @@ def test_bad_configs_fail_before_any_process_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         cl_config(manifest_dir, *over)
+
+
+def test_a_strategy_without_replay_ignores_the_memory_size(manifest_dir: Path) -> None:
+    """naive / ewc keep no memory: the config's memory_size (set for replay) is not a reason to refuse."""
+    cl_config(manifest_dir, "continual.strategy=naive", "continual.memory_size=41")
 
 
 @pytest.fixture(scope="module")
