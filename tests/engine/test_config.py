@@ -116,6 +116,7 @@ def test_wrong_types_name_the_key(override: str, message: str) -> None:
     ("overrides", "world", "message"),
     [
         (["deepspeed.bf16=true", "deepspeed.fp16=true"], 1, r"bf16 and deepspeed\.fp16 are both true"),
+        (["deepspeed.fp16=true", "train.device=cpu"], 1, r"deepspeed\.fp16=true needs a GPU"),
         (["deepspeed.offload_optimizer=cpu", "deepspeed.zero_stage=0"], 1, r"offload_optimizer needs"),
         (["train.global_batch_size=12", "train.micro_batch_size=4"], 2, r"not divisible .* multiple of 8"),
         (["train.epochs=3"], 1, r"exactly one of train\.steps and train\.epochs"),

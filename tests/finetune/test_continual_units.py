@@ -255,7 +255,7 @@ def test_experiences_from_groups_or_a_seeded_order(manifest_dir: Path) -> None:
             ["continual.strategy=replay", "continual.memory_size=0"],
             r"continual\.strategy=replay replays a memory",
         ),
-        (["continual.strategy=ewc", "deepspeed.fp16=true"], r"use bf16 or fp32"),
+        (["continual.strategy=ewc", "deepspeed.fp16=true", "train.device=cuda"], r"use bf16 or fp32"),
         (["continual.strategy=sgd"], r"continual\.strategy: 'sgd' is not one of"),
         (
             ["continual.strategy=replay", "continual.replay_batch_size=16"],

@@ -213,6 +213,15 @@ class EngineConfig:
         self.train.check(world_size)
         self.optim.check(self.train)
         self.deepspeed.check()
+        if self.deepspeed.fp16:  # DeepSpeed's own refusal came as a ValueError traceback from initialize
+            import torch
+
+            on_cpu = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
+            require(
+                not on_cpu,
+                "deepspeed.fp16=true needs a GPU (DeepSpeed's CPU accelerator has no fp16): on CPU use "
+                "deepspeed.bf16=true or fp32",
+            )
         self.checkpoint.check()
         self.tracking.check()
 
