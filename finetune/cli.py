@@ -409,6 +409,8 @@ def _export(argv: list[str]) -> int:
         "--onnx", action="store_true", help="also write OUT_DIR/model.onnx, checked against onnxruntime"
     )
     a = p.parse_args(argv)
+    if a.hf is not None and a.hf.exists() and not a.hf.is_dir():  # transformers only asserts
+        p.error(f"--hf {a.hf}: a file; give a folder for the HF model")
     from finetune.config import FinetuneConfig
     from finetune.export import export_hf
     from finetune.task import ClassificationTask

@@ -329,6 +329,10 @@ def test_evaluate_out_with_several_models_and_a_missing_embeddings_index_are_nam
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--model", "a", "--model", "b", "--shards", "s", "--out", "x"])
     assert e.value.code == 2 and "--out takes one model" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["export", "run", str(tmp_path / "m"), "--hf", str(tmp_path / "f")])
+    assert e.value.code == 2 and "f: a file; give a folder for the HF model" in capsys.readouterr().err
     from finetune.embed import load
 
     with pytest.raises(FileNotFoundError, match=r"nope\.parquet: no such embeddings file"):
