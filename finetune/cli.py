@@ -27,6 +27,7 @@ from pretrain.engine import RunResult, export, load_config
 from pretrain.engine.cli import (
     is_main_rank,
     not_a_command,
+    one_line_errors,
     strip_launcher_args,
     train_command,
     training_parser,
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if argv[:1] and argv[0] in sub:
         command = sub[argv[0]][0]
-        return _one_line_errors(lambda: command(argv[1:]))
+        return one_line_errors(lambda: command(argv[1:]))
     if (typo := not_a_command(argv, sub, "python -m finetune")) is not None:
         print(typo, file=sys.stderr)
         return 2
@@ -74,18 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     return train_command(args, FinetuneConfig, ClassificationTask, "finetune", report_best, DATA_ERRORS)
-
-
-def _one_line_errors(command: Callable[[], int]) -> int:
-    """Run a subcommand; input it rejects by name (a split the shards lack, classes that do not match the
-    model, a missing file) ends it with one `error:` line and exit 2, not a traceback."""
-    from data_shards.format import FormatError
-
-    try:
-        return command()
-    except (FormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -235,18 +224,20 @@ def _limits(a: argparse.Namespace) -> Any:
     return DecodeLimits(a.max_pixels or None, a.max_decode_seconds or None)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give an integer >= 1")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`, refused by name below it (never replaced by a default)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: give an integer >= {low}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value" for text that is no number
+    return parse
 
 
-def _natural_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: give an integer >= 0")
-    return value
+_positive_int, _natural_int = _int_at_least(1), _int_at_least(0)
 
 
 def _serve(argv: list[str]) -> int:

@@ -9,13 +9,19 @@ import argparse
 import sys
 
 from pretrain.engine import export, load_config
-from pretrain.engine.cli import not_a_command, strip_launcher_args, train_command, training_parser
+from pretrain.engine.cli import (
+    not_a_command,
+    one_line_errors,
+    strip_launcher_args,
+    train_command,
+    training_parser,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
-        return _export(argv[1:])
+        return one_line_errors(lambda: _export(argv[1:]))
     if (typo := not_a_command(argv, ["export"], "python -m pretrain")) is not None:
         print(typo, file=sys.stderr)
         return 2
@@ -40,20 +46,15 @@ def _export(argv: list[str]) -> int:
     p.add_argument("run_dir", help="a run directory, local or a URL (s3://...)")
     p.add_argument("out_dir", help="where the model directory goes, local or a URL")
     args = p.parse_args(argv)
-    from data_shards import storage
     from pretrain.config import PretrainConfig
     from pretrain.engine.dist import prepare_env
     from pretrain.sources import run_to_export
     from pretrain.task import MaskedVideoTask
 
     prepare_env("cpu")  # consolidation runs on CPU; DS_ACCELERATOR before deepspeed is imported
-    try:
-        run = run_to_export(args.run_dir, args.out_dir, "pretrain")
-        cfg = load_config(PretrainConfig, run / "config.yaml")
-        out = export(run, args.out_dir, MaskedVideoTask(cfg))
-    except (ValueError, FileNotFoundError, storage.StorageError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run = run_to_export(args.run_dir, args.out_dir, "pretrain")
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+    out = export(run, args.out_dir, MaskedVideoTask(cfg))
     shown = out if isinstance(out, str) else out.resolve()
     print(f"[tubelet] model directory: {shown} (load with pretrain.models.load_model)")
     return 0

@@ -66,6 +66,17 @@ def not_a_command(argv: list[str], commands: Iterable[str], prog: str) -> str | 
     return f"{prog}: unknown command {word!r}{hint}; commands: {', '.join(commands)} (or training: --config FILE)"
 
 
+def one_line_errors(command: Callable[[], int]) -> int:
+    """Run a subcommand (export, evaluate, predict, ...); input it rejects by name (a split the shards lack,
+    classes that do not match the model, a missing file or bucket; FormatError and ConfigError are
+    ValueErrors) ends it with one `error:` line and exit 2, not a traceback."""
+    try:
+        return command()
+    except (ValueError, FileNotFoundError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
 R = TypeVar("R")
 
 
