@@ -65,10 +65,10 @@ def prepare_env(device: str = "auto") -> torch.device:
 
     CPU: `DS_ACCELERATOR=cpu` and no shm-comm op (its JIT build takes 30–90 s and is inference-only).
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        from .config import ConfigError
+    from .config import ConfigError, uses_cuda
 
+    use_cuda = uses_cuda(device)
+    if use_cuda and not torch.cuda.is_available():
         built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise ConfigError(
             f"train.device=cuda, but torch {torch.__version__} ({built}) sees no CUDA device here; "

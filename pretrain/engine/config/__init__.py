@@ -19,6 +19,7 @@ from .schema import (
     resume_signature,
     signature_diff,
     signature_hash,
+    uses_cuda,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "signature_hash",
     "to_dict",
     "to_yaml",
+    "uses_cuda",
 ]

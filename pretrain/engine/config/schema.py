@@ -214,16 +214,20 @@ class EngineConfig:
         self.optim.check(self.train)
         self.deepspeed.check()
         if self.deepspeed.fp16:  # DeepSpeed's own refusal came as a ValueError traceback from initialize
-            import torch
-
-            on_cpu = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
             require(
-                not on_cpu,
+                uses_cuda(self.train.device),
                 "deepspeed.fp16=true needs a GPU (DeepSpeed's CPU accelerator has no fp16): on CPU use "
                 "deepspeed.bf16=true or fp32",
             )
         self.checkpoint.check()
         self.tracking.check()
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether `train.device` (auto / cpu / cuda) means CUDA here: auto takes it when there is one."""
+    import torch
+
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
 
 
 def grad_accum_steps(cfg: EngineConfig, world_size: int) -> int:
