@@ -263,12 +263,12 @@ def build(
     check_workers(ray_address, workers)
     out = storage.join(out)
     storage.check_access(out)
+    # the source is read before anything is written: a source that cannot be read leaves no folder behind
+    inputs = read_inputs(source, opts.format, opts.source)
+    plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
     work = storage.join(out, WORK_DIR)
     _claim(out, work, source, replace_other)
     storage.makedirs(storage.join(work, "shards"))
-
-    inputs = read_inputs(source, opts.format, opts.source)
-    plan = plan_inputs(inputs, opts.classes, opts.val_fraction, opts.test_fraction)
     rejects = inputs.rejects + plan.rejects
     init_ray(ray_address, workers)
     in_process = workers == 0

@@ -163,7 +163,9 @@ def read_inputs(
     try:
         return _read_local(source, format, options)
     except UnicodeDecodeError as e:  # an annotation file saved in another encoding
-        raise FormatError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise FormatError(
+            f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
 
 
 def _read_local(source: Path, format: str, options: SourceOptions) -> Inputs:
@@ -182,7 +184,40 @@ def _read_local(source: Path, format: str, options: SourceOptions) -> Inputs:
         "segments": lambda: segments.read_segments(_file(source, fmt), options),
         "charades": lambda: segments.read_charades(source, options),
     }
-    return readers[fmt]()
+    _check_videos_and_split(source, fmt, options)
+    inputs = readers[fmt]()
+    if options.labels != "auto" and fmt != "charades" and options.labels != inputs.kind:
+        raise ValueError(
+            f"--labels {options.labels}: {source} is a {fmt} source with {_KIND_WORDS[inputs.kind]}; --labels "
+            "chooses between Charades' label sets and its segments, other sources' labels come from their "
+            "columns (a;b in the label column: several labels; segment_start,segment_end: segments)"
+        )
+    return inputs
+
+
+_KIND_WORDS = {"single": "one label per video", "multi": "label sets", "segments": "labelled segments"}
+# the formats whose annotations name videos that `--videos` locates; the others hold the videos' paths
+_VIDEO_ROOT_FORMATS = ("kinetics", "ssv2", "ucf101", "hmdb51", "charades")
+
+
+def _check_videos_and_split(source: Path, fmt: str, options: SourceOptions) -> None:
+    """`--videos` and `--split-id` where this source has no use for them are errors: silently ignored, the
+    build would read other videos or another split than the user asked for."""
+    takes_videos = fmt in _VIDEO_ROOT_FORMATS or (fmt == "segments" and source.suffix.lower() == ".json")
+    if options.videos and not takes_videos:
+        where = (
+            "the folder's own files" if fmt == "folder" else f"the paths in it (relative to {source.parent})"
+        )
+        raise ValueError(
+            f"--videos {options.videos}: {source} is a {fmt} source, whose videos are {where}; --videos "
+            "locates the videos of a data set's annotations (Kinetics, SSv2, UCF101, HMDB51, Charades, "
+            "ActivityNet JSON)"
+        )
+    if options.split_id != 1 and fmt not in ("ucf101", "hmdb51"):
+        raise ValueError(
+            f"--split-id {options.split_id}: {source} is a {fmt} source; --split-id picks one of the official "
+            "UCF101 / HMDB51 splits"
+        )
 
 
 def _file(source: Path, fmt: str) -> Path:
@@ -214,7 +249,13 @@ def _read_remote(source: str | os.PathLike, format: str, options: SourceOptions)
         if options.videos and storage.is_url(options.videos):
             videos = _mirror(options.videos, Path(tmp) / "videos", back)
             options = dataclasses.replace(options, videos=str(videos))
-        inputs = read_inputs(local_source, format, options)
+        try:
+            inputs = read_inputs(local_source, format, options)
+        except (ValueError, FormatError) as e:  # name the store's locations, not the local view's
+            message = str(e)
+            for local, url in back.items():
+                message = message.replace(local, url)
+            raise type(e)(message) from None
     remap = functools.partial(_to_url, back=back)
     inputs.items = [dataclasses.replace(i, path=remap(i.path), where=remap(i.where)) for i in inputs.items]
     inputs.rejects = [

@@ -242,6 +242,36 @@ def test_detection_is_unambiguous_or_asks(ucf101: Path, hmdb51: Path, tmp_path: 
         read_inputs(empty, "csv")
 
 
+def test_source_options_a_source_cannot_use_are_errors_not_ignored(
+    ucf101: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--labels, --videos and --split-id that the source has no use for used to be dropped silently: a plain CSV
+    built with --labels segments made a one-label set, and with --videos it read the videos beside the CSV."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,label\nx.mp4,a\n")
+    sets = tmp_path / "sets.csv"
+    sets.write_text("path,label\nx.mp4,a;b\n")
+    with pytest.raises(
+        ValueError, match=r"--labels segments: .*plain.csv is a csv source with one label per"
+    ):
+        read_inputs(plain, "auto", SourceOptions(labels="segments"))
+    with pytest.raises(ValueError, match=r"--labels multi: .*with one label per video"):
+        read_inputs(plain, "auto", SourceOptions(labels="multi"))
+    assert read_inputs(sets, "auto", SourceOptions(labels="multi")).kind == "multi"  # what it is: fine
+    with pytest.raises(ValueError, match=r"--videos /elsewhere: .*the paths in it \(relative to"):
+        read_inputs(plain, "auto", SourceOptions(videos="/elsewhere"))
+    with pytest.raises(ValueError, match=r"--split-id 2: .*a csv source"):
+        read_inputs(plain, "auto", SourceOptions(split_id=2))
+    with pytest.raises(ValueError, match=r"--videos /elsewhere: .*the folder's own files"):
+        read_inputs(tmp_path, "folder", SourceOptions(videos="/elsewhere"))
+    # a data set's annotations take all three
+    assert read_inputs(ucf101, "auto", SourceOptions(split_id=2, videos=str(ucf101))).items
+    # the command says so and builds nothing
+    out = tmp_path / "out"
+    assert cli(["build", str(plain), "--out", str(out), "--labels", "segments", "--quiet"]) == 1
+    assert "--labels segments" in capsys.readouterr().err and not out.exists()
+
+
 def test_split_names_any_case_and_aliases_others_rejected_with_their_line(tmp_path: Path) -> None:
     from data_shards.plan import plan_inputs
 
