@@ -31,10 +31,10 @@ def _synth(args: argparse.Namespace) -> int:
             audio=args.audio,
             audio_delay=args.audio_delay,
         )
+        csv_path = write_synthetic_set(args.out, spec)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    csv_path = write_synthetic_set(args.out, spec)
     print(
         f"wrote {spec.videos} {spec.codec} clips ({spec.classes} classes, {spec.frames}x{spec.size}x{spec.size}, "
         f"domain {spec.domain}{', labels shuffled' if spec.shuffle_labels else ''}"

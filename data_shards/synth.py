@@ -21,6 +21,8 @@ family and palette at another speed. Domain 0 is the original look (its bytes ar
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -328,11 +330,32 @@ def render_sound(index: int, spec: SynthSpec, frames_THWC: np.ndarray, rate: int
     return np.clip(wave, -1.0, 1.0)
 
 
+SYNTH_RECORD = ".synth.json"  # in a folder synth wrote: the spec it was written with
+
+
+def _check_out(out: Path) -> None:
+    """synth replaces `labels.csv` and same-named videos: refuse a folder holding anything it did not write
+    (a user's own labelled videos) rather than overwrite their labels. Its own folders it re-writes."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    if not out.is_dir() or (out / SYNTH_RECORD).is_file():
+        return
+    found = sorted(p.name for p in out.iterdir())
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(
+            f"--out {out}: holds files synth did not write ({shown}); it would replace labels.csv and "
+            "videos/ there: give a new or empty folder"
+        )
+
+
 def write_synthetic_set(out: str | Path, spec: SynthSpec) -> Path:
     """Write `spec.videos` clips under `out/videos/` and their labels: `labels.csv` (path,label; a `a;b`
     set with `multi_label`) or `segments.csv` (path,segment_start,segment_end,label in seconds); returns it."""
     out = Path(out)
+    _check_out(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / SYNTH_RECORD).write_text(json.dumps(dataclasses.asdict(spec), sort_keys=True) + "\n")
     ext = ENCODERS[spec.codec][1]
     rows: list[tuple] = []
     prefix = f"d{spec.domain}_" if spec.domain else ""  # distinct ids (and shard keys) per domain

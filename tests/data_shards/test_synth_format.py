@@ -74,6 +74,28 @@ def test_synth_rejects_bad_options() -> None:
         SynthSpec(size=33)
 
 
+def test_synth_keeps_out_of_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    """`synth --out` over a user's labelled folder replaced their labels.csv; its own folders it re-writes."""
+    mine = tmp_path / "mine"
+    (mine / "videos").mkdir(parents=True)
+    (mine / "labels.csv").write_text("path,label\nvideos/a.mp4,cat\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "data_shards", "synth", "--out", str(mine), "--videos", "2", "--frames", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "holds files synth did not write (labels.csv, videos)" in r.stderr
+    assert (mine / "labels.csv").read_text() == "path,label\nvideos/a.mp4,cat\n"
+    assert not list((mine / "videos").iterdir())
+    ours = tmp_path / "ours"
+    write_synthetic_set(ours, SynthSpec(videos=3, frames=8, size=32, seed=1))
+    write_synthetic_set(ours, SynthSpec(videos=2, frames=8, size=32, seed=2))  # a re-run: replaced
+    assert len((ours / "labels.csv").read_text().splitlines()) == 3
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        write_synthetic_set(tmp_path / "file", SynthSpec(videos=1, frames=8, size=32))
+
+
 def test_label_and_meta_members_round_trip() -> None:
     for label in (-1, 0, 7, 2**40):
         assert fmt.decode_label(fmt.encode_label(label)) == label
