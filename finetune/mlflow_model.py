@@ -14,6 +14,7 @@ column, or a list of bytes / path strings; it returns one row per video: `label`
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,9 +211,12 @@ def log_model(
         run_id=run_id,
         model_id=logged.model_id,
     )
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")  # its INFO "Validating input example" line at every save
+    level = pyfunc_log.level
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
+            pyfunc_log.setLevel(max(level, logging.WARNING))
             mlflow.pyfunc.save_model(
                 path=str(local),
                 mlflow_model=meta,
@@ -228,6 +232,8 @@ def log_model(
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")  # never left pending
         raise
+    finally:
+        pyfunc_log.setLevel(level)
     client.finalize_logged_model(logged.model_id, "READY")
     if register_as is None:
         return LoggedVideoModel(logged.model_id)

@@ -230,6 +230,7 @@ class Trainer:
                     outcome = Outcome.EARLY_STOPPED
                 if outcome or self._due(self.cfg.checkpoint.every):
                     self._checkpoint(outcome)
+            self.metrics.close()  # the bar ends at its last step, before the export's and registration's lines
             model_dir = None
             if outcome.completed:
                 model_dir = self._finished_model() if finished_before else self._export_final()

@@ -185,6 +185,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory, motion_shards: Path) -> R
             [*ft_args(runs[0], motion_shards, None, *learn, "optim.warmup_steps=10"), *track], timeout=400
         )
     )
-    ok(run_cli([*ft_args(runs[1], motion_shards, runs[0] / "best"), *track], timeout=300))
+    again = run_cli([*ft_args(runs[1], motion_shards, runs[0] / "best"), *track], timeout=300, merge_output=True)
+    ok(again)
+    (root / "again.log").write_text(again.stdout)  # what a terminal showed (test_mlflow_model)
     MlflowClient(uri, registry_uri=uri).set_registered_model_alias(REGISTERED_NAME, "champion", "1")
     return Registry(uri, REGISTERED_NAME, runs, motion_shards)

@@ -49,14 +49,20 @@ def data_shards(*args: str) -> None:
 
 
 def run_cli(
-    args: list[str], timeout: int = 240, env: dict[str, str] | None = None, cwd: Path = REPO
+    args: list[str],
+    timeout: int = 240,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    merge_output: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`python -m finetune ARGS` (environment: `base_env()` plus `env`)."""
+    """`python -m finetune ARGS` (environment: `base_env()` plus `env`); `merge_output`: stderr into stdout,
+    in the order a terminal shows them."""
     return subprocess.run(
         [PY, "-m", "finetune", *args],
         env={**base_env(), **(env or {})},
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
         text=True,
         timeout=timeout,
     )

@@ -37,6 +37,11 @@ def test_two_fine_tunes_register_versions_1_and_2_of_one_name(registry: Registry
         assert sorted(m.name for m in logged) == ["best", "model"]  # final and best, each a pyfunc model
     mlmodel = client.get_logged_model(versions[0].tags["tubelet.logged_model_id"]).name
     assert mlmodel == "best"  # the registered version is the best model (what evaluate reports)
+    # the training bar is closed before the end-of-run lines (they were printed into the open bar, and
+    # MLflow's INFO "Validating input example" line with them)
+    shown = (registry.runs[1].parent / "again.log").read_text()
+    assert shown.rindex("train: ") < shown.index(f"registered as {registry.name} version 2"), shown[-3000:]
+    assert "Validating input example" not in shown
 
 
 def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
