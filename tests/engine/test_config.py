@@ -159,6 +159,23 @@ def test_cli_config_error_exits_before_any_process_group(tmp_path) -> None:
     assert not (tmp_path / "r").exists()  # nothing built, nothing written
 
 
+def test_a_folder_tracking_store_is_a_config_error_not_an_untracked_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow 3 refuses a folder store (`./mlruns`): the run used to warn once and go on untracked."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("mlruns", "/tmp/x/mlruns", "file:///tmp/x/mlruns"):
+        with pytest.raises(ConfigError, match=rf"tracking\.uri={uri}: a folder store.*sqlite:///.*mlflow\.db"):
+            load(f"tracking.uri={uri}")
+    for uri in ("sqlite:///tmp/x.db", "http://127.0.0.1:5000", "databricks"):
+        load(f"tracking.uri={uri}")
+    load("tracking.uri=mlruns", "tracking.enabled=false")  # not used: fine
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(ConfigError, match=r"MLFLOW_TRACKING_URI=\./mlruns: a folder store"):
+        load()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out keeps it
+    load()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_asked_for_on_a_machine_without_it_is_a_config_error() -> None:
     from pretrain.engine.dist import prepare_env

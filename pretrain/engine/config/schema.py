@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,6 +178,12 @@ class CheckpointConfig:
         require(self.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end and on preemption)")
 
 
+def _db_path(folder_uri: str) -> str:
+    """An absolute path for a sqlite file inside the folder a folder-store URI names."""
+    path = folder_uri.removeprefix("file://").removeprefix("file:")
+    return os.path.join(os.path.abspath(path), "mlflow.db")
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = True  # MLflow (metrics.jsonl is always written)
@@ -191,6 +198,17 @@ class TrackingConfig:
     register_as: str | None = None
 
     def check(self) -> None:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        key = "tracking.uri" if self.uri else "MLFLOW_TRACKING_URI"
+        folder_store = uri.startswith("file:") or (uri and "://" not in uri and not uri.startswith("databricks"))
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+        require(
+            not (self.enabled and folder_store and not allowed),
+            f"{key}={uri}: a folder store, which MLflow 3 refuses (its file store is deprecated; the run would "
+            f"go untracked): give a database, e.g. tracking.uri=sqlite:///{_db_path(uri)} (then `mlflow ui "
+            "--backend-store-uri` with the same URI), or a server's http:// URL; MLFLOW_ALLOW_FILE_STORE=true "
+            "keeps the folder store",
+        )
         require(
             not self.register_as or (self.enabled and self.log_model),
             f"tracking.register_as={self.register_as!r} needs tracking.enabled=true and tracking.log_model=true "
