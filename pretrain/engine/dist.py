@@ -6,10 +6,14 @@ we fill RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT ourselves).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import logging
 import os
 import socket
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +109,60 @@ def import_deepspeed() -> Any:
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _defer_muon()
     return deepspeed
+
+
+MUON = "deepspeed.runtime.zero.muon"
+
+
+class _NotMuon:
+    """Stands for DeepSpeed's `MuonWithAuxAdam` while its module is deferred: tubelet's optimizer is AdamW,
+    so DeepSpeed's `isinstance(optimizer, MuonWithAuxAdam)` checks are False either way. Making one (code
+    other than tubelet's in the same process) imports the real module, which DeepSpeed's later imports see."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _real_module(f"{MUON}.muon_optimizer").MuonWithAuxAdam(*args, **kwargs)
+
+
+def _muon_update(*args: Any, **kwargs: Any) -> Any:
+    """DeepSpeed's `muon_update`, imported when first called (only a Muon optimizer calls it)."""
+    return _real_module(f"{MUON}.original_muon").muon_update(*args, **kwargs)
+
+
+def _defer_muon() -> None:
+    """DeepSpeed's ZeRO and bf16 optimizers import its Muon modules on every rank (to ask whether the
+    optimizer is a Muon one, and to have `muon_update` at hand in the gradient partitioning), and importing
+    them `torch.compile`s Muon's kernels, which loads inductor: 1.1-1.4 s of every rank's start-up. Until a
+    name other than these two is asked for (then the real module is imported and answers), they are
+    stand-ins: `MuonWithAuxAdam` a class nothing is an instance of, `muon_update` a function that imports the
+    real one when called."""
+    if importlib.util.find_spec(MUON) is None:  # a DeepSpeed without Muon
+        return
+    for name, names in (
+        (f"{MUON}.muon_optimizer", {"MuonWithAuxAdam": _NotMuon}),
+        (f"{MUON}.original_muon", {"muon_update": _muon_update}),
+    ):
+        if name in sys.modules:
+            continue
+        stub = types.ModuleType(name, "deferred by tubelet (pretrain.engine.dist._defer_muon) until used")
+        stub.__dict__.update(names)
+        stub.__getattr__ = functools.partial(_deferred_attr, name)  # type: ignore[method-assign]  # PEP 562
+        sys.modules[name] = stub
+
+
+def _deferred_attr(module: str, attr: str) -> Any:
+    if attr.startswith("__"):  # the import system's questions (`__path__`: is it a package?)
+        raise AttributeError(attr)
+    return getattr(_real_module(module), attr)
+
+
+def _real_module(name: str) -> types.ModuleType:
+    """The real module behind a stand-in (imported now, replacing it)."""
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None) is None:
+        del sys.modules[name]
+    return importlib.import_module(name)
 
 
 def init_distributed(device: torch.device, backend: str = "auto") -> DistInfo:

@@ -300,3 +300,30 @@ def test_torchrun_two_ranks_synthetic(tmp_path) -> None:
     assert "untested optimizer" not in r.stdout + r.stderr
     # nor the progress DeepSpeed's ZeRO consolidation prints while the final model is written
     assert "zero checkpoint" not in r.stdout + r.stderr and "Loading checkpoint shards" not in r.stderr
+
+
+def test_zero_steps_without_importing_deepspeeds_muon_kernels(tmp_path) -> None:
+    """DeepSpeed's ZeRO optimizer imports its Muon modules on every rank, which `torch.compile` their kernels
+    (1.1-1.4 s of start-up); `import_deepspeed` defers them. A ZeRO-2 run must train without them; any other
+    name of those modules is still the real one, and a Muon optimizer made anyway is the real one."""
+    r = subprocess.run(
+        [PY, "-X", "importtime", "-m", "pretrain", *tiny_args(tmp_path / "run", None, "train.steps=3")],
+        env=base_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    ok(r)
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+    assert "deepspeed.runtime.zero.muon" not in r.stderr and "torch._inductor.compile_fx" not in r.stderr
+    code = (
+        "from pretrain.engine.dist import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam as stand_in\n"
+        "from deepspeed.runtime.zero.muon import original_muon\n"
+        "print(stand_in.__module__, original_muon.adam_update.__module__)\n"
+        "import torch\n"
+        "muon = stand_in([dict(params=[torch.nn.Parameter(torch.ones(2, 2))], use_muon=True)])\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+        "print(isinstance(muon, MuonWithAuxAdam))\n"
+    )
+    out = subprocess.run([PY, "-c", code], env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["pretrain.engine.dist", "deepspeed.runtime.zero.muon.original_muon", "True"]
