@@ -19,8 +19,6 @@ from data_shards.format import FormatError
 from data_shards.loader import BACKENDS, LoaderError, SamplingSpec, build_loader
 from data_shards.loader.cache import IO_STATS
 
-log = logging.getLogger("data_shards.loader")
-
 
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:

@@ -1,5 +1,5 @@
 """`python -m finetune`: fine-tuning (full / PEFT) and its jobs: evaluate, predict, export, continual, serve,
-embed. The parsers live in `finetune/cli.py`; this file only dispatches."""
+embed, tune, update, rollback. The parsers live in `finetune/cli.py`; this file only dispatches."""
 
 import sys
 

@@ -5,7 +5,7 @@ own their loss and view averaging in the same way).
 
 A model directory names its head in config.json (`extra.head`, default `single_label` for directories
 written before heads existed); `head_of` returns it. A new kind of label is a new `Head` subclass registered
-in `HEADS`; nothing else compares label kinds. The three:
+in `HEADS`; nothing else compares label kinds. The four:
 
   single_label  one class per clip: softmax CE, views averaged, top-1 / top-5 (primary: top1)
   multi_label   a set per clip: sigmoid BCE (optional pos_weight), views max-pooled (PySlowFast's Charades

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning methods, applied to a plain `VideoClassifier` from OUTSIDE it.
 
-The model code stays architecture-only (DESIGN principle 3). Every method here
+The model code stays architecture-only (ARCHITECTURE.md, Layers). Every method here
 (1) freezes / unfreezes parameters, (2) optionally adds modules and hooks, (3) knows how to undo itself
 for export. What to apply is the config's `finetune` section (`FinetuneSection`, below); the
 methods are the `@method`-registered functions of `METHODS`. Methods:

@@ -1,4 +1,4 @@
-"""The layout rules DESIGN.md and ARCHITECTURE.md state, checked on the source: dependency direction
+"""The layout rules ARCHITECTURE.md states, checked on the source: dependency direction
 (finetune → pretrain → data_shards; the engine imports no stage and no data code; the models no engine), no
 import cycle between the project's modules, and no function longer than 80 lines."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import queue
 import threading
@@ -30,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from data_shards import storage
-
-log = logging.getLogger("data_shards.loader")
 
 MAX_PENDING = 256  # prefetched samples held at most (a batch or two)
 IO_STATS = ("remote_gets", "remote_bytes", "cache_hits", "storage_retries")

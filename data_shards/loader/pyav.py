@@ -58,14 +58,6 @@ from data_shards.loader.sampling import (
     views_out,
 )
 
-# BT.601 limited range: rgb = YUV_TO_RGB @ ([y, u, v] - YUV_OFFSET), on the 0..255 scale
-YUV_OFFSET = (16.0, 128.0, 128.0)
-YUV_TO_RGB = (
-    (255.0 / 219.0, 0.0, 1.402 * 255.0 / 224.0),
-    (255.0 / 219.0, -0.344136 * 255.0 / 224.0, -0.714136 * 255.0 / 224.0),
-    (255.0 / 219.0, 1.772 * 255.0 / 224.0, 0.0),
-)
-
 
 def yuv420p_to_rgb(y_FHW: torch.Tensor, u_Fhw: torch.Tensor, v_Fhw: torch.Tensor) -> torch.Tensor:
     """uint8 planes -> uint8 [F, H, W, 3] at full size: bilinear chroma upsampling, BT.601 limited range.

@@ -86,10 +86,6 @@ def plot(rows: list[dict[str, Any]], space: SearchSpace, root: Path) -> tuple[Pa
     return root / CURVES_PNG, root / PARAMS_PNG
 
 
-def _short(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 def best_yaml(plan: TrialPlan, params: dict[str, Any], root: Path) -> Path:
     """The winning recipe as a config file that runs as it is (its own run directory, no study run)."""
     from finetune.tune.trial import value_text

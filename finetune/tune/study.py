@@ -1,6 +1,6 @@
 """`python -m finetune tune --config FT.yaml --space SPACE.yaml [--resume auto] [key=value ...]`: the driver.
 
-A study lives in `tune.dir` (default `runs/tune_<space name>`): Ray Tune's own state (`STUDY/ray/`, what
+A study lives in `--dir` (default `runs/tune_<space name>`): Ray Tune's own state (`STUDY/ray/`, what
 `Tuner.restore` resumes: finished trials are never run again), one run directory per trial, the study's MLflow
 run id (`study.json`), and its results: `trials.csv`, `curves.png`, `params.png`, `best.yaml` (the winning
 recipe, runnable as it is with `python -m finetune --config best.yaml`), and the best model registered as a
@@ -22,7 +22,7 @@ from finetune.tune.space import SearchSpace, check_against, load_space
 from finetune.tune.trial import TrialPlan, config_class, run_trial
 from pretrain.engine import ConfigError, load_config
 
-STUDY_FILE, BEST_YAML = "study.json", "best.yaml"
+STUDY_FILE = "study.json"
 
 
 def _max_evaluations(cfg: Any, continual: bool) -> int:

@@ -36,9 +36,6 @@ class Decision:
     def to_json(self) -> dict[str, Any]:
         return {"promote": self.promote, "new_set": self.new_set, "checks": [asdict(c) for c in self.checks]}
 
-    def reasons(self) -> list[str]:
-        return [c.describe() for c in self.checks if not c.passed]
-
 
 def decide(gate: GateSection, new_set: str, challenger: Scores, champion: Scores | None) -> Decision:
     """Apply every rule; promote only when all pass (a rule with nothing to look at is not a pass by

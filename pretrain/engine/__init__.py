@@ -3,7 +3,8 @@
 A stage defines a config dataclass that extends `EngineConfig` with its own sections and a `Task`
 (model, initial weights, loaders, loss, evaluation, export); the engine does DeepSpeed, the loop,
 checkpoints, tracking and export. Layout: `trainer.py` (the loop), `task.py` (the seam), `state.py`,
-`metrics.py`, `checkpoint.py`, `optim.py`, `dist.py`, `tracking.py`, `config/`, `cli.py`.
+`metrics.py`, `checkpoint.py`, `optim.py`, `dist.py`, `tracking.py`, `remote.py` (a run directory at a URL),
+`config/`, `cli.py`.
 """
 
 from .checkpoint import export

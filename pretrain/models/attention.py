@@ -9,14 +9,12 @@ One module, three kernels: ``flash_attn`` (the FlashAttention package, CUDA + fp
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-AttnImpl = Literal["auto", "flash_attn", "sdpa", "math"]
 ATTN_IMPLS: tuple[str, ...] = ("auto", "flash_attn", "sdpa", "math")
 
 

@@ -13,8 +13,6 @@ import torch
 from .backbones import BackboneClassifier, BackboneClassifierConfig, backbone_config
 from .cnn_rnn import CnnRnnConfig
 
-# torchvision builder -> our backbone name (its 18-layer preset has the same architecture)
-TORCHVISION_MODELS = {"r3d_18": "r3d", "mc3_18": "mc3", "r2plus1d_18": "r2plus1d", "resnet18": "cnn_rnn"}
 _NEW_IN_CNN_RNN = ("encoder.proj.", "encoder.rnn.", "head.")
 
 
