@@ -41,7 +41,9 @@ class FinetuneOptim(OptimConfig):
     (`FAMILY_OPTIM`), so switching `model.backbone` does not keep a rate tuned for another family.
     `lr: null` is the engine's linear scaling rule (base_lr × global batch / base_batch_size)."""
 
+    # peak learning rate; auto: the backbone family's (ViT 1e-3, CNNs 3e-3); null: the linear scaling rule
     lr: float | Literal["auto"] | None = "auto"  # type: ignore[assignment]
+    # <1: layer-wise LR decay from the head down; auto: the family's (ViT 0.75, CNNs 1.0)
     layer_decay: float | Literal["auto"] = resume_key("auto")  # type: ignore[assignment]
 
     def resolve_auto(self, backbone: str) -> str | None:
@@ -63,14 +65,16 @@ class ClassifierSection(ModelSection):
     activation_checkpointing, patch/tubelet size. cnn_rnn-only: rnn, bidirectional, temporal_pool.
     r2plus1d / r3d / mc3 only: dynamic (their block convs; `model.encoder.dynamic_kernels` etc. tune it)."""
 
+    # vit | r2plus1d | r3d | mc3 | cnn_rnn | tada2d (an init brings its own)
     backbone: Literal[BACKBONE_NAMES] = resume_key("vit")  # type: ignore[valid-type]
     preset: str = resume_key("tiny")  # scratch only; CNNs: tiny | 18 (cnn_rnn: tiny | resnet18; tada2d: +50)
-    drop_path_rate: float = resume_key(0.1)
+    drop_path_rate: float = resume_key(0.1)  # stochastic depth (ViT)
     num_classes: int | None = resume_key(None)  # None: the shard manifest's classes
+    # ViT: mean of the tokens + fc_norm (False: final norm of the mean)
     use_mean_pooling: bool = resume_key(True)
-    head_dropout: float = resume_key(0.0)
+    head_dropout: float = resume_key(0.0)  # dropout before the linear head
     rnn: Literal["gru", "lstm"] | None = resume_key(None)  # None: the preset's (GRU)
-    bidirectional: bool | None = resume_key(None)
+    bidirectional: bool | None = resume_key(None)  # cnn_rnn: None = the preset's (one direction)
     temporal_pool: Literal["mean", "last"] | None = resume_key(None)  # over the RNN's outputs
     dynamic: Literal["none", "kernel_mixture", "selective_kernel"] | None = resume_key(None)  # None: static
     # what a label means (finetune/heads.py); auto: the shards' kind (single → single_label, multi →
@@ -118,9 +122,11 @@ class ClassifierSection(ModelSection):
 class AugmentSection:
     """Train-time clip sampling and label regularisation (VideoMAE fine-tuning recipe knobs)."""
 
-    stride: int = resume_key(4)
+    stride: int = resume_key(4)  # frames between sampled frames
     flip: bool = resume_key(True)  # off for direction-sensitive labels (left/right motion)
+    # multi-scale crop: box sides as fractions of the short side
     scales: tuple[float, ...] = resume_key((1.0, 0.875, 0.75, 0.66))
+    # single_label: share of the target spread over the other classes
     label_smoothing: float = resume_key(0.0)
     mixup: float = resume_key(0.0)  # Beta(α, α); 0 = off
     cutmix: float = resume_key(0.0)  # Beta(α, α); 0 = off
@@ -144,10 +150,10 @@ class AugmentSection:
 class EvalSection:
     """Val views during training; test views recorded for `finetune evaluate`; early stopping."""
 
-    val_clips: int = 1
-    val_crops: int = 1
-    test_clips: int = 5
-    test_crops: int = 3
+    val_clips: int = 1  # clips per video in the val evaluations during training
+    val_crops: int = 1  # 1 (centre) or 3 (left, centre, right) crops per clip
+    test_clips: int = 5  # clips per video for `finetune evaluate` (VideoMAE: 5 × 3 views)
+    test_crops: int = 3  # 1 or 3 crops per clip for `finetune evaluate`
     patience: int = 0  # evaluations without a val top-1 improvement before stopping; 0 = off
     min_delta: float = 0.0  # improvement needed to reset patience (top-1 in [0, 1])
     keep_best: bool = True  # write <run_dir>/best (model dir) whenever val top-1 improves
@@ -175,12 +181,12 @@ class AudioSection:
     audio branch. Shards must be built with `--audio keep` (or optional)."""
 
     seconds: float = resume_key(1.0)  # window centred on the clip's frames
-    rate: int = resume_key(16000)
-    n_mels: int = resume_key(64)
+    rate: int = resume_key(16000)  # Hz the sound is resampled to
+    n_mels: int = resume_key(64)  # mel bands of the log-mel window
     offsets: tuple[float, ...] = resume_key((-0.4, -0.2, 0.0, 0.2, 0.4))  # seconds, + = sound late
     sync_prob: float = resume_key(0.5)  # share of training clips left in sync
     dim: int = resume_key(128)  # the audio branch's width per time step
-    modality: Literal["both", "audio"] = resume_key("both")  # audio: the audio-only baseline
+    modality: Literal["both", "audio"] = resume_key("both")  # both: picture and sound; audio: the sound-only baseline
 
     def check(self) -> None:
         o = list(self.offsets)

@@ -56,20 +56,24 @@ class FinetuneSection:
     """Where the weights come from and which parameters train (finetune/peft_methods.py applies it)."""
 
     init: str | None = resume_key(None)  # run dir | model dir | HF dir | null (scratch)
+    # which parameters train: full | linear | partial | bitfit | lora | peft | adapter | prompt
     method: Literal[METHOD_NAMES] = resume_key("full")  # type: ignore[valid-type]
+    # method=partial: the last N encoder blocks (ViT) or stages (CNN) train
     partial_blocks: int = resume_key(1)
-    lora_rank: int = resume_key(8)
-    lora_alpha: float = resume_key(16.0)
-    lora_dropout: float = resume_key(0.0)
+    lora_rank: int = resume_key(8)  # method=lora
+    lora_alpha: float = resume_key(16.0)  # method=lora: the update is scaled by alpha / rank
+    lora_dropout: float = resume_key(0.0)  # method=lora
     # ViT: among qkv, proj, fc1, fc2 (every block), patch_embed (the tubelet Conv3d); None = [qkv, proj].
     # CNNs: conv (every Conv2d/Conv3d of the backbone), proj (cnn_rnn's Linear into the RNN), dynamic (the
     # Linear / Conv1d layers of TAda routes and kernel-mixture / selective-kernel attentions); None = [conv]
     lora_targets: list[str] | None = field(default=None, metadata={"resume": True})
     peft_type: str = resume_key("IA3")  # method=peft: IA3 | LoHa | LoKr | VeRA | LoRA
+    # method=peft: the tuner's own config fields
     peft_options: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
-    adapter_width: int = resume_key(64)
-    adapter_scale: float = resume_key(0.1)
-    prompt_tokens: int = resume_key(8)
+    adapter_width: int = resume_key(64)  # method=adapter: the bottleneck's width
+    adapter_scale: float = resume_key(0.1)  # method=adapter: the branch's output scale
+    prompt_tokens: int = resume_key(8)  # method=prompt: learnable tokens
+    # method=prompt: fresh tokens at every block (deep VPT), else at the input
     prompt_deep: bool = resume_key(False)
     train_fc_norm: bool = resume_key(True)  # not for method=linear (probe on a frozen, non-affine norm)
 

@@ -21,11 +21,12 @@ class DataSection:
     """Where the shards are and how to read them; *what* to sample (frames, size) comes from the model."""
 
     shards: str | None = None  # shard folder (manifest.json); None only with backend=synthetic
+    # auto: DALI where it decodes the shards' codecs on this device, else PyAV
     backend: Literal["auto", "dali", "pyav", "synthetic"] = resume_key("auto")
-    train_split: str = resume_key("train")
+    train_split: str = resume_key("train")  # the manifest's split to train on
     val_split: str | None = "val"  # None or a split absent from the manifest: no evaluation
-    num_workers: int = 2
-    max_skip_fraction: float = 0.01
+    num_workers: int = 2  # PyAV: decoding processes per rank (0: in the training process)
+    max_skip_fraction: float = 0.01  # undecodable samples are skipped, counted; above this share: stop
     synthetic_size: int = 256  # clips per epoch for backend=synthetic
     cache_dir: str | None = None  # shards at a URL: a local cache of the samples read (None: no cache)
     cache_bytes: int = 20 * 2**30  # the cache's bound on disk (least recently used samples go first)
@@ -47,13 +48,14 @@ class ModelSection:
     """The video encoder both stages build: a preset plus overrides. `encoder` takes any other
     `VideoViTConfig` field; the geometry keys may also be set directly on the section."""
 
-    preset: str = resume_key("vit-b")
-    img_size: int | None = resume_key(None)
-    num_frames: int | None = resume_key(None)
-    patch_size: int | None = resume_key(None)
-    tubelet_size: int | None = resume_key(None)
+    preset: str = resume_key("vit-b")  # vit-tiny | vit-s | vit-b | vit-l | vit-h | vit-g | tiny (CPU demo)
+    img_size: int | None = resume_key(None)  # None: the preset's (224)
+    num_frames: int | None = resume_key(None)  # frames per clip; None: the preset's (16)
+    patch_size: int | None = resume_key(None)  # pixels per token side; None: the preset's (16)
+    tubelet_size: int | None = resume_key(None)  # frames per token; None: the preset's (2)
+    # any other VideoViTConfig field, e.g. {depth: 6}
     encoder: dict[str, Any] = field(default_factory=dict, metadata={"resume": True})
-    drop_path_rate: float = resume_key(0.0)
+    drop_path_rate: float = resume_key(0.0)  # stochastic depth, rising linearly to this over the blocks
     attn_impl: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"  # numerics only: may change on resume
     activation_checkpointing: str | int = "none"  # "none" | "all" | N first encoder blocks
     compile: bool = False  # torch.compile per transformer block (whole model for CNNs); same function
@@ -89,10 +91,10 @@ class ModelSection:
 class MAESection(ModelSection):
     """Pretraining's model: the encoder plus VideoMAE's narrow decoder (None = the preset's pairing)."""
 
-    decoder_embed_dim: int | None = resume_key(None)
-    decoder_depth: int | None = resume_key(None)
-    decoder_num_heads: int | None = resume_key(None)
-    norm_pix_loss: bool = resume_key(True)
+    decoder_embed_dim: int | None = resume_key(None)  # None: the preset's
+    decoder_depth: int | None = resume_key(None)  # None: the preset's
+    decoder_num_heads: int | None = resume_key(None)  # None: the preset's
+    norm_pix_loss: bool = resume_key(True)  # target: each patch normalized by its own mean/std (VideoMAE)
 
     def mae_config(self) -> MAEConfig:
         """The MAEConfig this section describes, with config errors naming `model.*` keys."""
@@ -113,8 +115,10 @@ class MAESection(ModelSection):
 class MaskSection:
     """Encoder mask (VideoMAE tube / MAE-ST random) and optional VideoMAE V2 decoder mask."""
 
+    # tube: one 2-D mask for all frames (VideoMAE); random: per token (MAE-ST)
     kind: Literal["tube", "random"] = resume_key("tube")
-    ratio: float = resume_key(0.9)
+    ratio: float = resume_key(0.9)  # share of tokens hidden from the encoder
+    # running_cell: VideoMAE V2 dual masking
     decoder_kind: Literal["none", "running_cell"] = resume_key("none")
     decoder_ratio: float = resume_key(0.5)  # fraction of tokens the decoder drops (V2: 0.5)
 
@@ -135,9 +139,10 @@ class MaskSection:
 class ClipSection:
     """Temporal sampling and augmentation (the loader's SamplingSpec; frames and size come from the model)."""
 
-    stride: int = resume_key(4)
+    stride: int = resume_key(4)  # frames between sampled frames
     clips_per_video: int = resume_key(1)  # VideoMAE V2 repeated augmentation
-    flip: bool = resume_key(True)
+    flip: bool = resume_key(True)  # random horizontal flip
+    # multi-scale crop: box sides as fractions of the short side
     scales: tuple[float, ...] = resume_key((1.0, 0.875, 0.75, 0.66))
 
     def check(self, micro_batch_size: int) -> None:

@@ -28,26 +28,28 @@ from pretrain.engine.config import grad_accum_steps
 class ContinualSection:
     """Which strategy, which experiences, and the strategies' knobs (see README: Continual learning)."""
 
+    # naive | joint | replay | ewc | mas | lwf | replay_lwf | peft_per_experience
     strategy: Literal[STRATEGY_NAMES] = resume_key("naive")  # type: ignore[valid-type]
     experiences: list[list[int]] | None = field(
         default=None, metadata={"resume": True}
     )  # class-id groups, in order
     classes_per_experience: int | None = resume_key(None)  # or: groups of this size in a seeded class order
-    class_order_seed: int = resume_key(0)
+    class_order_seed: int = resume_key(0)  # the class order of classes_per_experience
     domains: list[str] = field(
         default_factory=list, metadata={"resume": True}
     )  # shard sets after data.shards
     memory_size: int = resume_key(0)  # replay memory, in videos (shard references, never copies)
+    # which videos the memory keeps: a uniform reservoir sample, or equal numbers per class
     memory_selection: Literal["reservoir", "class_balanced"] = resume_key("reservoir")
     replay_batch_size: int | None = resume_key(None)  # clips per micro-batch from memory; None: half
-    ewc_lambda: float = resume_key(1000.0)
-    mas_lambda: float = resume_key(10.0)
+    ewc_lambda: float = resume_key(1000.0)  # ewc: weight of the Fisher-weighted pull to the old weights
+    mas_lambda: float = resume_key(10.0)  # mas: weight of the sensitivity-weighted pull to the old weights
     importance_decay: float = resume_key(1.0)  # online EWC/MAS: old importance × this + the new one
     importance_samples: int = resume_key(64)  # videos per experience the importance is estimated on
-    lwf_alpha: float = resume_key(1.0)
-    lwf_temperature: float = resume_key(2.0)
+    lwf_alpha: float = resume_key(1.0)  # lwf: weight of the distillation from the previous model
+    lwf_temperature: float = resume_key(2.0)  # lwf: softmax temperature of that distillation
     peft_method: Literal["lora", "adapter"] = resume_key("lora")  # for peft_per_experience
-    eval_split: str = "test"
+    eval_split: str = "test"  # the split every experience's model is scored on (the accuracy matrix)
     # the modes: one set on the command line drops the config file's others (pretrain.engine load_config)
     ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (
         ("domains", "experiences", "classes_per_experience"),

@@ -379,7 +379,7 @@ def print_result(result: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     """`python -m finetune continual --config FILE [--resume auto] key=value ...`."""
     from pretrain.engine import load_config
-    from pretrain.engine.cli import guarded, training_parser
+    from pretrain.engine.cli import guarded, print_config, training_parser
 
     p = training_parser(
         "python -m finetune continual",
@@ -388,6 +388,8 @@ def main(argv: list[str]) -> int:
         "continual.strategy=replay data.shards=S",
     )
     args = p.parse_intermixed_args(argv)
+    if args.print_config:
+        return print_config(ContinualConfig, args)
     cfg = None
 
     def load_and_run() -> dict[str, Any] | None:

@@ -20,10 +20,10 @@ UPDATE_STRATEGIES = ("naive", "replay", "lwf", "replay_lwf")
 class BuildSection:
     """How the batch is sharded (`data_shards build` options)."""
 
-    val_fraction: float = 0.0
-    test_fraction: float = 0.25
-    shard_samples: int = 64
-    format: str = "auto"
+    val_fraction: float = 0.0  # --val-fraction
+    test_fraction: float = 0.25  # --test-fraction: the batch's test videos, for the gate
+    shard_samples: int = 64  # --shard-samples
+    format: str = "auto"  # --format
     videos: str | None = None  # where the videos are, when not beside the annotations (--videos)
     workers: int | None = None  # local Ray CPUs (None: all cores); 0: in the round's process, without Ray
 
@@ -32,8 +32,8 @@ class BuildSection:
 class FinetuneSection:
     """The continual fine-tune of a round: a ContinualConfig YAML plus overrides (`key=value`)."""
 
-    config: str = "finetune/configs/tiny_cpu_update.yaml"
-    overrides: list[str] = field(default_factory=list)
+    config: str = "finetune/configs/tiny_cpu_update.yaml"  # a continual fine-tune YAML
+    overrides: list[str] = field(default_factory=list)  # key=value on that YAML
     ranks: int = 1  # processes (torchrun --nproc-per-node)
 
 
@@ -46,10 +46,10 @@ class GateSection:
     - every class with test videos: recall ≥ `min_class_recall`;
     - new-set top-1 ≥ `min_top1` (the only rule of a first round, which has no champion)."""
 
-    min_gain_new: float = 0.0
-    max_drop_old: float = 0.02
-    min_class_recall: float = 0.0
-    min_top1: float = 0.0
+    min_gain_new: float = 0.0  # new-set top-1 must beat the champion's by this
+    max_drop_old: float = 0.02  # no older set's top-1 may drop more than this
+    min_class_recall: float = 0.0  # every class with test videos
+    min_top1: float = 0.0  # new-set top-1 (a first round's only rule)
 
     def check(self) -> None:
         for k in ("max_drop_old", "min_class_recall", "min_top1"):
@@ -71,7 +71,7 @@ class UpdateConfig:
         None  # the first round's starting point (no champion yet): a model/run/HF dir, or scratch
     )
     tracking_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite:///WORK_DIR/mlflow.db
-    experiment: str = "tubelet-update"
+    experiment: str = "tubelet-update"  # the MLflow experiment of the round's runs
     lock_wait_s: float = 0.0  # a concurrent round: wait this long for the lock, then refuse
     build: BuildSection = field(default_factory=BuildSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)

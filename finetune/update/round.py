@@ -424,12 +424,23 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--config", required=True, help="UPDATE.yaml (see finetune/configs/update.yaml)")
     p.add_argument("--resume", choices=["auto"], default=None, help="continue a stopped round")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every key with its value and meaning, check it, and exit",
+    )
     p.add_argument("overrides", nargs="*", help="key=value (e.g. videos=NEW/labels.csv round=2026-12-05)")
     a = p.parse_args(argv)
     from mlflow.exceptions import MlflowException
 
     try:
         cfg = load_config(UpdateConfig, a.config, a.overrides)
+        if a.print_config:
+            from pretrain.engine.config.describe import describe
+
+            print(describe(cfg), end="")
+            cfg.validate()
+            return 0
         report = run_round(cfg, a.resume)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import TypeVar
 from data_shards import storage
 
 from .config import ConfigError, EngineConfig, load_config
+from .config.describe import describe
 from .dist import env_world_size, launched
 from .remote import shown
 from .task import Task
@@ -51,8 +52,26 @@ def training_parser(
         "--resume", default=None, help="auto (newest complete checkpoint, else fresh) or a checkpoint dir"
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every key with its value (file and overrides applied) and its meaning, check it, and exit",
+    )
     p.add_argument("overrides", nargs="*", help=f"key.sub=value, e.g. {overrides_example}")
     return p
+
+
+def print_config(config_cls: type[C], args: argparse.Namespace) -> int:
+    """`--print-config`: the resolved config as annotated YAML (what a run would use), then its check: a config
+    error is reported after the listing (exit 2), so the listing also shows what to fix."""
+
+    def show_and_check() -> None:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        print(describe(cfg), end="")
+        cfg.validate(env_world_size())
+
+    code, _ = guarded(show_and_check)
+    return code
 
 
 def not_a_command(argv: list[str], commands: Iterable[str], prog: str) -> str | None:
@@ -109,6 +128,8 @@ def train_command(
     data_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """Load + validate the config, build the task, `run` it; print the outcome on rank 0; exit code."""
+    if args.print_config:
+        return print_config(config_cls, args)
 
     def build_and_run() -> tuple[T, RunResult]:
         cfg = load_config(config_cls, args.config, args.overrides)

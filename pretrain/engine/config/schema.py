@@ -47,19 +47,19 @@ class TrainConfig:
 
     run_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.jsonl: a path every node sees, or a URL
     steps: int | None = None  # optimizer steps; exactly one of steps / epochs
-    epochs: float | None = None
+    epochs: float | None = None  # passes over the train split instead of steps (fractions allowed)
     stop_at: int | None = (
         None  # end THIS job at that step with a checkpoint (job time slots); schedule unchanged
     )
-    global_batch_size: int = resume_key(8)
+    global_batch_size: int = resume_key(8)  # clips per optimizer step, over all ranks and accumulation steps
     micro_batch_size: int = 8  # per rank per forward; may change on resume (another world size)
-    seed: int = resume_key(0)
-    log_every: int = 1
+    seed: int = resume_key(0)  # every random draw (init, crops, masks, mixup) is keyed by it
+    log_every: int = 1  # steps between metric lines (metrics.jsonl, MLflow, the bar)
     eval_every: int = 0  # steps; 0 = only at the end (when the task has a val loader)
     eval_batches: int = 0  # per rank; 0 = the whole val split
     visualize_every: int = 0  # steps; 0 = off. The task renders, the engine logs the files.
     max_consecutive_nonfinite: int = 5  # stop the run after this many skipped steps in a row
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees it, else CPU
 
     def check(self, world_size: int) -> None:
         require(
@@ -95,16 +95,16 @@ class TrainConfig:
 class OptimConfig:
     """AdamW + linear warmup + cosine, per step. `lr` wins over `base_lr` × global batch / base_batch_size."""
 
-    lr: float | None = None
-    base_lr: float = 1.5e-4
+    lr: float | None = None  # peak learning rate; None: base_lr × global_batch_size / base_batch_size
+    base_lr: float = 1.5e-4  # the peak LR at base_batch_size (linear scaling rule)
     base_batch_size: int = 256  # linear scaling rule reference (VideoMAE: 256)
-    min_lr: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
+    min_lr: float = 0.0  # where the cosine ends (clamped to the peak)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW
+    eps: float = 1e-8  # AdamW
+    weight_decay: float = 0.05  # decoupled (AdamW); none on biases, norms, embeddings and tokens
     layer_decay: float = resume_key(1.0)  # <1: layer-wise LR decay from the head to the embeddings
     warmup_steps: int | None = None  # exactly one of warmup_steps / warmup_epochs (or neither: 0)
-    warmup_epochs: float | None = None
+    warmup_epochs: float | None = None  # linear warmup in passes over the train split
     grad_clip: float = 0.0  # 0 = off
     fused: bool | None = None  # torch AdamW fused kernel; None = on CUDA
 
@@ -140,16 +140,17 @@ class DeepSpeedSection:
     """What goes into the generated DeepSpeed JSON (see `deepspeed_json.deepspeed_config`)."""
 
     zero_stage: int = 2  # may change on resume between 1, 2 and 3 (universal checkpoint)
-    bf16: bool = resume_key(False)
-    fp16: bool = resume_key(False)
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
-    allgather_bucket_size: int = 50_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    bf16: bool = resume_key(False)  # bf16 mixed precision (GPU)
+    fp16: bool = resume_key(False)  # fp16 with loss scaling (GPU); neither: fp32
+    overlap_comm: bool = True  # ZeRO: overlap gradient reduction with the backward pass
+    contiguous_gradients: bool = True  # ZeRO: copy gradients into one buffer as they are produced
+    reduce_bucket_size: int = 50_000_000  # ZeRO: elements reduced per bucket
+    allgather_bucket_size: int = 50_000_000  # ZeRO 1-2: elements gathered per bucket
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3: parameter elements prefetched ahead
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: parameters this small stay unpartitioned
+    # cpu: ZeRO-Offload (optimizer state in host memory; zero_stage >= 1)
     offload_optimizer: Literal["none", "cpu"] = "none"
-    fp16_initial_scale_power: int = 16
+    fp16_initial_scale_power: int = 16  # fp16: the first loss scale is 2^this
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
     def check(self) -> None:
@@ -170,8 +171,8 @@ class DeepSpeedSection:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only on preemption and at the end
-    keep_last: int = 2
-    save_final: bool = True
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted (in the store too)
+    save_final: bool = True  # also checkpoint the last step (off: only `every` and preemption)
 
     def check(self) -> None:
         require(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
@@ -188,7 +189,7 @@ def _db_path(folder_uri: str) -> str:
 class TrackingConfig:
     enabled: bool = True  # MLflow (metrics.jsonl is always written)
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/../mlflow.db
-    experiment: str = "tubelet"
+    experiment: str = "tubelet"  # the MLflow experiment the run goes under
     run_name: str | None = None  # None: the run directory's name
     peak_tflops: float | None = None  # per device; None: table lookup (H100/H200/A100), NaN on CPU
     warn_every: int = 20  # warn once per this many failed MLflow calls
@@ -200,7 +201,8 @@ class TrackingConfig:
     def check(self) -> None:
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
         key = "tracking.uri" if self.uri else "MLFLOW_TRACKING_URI"
-        folder_store = uri.startswith("file:") or (uri and "://" not in uri and not uri.startswith("databricks"))
+        bare_path = bool(uri) and "://" not in uri and not uri.startswith("databricks")
+        folder_store = uri.startswith("file:") or bare_path
         allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
         require(
             not (self.enabled and folder_store and not allowed),
