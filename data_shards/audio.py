@@ -58,9 +58,7 @@ def decode_track(
     """The first audio stream decoded to its end, mono float32 at `rate`: (samples, time of the first sample,
     what the source was). RejectError when there is none or it does not decode."""
     if not container.streams.audio:
-        raise RejectError(
-            "no audio stream (--audio keep needs one; --audio optional keeps the video)", "no-audio-stream"
-        )
+        raise RejectError("no audio stream", "no-audio-stream")
     stream = container.streams.audio[0]
     source = {
         "source_codec": stream.codec_context.name,
@@ -126,7 +124,12 @@ def aligned(src: str | bytes, rate: int) -> tuple[np.ndarray, float, dict[str, A
 def extract(path: str, start: float, duration: float, rate: int) -> tuple[bytes, dict[str, Any]]:
     """The source's sound from `start` (seconds after its first video frame) for `duration` seconds, as the
     stored FLAC and its metadata. RejectError when there is no usable sound for it."""
-    wave, lead, source = aligned(path, rate)
+    try:
+        wave, lead, source = aligned(path, rate)
+    except RejectError as e:
+        if e.kind == "no-audio-stream":  # what the build's options make of it
+            raise RejectError(f"{e} (--audio keep needs one; --audio optional keeps the video)", e.kind) from None
+        raise
     n = max(1, round(duration * rate))
     first = round((lead - start) * rate)  # where the source's first sample lands in the stored window
     out = np.zeros(n, np.float32)

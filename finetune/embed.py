@@ -77,6 +77,7 @@ def embed_split(
     from data_shards.loader import build_loader
     from finetune.evaluate import average_per_video, collect_outputs
 
+    predictor.check_embeds()
     views = predictor.views_per_video
     loader = build_loader(
         shards,

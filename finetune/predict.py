@@ -155,12 +155,17 @@ class Predictor:
 
     def embeddings(self, videos: Sequence[Views]) -> list[torch.Tensor]:
         """Clip embedding per video [D]: the classifier's pooled features (before the head), mean over views."""
+        self.check_embeds()
+        return self._forward(videos, features=True)
+
+    def check_embeds(self) -> None:
+        """ValueError for a model whose pooled features are no clip embedding: an audio-visual model's are
+        per time step and paired with the sound."""
         if self.listens:
             raise ValueError(
                 f"{self.model_dir} is an audio-visual model: its features are per time step and paired with "
                 "sound; embed with a video classifier"
             )
-        return self._forward(videos, features=True)
 
     def top(self, probs: torch.Tensor, k: int = 5) -> list[dict[str, Any]]:
         """[{"label", "score", "index"}, ...], best first; `k` clipped to [1, number of classes]."""

@@ -164,10 +164,15 @@ def log_to_mlflow(
         }
     )
     tracker.log_metrics(eval_metrics(result, result["split"]), 0)
-    for f in ("confusion.png", "report.txt", "metrics.json"):
-        tracker.log_artifact(out / f, "eval")
+    for f in _report_files(out):
+        tracker.log_artifact(f, "eval")
     tracker.close()
     return tracker.describe()
+
+
+def _report_files(out: Path) -> list[Path]:
+    """The files an evaluation wrote (labels that are not exclusive have no confusion matrix picture)."""
+    return [out / f for f in ("confusion.png", "report.txt", "metrics.json") if (out / f).is_file()]
 
 
 def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) -> str:
@@ -189,8 +194,8 @@ def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) ->
         metrics = [Metric(k, float(v), now, step) for k, v in eval_metrics(result, prefix).items()]
         tags = [RunTag(f"{prefix}.views", str(result["views"])), RunTag(f"{prefix}.model", str(model))]
         client.log_batch(run_id, metrics=metrics, tags=tags)
-        for f in ("confusion.png", "report.txt", "metrics.json"):
-            client.log_artifact(run_id, str(out / f), f"eval/{model.name}_{split}")
+        for f in _report_files(out):
+            client.log_artifact(run_id, str(f), f"eval/{model.name}_{split}")
     except Exception as e:  # the evaluation itself is done and written; MLflow is best effort
         warnings.warn(f"MLflow logging into run {run_id} at {uri} failed: {e}", stacklevel=2)
         return f"MLflow: not logged ({type(e).__name__}); the report is in {out}"

@@ -141,6 +141,7 @@ def test_no_or_short_sound_is_rejected_with_keep_and_counted_with_optional(tmp_p
     ]
     lines = [json.loads(x) for x in (tmp_path / "keep" / fmt.REJECTS_NAME).read_text().splitlines()]
     assert any(re.search(r"covers 0\.4\ds of the 2\.00s video", x["reason"]) for x in lines), lines
+    assert any("no audio stream (--audio keep needs one; --audio optional" in x["reason"] for x in lines), lines
 
     opt = build(
         tmp_path / "m.csv",

@@ -160,7 +160,12 @@ def test_sync_end_to_end_on_two_ranks(sync_run: tuple[Path, Path], tmp_path: Pat
     _synth(mute, 1)
     p = run_cli(["predict", "--model", str(run / "model"), str(mute / "videos"), "--json"])
     assert p.returncode != 0, (p.stdout, p.stderr)
-    assert "no audio stream" in json.loads(p.stdout.strip().splitlines()[0])["error"]
+    error = json.loads(p.stdout.strip().splitlines()[0])["error"]
+    assert "no audio stream" in error and "--audio" not in error  # predict has no build options to suggest
+    # no embeddings from a model that listens (its features are per time step, paired with the sound)
+    e = run_cli(["embed", "--model", str(run / "model"), "--shards", str(root / "shards"), "--split", "val",
+                 "--out", str(tmp_path / "e.npy")])  # fmt: skip
+    assert e.returncode == 2 and "is an audio-visual model" in e.stderr and not (tmp_path / "e.npy").exists()
 
 
 def test_config_names_what_a_sync_run_needs(sync_run: tuple[Path, Path], tmp_path: Path) -> None:

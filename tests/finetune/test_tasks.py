@@ -202,6 +202,19 @@ def test_multi_label_end_to_end_on_two_ranks(multi_run: tuple[Path, Path]) -> No
     assert r["map"] > prevalence + 0.15, (r, prevalence)
     report = (run / "model" / "eval_val" / "report.txt").read_text()
     assert "AP" in report and "move_" in report
+    # logged into the fine-tune's MLflow run without the confusion picture that only exclusive labels have
+    # (its absence failed the logging)
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{root / 'eval.db'}"
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("ml")).info.run_id
+    (run / "mlflow_run.json").write_text(json.dumps({"uri": store, "run_id": run_id}))
+    logged = run_cli(["evaluate", "--model", str(run / "model"), "--shards", str(shards), "--split", "val"])
+    ok(logged)
+    assert "not logged" not in logged.stdout + logged.stderr and run_id in logged.stdout, logged.stdout
+    files = {f.path for f in client.list_artifacts(run_id, "eval/model_val")}
+    assert files == {"eval/model_val/report.txt", "eval/model_val/metrics.json"}, files
 
     videos = sorted((root / "ml" / "videos").iterdir())[:3]
     p = run_cli(["predict", "--model", str(run / "model"), *map(str, videos), "--json"])
