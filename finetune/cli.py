@@ -372,7 +372,12 @@ def _rollback(argv: list[str]) -> int:
         description="move the registered model's 'champion' alias back to the champion before it",
     )
     p.add_argument("name", help="the registered model")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else the default store here that registers NAME "
+        "(./mlflow.db, runs/mlflow.db, runs/update/mlflow.db)",
+    )
     a = p.parse_args(argv)
     from mlflow.exceptions import MlflowException
 

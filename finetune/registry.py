@@ -93,22 +93,54 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
     return ResolvedModel(model_dir, source, mv.name, str(mv.version), aliases, mv.run_id, uri)
 
 
+# where tubelet's commands put their store by default, from the folder they ran in: MLflow's own default, a
+# training run's (beside `train.run_dir`, `runs/NAME` by default) and the update loop's (its `work_dir`)
+DEFAULT_STORES = ("mlflow.db", "runs/mlflow.db", "runs/update/mlflow.db")
+
+
 def registry_store(source: str, uri: str | None) -> str:
-    """The MLflow store to look `source` up in: `uri`, else $MLFLOW_TRACKING_URI, else MLflow's default
-    `./mlflow.db` when it exists. A local store that does not exist is an error, never created: looking a
-    model up must not leave an empty database behind."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri is None:
-        if not Path("mlflow.db").is_file():
-            raise ValueError(
-                f"{source}: no MLflow store to look it up in: set MLFLOW_TRACKING_URI or --tracking-uri "
-                "(there is no ./mlflow.db here)"
-            )
-        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    """The MLflow store to look `source` up in: `uri`, else $MLFLOW_TRACKING_URI, else the one of the default
+    stores here (`DEFAULT_STORES`) that registers the model. A local store that does not exist is an error,
+    never created: looking a model up must not leave an empty database behind."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or _default_store(source)
     local = _local_store_path(uri)
     if local is not None and not local.exists():
         raise ValueError(f"{source}: no MLflow store at {local} (from {uri}); check the tracking URI")
     return uri
+
+
+def _default_store(source: str) -> str:
+    """The default store that has `source`'s registered model (the only one there is, if it has none)."""
+    found = [f"sqlite:///{Path(p).resolve()}" for p in DEFAULT_STORES if Path(p).is_file()]
+    if not found:
+        raise ValueError(
+            f"{source}: no MLflow store to look it up in: set MLFLOW_TRACKING_URI or --tracking-uri (none of "
+            f"the default stores {', '.join('./' + p for p in DEFAULT_STORES)} is here)"
+        )
+    name = _registered_name(source)
+    having = [u for u in found if _registers(u, name)]
+    if len(having) == 1 or (not having and len(found) == 1):
+        return (having or found)[0]
+    raise ValueError(
+        f"{source}: {'several' if having else 'none'} of the default stores here register {name!r} "
+        f"({', '.join(having or found)}): say which with --tracking-uri or MLFLOW_TRACKING_URI"
+    )
+
+
+def _registered_name(source: str) -> str:
+    """NAME of `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    rest = source[len(REGISTRY_PREFIX) :]
+    return rest.rsplit("@", 1)[0] if "@" in rest else rest.rpartition("/")[0]
+
+
+def _registers(uri: str, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(uri, registry_uri=uri).get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
 
 
 def _local_store_path(uri: str) -> Path | None:
@@ -212,10 +244,19 @@ def _model_version(source: str, uri: str) -> Any:
             raise ValueError(f"{source}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
         return client.get_model_version(name, version)
     except MlflowException as e:
-        known = sorted(m.name for m in client.search_registered_models())
+        known = {m.name: m for m in client.search_registered_models()}
+        name = _registered_name(source)
+        if name in known:  # the model is here; the version or alias is not
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            aliases = sorted(known[name].aliases or {})
+            raise ValueError(
+                f"{source}: {name} in {uri} has versions {versions or 'none'} and aliases {aliases or 'none'}; "
+                "give one of them (an alias such as @champion is set when `finetune update` promotes a "
+                "version, or by MlflowClient.set_registered_model_alias)"
+            ) from None
         raise ValueError(
             f"{source}: not in the model registry at {uri} ({e.message.splitlines()[0]}); registered models: "
-            f"{known or 'none'} (set MLFLOW_TRACKING_URI or --tracking-uri to the store that has it)"
+            f"{sorted(known) or 'none'} (set MLFLOW_TRACKING_URI or --tracking-uri to the store that has it)"
         ) from None
 
 

@@ -77,11 +77,15 @@ def test_pyfunc_predicts_bytes_and_paths_and_reports_bad_rows(
 def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path) -> None:
     from finetune.registry import check_source, resolve_model
 
-    with pytest.raises(
+    with pytest.raises(  # the model is there: its versions and aliases are named
         ValueError,
-        match=rf"models:/{registry.name}/9: not in the model registry .* registered models: \['{registry.name}'\]",
+        match=rf"models:/{registry.name}/9: {registry.name} in .* has versions \[1, 2\] and aliases \['champion'\]",
     ):
         resolve_model(f"models:/{registry.name}/9", registry.uri, tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"models:/other/1: not in the model registry .* registered models: \['{registry.name}'\]"
+    ):
+        resolve_model("models:/other/1", registry.uri, tmp_path)
     with pytest.raises(ValueError, match="expected models:/NAME/VERSION"):
         resolve_model(f"models:/{registry.name}/latest", registry.uri, tmp_path)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
@@ -93,8 +97,35 @@ def test_resolve_model_names_what_is_missing(registry: Registry, tmp_path: Path)
         f"(version 1 of {registry.name}, run {run_id(registry.runs[0])})"
     )
     assert set(tmp_path.iterdir()) == before
-    with pytest.raises(ValueError, match="not in the model registry"):
+    with pytest.raises(ValueError, match=r"aliases \['champion'\]; give one of them .*finetune update"):
         check_source(f"models:/{registry.name}@nobody", registry.uri)
+
+
+def test_without_a_tracking_uri_the_default_store_that_has_the_model_is_used(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tune with the default run directory keeps its store in runs/mlflow.db, the update loop in
+    runs/update/mlflow.db: `serve --model models:/NAME@ALIAS` from the same folder finds it there."""
+    from finetune.registry import registry_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no MLflow store to look it up in: .*\./runs/mlflow\.db"):
+        registry_store(f"models:/{registry.name}@champion", None)
+    (tmp_path / "runs" / "update").mkdir(parents=True)
+    db = Path(registry.uri.removeprefix("sqlite:///"))
+    shutil.copy(db, tmp_path / "runs" / "mlflow.db")
+    here = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert registry_store(f"models:/{registry.name}@champion", None) == here
+    from mlflow import MlflowClient
+
+    other = f"sqlite:///{tmp_path / 'runs' / 'update' / 'mlflow.db'}"
+    MlflowClient(other, registry_uri=other).create_registered_model("other")
+    assert registry_store(f"models:/{registry.name}/1", None) == here  # the store that registers it
+    assert registry_store("models:/other@champion", None) == other
+    shutil.copy(db, tmp_path / "mlflow.db")
+    with pytest.raises(ValueError, match="several of the default stores here register"):
+        registry_store(f"models:/{registry.name}/1", None)
 
 
 def test_evaluation_is_logged_into_the_fine_tunes_own_run(
