@@ -152,10 +152,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def make_bucket(env: dict[str, str], bucket: str) -> None:
+    """Create `bucket`; one that is already there (a server restarted on its old DIR) is kept as it is."""
     import boto3
+    from botocore.exceptions import ClientError
 
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY,
-                 aws_secret_access_key=SECRET, region_name=env["AWS_REGION"]).create_bucket(Bucket=bucket)  # fmt: skip
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY,
+                          aws_secret_access_key=SECRET, region_name=env["AWS_REGION"])  # fmt: skip
+    try:
+        client.create_bucket(Bucket=bucket)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -347,6 +347,8 @@ def test_a_removed_folder_is_gone_from_its_listing(
     storage.remove("s3://shards/ck/step_2/universal", recursive=True)
     storage.remove("s3://shards/ck/absent", recursive=True)  # missing is fine
     assert storage.listdir("s3://shards/ck/step_2") == ["complete"]
+    make_bucket(s3, "shards")  # `tests/s3server.py DIR --bucket shards` restarted on its old DIR: kept
+    assert storage.listdir("s3://shards/ck/step_2") == ["complete"]
 
 
 @needs_weed
