@@ -147,6 +147,11 @@ def _evaluate_one(model: str, a: argparse.Namespace, uri: str | None) -> dict:
         head = make_head(r["head"])
         what = "videos" if head.per_video else "clips"
         print(f"\n{model} — {a.split}: {head.summary_line(r)}  ({r['n']} {what}, {r['views']} views)")
+        if r.get("unknown_classes"):
+            print(
+                f"note: the shards' classes {r['unknown_classes']} are not the model's: their videos count as "
+                "wrong (it cannot predict them); build shards with its classes to score it on those alone"
+            )
         if r.get("report"):
             print(r["report"])
             if "confusion" in r:

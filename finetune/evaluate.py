@@ -226,6 +226,8 @@ def evaluate_model_dir(
         "method": extra.get("finetune", {}).get("method"),
         "skipped": loader.stats["skipped"],
     }
+    if mapping is not None and (beyond := sorted(set(manifest.classes) - set(model.cfg.class_names))):
+        result["unknown_classes"] = beyond  # their videos count as wrong: the model cannot predict them
     if m["n"] and rank == 0 and not head.per_video:  # a temporal model: its segments on whole videos
         result["segment_map"] = segment_metrics(model_dir, loader, stride)
     if m["n"] and rank == 0:

@@ -149,6 +149,12 @@ def test_a_split_or_classes_the_shards_lack_is_one_error_line(
     r = run_cli(["evaluate", *common, "--shards", str(renamed), "--split", "test"])
     line = error_line(r)
     assert "trained on classes ['move_right'" in line and "the shards have ['a', 'b', 'c', 'd']" in line
+    # more classes than the model's (a continual model on the classes so far): scored, with a note
+    manifest["classes"] = [*json.loads((shards / "manifest.json").read_text())["classes"], "zebra"]
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli(["evaluate", *common, "--shards", str(renamed), "--split", "test", "--no-mlflow"])
+    ok(r)
+    assert "note: the shards' classes ['zebra'] are not the model's: their videos count as wrong" in r.stdout
 
 
 def test_predict_takes_folders_and_patterns_and_refuses_top_k_below_1(
