@@ -61,7 +61,13 @@ def resolve_model(source: str, uri: str | None = None, cache: str | Path | None 
     if storage.is_url(source) and not source.startswith(REGISTRY_PREFIX):  # a model directory in a bucket
         if not storage.isfile(storage.join(source, "config.json")):
             raise FileNotFoundError(f"{source}: not a model directory (no config.json)")
-        return ResolvedModel(storage.local_copy(source, "models"), source)
+        run = run_of_url(source)
+        return ResolvedModel(
+            storage.local_copy(source, "models"),
+            source,
+            run_id=run[1] if run else None,
+            tracking_uri=run[0] if run else None,
+        )
     if not source.startswith(REGISTRY_PREFIX):
         path = Path(source)
         if not (path / "config.json").is_file():
@@ -268,6 +274,21 @@ def run_of_dir(model_dir: Path) -> tuple[str, str] | None:
         return None
     info = json.loads(f.read_text())
     return (info["uri"], info["run_id"]) if info.get("uri") and info.get("run_id") else None
+
+
+def run_of_url(model_url: str) -> tuple[str, str] | None:
+    """(store URI, run id) of the run a model directory in a bucket belongs to (`RUN_URL/mlflow_run.json`,
+    which a run with a URL run directory uploads), or None; also None when that store is a local file this
+    machine does not have (the default sqlite store stays on the machine of the run's rank 0)."""
+    f = storage.join(storage.parent(model_url), RUN_ID_FILE)
+    if not storage.isfile(f):
+        return None
+    info = json.loads(storage.read_text(f))
+    uri, run_id = info.get("uri"), info.get("run_id")
+    if not uri or not run_id:
+        return None
+    local = _local_store_path(uri)
+    return None if local is not None and not local.exists() else (uri, run_id)
 
 
 def alias_of(source: str) -> tuple[str, str] | None:

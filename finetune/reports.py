@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_shards import storage
 from finetune.heads import DEFAULT_HEAD, HEADS, Head, make_head
 
 
@@ -131,11 +132,12 @@ def eval_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
     return metrics
 
 
-def metric_prefix(model_dir: Path, split: str) -> str:
+def metric_prefix(model_dir: str | Path, split: str) -> str:
     """`test` for the model a run reports (its best, or its only one); `test_final` for `RUN/model` when the
-    run also kept `RUN/best`, so evaluating both does not overwrite one with the other."""
-    has_best = (model_dir.parent / "best" / "config.json").is_file()
-    return f"{split}_final" if model_dir.name == "model" and has_best else split
+    run also kept `RUN/best`, so evaluating both does not overwrite one with the other. `model_dir`: where the
+    run keeps it (a local path or a URL)."""
+    has_best = storage.isfile(storage.join(storage.parent(model_dir), "best", "config.json"))
+    return f"{split}_final" if storage.name(model_dir) == "model" and has_best else split
 
 
 def log_to_mlflow(
@@ -186,20 +188,23 @@ def _log_into_run(result: dict[str, Any], model: Path, uri: str, run_id: str) ->
     from finetune.model_dir import model_extra
 
     split, out = result["split"], Path(result["out_dir"])
-    prefix = metric_prefix(model, split)
+    # a model in a bucket is named as the run has it (RUN_URL/best), not by its local copy in the cache
+    where = result["model"] if storage.is_url(result["model"]) else model
+    name = storage.name(where)
+    prefix = metric_prefix(where, split)
     step = int(model_extra(model).get("step") or 0)
     now = int(time.time() * 1000)
     try:
         client = MlflowClient(uri)
         metrics = [Metric(k, float(v), now, step) for k, v in eval_metrics(result, prefix).items()]
-        tags = [RunTag(f"{prefix}.views", str(result["views"])), RunTag(f"{prefix}.model", str(model))]
+        tags = [RunTag(f"{prefix}.views", str(result["views"])), RunTag(f"{prefix}.model", str(where))]
         client.log_batch(run_id, metrics=metrics, tags=tags)
         for f in _report_files(out):
-            client.log_artifact(run_id, str(f), f"eval/{model.name}_{split}")
+            client.log_artifact(run_id, str(f), f"eval/{name}_{split}")
     except Exception as e:  # the evaluation itself is done and written; MLflow is best effort
         warnings.warn(f"MLflow logging into run {run_id} at {uri} failed: {e}", stacklevel=2)
         return f"MLflow: not logged ({type(e).__name__}); the report is in {out}"
-    return f"MLflow: {prefix}/* metrics and eval/{model.name}_{split}/ logged into the fine-tuning run {run_id} at {uri}"
+    return f"MLflow: {prefix}/* metrics and eval/{name}_{split}/ logged into the fine-tuning run {run_id} at {uri}"
 
 
 def comparison_table(results: list[dict[str, Any]]) -> str:

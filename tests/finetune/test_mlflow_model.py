@@ -188,3 +188,19 @@ def test_mlflow_models_serve_answers_a_request(
         assert good["error"] is None and bad["label"] is None and bad["error"].startswith("not_a_video")
     finally:
         stop_server(proc)
+
+
+def test_a_model_in_a_bucket_is_linked_to_its_runs_store_when_this_machine_can_reach_it(tmp_path: Path) -> None:
+    """`evaluate --model s3://.../RUN/best` logs into the fine-tune's run, as for a local RUN/best: the run's
+    `mlflow_run.json` is in the bucket beside the model (any fsspec store; here the in-memory one)."""
+    from data_shards import storage
+    from finetune.registry import run_of_url
+
+    run = "memory://bucket/runs/ft"
+    storage.write_text(f"{run}/best/config.json", "{}")
+    assert run_of_url(f"{run}/best") is None  # an untracked run
+    db = tmp_path / "mlflow.db"
+    db.touch()
+    for uri, linked in ((f"sqlite:///{db}", True), ("http://tracking:5000", True), ("sqlite:////elsewhere/m.db", False)):
+        storage.write_text(f"{run}/mlflow_run.json", json.dumps({"uri": uri, "run_id": "abc"}))
+        assert run_of_url(f"{run}/best") == ((uri, "abc") if linked else None)
