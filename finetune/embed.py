@@ -56,11 +56,16 @@ def check_same_model(emb: Embeddings, index: str | Path, identity: dict[str, Any
             "embed --shards ... --out, so queries can be checked against its model"
         )
     if emb.model.get("sha256") != identity["sha256"]:
-        built = f"{emb.model.get('source')} (version {emb.model.get('version')})"
         raise ValueError(
-            f"{index} was built by {built}, not by {identity['source']} (version {identity['version']}): "
+            f"{index} was built by {_named(emb.model)}, not by {_named(identity)}: "
             "embeddings of different models are not comparable; query with the model that built the index"
         )
+
+
+def _named(identity: dict[str, Any]) -> str:
+    """A model as the user gave it, with its registry version when it has one."""
+    version = identity.get("version")
+    return f"{identity.get('source')}" + (f" (version {version})" if version else "")
 
 
 def embed_split(

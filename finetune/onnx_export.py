@@ -6,7 +6,7 @@ Attention is switched to the plain math formulation before export: the exported 
 which fused kernel (SDPA, flash-attn) the exporting machine would pick, and flash-attn cannot be exported.
 The check runs the ONNX graph in onnxruntime at two batch sizes (so a batch size baked in at export fails)
 and prints the largest absolute logit difference against PyTorch. Needs the `onnx` extra
-(`pip install 'tubelet[onnx]'`: onnx, onnxscript, onnxruntime).
+(`TUBELET_EXTRAS=dev,onnx bash launch/setup.sh`: onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(
-            f"ONNX export needs {module}: pip install 'tubelet[onnx]' (onnx, onnxscript, onnxruntime)"
+            f"ONNX export needs {module}: install the onnx extra (TUBELET_EXTRAS=dev,onnx bash launch/setup.sh, "
+            "or pip install -e '.[onnx]' in a checkout: onnx, onnxscript, onnxruntime)"
         ) from None
 
 

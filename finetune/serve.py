@@ -108,7 +108,10 @@ class ServeConfig:
         )
         need(0 <= self.capture_rate <= 1, f"--capture-rate must be in [0, 1], got {self.capture_rate}")
         need(self.capture_max_bytes > 0, f"--capture-max-bytes must be > 0, got {self.capture_max_bytes}")
-        need(self.auth_token is None or len(self.auth_token) >= 16, "--auth-token must be >= 16 characters")
+        need(
+            self.auth_token is None or len(self.auth_token) >= 16,
+            "the bearer token (--auth-token or $TUBELET_SERVE_TOKEN) must be >= 16 characters",
+        )
 
     @property
     def limits(self) -> DecodeLimits:

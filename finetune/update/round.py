@@ -392,13 +392,17 @@ def run_round(cfg: UpdateConfig, resume: str | None = None) -> dict[str, Any]:
         return Round(cfg, state).run()
 
 
+def _version(v: str | None) -> str:
+    return f"version {v}" if v else "(none)"
+
+
 def print_report(report: dict[str, Any]) -> None:
     """The decision and every number, as a table."""
     scores, d = report["scores"], report["decision"] or {}
     champ = scores.get("champion") or {}
     print(
         f"\n[update] round {report['round']} of {report['model']}: challenger = version "
-        f"{report['challenger_version']}, champion was {report['champion_before'] or '(none)'}"
+        f"{report['challenger_version']}, champion was {_version(report['champion_before'])}"
     )
     print(f"  {'test set':<24}{'videos':>8}{'champion':>10}{'challenger':>12}")
     for name, v in scores["challenger"].items():
@@ -409,7 +413,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {Check(**c).describe()}")
     verdict = "PROMOTED to champion" if report["promoted"] else "REFUSED (champion unchanged)"
     print(
-        f"[update] {verdict}: champion = version {report['champion_after']}; report {report.get('path', '')}"
+        f"[update] {verdict}: champion = {_version(report['champion_after'])}; report {report.get('path', '')}"
     )
 
 

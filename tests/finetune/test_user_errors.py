@@ -173,6 +173,13 @@ def test_predict_takes_folders_and_patterns_and_refuses_top_k_below_1(
     for k in ("0", "-1"):
         r = run_cli(["predict", "--model", str(tiny_classifier), str(raw_videos[0]), "--top-k", k])
         assert r.returncode == 2 and "give an integer >= 1" in r.stderr
+    # `predict --json | head -1`: the reader leaves after one line; no BrokenPipeError traceback
+    p = subprocess.Popen([PY, "-m", "finetune", "predict", "--model", str(tiny_classifier), str(folder),
+                          "--json"], env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout.readline().startswith("{")
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
     r = run_cli(["predict", "--model", str(tiny_classifier), f"{folder}/*.nothing"])
     assert "no file matches this pattern" in error_line(r)
 
