@@ -1,5 +1,6 @@
 """Typed configuration: `schema` (the engine's sections, each checking itself, and the resume signature),
-`loading` (YAML + overrides, strict types), `deepspeed_json` (the generated DeepSpeed config)."""
+`loading` (YAML + overrides, strict types), `deepspeed_json` (the generated DeepSpeed config), `describe`
+(`--print-config`: the resolved config with each key's meaning)."""
 
 from .deepspeed_json import deepspeed_config
 from .loading import build_dataclass, flatten, load_config, parse_overrides, to_dict, to_yaml
