@@ -122,7 +122,7 @@ echo
 echo "MLflow: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI   (then open http://127.0.0.1:5000:"
 echo "        experiment tubelet-demo compares the runs' test/top1; Models shows $MODEL_NAME and its versions)"
 echo "Serve:  $py -m finetune serve --model models:/$MODEL_NAME@champion --tracking-uri $MLFLOW_TRACKING_URI"
-echo "        (curl --data-binary @clip.mp4 :8000/predict)"
+echo "        (curl --data-binary @clip.mp4 http://127.0.0.1:8000/predict)"
 echo "Update: reports in $demo/update/rounds/*/report.json;"
 echo "        $py -m finetune rollback $MODEL_NAME --tracking-uri $MLFLOW_TRACKING_URI moves @champion back"
 echo "done in $((SECONDS - start)) s; everything is under $demo"
