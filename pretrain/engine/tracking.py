@@ -35,7 +35,7 @@ def default_uri(run_dir: Path) -> str:
 
 
 def resolve_uri(cfg: TrackingConfig, run_dir: Path) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(run_dir)
+    return cfg.given_uri() or default_uri(run_dir)
 
 
 def ui_command(uri: str) -> str:

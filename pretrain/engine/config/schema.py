@@ -198,8 +198,12 @@ class TrackingConfig:
     # register the run's model as a new version of this registered model (tasks that log an MLflow model)
     register_as: str | None = None
 
+    def given_uri(self) -> str | None:
+        """The store the user named (`uri`, else $MLFLOW_TRACKING_URI); None: the default beside the run."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
     def check(self) -> None:
-        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        uri = self.given_uri() or ""
         key = "tracking.uri" if self.uri else "MLFLOW_TRACKING_URI"
         bare_path = bool(uri) and "://" not in uri and not uri.startswith("databricks")
         folder_store = uri.startswith("file:") or bare_path
